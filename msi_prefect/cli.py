@@ -1,0 +1,70 @@
+"""The `msi-prefect` command line: the embedded stack today, transfers as they arrive.
+
+Each group of subcommands lives next to the code it drives and registers itself here
+through a `register(subparsers)` function, so adding a command never touches the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from msi_prefect import __version__
+from msi_prefect.errors import MsiError
+from msi_prefect.stack import commands as stack_commands
+
+# Exit status for an error the user can fix (argparse itself uses 2 for bad usage).
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+COMMAND_GROUPS: tuple[Registrar, ...] = (stack_commands.register,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="msi-prefect",
+        description="Move laboratory data files through Kafka and act on each file as it "
+        "arrives, with Prefect.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the embedded stack keeps state, logs and PID files "
+        "(default: $MSI_STATE_DIR or ./.msi)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in COMMAND_GROUPS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Every health probe is an HTTP request; their INFO lines are noise for users.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        status: int = args.handler(args)
+    except MsiError as exc:
+        print(f"msi-prefect: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

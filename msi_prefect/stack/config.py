@@ -1,0 +1,210 @@
+"""Settings of the embedded local stack and where it keeps its state."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+
+from msi_prefect.errors import MsiError
+from msi_prefect.stack.processes import LOOPBACK
+
+DEFAULT_STATE_DIR = Path(".msi")
+STATE_DIR_ENV = "MSI_STATE_DIR"
+CONFIG_FILE = "stack.json"
+CREDENTIALS_FILE = "credentials.json"
+DEFAULT_WORK_POOL = "msi-process"
+BROKER_BUCKET = "tansu"
+BACKUP_BUCKET = "msi-backup"
+
+# Every port the stack binds, by the name used in `msi-prefect up --port NAME=PORT`.
+# SeaweedFS `weed mini` opens several internal servers; all are pinned so two stacks (a
+# user's and the test suite's) can run side by side.
+DEFAULT_PORTS: dict[str, int] = {
+    "prefect": 4200,
+    "broker": 9092,
+    "s3": 8333,
+    "s3-grpc": 18333,
+    "seaweed-master": 9333,
+    "seaweed-master-grpc": 19333,
+    "seaweed-volume": 9340,
+    "seaweed-volume-grpc": 19340,
+    "seaweed-filer": 8888,
+    "seaweed-filer-grpc": 18888,
+    "seaweed-admin": 23646,
+    "seaweed-admin-grpc": 33646,
+}
+
+
+class BrokerStorage(str, Enum):
+    """Where the Tansu broker keeps its topic log."""
+
+    S3 = "s3"  # in the stack's SeaweedFS bucket: survives a broker restart
+    MEMORY = "memory"  # in RAM: fastest, lost on restart, never freed until a topic is deleted
+
+
+class S3Credentials(BaseModel):
+    """Access key pair of the embedded S3 store, generated once per state directory."""
+
+    access_key_id: str = Field(description="S3 access key id of the embedded store.")
+    secret_access_key: SecretStr = Field(description="S3 secret key of the embedded store.")
+
+    @classmethod
+    def generate(cls) -> S3Credentials:
+        """Make a fresh random key pair."""
+        return cls(
+            access_key_id="msi" + secrets.token_hex(6),
+            secret_access_key=SecretStr(secrets.token_urlsafe(24)),
+        )
+
+
+class StackConfig(BaseModel):
+    """Everything needed to start, find and stop one embedded stack."""
+
+    ports: dict[str, int] = Field(
+        default_factory=lambda: dict(DEFAULT_PORTS),
+        description="TCP port of every server, by name; all bind 127.0.0.1.",
+    )
+    broker_storage: BrokerStorage = Field(
+        default=BrokerStorage.S3, description="Where the broker keeps topic data."
+    )
+    work_pool: str = Field(default=DEFAULT_WORK_POOL, description="Prefect process work pool.")
+    watch_dir: str | None = Field(default=None, description="Folder the watcher deployment reads.")
+    destination_dir: str | None = Field(
+        default=None, description="Folder the rebuilder deployment writes."
+    )
+
+    @field_validator("ports")
+    @classmethod
+    def _check_ports(cls, ports: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(ports) - set(DEFAULT_PORTS))
+        if unknown:
+            raise ValueError(
+                f"unknown port name(s) {unknown}; known names: {sorted(DEFAULT_PORTS)}"
+            )
+        for name, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {name}={port} is outside 1..65535")
+        merged = {**DEFAULT_PORTS, **ports}
+        clashes = {p for p in merged.values() if list(merged.values()).count(p) > 1}
+        if clashes:
+            raise ValueError(f"the same port is given to two servers: {sorted(clashes)}")
+        return merged
+
+    @property
+    def prefect_api_url(self) -> str:
+        """The Prefect REST API of the embedded server."""
+        return f"http://{LOOPBACK}:{self.ports['prefect']}/api"
+
+    @property
+    def prefect_ui_url(self) -> str:
+        """The Prefect web UI of the embedded server."""
+        return f"http://{LOOPBACK}:{self.ports['prefect']}"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Kafka bootstrap address of the embedded broker."""
+        return f"{LOOPBACK}:{self.ports['broker']}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        """S3 endpoint URL of the embedded store."""
+        return f"http://{LOOPBACK}:{self.ports['s3']}"
+
+
+def parse_port_overrides(items: list[str]) -> dict[str, int]:
+    """Turn `["broker=19092", ...]` into a dict, with clear errors for bad items."""
+    overrides: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise MsiError(f"--port expects NAME=NUMBER (for example broker=19092), got {item!r}")
+        if name not in DEFAULT_PORTS:
+            raise MsiError(f"unknown port name {name!r}; known names: {', '.join(DEFAULT_PORTS)}")
+        overrides[name] = int(value)
+    return overrides
+
+
+class StateDir:
+    """The one directory that holds all of a stack's state, logs and PID files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().absolute()
+
+    @classmethod
+    def from_env(cls, explicit: Path | None = None) -> StateDir:
+        """The state dir named on the command line, else $MSI_STATE_DIR, else ./.msi."""
+        if explicit is not None:
+            return cls(explicit)
+        return cls(Path(os.environ.get(STATE_DIR_ENV, str(DEFAULT_STATE_DIR))))
+
+    @property
+    def run_dir(self) -> Path:
+        """PID files."""
+        return self.root / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        """One log file per component."""
+        return self.root / "logs"
+
+    def component_dir(self, name: str) -> Path:
+        """Data directory of one component."""
+        return self.root / name
+
+    def ensure_writable(self) -> None:
+        """Create the layout, or fail with a clear message if the directory is not writable."""
+        try:
+            for path in (self.root, self.run_dir, self.log_dir):
+                path.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise MsiError(
+                f"the state directory {self.root} is not writable ({exc.strerror or exc}). "
+                f"Choose another with --state-dir or ${STATE_DIR_ENV}."
+            ) from exc
+
+    def load_config(self) -> StackConfig | None:
+        """The saved stack settings, or None when this state dir has none yet."""
+        path = self.root / CONFIG_FILE
+        if not path.exists():
+            return None
+        try:
+            return StackConfig.model_validate_json(path.read_text())
+        except (OSError, ValidationError) as exc:
+            raise MsiError(f"{path} is damaged ({exc}); fix it or remove it.") from exc
+
+    def save_config(self, config: StackConfig) -> None:
+        """Write the settings atomically."""
+        self._write_atomic(self.root / CONFIG_FILE, config.model_dump_json(indent=2), mode=0o644)
+
+    def credentials(self) -> S3Credentials:
+        """The S3 key pair of this stack, generated on first use and kept private (0600)."""
+        path = self.root / CREDENTIALS_FILE
+        if path.exists():
+            data = json.loads(path.read_text())
+            return S3Credentials(
+                access_key_id=data["access_key_id"],
+                secret_access_key=SecretStr(data["secret_access_key"]),
+            )
+        creds = S3Credentials.generate()
+        payload = {
+            "access_key_id": creds.access_key_id,
+            "secret_access_key": creds.secret_access_key.get_secret_value(),
+        }
+        self._write_atomic(path, json.dumps(payload), mode=0o600)
+        return creds
+
+    @staticmethod
+    def _write_atomic(path: Path, text: str, mode: int) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        tmp.replace(path)

@@ -1,0 +1,201 @@
+"""Bring the embedded stack up, report on it, and take it down again."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+from msi_prefect.stack.components import (
+    HEALTH_CHECKS,
+    START_TIMEOUT_S,
+    Component,
+    address_of,
+    build_spec,
+    ensure_work_pool,
+    prefect_env,
+    s3_env,
+)
+from msi_prefect.stack.config import BACKUP_BUCKET, StackConfig, StateDir
+from msi_prefect.stack.processes import ManagedProcess, ProcessState
+
+logger = logging.getLogger(__name__)
+
+ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
+
+
+class Health(str, Enum):
+    """Health of one component as `status` reports it."""
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"  # the process runs but does not answer its check
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One row of `msi-prefect status`."""
+
+    name: str
+    health: Health
+    pid: int | None
+    address: str
+    log_file: str
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    """Everything `msi-prefect status --json` prints."""
+
+    state_dir: str
+    prefect_api_url: str
+    prefect_ui_url: str
+    bootstrap_servers: str
+    s3_endpoint: str
+    backup_bucket: str
+    broker_storage: str
+    watch_dir: str | None
+    destination_dir: str | None
+    components: list[ComponentStatus]
+
+    @property
+    def all_healthy(self) -> bool:
+        """True when every component answers its health check."""
+        return all(c.health is Health.HEALTHY for c in self.components)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain data for `status --json`."""
+        data = asdict(self)
+        data["healthy"] = self.all_healthy
+        for row in data["components"]:
+            row["health"] = row["health"].value
+        return data
+
+
+class StackManager:
+    """Starts and stops the processes of one state directory's stack."""
+
+    def __init__(self, state: StateDir, config: StackConfig) -> None:
+        self.state = state
+        self.config = config
+
+    @classmethod
+    def open(cls, state: StateDir) -> StackManager:
+        """The manager for the stack saved in `state` (default settings if none is saved)."""
+        return cls(state, state.load_config() or StackConfig())
+
+    def process(self, component: Component) -> ManagedProcess:
+        """The tracked process of a component."""
+        spec = build_spec(component, self.config, self.state)
+        return ManagedProcess(spec, self.state.run_dir, self.state.log_dir)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Serialise `up`/`down` calls on one state dir (two terminals, or a test and a user)."""
+        self.state.ensure_writable()
+        with (self.state.run_dir / "stack.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def running_components(self) -> list[Component]:
+        """Components whose process is alive."""
+        return [c for c in ALL_COMPONENTS if self.process(c).state() is ProcessState.RUNNING]
+
+    def up(self, components: Sequence[Component] = ALL_COMPONENTS) -> list[Component]:
+        """Start the named components (in dependency order) and wait until each is healthy.
+
+        Components already running are left alone, so calling `up` twice starts nothing twice.
+        If a component fails, the ones this call started are stopped again.
+
+        Returns:
+            The components this call started.
+
+        Raises:
+            MsiError: a port is taken, a binary is missing, or a part did not become healthy.
+        """
+        started: list[Component] = []
+        with self._exclusive():
+            self.state.save_config(self.config)
+            try:
+                for component in ALL_COMPONENTS:
+                    if component not in components:
+                        continue
+                    process = self.process(component)
+                    if process.state() is ProcessState.RUNNING:
+                        logger.info("%s is already running", component.value)
+                        continue
+                    process.start()
+                    started.append(component)
+                    check = HEALTH_CHECKS[component]
+                    process.wait_healthy(lambda c=check: c(self.config), START_TIMEOUT_S[component])
+                    if component is Component.PREFECT:
+                        ensure_work_pool(self.config)
+            except BaseException:
+                for component in reversed(started):
+                    self.process(component).stop()
+                raise
+        return started
+
+    def down(self) -> list[Component]:
+        """Stop every component of this state dir, in reverse start order.
+
+        Returns:
+            The components that were running and are now stopped.
+        """
+        stopped = []
+        with self._exclusive():
+            for component in reversed(ALL_COMPONENTS):
+                if self.process(component).stop():
+                    stopped.append(component)
+        return stopped
+
+    def status(self) -> StackStatus:
+        """Health, PID and address of every component."""
+        rows = []
+        for component in ALL_COMPONENTS:
+            process = self.process(component)
+            record = process.read_pid()
+            if process.state() is not ProcessState.RUNNING:
+                health = Health.STOPPED
+            else:
+                try:
+                    healthy = HEALTH_CHECKS[component](self.config)
+                except Exception:  # any failure to answer is simply "unhealthy"
+                    healthy = False
+                health = Health.HEALTHY if healthy else Health.UNHEALTHY
+            rows.append(
+                ComponentStatus(
+                    name=component.value,
+                    health=health,
+                    pid=record.pid if record and health is not Health.STOPPED else None,
+                    address=address_of(component, self.config),
+                    log_file=str(process.log_file),
+                )
+            )
+        return StackStatus(
+            state_dir=str(self.state.root),
+            prefect_api_url=self.config.prefect_api_url,
+            prefect_ui_url=self.config.prefect_ui_url,
+            bootstrap_servers=self.config.bootstrap_servers,
+            s3_endpoint=self.config.s3_endpoint,
+            backup_bucket=BACKUP_BUCKET,
+            broker_storage=self.config.broker_storage.value,
+            watch_dir=self.config.watch_dir,
+            destination_dir=self.config.destination_dir,
+            components=rows,
+        )
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for programs that use this stack (Prefect API, S3 credentials, Kafka)."""
+        env = {**prefect_env(self.config, self.state)}
+        env.update(s3_env(self.config, self.state.credentials()))
+        env["MSI_BOOTSTRAP_SERVERS"] = self.config.bootstrap_servers
+        # Clients must not own the server's database settings.
+        for key in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_HOST"):
+            env.pop(key, None)
+        return env
+

