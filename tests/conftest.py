@@ -88,7 +88,9 @@ def topic(kafka_stack: RunningStack) -> Iterator[str]:
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     admin = AdminClient({"bootstrap.servers": kafka_stack.bootstrap_servers})
-    for future in admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)]).values():
+    for future in admin.create_topics(
+        [NewTopic(name, num_partitions=4, replication_factor=1)]
+    ).values():
         future.result(timeout=30)
     try:
         yield name

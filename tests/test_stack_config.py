@@ -124,8 +124,9 @@ def test_process_ignoring_sigterm_is_killed_after_the_timeout(tmp_path: Path) ->
 def test_stale_pid_file_is_not_taken_for_a_running_process(tmp_path: Path) -> None:
     process = ManagedProcess(_sleeper_spec(tmp_path), tmp_path, tmp_path)
     # PID 1 is alive but is not our sleeper.
-    process.pid_file.write_text(json.dumps({"pid": 1, "executable": "/no/such/sleeper",
-                                            "started_at": 0}))
+    process.pid_file.write_text(
+        json.dumps({"pid": 1, "executable": "/no/such/sleeper", "started_at": 0})
+    )
     assert process.state() is ProcessState.STALE
 
 
@@ -164,8 +165,15 @@ def test_cli_up_with_missing_broker_binary_fails_clearly(
     monkeypatch.setenv("MSI_TANSU_BIN", str(tmp_path / "missing-tansu"))
     port = find_free_ports(1)[0]
     status = main(
-        ["--state-dir", str(tmp_path / "state"), "up", "--only", "broker", "--port",
-         f"broker={port}"]
+        [
+            "--state-dir",
+            str(tmp_path / "state"),
+            "up",
+            "--only",
+            "broker",
+            "--port",
+            f"broker={port}",
+        ]
     )
     assert status == 1
     assert "executable not found" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import httpx
@@ -29,7 +29,7 @@ HTTP_TIMEOUT_S = 2.0
 WORKER_STALE_AFTER_S = 60
 
 
-class Component(str, Enum):
+class Component(StrEnum):
     """The processes of the stack, in start order."""
 
     S3 = "s3"

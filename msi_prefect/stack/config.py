@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
@@ -40,7 +40,7 @@ DEFAULT_PORTS: dict[str, int] = {
 }
 
 
-class BrokerStorage(str, Enum):
+class BrokerStorage(StrEnum):
     """Where the Tansu broker keeps its topic log."""
 
     S3 = "s3"  # in the stack's SeaweedFS bucket: survives a broker restart

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from msi_prefect.stack.components import (
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
 
 
-class Health(str, Enum):
+class Health(StrEnum):
     """Health of one component as `status` reports it."""
 
     HEALTHY = "healthy"
@@ -130,8 +131,8 @@ class StackManager:
                         continue
                     process.start()
                     started.append(component)
-                    check = HEALTH_CHECKS[component]
-                    process.wait_healthy(lambda c=check: c(self.config), START_TIMEOUT_S[component])
+                    check = functools.partial(HEALTH_CHECKS[component], self.config)
+                    process.wait_healthy(check, START_TIMEOUT_S[component])
                     if component is Component.PREFECT:
                         ensure_work_pool(self.config)
             except BaseException:
@@ -198,4 +199,3 @@ class StackManager:
         for key in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_HOST"):
             env.pop(key, None)
         return env
-

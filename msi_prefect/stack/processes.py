@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from msi_prefect.errors import MsiError
@@ -29,7 +29,7 @@ DEFAULT_STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 15
 
 
-class ProcessState(str, Enum):
+class ProcessState(StrEnum):
     """What the PID file of a component says about its process."""
 
     RUNNING = "running"
@@ -194,9 +194,9 @@ class ManagedProcess:
                 cwd=self.spec.cwd,
                 start_new_session=True,  # own process group: survives us, stops as a whole
             )
-        record = {"pid": proc.pid, "executable": executable, "started_at": time.time()}
+        pid_data = {"pid": proc.pid, "executable": executable, "started_at": time.time()}
         tmp = self.pid_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(json.dumps(pid_data))
         tmp.replace(self.pid_file)
         return proc.pid
 

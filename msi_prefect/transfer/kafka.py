@@ -1,0 +1,124 @@
+"""Connection settings for a Kafka cluster, turned into librdkafka configuration.
+
+The Prefect Kafka block maps onto `KafkaConnection`, so the core and the CLI use the same
+settings whether a Prefect server is involved or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+
+from msi_prefect.errors import MsiError
+
+logger = logging.getLogger(__name__)
+
+# librdkafka log levels are syslog levels; 3 = errors only (its warnings go to our logger).
+LIBRDKAFKA_LOG_LEVEL_ERRORS = 3
+ADMIN_TIMEOUT_S = 30.0
+
+
+class SecurityProtocol(StrEnum):
+    """How clients talk to the brokers."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class Compression(StrEnum):
+    """Producer-side compression codec."""
+
+    NONE = "none"
+    LZ4 = "lz4"
+    ZSTD = "zstd"
+    GZIP = "gzip"
+    SNAPPY = "snappy"
+
+
+class KafkaConnection(BaseModel):
+    """Where the brokers are and how to authenticate to them."""
+
+    bootstrap_servers: str = Field(
+        description="Comma-separated host:port list of brokers, e.g. 127.0.0.1:9092."
+    )
+    security_protocol: SecurityProtocol = Field(
+        default=SecurityProtocol.PLAINTEXT, description="Transport and authentication protocol."
+    )
+    sasl_mechanism: str | None = Field(
+        default=None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password.")
+    ssl_ca_location: str | None = Field(default=None, description="CA certificate file (PEM).")
+    ssl_certificate_location: str | None = Field(
+        default=None, description="Client certificate file (PEM) for mutual TLS."
+    )
+    ssl_key_location: str | None = Field(default=None, description="Client key file (PEM).")
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any further librdkafka settings, applied last (see librdkafka's "
+        "CONFIGURATION.md).",
+    )
+
+    def client_config(self) -> dict[str, Any]:
+        """Settings common to producers, consumers and admin clients."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol.value,
+            "log_level": LIBRDKAFKA_LOG_LEVEL_ERRORS,
+            "logger": logger,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+        }
+        config.update({key: value for key, value in optional.items() if value is not None})
+        config.update(self.extra)
+        return config
+
+
+def ensure_topic(
+    connection: KafkaConnection, topic: str, partitions: int = 4, replication_factor: int = 1
+) -> bool:
+    """Create the topic if it does not exist yet.
+
+    Consumers subscribed to a missing topic only see it after a metadata refresh (minutes),
+    so every entry point creates its topic up front.
+
+    Returns:
+        True if the topic was created, False if it existed already.
+
+    Raises:
+        MsiError: the broker cannot be reached or refuses to create the topic.
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(connection.client_config())
+    try:
+        metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S)
+    except KafkaException as exc:
+        raise MsiError(
+            f"cannot reach the Kafka brokers at {connection.bootstrap_servers}: {exc}"
+        ) from exc
+    if topic in metadata.topics:
+        return False
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)]
+    )
+    try:
+        futures[topic].result(timeout=ADMIN_TIMEOUT_S)
+    except KafkaException as exc:
+        if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return False
+        raise MsiError(f"cannot create topic {topic!r}: {exc}") from exc
+    return True

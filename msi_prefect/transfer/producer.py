@@ -1,0 +1,420 @@
+"""Send files to a Kafka topic as chunks (wire format v1), reading each file once.
+
+The producer is idempotent (`enable.idempotence`, `acks=all`) and keeps at most
+`max_inflight_bytes` of chunk data unacknowledged, so its memory is flat whatever the
+file size. Files are pipelined: the next file is read while the previous one's chunks are
+still in flight, and a file counts as sent only when the broker has acknowledged every one
+of its chunks (the delivery reports drive the registry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from msi_prefect.errors import MsiError
+from msi_prefect.transfer.kafka import Compression, KafkaConnection
+from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.wire import (
+    DEFAULT_CHUNK_SIZE,
+    MIB,
+    AbortNotice,
+    ChunkHeader,
+    encode_abort_headers,
+    encode_chunk_headers,
+    message_key,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * MIB
+# Room for the headers on top of the chunk in librdkafka's per-message limit.
+HEADER_ALLOWANCE_BYTES = 64 * 1024
+BACKPRESSURE_POLL_S = 0.05
+FLUSH_TIMEOUT_S = 120.0
+
+
+class UploadOutcome(StrEnum):
+    """What became of one file handed to the producer."""
+
+    SENT = "sent"  # every chunk acknowledged by the broker
+    ALREADY_SENT = "already-sent"  # this exact version was sent before (registry)
+    CHANGED_WHILE_READING = "changed-while-reading"  # aborted; sent again once stable
+    VANISHED = "vanished"  # deleted before or while it was read
+    UNREADABLE = "unreadable"  # permission denied or another OS error
+    FAILED = "failed"  # the broker did not acknowledge a chunk
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The outcome of one file, with what the Prefect layer needs for its event."""
+
+    relpath: str
+    outcome: UploadOutcome
+    size: int = 0
+    generation: int | None = None
+    sha256: str | None = None
+    file_id: str | None = None
+    reason: str | None = None
+
+
+def default_producer_id() -> str:
+    """Host name: identifies the instrument machine a file came from."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class ProducerSettings:
+    """How files are cut and sent.
+
+    Attributes:
+        topic: Destination topic.
+        chunk_size: Bytes per message value.
+        max_inflight_bytes: Unacknowledged chunk bytes allowed before reading pauses.
+        compression: Producer compression codec.
+        producer_id: Written into every message (`msi.pid`).
+        linger_ms: How long librdkafka waits to fill a batch.
+    """
+
+    topic: str
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    compression: Compression = Compression.NONE
+    producer_id: str = field(default_factory=default_producer_id)
+    linger_ms: int = 5
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise MsiError(f"chunk size must be positive, got {self.chunk_size}")
+        if self.max_inflight_bytes < self.chunk_size:
+            raise MsiError("max in-flight bytes must be at least one chunk")
+
+
+@dataclass
+class _PendingFile:
+    """A file whose chunks are (partly) in flight."""
+
+    relpath: str
+    file_id: str
+    generation: int
+    size: int
+    chunks_left: int
+    sha256: str | None = None
+    error: str | None = None
+    aborted: bool = False
+
+
+ResultCallback = Callable[[UploadResult], None]
+KafkaHeaders = list[tuple[str, str | bytes | None]]
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class FileProducer:
+    """Reads files and produces their chunks; reports each file's outcome once.
+
+    Args:
+        connection: The Kafka cluster.
+        settings: Topic and chunking settings.
+        registry: Producer registry; it hands out generations and prevents re-sending a
+            version that was sent already. Required: generations must grow per path.
+        on_result: Called once per file with its final outcome (from `submit` for immediate
+            outcomes, from delivery reports for sent or failed files).
+    """
+
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        settings: ProducerSettings,
+        registry: Registry,
+        on_result: ResultCallback | None = None,
+    ) -> None:
+        from confluent_kafka import Producer
+
+        self.settings = settings
+        self.registry = registry
+        self._on_result = on_result
+        self._inflight_bytes = 0
+        self._pending: dict[tuple[str, int], _PendingFile] = {}
+        self._producer = Producer(self._config(connection))
+
+    def _config(self, connection: KafkaConnection) -> dict[str, Any]:
+        config = connection.client_config()
+        config.update(
+            {
+                "enable.idempotence": True,
+                "acks": "all",
+                "compression.type": self.settings.compression.value,
+                "linger.ms": self.settings.linger_ms,
+                "message.max.bytes": self.settings.chunk_size + HEADER_ALLOWANCE_BYTES,
+                # librdkafka's own queue is bounded too; our in-flight limit is the tighter one.
+                "queue.buffering.max.kbytes": max(
+                    1024, 2 * self.settings.max_inflight_bytes // 1024
+                ),
+            }
+        )
+        return config
+
+    @property
+    def pending_files(self) -> int:
+        """Files with chunks still awaiting acknowledgement."""
+        return len(self._pending)
+
+    def submit(
+        self, path: Path, relpath: str, on_progress: ProgressCallback | None = None
+    ) -> UploadResult | None:
+        """Read one file and produce its chunks.
+
+        Returns:
+            The result right away when the file was not sent (already sent, vanished,
+            unreadable, changed while read); None when its chunks are in flight (the result
+            then comes through `on_result` from `poll` or `flush`).
+        """
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            return self._report(UploadResult(relpath, UploadOutcome.VANISHED, reason="gone"))
+        except OSError as exc:
+            reason = f"cannot open: {exc.strerror or exc}"
+            return self._report(UploadResult(relpath, UploadOutcome.UNREADABLE, reason=reason))
+        with handle:
+            before = os.fstat(handle.fileno())
+            claim = self.registry.begin(
+                self.settings.topic, relpath, before.st_size, before.st_mtime_ns, before.st_ino
+            )
+            if claim is None:
+                record = self.registry.get(self.settings.topic, relpath)
+                return self._report(
+                    UploadResult(
+                        relpath,
+                        UploadOutcome.ALREADY_SENT,
+                        size=before.st_size,
+                        generation=record.generation if record else None,
+                        sha256=record.sha256 if record else None,
+                    )
+                )
+            try:
+                return self._send(handle, before, relpath, claim.generation, on_progress)
+            except OSError as exc:
+                reason = f"read error: {exc.strerror or exc}"
+                self._abort(relpath, claim.generation)
+                self.registry.mark_failed(self.settings.topic, relpath, claim.generation, reason)
+                return self._report(UploadResult(relpath, UploadOutcome.UNREADABLE, reason=reason))
+
+    def _send(
+        self,
+        handle: Any,
+        before: os.stat_result,
+        relpath: str,
+        generation: int,
+        on_progress: ProgressCallback | None,
+    ) -> UploadResult | None:
+        size = before.st_size
+        chunk_size = self.settings.chunk_size
+        first = ChunkHeader.for_chunk(
+            relpath=relpath,
+            size=size,
+            chunk_size=chunk_size,
+            index=0,
+            mtime_ns=before.st_mtime_ns,
+            producer_id=self.settings.producer_id,
+            generation=generation,
+        )
+        pending = _PendingFile(relpath, first.file_id, generation, size, first.count)
+        self._pending[(first.file_id, generation)] = pending
+        digest = hashlib.sha256()
+        for index in range(first.count):
+            data = handle.read(chunk_size)
+            digest.update(data)
+            header = ChunkHeader.for_chunk(
+                relpath=relpath,
+                size=size,
+                chunk_size=chunk_size,
+                index=index,
+                mtime_ns=before.st_mtime_ns,
+                producer_id=self.settings.producer_id,
+                generation=generation,
+            )
+            if len(data) != header.data_length:
+                return self._changed(pending, "it shrank while being read")
+            if header.is_last:
+                after = os.stat(handle.fileno())
+                if handle.read(1) or _identity(after) != _identity(before):
+                    return self._changed(pending, "it changed while being read")
+                pending.sha256 = digest.hexdigest()
+                header = ChunkHeader.for_chunk(
+                    relpath=relpath,
+                    size=size,
+                    chunk_size=chunk_size,
+                    index=index,
+                    mtime_ns=before.st_mtime_ns,
+                    producer_id=self.settings.producer_id,
+                    generation=generation,
+                    sha256=pending.sha256,
+                )
+            self._produce(header.file_id, data, encode_chunk_headers(header), pending)
+            if on_progress is not None:
+                on_progress(relpath, header.offset + len(data), size)
+        return None
+
+    def _produce(
+        self,
+        file_id: str,
+        data: bytes,
+        headers: KafkaHeaders,
+        pending: _PendingFile | None,
+    ) -> None:
+        size = len(data)
+        # Bound memory: wait for acknowledgements before putting more bytes in flight.
+        while (
+            self._inflight_bytes and self._inflight_bytes + size > self.settings.max_inflight_bytes
+        ):
+            self._producer.poll(BACKPRESSURE_POLL_S)
+        self._inflight_bytes += size
+
+        def delivered(err: Any, _msg: Any) -> None:
+            self._inflight_bytes -= size
+            if pending is not None:
+                self._on_chunk_delivered(pending, err)
+
+        while True:
+            try:
+                self._producer.produce(
+                    self.settings.topic,
+                    key=message_key(file_id),
+                    value=data,
+                    headers=headers,
+                    on_delivery=delivered,
+                )
+                break
+            except BufferError:  # librdkafka's queue is full: serve callbacks, then retry
+                self._producer.poll(BACKPRESSURE_POLL_S)
+        self._producer.poll(0)
+
+    def _on_chunk_delivered(self, pending: _PendingFile, err: Any) -> None:
+        if err is not None and pending.error is None:
+            pending.error = str(err)
+        pending.chunks_left -= 1
+        if pending.chunks_left > 0 or pending.aborted:
+            return
+        self._pending.pop((pending.file_id, pending.generation), None)
+        topic = self.settings.topic
+        if pending.error is not None or pending.sha256 is None:
+            reason = f"broker did not acknowledge a chunk: {pending.error}"
+            self.registry.mark_failed(topic, pending.relpath, pending.generation, reason)
+            self._report(
+                UploadResult(
+                    pending.relpath,
+                    UploadOutcome.FAILED,
+                    size=pending.size,
+                    generation=pending.generation,
+                    file_id=pending.file_id,
+                    reason=reason,
+                )
+            )
+            return
+        self.registry.mark_sent(topic, pending.relpath, pending.generation, pending.sha256)
+        self._report(
+            UploadResult(
+                pending.relpath,
+                UploadOutcome.SENT,
+                size=pending.size,
+                generation=pending.generation,
+                sha256=pending.sha256,
+                file_id=pending.file_id,
+            )
+        )
+
+    def _changed(self, pending: _PendingFile, why: str) -> UploadResult | None:
+        """Abort a half-sent generation so consumers drop it; it is sent again later."""
+        pending.aborted = True
+        self._pending.pop((pending.file_id, pending.generation), None)
+        self._abort(pending.relpath, pending.generation)
+        self.registry.mark_aborted(self.settings.topic, pending.relpath, pending.generation)
+        return self._report(
+            UploadResult(
+                pending.relpath,
+                UploadOutcome.CHANGED_WHILE_READING,
+                size=pending.size,
+                generation=pending.generation,
+                file_id=pending.file_id,
+                reason=f"not sent: {why}; it will be sent once it is stable",
+            )
+        )
+
+    def _abort(self, relpath: str, generation: int) -> None:
+        notice = AbortNotice.for_path(relpath, generation, self.settings.producer_id)
+        self._produce(notice.file_id, b"", encode_abort_headers(notice), None)
+
+    def _report(self, result: UploadResult) -> UploadResult:
+        log = logger.info if result.outcome is UploadOutcome.SENT else logger.warning
+        if result.outcome is UploadOutcome.ALREADY_SENT:
+            log = logger.debug
+        log(
+            "%s: %s%s",
+            result.relpath,
+            result.outcome.value,
+            f" ({result.reason})" if result.reason else "",
+        )
+        if self._on_result is not None:
+            self._on_result(result)
+        return result
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Serve delivery reports (and so report finished files)."""
+        self._producer.poll(timeout_s)
+
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Wait until every produced chunk is acknowledged or failed.
+
+        Raises:
+            MsiError: chunks are still unacknowledged after `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))) > 0:
+            if time.monotonic() >= deadline:
+                raise MsiError(
+                    f"{len(self._pending)} file(s) not acknowledged by the broker within "
+                    f"{timeout_s:.0f} s; is the broker at the configured address reachable?"
+                )
+
+    def upload_all(
+        self, files: Iterable[tuple[Path, str]], on_progress: ProgressCallback | None = None
+    ) -> list[UploadResult]:
+        """Send files one after another (pipelined); return every outcome after a flush.
+
+        Args:
+            files: (path on disk, relative POSIX path to send it as) pairs.
+            on_progress: Called after each chunk with (relpath, bytes read, size).
+        """
+        collected: list[UploadResult] = []
+        outer = self._on_result
+
+        def collect(result: UploadResult) -> None:
+            collected.append(result)
+            if outer is not None:
+                outer(result)
+
+        self._on_result = collect
+        try:
+            for path, relpath in files:
+                self.submit(path, relpath, on_progress)
+            self.flush()
+        finally:
+            self._on_result = outer
+        return collected
+
+    def close(self) -> None:
+        """Flush what is in flight."""
+        self.flush()
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)

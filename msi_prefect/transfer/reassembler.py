@@ -1,0 +1,691 @@
+"""Rebuild files from a topic: a consumer-group member that writes chunks in place.
+
+Per batch of messages: every chunk is written with a positional write into its
+generation's staging file; the touched staging files are fsynced; the chunks are recorded
+in the progress store in one transaction; files whose last chunk is in are verified
+(SHA-256, size) and handed to the sink (an atomic rename into the destination, or an upload);
+only then are the batch's offsets committed. A crash at any point therefore loses nothing
+and repeats at most one batch, whose chunks are recognised as already written.
+
+Several reassemblers may share a consumer group. Because a partition can move to another
+member while a file is half received, each offset commit carries, as commit metadata, the
+offsets where the still-unfinished files of that partition began. A member that is given
+the partition and does not know those files seeks back to their start, so every member
+rebuilds whole files; a member that does know them (a restart) continues where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from msi_prefect.errors import MsiError
+from msi_prefect.transfer.kafka import KafkaConnection
+from msi_prefect.transfer.paths import UnsafePathError
+from msi_prefect.transfer.progress import (
+    ChunkReceipt,
+    FileProgress,
+    OpenOutcome,
+    ProgressState,
+    ProgressStore,
+)
+from msi_prefect.transfer.sinks import LocalDirectorySink, Sink, SinkError, sink_for
+from msi_prefect.transfer.wire import (
+    MIB,
+    AbortNotice,
+    Chunk,
+    DecodeLimits,
+    WireFormatError,
+    decode_message,
+)
+
+logger = logging.getLogger(__name__)
+
+HASH_BLOCK_BYTES = 4 * MIB
+MAX_OPEN_STAGING_FILES = 256
+DEFAULT_BATCH_MESSAGES = 500
+DEFAULT_POLL_TIMEOUT_S = 0.5
+# Kafka brokers cap commit metadata (offset.metadata.max.bytes, default 4096).
+MAX_COMMIT_METADATA_BYTES = 3500
+COMMIT_METADATA_VERSION = 1
+# Pause before retrying a batch that failed on a local error (disk full, I/O error).
+LOCAL_ERROR_BACKOFF_S = 5.0
+STAGING_DIR_NAME = ".msi-staging"
+STATE_DIR_NAME = ".msi-state"
+
+
+class FileEventKind(StrEnum):
+    """What happened to a file (or a message) on the consumer side."""
+
+    RECONSTRUCTED = "reconstructed"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """One reconstructed or rejected file (or rejected message), for logs and events.
+
+    Attributes:
+        kind: Reconstructed or rejected.
+        topic: Topic the file came from.
+        relpath: Relative path claimed by the message (may be unsafe for rejections).
+        file_id: File id (message key), if known.
+        generation: File generation, if known.
+        size: File size in bytes, if known.
+        sha256: Verified SHA-256 (reconstructed files only).
+        url: Where the file now is (reconstructed files only).
+        reason: Why it was rejected.
+        reason_code: Machine-readable rejection code.
+        partition: Partition of the message that decided the outcome.
+        offset: Offset of that message.
+    """
+
+    kind: FileEventKind
+    topic: str
+    relpath: str | None
+    file_id: str | None = None
+    generation: int | None = None
+    size: int | None = None
+    sha256: str | None = None
+    url: str | None = None
+    reason: str | None = None
+    reason_code: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass
+class ReassemblerStats:
+    """Counters of one reassembler run."""
+
+    messages: int = 0
+    chunks_written: int = 0
+    bytes_written: int = 0
+    files_reconstructed: int = 0
+    files_rejected: int = 0
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class ReassemblerSettings:
+    """Where and how files are rebuilt.
+
+    Attributes:
+        topic: Topic to read.
+        destination: A local directory, or an fsspec URL such as s3://bucket/prefix.
+        group_id: Consumer group; members of one group share the topic's partitions.
+        work_dir: Staging and progress state. Defaults to DEST/.msi-state for a local
+            destination; required for a remote one.
+        storage_options: fsspec options (credentials, endpoint) for a remote destination.
+        limits: Bounds on what a message may claim.
+        session_timeout_ms: Consumer session timeout (Tansu joins in about half of it).
+        batch_messages: Messages handled per batch (and per offset commit).
+    """
+
+    topic: str
+    destination: str
+    group_id: str = "msi-reassembler"
+    work_dir: Path | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    session_timeout_ms: int = 10000
+    batch_messages: int = DEFAULT_BATCH_MESSAGES
+
+
+@dataclass(frozen=True)
+class StopConditions:
+    """When a run ends by itself (besides the stop event).
+
+    Attributes:
+        stop_after_files: End after this many files were reconstructed or rejected.
+        idle_timeout_s: End after this long without any message.
+    """
+
+    stop_after_files: int | None = None
+    idle_timeout_s: float | None = None
+
+
+@dataclass
+class _OpenStaging:
+    """A staging file kept open across batches, with its in-order running hash."""
+
+    progress: FileProgress
+    fd: int
+    hasher: Any | None
+    next_index: int = 0
+
+
+@dataclass
+class _Ledger:
+    """Per partition: where each unfinished file began, and the next offset to commit."""
+
+    next_offset: int | None = None
+    file_starts: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+@dataclass
+class _PendingWrites:
+    """Chunks written but not yet fsynced and recorded."""
+
+    receipts: list[ChunkReceipt] = field(default_factory=list)
+    touched: dict[tuple[str, int], _OpenStaging] = field(default_factory=dict)
+    generations: dict[str, int] = field(default_factory=dict)
+
+    def add(self, receipt: ChunkReceipt, staging: _OpenStaging) -> None:
+        self.receipts.append(receipt)
+        self.touched[(receipt.file_id, receipt.generation)] = staging
+        self.generations[receipt.file_id] = receipt.generation
+
+    def clear(self) -> None:
+        self.receipts.clear()
+        self.touched.clear()
+        self.generations.clear()
+
+
+EventCallback = Callable[[FileEvent], None]
+
+
+class Reassembler:
+    """Consumes a topic and rebuilds its files at a destination.
+
+    Args:
+        connection: The Kafka cluster.
+        settings: Topic, destination, group and limits.
+        on_event: Called for every reconstructed or rejected file, in the consumer thread.
+    """
+
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        settings: ReassemblerSettings,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stats = ReassemblerStats()
+        self._on_event = on_event
+        self._connection = connection
+        self.sink: Sink = sink_for(settings.destination, settings.storage_options)
+        work_dir = settings.work_dir
+        if work_dir is None:
+            if not isinstance(self.sink, LocalDirectorySink):
+                raise MsiError("a work directory is needed for a remote destination")
+            work_dir = Path(settings.destination) / STATE_DIR_NAME
+        self.work_dir = work_dir
+        self.staging_dir = (
+            Path(settings.destination) / STAGING_DIR_NAME
+            if isinstance(self.sink, LocalDirectorySink)
+            else work_dir / "staging"
+        )
+        self.quarantine_dir = work_dir / "quarantine"
+        for directory in (self.work_dir, self.staging_dir, self.quarantine_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.progress = ProgressStore(work_dir / "progress.sqlite")
+        self._open: OrderedDict[tuple[str, int], _OpenStaging] = OrderedDict()
+        self._ledgers: dict[int, _Ledger] = {}
+        self._consumer: Any = None
+
+    # ----------------------------------------------------------------- consumer set-up
+
+    def _consumer_config(self) -> dict[str, Any]:
+        config = self._connection.client_config()
+        config.update(
+            {
+                "group.id": self.settings.group_id,
+                "enable.auto.commit": False,  # we commit only what is durably written
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": self.settings.session_timeout_ms,
+                # Bound prefetched data so memory stays flat (defaults allow 64 MiB/partition).
+                "queued.max.messages.kbytes": 16 * 1024,
+                "fetch.max.bytes": 16 * MIB,
+            }
+        )
+        return config
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """Resume each partition where its unfinished files began, unless we know them."""
+        from confluent_kafka import TopicPartition
+
+        committed = consumer.committed(partitions, timeout=30)
+        seek_to: list[Any] = []
+        for tp in committed:
+            ledger = self._ledgers.setdefault(tp.partition, _Ledger())
+            starts = _parse_commit_metadata(tp.metadata)
+            unknown = []
+            for (file_id, generation), start in starts.items():
+                ledger.file_starts.setdefault((file_id, generation), start)
+                known = self.progress.get(self.settings.topic, file_id, generation)
+                if known is None:
+                    unknown.append(start)
+            if unknown and tp.offset >= 0 and min(unknown) < tp.offset:
+                logger.info(
+                    "partition %d: rewinding from %d to %d to rebuild files begun elsewhere",
+                    tp.partition,
+                    tp.offset,
+                    min(unknown),
+                )
+                seek_to.append(TopicPartition(tp.topic, tp.partition, min(unknown)))
+        rewound = {tp.partition: tp for tp in seek_to}
+        # Partitions not rewound keep an invalid offset: they start at their committed one.
+        consumer.assign([rewound.get(tp.partition, tp) for tp in partitions])
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        for tp in partitions:
+            ledger = self._ledgers.pop(tp.partition, None)
+            if ledger is None:
+                continue
+            for key in ledger.file_starts:
+                self._close_staging(key)
+        consumer.unassign()
+
+    # ----------------------------------------------------------------------- main loop
+
+    def run(
+        self, stop: threading.Event | None = None, conditions: StopConditions | None = None
+    ) -> ReassemblerStats:
+        """Consume until stopped; return the counters.
+
+        Args:
+            stop: Set it (e.g. from a SIGTERM handler) to end after the current batch.
+            conditions: Optional self-stop conditions for scripted runs and tests.
+        """
+        from confluent_kafka import Consumer
+
+        stop = stop or threading.Event()
+        conditions = conditions or StopConditions()
+        self._finish_complete_leftovers()
+        self._consumer = Consumer(self._consumer_config())
+        self._consumer.subscribe(
+            [self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        last_message_at = time.monotonic()
+        try:
+            while not stop.is_set():
+                messages = self._consumer.consume(
+                    num_messages=self.settings.batch_messages, timeout=DEFAULT_POLL_TIMEOUT_S
+                )
+                if messages:
+                    last_message_at = time.monotonic()
+                    self._handle_batch_with_retry(messages, stop)
+                elif (
+                    conditions.idle_timeout_s is not None
+                    and time.monotonic() - last_message_at > conditions.idle_timeout_s
+                ):
+                    logger.info("no message for %.1f s: stopping", conditions.idle_timeout_s)
+                    break
+                done = self.stats.files_reconstructed + self.stats.files_rejected
+                if conditions.stop_after_files is not None and done >= conditions.stop_after_files:
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        """Close staging files, leave the group cleanly and close the progress store."""
+        for key in list(self._open):
+            self._close_staging(key)
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                self._consumer.close()
+            self._consumer = None
+        self.progress.close()
+
+    def _handle_batch_with_retry(self, messages: list[Any], stop: threading.Event) -> None:
+        """Handle a batch; on a local error (disk full) rewind and retry it later."""
+        from confluent_kafka import TopicPartition
+
+        try:
+            self._handle_batch(messages)
+        except OSError as exc:
+            logger.error(
+                "writing to %s failed (%s); nothing was committed, retrying in %.0f s",
+                self.settings.destination,
+                exc.strerror or exc,
+                LOCAL_ERROR_BACKOFF_S,
+            )
+            for key in list(self._open):
+                self._close_staging(key)
+            if stop.wait(LOCAL_ERROR_BACKOFF_S):
+                return  # stopping: the next run re-reads the uncommitted messages
+            firsts: dict[int, int] = {}
+            for message in messages:
+                firsts.setdefault(message.partition(), message.offset())
+            for partition, offset in firsts.items():
+                with contextlib.suppress(Exception):
+                    self._consumer.seek(TopicPartition(self.settings.topic, partition, offset))
+
+    def _handle_batch(self, messages: list[Any]) -> None:
+        pending = _PendingWrites()
+        commit_to: dict[int, int] = {}
+        for message in messages:
+            if message.error():
+                if message.error().code() != _partition_eof_code():
+                    logger.warning("consumer error: %s", message.error())
+                continue
+            self.stats.messages += 1
+            partition, offset = message.partition(), message.offset()
+            commit_to[partition] = offset + 1
+            try:
+                decoded = decode_message(
+                    message.key(), message.value(), message.headers(), self.settings.limits
+                )
+            except WireFormatError as exc:
+                self._reject_message(message, str(exc), code=exc.reason.value)
+                continue
+            if isinstance(decoded, AbortNotice):
+                self._settle(pending)
+                self._abort(decoded)
+                continue
+            header = decoded.header
+            if pending.generations.get(header.file_id, header.generation) != header.generation:
+                # A newer generation follows an older one in this batch: finish the older
+                # one first, or the newer one would supersede it while it is complete.
+                self._settle(pending)
+            staging = self._write_chunk(decoded, partition, offset, message)
+            if staging is not None:
+                pending.add(ChunkReceipt.for_header(self.settings.topic, header), staging)
+        self._settle(pending)
+        self._commit(commit_to)
+
+    def _settle(self, pending: _PendingWrites) -> None:
+        """Make the written chunks durable, record them, and finish the files now complete."""
+        for staging in pending.touched.values():
+            os.fsync(staging.fd)
+        for progress in self.progress.record_chunks(pending.receipts):
+            key = (progress.file_id, progress.generation)
+            if progress.state is ProgressState.REJECTED:
+                self._reject_file(progress, progress.reason or "rejected")
+            elif progress.is_complete:
+                self._finish(progress, self._open.get(key))
+        pending.clear()
+
+    # ------------------------------------------------------------------ chunk handling
+
+    def _write_chunk(
+        self, chunk: Chunk, partition: int, offset: int, message: Any
+    ) -> _OpenStaging | None:
+        header = chunk.header
+        key = (header.file_id, header.generation)
+        staging = self._open.get(key)
+        if staging is None:
+            path = self.staging_dir / f"{header.file_id}.{header.generation}.part"
+            opened = self.progress.open_file(self.settings.topic, header, path)
+            for old in opened.superseded:
+                self._discard(old)
+            if opened.outcome is OpenOutcome.CONFLICT:
+                self._reject_message(
+                    message,
+                    "the chunk disagrees with earlier chunks of the same file "
+                    "(size, chunk size, path or mtime differ)",
+                    code="inconsistent-chunk",
+                )
+                return None
+            if opened.outcome in (OpenOutcome.FINISHED, OpenOutcome.STALE):
+                return None  # a replay after a crash, or an outdated generation
+            assert opened.progress is not None
+            staging = self._open_staging(opened.progress, fresh=opened.outcome is OpenOutcome.NEW)
+            self._ledgers.setdefault(partition, _Ledger()).file_starts.setdefault(key, offset)
+        self._open.move_to_end(key)
+        if staging.progress.has_chunk(header.index):
+            return staging  # durable before this process opened the file: a replay
+        data = chunk.data
+        os.pwrite(staging.fd, data, header.offset)
+        if staging.hasher is not None:
+            if header.index == staging.next_index:
+                staging.hasher.update(data)
+                staging.next_index += 1
+            elif header.index > staging.next_index:
+                staging.hasher = None  # out of order: verify by reading the file at the end
+        self.stats.chunks_written += 1
+        self.stats.bytes_written += len(data)
+        return staging
+
+    def _open_staging(self, progress: FileProgress, fresh: bool) -> _OpenStaging:
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        if fresh:
+            flags |= os.O_TRUNC
+        fd = os.open(progress.staging_path, flags, 0o644)
+        # A running hash works only from the first chunk on; a resumed file is re-read.
+        hasher = hashlib.sha256() if fresh else None
+        staging = _OpenStaging(progress, fd, hasher)
+        key = (progress.file_id, progress.generation)
+        self._open[key] = staging
+        while len(self._open) > MAX_OPEN_STAGING_FILES:
+            oldest = next(iter(self._open))
+            self._close_staging(oldest)
+        return staging
+
+    def _close_staging(self, key: tuple[str, int]) -> None:
+        staging = self._open.pop(key, None)
+        if staging is not None:
+            with contextlib.suppress(OSError):
+                os.close(staging.fd)
+
+    # ---------------------------------------------------------------- file completion
+
+    def _finish(self, progress: FileProgress, staging: _OpenStaging | None) -> None:
+        """Verify a fully received file and deliver it to the sink."""
+        key = (progress.file_id, progress.generation)
+        path = Path(progress.staging_path)
+        digest = None
+        if (
+            staging is not None
+            and staging.hasher is not None
+            and staging.next_index == progress.chunk_count
+        ):
+            digest = staging.hasher.hexdigest()
+        self._close_staging(key)
+        try:
+            actual_size = path.stat().st_size
+            if digest is None:
+                digest = _hash_file(path)
+        except OSError as exc:
+            self._reject_file(progress, f"staging file unreadable: {exc.strerror or exc}")
+            return
+        if actual_size != progress.size:
+            self._reject_file(
+                progress, f"size mismatch: expected {progress.size} bytes, got {actual_size}"
+            )
+            return
+        if digest != progress.sha256:
+            self._reject_file(
+                progress, f"SHA-256 mismatch: expected {progress.sha256}, got {digest}"
+            )
+            return
+        try:
+            result = self.sink.deliver(path, PurePosixPath(progress.relpath), progress.size, digest)
+        except UnsafePathError as exc:
+            self._reject_file(progress, str(exc), code="unsafe-path")
+            return
+        except SinkError as exc:
+            # Not the file's fault: leave it RECEIVING-complete so the next batch retries.
+            raise OSError(f"delivery to {self.sink.describe()} failed: {exc}") from exc
+        self.progress.mark_complete(self.settings.topic, progress.file_id, progress.generation)
+        self._forget(key)
+        self.stats.files_reconstructed += 1
+        self._emit(
+            FileEvent(
+                kind=FileEventKind.RECONSTRUCTED,
+                topic=self.settings.topic,
+                relpath=progress.relpath,
+                file_id=progress.file_id,
+                generation=progress.generation,
+                size=progress.size,
+                sha256=digest,
+                url=result.url,
+            )
+        )
+
+    def _finish_complete_leftovers(self) -> None:
+        """Files fully received before a crash but not delivered yet: deliver them now."""
+        for progress in self.progress.receiving(self.settings.topic):
+            if progress.is_complete:
+                try:
+                    self._finish(progress, None)
+                except OSError as exc:
+                    logger.error("cannot deliver %r yet: %s", progress.relpath, exc)
+
+    def _abort(self, notice: AbortNotice) -> None:
+        progress = self.progress.mark_aborted(
+            self.settings.topic, notice.file_id, notice.generation, "the producer aborted it"
+        )
+        if progress is not None:
+            self._discard(progress)
+
+    def _discard(self, progress: FileProgress) -> None:
+        key = (progress.file_id, progress.generation)
+        self._close_staging(key)
+        Path(progress.staging_path).unlink(missing_ok=True)
+        self._forget(key)
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        for ledger in self._ledgers.values():
+            ledger.file_starts.pop(key, None)
+
+    # ----------------------------------------------------------------------- rejections
+
+    def _reject_file(self, progress: FileProgress, reason: str, code: str = "verification") -> None:
+        key = (progress.file_id, progress.generation)
+        self._close_staging(key)
+        staged = Path(progress.staging_path)
+        if staged.exists():
+            target = self.quarantine_dir / f"{progress.file_id}.{progress.generation}"
+            with contextlib.suppress(OSError):
+                shutil.move(str(staged), target)
+        self.progress.mark_rejected(
+            self.settings.topic, progress.file_id, progress.generation, reason
+        )
+        self._forget(key)
+        self.stats.files_rejected += 1
+        self.stats.rejected_by_reason[code] += 1
+        logger.warning("rejected %r: %s", progress.relpath, reason)
+        self._emit(
+            FileEvent(
+                kind=FileEventKind.REJECTED,
+                topic=self.settings.topic,
+                relpath=progress.relpath,
+                file_id=progress.file_id,
+                generation=progress.generation,
+                size=progress.size,
+                reason=reason,
+                reason_code=code,
+            )
+        )
+
+    def _reject_message(self, message: Any, reason: str, code: str) -> None:
+        """Report a message that cannot be used; the consumer moves on past it."""
+        self.stats.files_rejected += 1
+        self.stats.rejected_by_reason[code] += 1
+        relpath = _header_text(message.headers(), "msi.path")
+        logger.warning(
+            "rejected message at partition %d offset %d: %s",
+            message.partition(),
+            message.offset(),
+            reason,
+        )
+        self._emit(
+            FileEvent(
+                kind=FileEventKind.REJECTED,
+                topic=self.settings.topic,
+                relpath=relpath,
+                file_id=_header_text(message.headers(), "msi.fid"),
+                reason=reason,
+                reason_code=code,
+                partition=message.partition(),
+                offset=message.offset(),
+            )
+        )
+
+    def _emit(self, event: FileEvent) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:  # an event consumer must never stop the transfer
+            logger.exception("event callback failed for %s", event.relpath)
+
+    # ------------------------------------------------------------------------- commits
+
+    def _commit(self, commit_to: dict[int, int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        if not commit_to:
+            return
+        offsets = []
+        for partition, next_offset in commit_to.items():
+            ledger = self._ledgers.setdefault(partition, _Ledger())
+            ledger.next_offset = next_offset
+            offsets.append(
+                TopicPartition(
+                    self.settings.topic,
+                    partition,
+                    next_offset,
+                    metadata=_commit_metadata(ledger.file_starts),
+                )
+            )
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+
+
+def _commit_metadata(file_starts: dict[tuple[str, int], int]) -> str:
+    """Where the unfinished files of a partition began, oldest first, within the size cap."""
+    entries = sorted(file_starts.items(), key=lambda item: item[1])
+    payload: list[list[Any]] = []
+    for (file_id, generation), start in entries:
+        payload.append([file_id, generation, start])
+        text = json.dumps({"v": COMMIT_METADATA_VERSION, "open": payload}, separators=(",", ":"))
+        if len(text) > MAX_COMMIT_METADATA_BYTES:
+            payload.pop()  # the oldest (lowest) starts are kept: they decide the rewind
+            break
+    return json.dumps({"v": COMMIT_METADATA_VERSION, "open": payload}, separators=(",", ":"))
+
+
+def _parse_commit_metadata(text: str | None) -> dict[tuple[str, int], int]:
+    """Read commit metadata written by `_commit_metadata`; anything else means none."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+        if data.get("v") != COMMIT_METADATA_VERSION:
+            return {}
+        return {
+            (str(file_id), int(generation)): int(start)
+            for file_id, generation, start in data["open"]
+        }
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _header_text(headers: Any, name: str) -> str | None:
+    """A header's value as text, for rejection reports of untrusted messages."""
+    try:
+        for key, value in headers or []:
+            if key == name and isinstance(value, bytes):
+                return value[:300].decode("utf-8", errors="replace")
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def _partition_eof_code() -> int:
+    from confluent_kafka import KafkaError
+
+    return int(KafkaError._PARTITION_EOF)

@@ -1,0 +1,346 @@
+"""Producer-side registry: which generation of which file was sent, in SQLite.
+
+One row per ``(topic, relpath)``. The producer asks :meth:`Registry.begin` before reading a
+file and reports the outcome with :meth:`Registry.mark_sent`, :meth:`Registry.mark_failed`
+or :meth:`Registry.mark_aborted`. Rules:
+
+* A file whose ``(size, mtime_ns, inode)`` was already SENT is not sent again.
+* A changed file (or one already SENT and then changed while the watcher was down) is sent
+  as a new generation.
+* A file left SENDING or FAILED by a crash or error is retried with the *same* generation
+  when its identity is unchanged: consumers treat the repeated chunks idempotently.
+* An aborted generation (the file changed while being read) goes back to PENDING and its
+  generation number is never reused: the next :meth:`Registry.begin` bumps it.
+
+Generation numbers only ever grow, so consumers can always tell older from newer.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+SCHEMA_VERSION = 1
+# Waiting this long for a lock held by another process beats failing at once.
+_BUSY_TIMEOUT_SECONDS = 5.0
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS files (
+    topic TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode TEXT NOT NULL,
+    sha256 TEXT,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (topic, relpath)
+)""",
+    "CREATE INDEX IF NOT EXISTS files_by_state ON files (topic, state)",
+)
+
+_COLUMNS = "topic, relpath, size, mtime_ns, inode, sha256, generation, state, reason, updated_at"
+
+
+class FileState(enum.StrEnum):
+    """Where a file stands on the producer side."""
+
+    PENDING = "pending"
+    """Must be sent again; its recorded generation is used up (aborted)."""
+    SENDING = "sending"
+    """A generation is being sent (or was, when the process died)."""
+    SENT = "sent"
+    """Every chunk of the generation was acknowledged by the broker."""
+    FAILED = "failed"
+    """Sending the generation failed; see ``reason``."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What tells one version of a file from another without reading it.
+
+    Attributes:
+        size: Size in bytes.
+        mtime_ns: Modification time in nanoseconds.
+        inode: Inode number (file id on Windows); stored as text because some filesystems
+            use numbers beyond SQLite's 64-bit integers.
+    """
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Permission to send one generation of a file.
+
+    Attributes:
+        topic: Kafka topic.
+        relpath: Relative POSIX path of the file.
+        generation: The generation to put in every message of this send.
+    """
+
+    topic: str
+    relpath: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One registry row.
+
+    Attributes:
+        topic: Kafka topic.
+        relpath: Relative POSIX path of the file.
+        identity: Size, mtime and inode of the version last claimed.
+        sha256: Whole-file digest of the last SENT generation, if any.
+        generation: Last generation claimed.
+        state: Where that generation stands.
+        reason: Why it failed or was aborted, if it did.
+        updated_at: Unix time of the last change.
+    """
+
+    topic: str
+    relpath: str
+    identity: FileIdentity
+    sha256: str | None
+    generation: int
+    state: FileState
+    reason: str | None
+    updated_at: float
+
+
+def _record(row: sqlite3.Row) -> FileRecord:
+    return FileRecord(
+        topic=row["topic"],
+        relpath=row["relpath"],
+        identity=FileIdentity(size=row["size"], mtime_ns=row["mtime_ns"], inode=int(row["inode"])),
+        sha256=row["sha256"],
+        generation=row["generation"],
+        state=FileState(row["state"]),
+        reason=row["reason"],
+        updated_at=row["updated_at"],
+    )
+
+
+class Registry:
+    """SQLite registry of sent files, safe to share between threads of one process.
+
+    Args:
+        path: Database file; its parent directory is created if needed.
+        clock: Source of ``updated_at`` timestamps (tests inject a fake).
+
+    Raises:
+        RuntimeError: If the database was written by a newer schema version.
+    """
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE below.
+        self._conn = sqlite3.connect(
+            self._path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=_BUSY_TIMEOUT_SECONDS,
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        # With WAL, NORMAL never corrupts the database; a power cut may only lose the last
+        # few commits. That is harmless here: a lost SENT mark means the same generation is
+        # sent again, and consumers recognise the repeat.
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        with self._transaction() as conn:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self._path} has registry schema {found}; this code knows {SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the thread lock and an IMMEDIATE (write) transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def begin(self, topic: str, relpath: str, size: int, mtime_ns: int, inode: int) -> Claim | None:
+        """Claim a file for sending, or learn that this version was already sent.
+
+        Args:
+            topic: Kafka topic.
+            relpath: Relative POSIX path of the file.
+            size: Current size in bytes.
+            mtime_ns: Current modification time in nanoseconds.
+            inode: Current inode number.
+
+        Returns:
+            ``None`` if this exact version is already SENT; otherwise the claim, whose
+            generation is new (first send, changed file, or after SENT/PENDING) or reused
+            (retry of a SENDING or FAILED generation of the same version).
+        """
+        identity = FileIdentity(size=size, mtime_ns=mtime_ns, inode=inode)
+        with self._transaction() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?",
+                (topic, relpath),
+            ).fetchone()
+            if row is None:
+                generation = 1
+            else:
+                previous = _record(row)
+                same_version = previous.identity == identity
+                if same_version and previous.state is FileState.SENT:
+                    return None
+                retry = same_version and previous.state in (FileState.SENDING, FileState.FAILED)
+                generation = previous.generation if retry else previous.generation + 1
+            conn.execute(
+                "INSERT INTO files (topic, relpath, size, mtime_ns, inode, sha256, generation,"
+                " state, reason, updated_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, NULL, ?)"
+                " ON CONFLICT (topic, relpath) DO UPDATE SET size = excluded.size,"
+                " mtime_ns = excluded.mtime_ns, inode = excluded.inode, sha256 = NULL,"
+                " generation = excluded.generation, state = excluded.state, reason = NULL,"
+                " updated_at = excluded.updated_at",
+                (
+                    topic,
+                    relpath,
+                    size,
+                    mtime_ns,
+                    str(inode),
+                    generation,
+                    FileState.SENDING.value,
+                    self._clock(),
+                ),
+            )
+        return Claim(topic=topic, relpath=relpath, generation=generation)
+
+    def _finish(
+        self,
+        topic: str,
+        relpath: str,
+        generation: int,
+        state: FileState,
+        sha256: str | None,
+        reason: str | None,
+    ) -> bool:
+        """Move a SENDING generation to ``state``; stale generations are left alone."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE files SET state = ?, sha256 = ?, reason = ?, updated_at = ?"
+                " WHERE topic = ? AND relpath = ? AND generation = ? AND state = ?",
+                (
+                    state.value,
+                    sha256,
+                    reason,
+                    self._clock(),
+                    topic,
+                    relpath,
+                    generation,
+                    FileState.SENDING.value,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    def mark_sent(self, topic: str, relpath: str, generation: int, sha256: str) -> bool:
+        """Record that every chunk of a generation was acknowledged.
+
+        Args:
+            topic: Kafka topic.
+            relpath: Relative POSIX path of the file.
+            generation: The generation that was sent.
+            sha256: Whole-file SHA-256 hex digest.
+
+        Returns:
+            Whether the row changed. ``False`` means the generation is no longer the one
+            being sent (a late report about a superseded generation) and was ignored.
+        """
+        return self._finish(topic, relpath, generation, FileState.SENT, sha256, None)
+
+    def mark_failed(self, topic: str, relpath: str, generation: int, reason: str) -> bool:
+        """Record that sending a generation failed; a later begin retries it.
+
+        Returns:
+            Whether the row changed (see :meth:`mark_sent`).
+        """
+        return self._finish(topic, relpath, generation, FileState.FAILED, None, reason)
+
+    def mark_aborted(
+        self,
+        topic: str,
+        relpath: str,
+        generation: int,
+        reason: str = "the file changed while it was being read",
+    ) -> bool:
+        """Record that a generation was abandoned mid-send; the next begin bumps it.
+
+        Returns:
+            Whether the row changed (see :meth:`mark_sent`).
+        """
+        return self._finish(topic, relpath, generation, FileState.PENDING, None, reason)
+
+    def get(self, topic: str, relpath: str) -> FileRecord | None:
+        """Return the row of one file, or ``None`` if it was never claimed."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?",
+                (topic, relpath),
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def unfinished(self, topic: str) -> list[FileRecord]:
+        """Return the files left SENDING or PENDING, to resume after a restart."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND state IN (?, ?)"
+                " ORDER BY relpath",
+                (topic, FileState.SENDING.value, FileState.PENDING.value),
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def counts(self, topic: str) -> dict[FileState, int]:
+        """Return how many files of a topic are in each state (zero included)."""
+        result = dict.fromkeys(FileState, 0)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT state, COUNT(*) AS n FROM files WHERE topic = ? GROUP BY state",
+                (topic,),
+            ).fetchall()
+        for row in rows:
+            result[FileState(row["state"])] = row["n"]
+        return result
