@@ -15,13 +15,14 @@ from pathlib import Path
 from msi_prefect import __version__
 from msi_prefect.errors import MsiError
 from msi_prefect.stack import commands as stack_commands
+from msi_prefect.transfer import commands as transfer_commands
 
 # Exit status for an error the user can fix (argparse itself uses 2 for bad usage).
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-COMMAND_GROUPS: tuple[Registrar, ...] = (stack_commands.register,)
+COMMAND_GROUPS: tuple[Registrar, ...] = (stack_commands.register, transfer_commands.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

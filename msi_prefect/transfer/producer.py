@@ -354,7 +354,7 @@ class FileProducer:
         self._produce(notice.file_id, b"", encode_abort_headers(notice), None)
 
     def _report(self, result: UploadResult) -> UploadResult:
-        log = logger.info if result.outcome is UploadOutcome.SENT else logger.warning
+        log = logger.debug if result.outcome is UploadOutcome.SENT else logger.warning
         if result.outcome is UploadOutcome.ALREADY_SENT:
             log = logger.debug
         log(

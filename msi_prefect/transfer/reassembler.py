@@ -7,18 +7,19 @@ in the progress store in one transaction; files whose last chunk is in are verif
 only then are the batch's offsets committed. A crash at any point therefore loses nothing
 and repeats at most one batch, whose chunks are recognised as already written.
 
-Several reassemblers may share a consumer group. Because a partition can move to another
-member while a file is half received, each offset commit carries, as commit metadata, the
-offsets where the still-unfinished files of that partition began. A member that is given
-the partition and does not know those files seeks back to their start, so every member
-rebuilds whole files; a member that does know them (a restart) continues where it was.
+Several reassemblers may share a consumer group, and a partition can move to another
+member while a file is half received. So the offset committed for a partition never passes
+the first message of a file that is still unfinished there: whoever reads the partition
+next (another member, or this one after a restart) starts at that file's beginning. Chunks
+already durable here are recognised and not written again, so a restart costs a re-read
+from the broker, never a rewrite; another member rebuilds the whole file. This needs no
+broker feature beyond plain offset commits (Tansu, for one, does not keep commit metadata).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ from typing import Any
 
 from msi_prefect.errors import MsiError
 from msi_prefect.transfer.kafka import KafkaConnection
-from msi_prefect.transfer.paths import UnsafePathError
+from msi_prefect.transfer.paths import UnsafePathError, resolve_inside
 from msi_prefect.transfer.progress import (
     ChunkReceipt,
     FileProgress,
@@ -46,7 +47,9 @@ from msi_prefect.transfer.wire import (
     MIB,
     AbortNotice,
     Chunk,
+    ChunkHeader,
     DecodeLimits,
+    RejectReason,
     WireFormatError,
     decode_message,
 )
@@ -57,12 +60,15 @@ HASH_BLOCK_BYTES = 4 * MIB
 MAX_OPEN_STAGING_FILES = 256
 DEFAULT_BATCH_MESSAGES = 500
 DEFAULT_POLL_TIMEOUT_S = 0.5
-# Kafka brokers cap commit metadata (offset.metadata.max.bytes, default 4096).
-MAX_COMMIT_METADATA_BYTES = 3500
-COMMIT_METADATA_VERSION = 1
+# A file with no chunk for this long no longer holds back the partition's committed offset
+# (its producer died for good); its staging file waits for a producer retry or a prune.
+DEFAULT_ABANDON_AFTER_S = 3600.0
 # Pause before retrying a batch that failed on a local error (disk full, I/O error).
 LOCAL_ERROR_BACKOFF_S = 5.0
 STAGING_DIR_NAME = ".msi-staging"
+# Rejection codes beyond the wire format's own RejectReason values.
+VERIFICATION_FAILED = "verification-failed"
+INCONSISTENT_WITH_EARLIER_CHUNKS = "inconsistent-with-earlier-chunks"
 STATE_DIR_NAME = ".msi-state"
 
 
@@ -132,6 +138,7 @@ class ReassemblerSettings:
         limits: Bounds on what a message may claim.
         session_timeout_ms: Consumer session timeout (Tansu joins in about half of it).
         batch_messages: Messages handled per batch (and per offset commit).
+        abandon_after_s: An unfinished file silent this long stops holding back commits.
     """
 
     topic: str
@@ -142,6 +149,7 @@ class ReassemblerSettings:
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     session_timeout_ms: int = 10000
     batch_messages: int = DEFAULT_BATCH_MESSAGES
+    abandon_after_s: float = DEFAULT_ABANDON_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -168,11 +176,31 @@ class _OpenStaging:
 
 
 @dataclass
-class _Ledger:
-    """Per partition: where each unfinished file began, and the next offset to commit."""
+class _OpenFileMark:
+    """Where an unfinished file began in its partition, and when it was last heard of."""
 
-    next_offset: int | None = None
-    file_starts: dict[tuple[str, int], int] = field(default_factory=dict)
+    start_offset: int
+    last_seen: float
+
+
+@dataclass
+class _Ledger:
+    """Per partition: the unfinished files, which hold back the committed offset."""
+
+    open_files: dict[tuple[str, int], _OpenFileMark] = field(default_factory=dict)
+
+    def commit_offset(self, next_offset: int, now: float, abandon_after_s: float) -> int:
+        """The offset safe to commit: not past the start of any file still being received."""
+        for key, mark in list(self.open_files.items()):
+            if now - mark.last_seen > abandon_after_s:
+                logger.warning(
+                    "file %s generation %d abandoned: no chunk for %.0f s",
+                    *key,
+                    now - mark.last_seen,
+                )
+                del self.open_files[key]
+        starts = [mark.start_offset for mark in self.open_files.values()]
+        return min([next_offset, *starts])
 
 
 @dataclass
@@ -253,41 +281,13 @@ class Reassembler:
         )
         return config
 
-    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        """Resume each partition where its unfinished files began, unless we know them."""
-        from confluent_kafka import TopicPartition
-
-        committed = consumer.committed(partitions, timeout=30)
-        seek_to: list[Any] = []
-        for tp in committed:
-            ledger = self._ledgers.setdefault(tp.partition, _Ledger())
-            starts = _parse_commit_metadata(tp.metadata)
-            unknown = []
-            for (file_id, generation), start in starts.items():
-                ledger.file_starts.setdefault((file_id, generation), start)
-                known = self.progress.get(self.settings.topic, file_id, generation)
-                if known is None:
-                    unknown.append(start)
-            if unknown and tp.offset >= 0 and min(unknown) < tp.offset:
-                logger.info(
-                    "partition %d: rewinding from %d to %d to rebuild files begun elsewhere",
-                    tp.partition,
-                    tp.offset,
-                    min(unknown),
-                )
-                seek_to.append(TopicPartition(tp.topic, tp.partition, min(unknown)))
-        rewound = {tp.partition: tp for tp in seek_to}
-        # Partitions not rewound keep an invalid offset: they start at their committed one.
-        consumer.assign([rewound.get(tp.partition, tp) for tp in partitions])
-
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         for tp in partitions:
             ledger = self._ledgers.pop(tp.partition, None)
             if ledger is None:
                 continue
-            for key in ledger.file_starts:
+            for key in ledger.open_files:
                 self._close_staging(key)
-        consumer.unassign()
 
     # ----------------------------------------------------------------------- main loop
 
@@ -306,9 +306,7 @@ class Reassembler:
         conditions = conditions or StopConditions()
         self._finish_complete_leftovers()
         self._consumer = Consumer(self._consumer_config())
-        self._consumer.subscribe(
-            [self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
+        self._consumer.subscribe([self.settings.topic], on_revoke=self._on_revoke)
         last_message_at = time.monotonic()
         try:
             while not stop.is_set():
@@ -428,15 +426,21 @@ class Reassembler:
                     message,
                     "the chunk disagrees with earlier chunks of the same file "
                     "(size, chunk size, path or mtime differ)",
-                    code="inconsistent-chunk",
+                    code=INCONSISTENT_WITH_EARLIER_CHUNKS,
                 )
                 return None
             if opened.outcome in (OpenOutcome.FINISHED, OpenOutcome.STALE):
                 return None  # a replay after a crash, or an outdated generation
             assert opened.progress is not None
+            if opened.outcome is OpenOutcome.NEW and (problem := self._unsafe_target(header)):
+                # Refuse before writing a byte (the sink checks again when delivering).
+                self._reject_file(opened.progress, problem, code=RejectReason.UNSAFE_PATH)
+                return None
             staging = self._open_staging(opened.progress, fresh=opened.outcome is OpenOutcome.NEW)
-            self._ledgers.setdefault(partition, _Ledger()).file_starts.setdefault(key, offset)
         self._open.move_to_end(key)
+        ledger = self._ledgers.setdefault(partition, _Ledger())
+        mark = ledger.open_files.setdefault(key, _OpenFileMark(offset, time.monotonic()))
+        mark.last_seen = time.monotonic()
         if staging.progress.has_chunk(header.index):
             return staging  # durable before this process opened the file: a replay
         data = chunk.data
@@ -450,6 +454,16 @@ class Reassembler:
         self.stats.chunks_written += 1
         self.stats.bytes_written += len(data)
         return staging
+
+    def _unsafe_target(self, header: ChunkHeader) -> str | None:
+        """Why the file's final path is unsafe in a local destination, or None."""
+        if not isinstance(self.sink, LocalDirectorySink):
+            return None
+        try:
+            resolve_inside(Path(self.settings.destination), PurePosixPath(header.relpath))
+        except UnsafePathError as exc:
+            return str(exc)
+        return None
 
     def _open_staging(self, progress: FileProgress, fresh: bool) -> _OpenStaging:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -505,10 +519,10 @@ class Reassembler:
             return
         try:
             result = self.sink.deliver(path, PurePosixPath(progress.relpath), progress.size, digest)
-        except UnsafePathError as exc:
-            self._reject_file(progress, str(exc), code="unsafe-path")
-            return
         except SinkError as exc:
+            if isinstance(exc.__cause__, UnsafePathError):  # e.g. a symlink planted inside
+                self._reject_file(progress, str(exc.__cause__), code=RejectReason.UNSAFE_PATH)
+                return
             # Not the file's fault: leave it RECEIVING-complete so the next batch retries.
             raise OSError(f"delivery to {self.sink.describe()} failed: {exc}") from exc
         self.progress.mark_complete(self.settings.topic, progress.file_id, progress.generation)
@@ -551,11 +565,13 @@ class Reassembler:
 
     def _forget(self, key: tuple[str, int]) -> None:
         for ledger in self._ledgers.values():
-            ledger.file_starts.pop(key, None)
+            ledger.open_files.pop(key, None)
 
     # ----------------------------------------------------------------------- rejections
 
-    def _reject_file(self, progress: FileProgress, reason: str, code: str = "verification") -> None:
+    def _reject_file(
+        self, progress: FileProgress, reason: str, code: str = VERIFICATION_FAILED
+    ) -> None:
         key = (progress.file_id, progress.generation)
         self._close_staging(key)
         staged = Path(progress.staging_path)
@@ -622,48 +638,13 @@ class Reassembler:
 
         if not commit_to:
             return
+        now = time.monotonic()
         offsets = []
         for partition, next_offset in commit_to.items():
             ledger = self._ledgers.setdefault(partition, _Ledger())
-            ledger.next_offset = next_offset
-            offsets.append(
-                TopicPartition(
-                    self.settings.topic,
-                    partition,
-                    next_offset,
-                    metadata=_commit_metadata(ledger.file_starts),
-                )
-            )
+            safe = ledger.commit_offset(next_offset, now, self.settings.abandon_after_s)
+            offsets.append(TopicPartition(self.settings.topic, partition, safe))
         self._consumer.commit(offsets=offsets, asynchronous=False)
-
-
-def _commit_metadata(file_starts: dict[tuple[str, int], int]) -> str:
-    """Where the unfinished files of a partition began, oldest first, within the size cap."""
-    entries = sorted(file_starts.items(), key=lambda item: item[1])
-    payload: list[list[Any]] = []
-    for (file_id, generation), start in entries:
-        payload.append([file_id, generation, start])
-        text = json.dumps({"v": COMMIT_METADATA_VERSION, "open": payload}, separators=(",", ":"))
-        if len(text) > MAX_COMMIT_METADATA_BYTES:
-            payload.pop()  # the oldest (lowest) starts are kept: they decide the rewind
-            break
-    return json.dumps({"v": COMMIT_METADATA_VERSION, "open": payload}, separators=(",", ":"))
-
-
-def _parse_commit_metadata(text: str | None) -> dict[tuple[str, int], int]:
-    """Read commit metadata written by `_commit_metadata`; anything else means none."""
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-        if data.get("v") != COMMIT_METADATA_VERSION:
-            return {}
-        return {
-            (str(file_id), int(generation)): int(start)
-            for file_id, generation, start in data["open"]
-        }
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return {}
 
 
 def _hash_file(path: Path) -> str:

