@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -483,7 +484,8 @@ class TansuBroker:
 
     Args:
         port: Port to listen on; a free one is chosen when ``None``.
-        log_dir: Where ``tansu-PORT.log`` is written; the current directory when ``None``.
+        log_dir: Where ``tansu-PORT.log`` is written; the system temporary directory when
+            ``None``.
         binary: Tansu binary; :func:`find_tansu` when ``None``.
     """
 
@@ -493,7 +495,7 @@ class TansuBroker:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self._binary = binary or find_tansu()
-        self._log_path = (log_dir or Path.cwd()) / f"tansu-{self.port}.log"
+        self._log_path = Path(log_dir or tempfile.gettempdir()) / f"tansu-{self.port}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

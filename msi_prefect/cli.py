@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Every health probe is an HTTP request; their INFO lines are noise for users.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    for noisy in ("httpx", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         status: int = args.handler(args)
     except MsiError as exc:

@@ -186,8 +186,10 @@ def test_uploader_killed_mid_file_resends_only_what_was_not_acknowledged(
     )  # fmt: skip
     victim = subprocess.Popen(upload, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(
-        lambda: ("b-big.bin", "sending") in _query(registry, "SELECT relpath, state FROM files")
-        and ("a-small.txt", "sent") in _query(registry, "SELECT relpath, state FROM files"),
+        lambda: (
+            ("b-big.bin", "sending") in _query(registry, "SELECT relpath, state FROM files")
+            and ("a-small.txt", "sent") in _query(registry, "SELECT relpath, state FROM files")
+        ),
         "the small file to be sent and the big one to be in flight",
     )
     os.kill(victim.pid, signal.SIGKILL)

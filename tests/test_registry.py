@@ -249,3 +249,11 @@ def test_concurrent_claims_from_threads_get_one_generation(registry: Registry) -
     assert len(claims) == 160
     assert all(claim is not None and claim.generation == 1 for claim in claims)
     assert registry.counts(TOPIC)[FileState.SENDING] == 160
+
+
+def test_first_watched_is_recorded_once_per_topic_and_folder(tmp_path: Path) -> None:
+    times = iter([100.0, 200.0, 300.0])
+    with Registry(tmp_path / "reg.sqlite", clock=lambda: next(times)) as registry:
+        assert registry.first_watched_ns("t", "/data") == (100_000_000_000, True)
+        assert registry.first_watched_ns("t", "/data") == (100_000_000_000, False)
+        assert registry.first_watched_ns("other", "/data") == (300_000_000_000, True)

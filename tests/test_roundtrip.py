@@ -70,9 +70,7 @@ def rebuild(
     reassembler = Reassembler(
         KafkaConnection(bootstrap_servers=stack.bootstrap_servers), settings, events.append
     )
-    reassembler.run(
-        threading.Event(), StopConditions(stop_after_files=files, idle_timeout_s=60)
-    )
+    reassembler.run(threading.Event(), StopConditions(stop_after_files=files, idle_timeout_s=60))
     return events, reassembler
 
 

@@ -12,7 +12,8 @@ import threading
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ from msi_prefect.transfer.reassembler import (
     ReassemblerSettings,
     StopConditions,
 )
-from msi_prefect.transfer.registry import Registry
-from msi_prefect.transfer.watcher import DirectoryWatcher, ReadyFile, WatchSettings
+from msi_prefect.transfer.registry import FileState, Registry
+from msi_prefect.transfer.watcher import DirectoryWatcher, FileStat, ReadyFile, WatchSettings
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, DecodeLimits
 
 logger = logging.getLogger(__name__)
@@ -347,13 +348,14 @@ def _watch(args: argparse.Namespace) -> int:
     with Registry(_registry_path(args)) as registry, _StopOnSignal() as stop:
         results: list[UploadResult] = []
         producer = FileProducer(connection, settings, registry, on_result=results.append)
-        watcher = DirectoryWatcher(watch_settings)
+        first_ns, first_start = registry.first_watched_ns(args.topic, str(root.resolve()))
+        wants = registry_wants(registry, args.topic, None if first_start else first_ns)
+        watcher = DirectoryWatcher(replace(watch_settings, existing_needs_upload=wants))
         ready: queue.Queue[ReadyFile] = queue.Queue(maxsize=WATCH_QUEUE_SIZE)
         thread = threading.Thread(
             target=watcher.run, args=(ready.put, stop), name="msi-watcher", daemon=True
         )
         thread.start()
-        _resend_unfinished(registry, settings.topic, root, ready)
         settled = 0
         last_activity = time.monotonic()
         try:
@@ -387,25 +389,25 @@ def _watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _resend_unfinished(
-    registry: Registry, topic: str, root: Path, ready: queue.Queue[ReadyFile]
-) -> None:
-    """After a crash: files whose send was interrupted go again (a new generation if changed)."""
-    for record in registry.unfinished(topic):
-        path = root / record.relpath
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        ready.put(
-            ReadyFile(
-                path=path,
-                relpath=record.relpath,
-                size=stat.st_size,
-                mtime_ns=stat.st_mtime_ns,
-                inode=stat.st_ino,
-            )
-        )
+def registry_wants(
+    registry: Registry, topic: str, first_watched_ns: int | None
+) -> Callable[[str, FileStat], bool]:
+    """A watcher predicate: which files present at start must be sent after all.
+
+    A file whose last send was cut short (the registry still says SENDING) or that changed
+    while the watcher was down; and a file the registry does not know that appeared after
+    this folder was first watched (it was missed: created while the watcher was down, or
+    not yet ready when it stopped). `first_watched_ns` is None on the very first start: then
+    only `--upload-existing` sends what is already there.
+    """
+
+    def wants(relpath: str, stat: FileStat) -> bool:
+        record = registry.get(topic, relpath)
+        if record is None:
+            return first_watched_ns is not None and stat.ctime_ns >= first_watched_ns
+        return record.state is not FileState.SENT or record.identity != stat.identity
+
+    return wants
 
 
 def _print_result(result: UploadResult) -> None:

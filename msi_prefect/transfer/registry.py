@@ -46,6 +46,14 @@ _SCHEMA = (
     PRIMARY KEY (topic, relpath)
 )""",
     "CREATE INDEX IF NOT EXISTS files_by_state ON files (topic, state)",
+    # When a folder was first watched for a topic: an unknown file that appeared after that
+    # was missed (the watcher was down, or it was not ready yet) and must be sent.
+    """CREATE TABLE IF NOT EXISTS watched_folders (
+    topic TEXT NOT NULL,
+    root TEXT NOT NULL,
+    first_watched_ns INTEGER NOT NULL,
+    PRIMARY KEY (topic, root)
+)""",
 )
 
 _COLUMNS = "topic, relpath, size, mtime_ns, inode, sha256, generation, state, reason, updated_at"
@@ -199,6 +207,25 @@ class Registry:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def first_watched_ns(self, topic: str, root: str) -> tuple[int, bool]:
+        """When ``root`` was first watched for ``topic``; recorded now if it never was.
+
+        Returns:
+            The time in nanoseconds, and whether this call recorded it (a first start).
+        """
+        now_ns = int(self._clock() * 1e9)
+        with self._transaction() as conn:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO watched_folders (topic, root, first_watched_ns)"
+                " VALUES (?, ?, ?)",
+                (topic, root, now_ns),
+            ).rowcount
+            row = conn.execute(
+                "SELECT first_watched_ns FROM watched_folders WHERE topic = ? AND root = ?",
+                (topic, root),
+            ).fetchone()
+        return int(row[0]), inserted == 1
 
     def begin(self, topic: str, relpath: str, size: int, mtime_ns: int, inode: int) -> Claim | None:
         """Claim a file for sending, or learn that this version was already sent.

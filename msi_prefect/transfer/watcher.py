@@ -103,6 +103,10 @@ class WatchSettings:
         unreadable_retry_s: How long an unreadable file whose stat does not change is left
             alone before it is tried again (quietly). Covers permissions granted without a
             ``chmod`` of the file itself (group membership, ACLs, a Windows share lock).
+        existing_needs_upload: With ``include_existing`` off, still treat an existing file
+            as a candidate when this returns True for its relpath and stat. The producer
+            passes its registry here, so files that changed, or whose send was cut short,
+            while the watcher was down are sent after all.
     """
 
     root: Path
@@ -113,6 +117,7 @@ class WatchSettings:
     include_existing: bool = False
     follow_symlinks: bool = False
     unreadable_retry_s: float = 60.0
+    existing_needs_upload: Callable[[str, FileStat], bool] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -596,7 +601,7 @@ class DirectoryWatcher:
                     dir_problems[item.relpath] = str(item.error)
                 else:
                     self._stat_failed(item.relpath, item.error, now, scan_id)
-            elif baseline:
+            elif baseline and not self._existing_needs_upload(item):
                 if item.stat.kind is EntryKind.FILE:
                     self._known[item.relpath] = _Known.of(item.stat, scan_id)
             else:
@@ -605,6 +610,14 @@ class DirectoryWatcher:
         if not initial:
             self._sweep(scan_id, now)
         self._next_scan_at = now + self._settings.poll_interval_s
+
+    def _existing_needs_upload(self, item: FileSeen) -> bool:
+        check = self._settings.existing_needs_upload
+        return (
+            check is not None
+            and item.stat.kind is EntryKind.FILE
+            and check(item.relpath, item.stat)
+        )
 
     def _recheck(self, relpath: str, now: float) -> None:
         """Re-stat one nudged path."""
