@@ -10,8 +10,6 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
-import httpx
-
 from msi_prefect.stack.config import (
     BACKUP_BUCKET,
     BROKER_BUCKET,
@@ -21,6 +19,9 @@ from msi_prefect.stack.config import (
     StateDir,
 )
 from msi_prefect.stack.processes import LOOPBACK, ProcessSpec, port_is_listening
+
+# The health checks import httpx (and confluent-kafka) inside the functions: every CLI
+# command loads this module, and most never probe anything.
 
 TANSU_BIN_ENV = "MSI_TANSU_BIN"
 WEED_BIN_ENV = "MSI_WEED_BIN"
@@ -195,6 +196,8 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
 
 def s3_healthy(config: StackConfig) -> bool:
     """The S3 endpoint answers HTTP (any status: an anonymous request is refused with 403)."""
+    import httpx
+
     response = httpx.get(f"{config.s3_endpoint}/", timeout=HTTP_TIMEOUT_S)
     return response.status_code < 500
 
@@ -212,12 +215,16 @@ def broker_healthy(config: StackConfig) -> bool:
 
 def prefect_healthy(config: StackConfig) -> bool:
     """The Prefect API reports healthy."""
+    import httpx
+
     response = httpx.get(f"{config.prefect_api_url}/health", timeout=HTTP_TIMEOUT_S)
     return response.status_code == 200 and response.json() is True
 
 
 def ensure_work_pool(config: StackConfig) -> None:
     """Create the process work pool if the server does not have it yet."""
+    import httpx
+
     response = httpx.post(
         f"{config.prefect_api_url}/work_pools/",
         json={"name": config.work_pool, "type": "process"},
@@ -229,6 +236,8 @@ def ensure_work_pool(config: StackConfig) -> None:
 
 def worker_healthy(config: StackConfig) -> bool:
     """A worker of our pool has sent a heartbeat and is online."""
+    import httpx
+
     response = httpx.post(
         f"{config.prefect_api_url}/work_pools/{config.work_pool}/workers/filter",
         json={},
