@@ -671,3 +671,31 @@ def temporary_topic(
 def unique_suffix() -> str:
     """Return a short suffix that makes topic and group names unique per run."""
     return f"{int(time.time())}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def wait_group_stable(bootstrap: str, group: str, timeout: float) -> float | None:
+    """Wait until the broker reports a consumer group in state STABLE.
+
+    Args:
+        bootstrap: Broker address.
+        group: Consumer group id.
+        timeout: Seconds to wait.
+
+    Returns:
+        The ``time.time()`` at which STABLE was first seen, or ``None`` on timeout or if the
+        broker cannot describe groups.
+    """
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            desc = admin.describe_consumer_groups([group])[group].result(timeout=5)
+        except Exception:
+            desc = None
+        if desc is not None and desc.state == ConsumerGroupState.STABLE:
+            return time.time()
+        time.sleep(0.1)
+    return None

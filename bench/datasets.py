@@ -7,9 +7,9 @@ written in blocks, never held whole in memory (``huge`` is 4 GiB).
 
 Usage::
 
-    python bench/datasets.py large /tmp/bench-scratch/data/large
-    python bench/datasets.py --list
-    python bench/datasets.py custom DIR --files 3 --size 10MiB
+    python -m bench.datasets large /tmp/bench-scratch/data/large
+    python -m bench.datasets --list
+    python -m bench.datasets custom DIR --files 3 --size 10MiB
 
 Making a data set into a directory that already holds it only writes files that are missing or
 have the wrong size.

@@ -28,8 +28,8 @@ in and ``session.timeout.ms = 6000`` added, which the Tansu broker needs for a q
 
 Usage::
 
-    python bench/openmsistream_baseline.py --src DATA --dst OUT                # own Tansu
-    python bench/openmsistream_baseline.py --src DATA --dst OUT --bootstrap 127.0.0.1:29092
+    python -m bench.openmsistream_baseline --src DATA --dst OUT                # own Tansu
+    python -m bench.openmsistream_baseline --src DATA --dst OUT --bootstrap 127.0.0.1:29092
 
 From Python::
 
@@ -50,36 +50,21 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-try:
-    from bench.common import (
-        KAFKA_SESSION_TIMEOUT_MS,
-        BenchResult,
-        RssSampler,
-        SourceFile,
-        TansuBroker,
-        compare_trees,
-        create_topic,
-        delete_topic,
-        link_or_copy_tree,
-        list_tree,
-        sha256_file,
-        unique_suffix,
-    )
-except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        KAFKA_SESSION_TIMEOUT_MS,
-        BenchResult,
-        RssSampler,
-        SourceFile,
-        TansuBroker,
-        compare_trees,
-        create_topic,
-        delete_topic,
-        link_or_copy_tree,
-        list_tree,
-        sha256_file,
-        unique_suffix,
-    )
+from bench.common import (
+    KAFKA_SESSION_TIMEOUT_MS,
+    BenchResult,
+    RssSampler,
+    SourceFile,
+    TansuBroker,
+    compare_trees,
+    create_topic,
+    delete_topic,
+    link_or_copy_tree,
+    list_tree,
+    sha256_file,
+    unique_suffix,
+    wait_group_stable,
+)
 
 NAME = "openmsistream-1.8"
 """Pipeline name in results."""
@@ -155,34 +140,6 @@ def write_config(path: Path, bootstrap: str) -> Path:
 
 
 # --------------------------------------------------------------------------- waiting
-
-
-def wait_group_stable(bootstrap: str, group: str, timeout: float) -> float | None:
-    """Wait until the broker reports a consumer group in state STABLE.
-
-    Args:
-        bootstrap: Broker address.
-        group: Consumer group id.
-        timeout: Seconds to wait.
-
-    Returns:
-        The ``time.time()`` at which STABLE was first seen, or ``None`` on timeout or if the
-        broker cannot describe groups.
-    """
-    from confluent_kafka import ConsumerGroupState
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            desc = admin.describe_consumer_groups([group])[group].result(timeout=5)
-        except Exception:
-            desc = None
-        if desc is not None and desc.state == ConsumerGroupState.STABLE:
-            return time.time()
-        time.sleep(0.1)
-    return None
 
 
 @dataclasses.dataclass

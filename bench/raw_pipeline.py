@@ -18,8 +18,8 @@ it is a baseline, not a product.
 
 Usage::
 
-    python bench/raw_pipeline.py run --src DATA --dst OUT                # own Tansu broker
-    python bench/raw_pipeline.py run --src DATA --dst OUT --bootstrap 127.0.0.1:29092
+    python -m bench.raw_pipeline run --src DATA --dst OUT                # own Tansu broker
+    python -m bench.raw_pipeline run --src DATA --dst OUT --bootstrap 127.0.0.1:29092
 
 From Python::
 
@@ -41,33 +41,20 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-try:
-    from bench.common import (
-        KAFKA_SESSION_TIMEOUT_MS,
-        BenchResult,
-        TansuBroker,
-        compare_trees,
-        create_topic,
-        delete_topic,
-        list_tree,
-        self_peak_rss_mb,
-        stop_process,
-        unique_suffix,
-    )
-except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        KAFKA_SESSION_TIMEOUT_MS,
-        BenchResult,
-        TansuBroker,
-        compare_trees,
-        create_topic,
-        delete_topic,
-        list_tree,
-        self_peak_rss_mb,
-        stop_process,
-        unique_suffix,
-    )
+from bench.common import (
+    KAFKA_SESSION_TIMEOUT_MS,
+    BenchResult,
+    TansuBroker,
+    compare_trees,
+    create_topic,
+    delete_topic,
+    list_tree,
+    self_peak_rss_mb,
+    stop_process,
+    unique_suffix,
+)
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 NAME = "raw-confluent-kafka"
 """Pipeline name in results."""
 
@@ -358,9 +345,10 @@ class _EventReader:
 
 
 def _child(args: list[str], log: IO[bytes]) -> subprocess.Popen[str]:
-    """Start this script as a child process with a sub-command."""
+    """Start this module as a child process with a sub-command."""
     return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), *args],
+        [sys.executable, "-m", "bench.raw_pipeline", *args],
+        cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=log,
         stdin=subprocess.DEVNULL,

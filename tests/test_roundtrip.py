@@ -12,6 +12,7 @@ import pytest
 from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.producer import FileProducer, ProducerSettings, UploadOutcome
 from msi_prefect.transfer.reassembler import (
+    MAX_OPEN_STAGING_FILES,
     FileEvent,
     FileEventKind,
     Reassembler,
@@ -115,3 +116,17 @@ def test_sending_again_is_a_no_op_and_a_change_is_a_new_generation(
     events, _ = rebuild(kafka_stack, topic, dest, 2)
     assert [e.generation for e in events] == [1, 2]
     assert (dest / "data.bin").read_bytes() == b"short"
+
+
+def test_more_files_in_flight_than_open_staging_files(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path
+):
+    """Hundreds of one-chunk files in one batch: the open-file cap must not drop writes."""
+    sizes = {f"many/{i:04d}.dat": 100 + i for i in range(MAX_OPEN_STAGING_FILES * 2 + 10)}
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    expected = make_tree(src, sizes)
+    send(kafka_stack, topic, src, tmp_path / "reg.sqlite", sorted(sizes))
+    events, reassembler = rebuild(kafka_stack, topic, dest, len(sizes))
+    assert reassembler.stats.files_rejected == 0
+    assert len(events) == len(sizes)
+    assert tree_digests(dest) == expected

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import queue
+import resource
 import signal
 import sys
 import threading
@@ -70,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_connection_options(upload)
     _add_producer_options(upload)
     upload.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_summary_option(upload)
     upload.set_defaults(handler=_upload)
 
     watch = subparsers.add_parser(
@@ -110,6 +113,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--upload-existing", action="store_true", help="also send files already present at start"
     )
     _add_stop_options(watch)
+    _add_summary_option(watch)
     watch.set_defaults(handler=_watch)
 
     rebuild = subparsers.add_parser(
@@ -134,6 +138,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--session-timeout-ms", type=_positive_int, default=10000, help=argparse.SUPPRESS
     )
     _add_stop_options(rebuild)
+    _add_summary_option(rebuild)
     rebuild.set_defaults(handler=_reconstruct)
 
 
@@ -177,6 +182,24 @@ def _add_producer_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="producer registry file (default: STATE_DIR/" + REGISTRY_FILE + ")",
     )
+
+
+def _add_summary_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--summary-json",
+        type=Path,
+        metavar="FILE",
+        help="write counts, bytes, timings and peak memory of this run as JSON (for scripts)",
+    )
+
+
+def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
+    """Write a run summary (with the process's peak RSS) as JSON, if asked to."""
+    if path is None:
+        return
+    # ru_maxrss is in KiB on Linux.
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def _add_stop_options(parser: argparse.ArgumentParser) -> None:
@@ -306,13 +329,27 @@ class _ProgressBar:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    started = time.time()
     connection = connection_from_args(args)
     files = list(iter_upload_files(args.paths, args.root))
     ensure_topic(connection, args.topic)
     with Registry(_registry_path(args)) as registry:
         producer = FileProducer(connection, _producer_settings(args), registry)
         results = producer.upload_all(files, _ProgressBar(not args.no_progress))
-    return _summarise(results)
+    status = _summarise(results)
+    write_summary(args.summary_json, _upload_summary(results, started))
+    return status
+
+
+def _upload_summary(results: list[UploadResult], started: float) -> dict[str, Any]:
+    counts = Counter(result.outcome.value for result in results)
+    sent = [r for r in results if r.outcome is UploadOutcome.SENT]
+    return {
+        "outcomes": dict(counts),
+        "bytes_sent": sum(r.size for r in sent),
+        "started_at": started,
+        "finished_at": time.time(),
+    }
 
 
 def _summarise(results: list[UploadResult]) -> int:
@@ -345,6 +382,8 @@ def _watch(args: argparse.Namespace) -> int:
     connection = connection_from_args(args)
     ensure_topic(connection, args.topic)
     settings = _producer_settings(args)
+    started = time.time()
+    all_results: list[UploadResult] = []
     with Registry(_registry_path(args)) as registry, _StopOnSignal() as stop:
         results: list[UploadResult] = []
         producer = FileProducer(connection, settings, registry, on_result=results.append)
@@ -370,6 +409,7 @@ def _watch(args: argparse.Namespace) -> int:
                 settled += sum(1 for r in results if r.outcome in SETTLED_OUTCOMES)
                 for result in results:
                     _print_result(result)
+                all_results.extend(results)
                 results.clear()
                 if producer.pending_files:
                     last_activity = time.monotonic()
@@ -385,7 +425,9 @@ def _watch(args: argparse.Namespace) -> int:
             producer.flush()
             for result in results:
                 _print_result(result)
+            all_results.extend(results)
             thread.join(timeout=10)
+    write_summary(args.summary_json, _upload_summary(all_results, started))
     return EXIT_OK
 
 
@@ -446,8 +488,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
         limits=limits,
         session_timeout_ms=args.session_timeout_ms,
     )
+    started = time.time()
+    completion_times: list[float] = []
+
+    def on_event(event: FileEvent) -> None:
+        if event.kind is FileEventKind.RECONSTRUCTED:
+            completion_times.append(time.time())
+        _print_event(event)
+
     try:
-        reassembler = Reassembler(connection, settings, on_event=_print_event)
+        reassembler = Reassembler(connection, settings, on_event=on_event)
     except OSError as exc:
         raise MsiError(f"cannot use the destination {args.destination}: {exc}") from exc
     conditions = StopConditions(
@@ -459,6 +509,18 @@ def _reconstruct(args: argparse.Namespace) -> int:
         f"{stats.files_reconstructed} reconstructed, {stats.files_rejected} rejected, "
         f"{stats.bytes_written} bytes written",
         flush=True,
+    )
+    write_summary(
+        args.summary_json,
+        {
+            "reconstructed": stats.files_reconstructed,
+            "rejected": stats.files_rejected,
+            "rejected_by_reason": dict(stats.rejected_by_reason),
+            "bytes_written": stats.bytes_written,
+            "started_at": started,
+            "first_file_at": completion_times[0] if completion_times else None,
+            "last_file_at": completion_times[-1] if completion_times else None,
+        },
     )
     return EXIT_OK
 

@@ -386,9 +386,13 @@ class Reassembler:
                 self._abort(decoded)
                 continue
             header = decoded.header
+            key = (header.file_id, header.generation)
             if pending.generations.get(header.file_id, header.generation) != header.generation:
                 # A newer generation follows an older one in this batch: finish the older
                 # one first, or the newer one would supersede it while it is complete.
+                self._settle(pending)
+            elif key not in self._open and len(self._open) >= MAX_OPEN_STAGING_FILES:
+                # Opening one more file would close one with unsynced writes: settle first.
                 self._settle(pending)
             staging = self._write_chunk(decoded, partition, offset, message)
             if staging is not None:
@@ -476,6 +480,7 @@ class Reassembler:
         key = (progress.file_id, progress.generation)
         self._open[key] = staging
         while len(self._open) > MAX_OPEN_STAGING_FILES:
+            # Never one with unsynced writes: the batch loop settles before the cap is hit.
             oldest = next(iter(self._open))
             self._close_staging(oldest)
         return staging
