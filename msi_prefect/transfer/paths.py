@@ -168,7 +168,8 @@ def resolve_inside(root: Path, rel: PurePosixPath) -> Path:
     Every component that already exists below ``root`` is checked with ``lstat``; any
     symlink is refused, wherever it points (the simplest rule that cannot be tricked by
     chains of links). Components that do not exist yet are fine: the caller creates them.
-    Finally the real path of the result must still lie under the real path of ``root``.
+    With no ``.``/``..`` segments and no symlink below ``root``, the result cannot resolve
+    outside ``root``.
     ``root`` itself may be a symlink (e.g. ``/data -> /mnt/data``).
 
     The check is only as fresh as the moment it runs: callers creating files should do so
@@ -187,26 +188,24 @@ def resolve_inside(root: Path, rel: PurePosixPath) -> Path:
             the result resolves outside ``root``.
     """
     validate_relative_path(rel.as_posix())
-    real_root = Path(os.path.realpath(root))
+    # Plain strings, not Path objects: this runs for every delivered file.
+    real_root = os.path.realpath(root)
     current = real_root
     for part in rel.parts:
-        current = current / part
+        current = os.path.join(current, part)
         try:
             mode = os.lstat(current).st_mode
         except FileNotFoundError:
             break  # nothing below a missing component can be a symlink yet
         if stat.S_ISLNK(mode):
+            inside = os.path.relpath(current, real_root).replace(os.sep, "/")
             raise UnsafePathError(
                 rel.as_posix(),
                 PathProblem.SYMLINK,
-                f"{current.relative_to(real_root).as_posix()!r} inside the destination "
-                "is a symlink",
+                f"{inside!r} inside the destination is a symlink",
             )
-    resolved = Path(os.path.realpath(real_root.joinpath(*rel.parts)))
-    if not resolved.is_relative_to(real_root):
-        raise UnsafePathError(
-            rel.as_posix(), PathProblem.OUTSIDE_ROOT, "the path resolves outside the destination"
-        )
+    # No realpath() of the result is needed: the path has no '.' or '..' segments and no
+    # existing component below the root is a symlink, so it cannot resolve elsewhere.
     return root.joinpath(*rel.parts)
 
 

@@ -28,8 +28,8 @@ from msi_prefect.transfer.wire import (
     MIB,
     AbortNotice,
     ChunkHeader,
+    ChunkHeaderEncoder,
     encode_abort_headers,
-    encode_chunk_headers,
     message_key,
 )
 
@@ -39,6 +39,8 @@ DEFAULT_MAX_INFLIGHT_BYTES = 64 * MIB
 # Room for the headers on top of the chunk in librdkafka's per-message limit.
 HEADER_ALLOWANCE_BYTES = 64 * 1024
 BACKPRESSURE_POLL_S = 0.05
+# Delivery reports are served in bulk (one registry transaction) at most this often.
+DELIVERY_SERVE_INTERVAL_S = 0.05
 FLUSH_TIMEOUT_S = 120.0
 
 
@@ -142,6 +144,7 @@ class FileProducer:
         self.registry = registry
         self._on_result = on_result
         self._inflight_bytes = 0
+        self._served_at = time.monotonic()
         self._pending: dict[tuple[str, int], _PendingFile] = {}
         self._producer = Producer(self._config(connection))
 
@@ -227,41 +230,26 @@ class FileProducer:
             producer_id=self.settings.producer_id,
             generation=generation,
         )
+        encoder = ChunkHeaderEncoder(first)
         pending = _PendingFile(relpath, first.file_id, generation, size, first.count)
         self._pending[(first.file_id, generation)] = pending
         digest = hashlib.sha256()
+        last = first.count - 1
         for index in range(first.count):
             data = handle.read(chunk_size)
             digest.update(data)
-            header = ChunkHeader.for_chunk(
-                relpath=relpath,
-                size=size,
-                chunk_size=chunk_size,
-                index=index,
-                mtime_ns=before.st_mtime_ns,
-                producer_id=self.settings.producer_id,
-                generation=generation,
-            )
-            if len(data) != header.data_length:
+            offset = index * chunk_size
+            if len(data) != min(chunk_size, size - offset):
                 return self._changed(pending, "it shrank while being read")
-            if header.is_last:
+            if index == last:
                 after = os.stat(handle.fileno())
                 if handle.read(1) or _identity(after) != _identity(before):
                     return self._changed(pending, "it changed while being read")
                 pending.sha256 = digest.hexdigest()
-                header = ChunkHeader.for_chunk(
-                    relpath=relpath,
-                    size=size,
-                    chunk_size=chunk_size,
-                    index=index,
-                    mtime_ns=before.st_mtime_ns,
-                    producer_id=self.settings.producer_id,
-                    generation=generation,
-                    sha256=pending.sha256,
-                )
-            self._produce(header.file_id, data, encode_chunk_headers(header), pending)
+            headers = encoder.headers(index, pending.sha256 if index == last else None)
+            self._produce(first.file_id, data, headers, pending)
             if on_progress is not None:
-                on_progress(relpath, header.offset + len(data), size)
+                on_progress(relpath, offset + len(data), size)
         return None
 
     def _produce(
@@ -276,7 +264,7 @@ class FileProducer:
         while (
             self._inflight_bytes and self._inflight_bytes + size > self.settings.max_inflight_bytes
         ):
-            self._producer.poll(BACKPRESSURE_POLL_S)
+            self._serve_deliveries(BACKPRESSURE_POLL_S)
         self._inflight_bytes += size
 
         def delivered(err: Any, _msg: Any) -> None:
@@ -295,8 +283,15 @@ class FileProducer:
                 )
                 break
             except BufferError:  # librdkafka's queue is full: serve callbacks, then retry
-                self._producer.poll(BACKPRESSURE_POLL_S)
-        self._producer.poll(0)
+                self._serve_deliveries(BACKPRESSURE_POLL_S)
+        if time.monotonic() - self._served_at > DELIVERY_SERVE_INTERVAL_S:
+            self._serve_deliveries(0)
+
+    def _serve_deliveries(self, timeout_s: float) -> int:
+        """Run delivery callbacks; their registry updates share one transaction."""
+        self._served_at = time.monotonic()
+        with self.registry.batch():
+            return int(self._producer.poll(timeout_s))
 
     def _on_chunk_delivered(self, pending: _PendingFile, err: Any) -> None:
         if err is not None and pending.error is None:
@@ -369,7 +364,7 @@ class FileProducer:
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """Serve delivery reports (and so report finished files)."""
-        self._producer.poll(timeout_s)
+        self._serve_deliveries(timeout_s)
 
     def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         """Wait until every produced chunk is acknowledged or failed.
@@ -378,12 +373,16 @@ class FileProducer:
             MsiError: chunks are still unacknowledged after `timeout_s`.
         """
         deadline = time.monotonic() + timeout_s
-        while self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))) > 0:
+        while self._flush_some(min(1.0, max(0.0, deadline - time.monotonic()))) > 0:
             if time.monotonic() >= deadline:
                 raise MsiError(
                     f"{len(self._pending)} file(s) not acknowledged by the broker within "
                     f"{timeout_s:.0f} s; is the broker at the configured address reachable?"
                 )
+
+    def _flush_some(self, timeout_s: float) -> int:
+        with self.registry.batch():
+            return int(self._producer.flush(timeout_s))
 
     def upload_all(
         self, files: Iterable[tuple[Path, str]], on_progress: ProgressCallback | None = None

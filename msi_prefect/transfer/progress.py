@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
+from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase
 from msi_prefect.transfer.wire import ChunkHeader
 
 SCHEMA_VERSION = 1
-# Waiting this long for a lock held by another process beats failing at once.
-_BUSY_TIMEOUT_SECONDS = 5.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS progress (
@@ -315,49 +313,22 @@ class ProgressStore:
     """
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
-        self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        self._lock = threading.Lock()
-        # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE below.
-        self._conn = sqlite3.connect(
-            self._path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=_BUSY_TIMEOUT_SECONDS,
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode = WAL")
         # FULL, not NORMAL: Kafka offsets are committed right after record_chunks, so a
         # recorded chunk lost to a power cut would never be replayed and the file would
         # never complete. Batching keeps the cost at one fsync per batch.
-        self._conn.execute("PRAGMA synchronous = FULL")
-        with self._transaction() as conn:
-            found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self._path} has progress schema {found}; this code knows {SCHEMA_VERSION}"
-                )
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._db = SqliteDatabase(
+            path, _SCHEMA, SCHEMA_VERSION, Durability.FULL, name="progress"
+        )
+        self._transaction = self._db.transaction
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the thread lock and an IMMEDIATE (write) transaction."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def batch(self) -> AbstractContextManager[None]:
+        """Group every call inside into one transaction (one commit). See SqliteDatabase."""
+        return self._db.batch()
 
     def close(self) -> None:
         """Close the database connection."""
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> ProgressStore:
         return self
@@ -549,8 +520,8 @@ class ProgressStore:
 
     def get(self, topic: str, file_id: str, generation: int) -> FileProgress | None:
         """Return the row of one generation, or ``None``."""
-        with self._lock:
-            return self._select(self._conn, topic, file_id, generation)
+        with self._db.reading() as conn:
+            return self._select(conn, topic, file_id, generation)
 
     def is_finished(self, topic: str, file_id: str, generation: int) -> bool:
         """Whether this generation already ended (complete, rejected or aborted)."""
@@ -559,8 +530,8 @@ class ProgressStore:
 
     def receiving(self, topic: str) -> list[FileProgress]:
         """Return the generations of a topic still being received (e.g. after a restart)."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._db.reading() as conn:
+            rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM progress WHERE topic = ? AND state = ?"
                 " ORDER BY relpath, generation",
                 (topic, ProgressState.RECEIVING.value),

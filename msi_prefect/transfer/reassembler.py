@@ -27,6 +27,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -34,7 +35,7 @@ from typing import Any
 
 from msi_prefect.errors import MsiError
 from msi_prefect.transfer.kafka import KafkaConnection
-from msi_prefect.transfer.paths import UnsafePathError, resolve_inside
+from msi_prefect.transfer.paths import UnsafePathError
 from msi_prefect.transfer.progress import (
     ChunkReceipt,
     FileProgress,
@@ -47,7 +48,6 @@ from msi_prefect.transfer.wire import (
     MIB,
     AbortNotice,
     Chunk,
-    ChunkHeader,
     DecodeLimits,
     RejectReason,
     WireFormatError,
@@ -58,8 +58,10 @@ logger = logging.getLogger(__name__)
 
 HASH_BLOCK_BYTES = 4 * MIB
 MAX_OPEN_STAGING_FILES = 256
+FSYNC_THREADS = 4
 DEFAULT_BATCH_MESSAGES = 500
-DEFAULT_POLL_TIMEOUT_S = 0.5
+# Short: consume() waits this long for a full batch, which delays the last files.
+DEFAULT_POLL_TIMEOUT_S = 0.1
 # A file with no chunk for this long no longer holds back the partition's committed offset
 # (its producer died for good); its staging file waits for a producer retry or a prune.
 DEFAULT_ABANDON_AFTER_S = 3600.0
@@ -263,6 +265,7 @@ class Reassembler:
         self._open: OrderedDict[tuple[str, int], _OpenStaging] = OrderedDict()
         self._ledgers: dict[int, _Ledger] = {}
         self._consumer: Any = None
+        self._fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="msi-fsync")
 
     # ----------------------------------------------------------------- consumer set-up
 
@@ -338,6 +341,7 @@ class Reassembler:
                 self._consumer.close()
             self._consumer = None
         self.progress.close()
+        self._fsync_pool.shutdown()
 
     def _handle_batch_with_retry(self, messages: list[Any], stop: threading.Event) -> None:
         """Handle a batch; on a local error (disk full) rewind and retry it later."""
@@ -364,8 +368,19 @@ class Reassembler:
                     self._consumer.seek(TopicPartition(self.settings.topic, partition, offset))
 
     def _handle_batch(self, messages: list[Any]) -> None:
-        pending = _PendingWrites()
+        """Write, sync, record and deliver a batch; then commit its offsets.
+
+        The progress updates of the whole batch are one transaction, committed after the
+        sink made its deliveries durable and before the Kafka offsets are committed.
+        """
         commit_to: dict[int, int] = {}
+        with self.progress.batch():
+            self._handle_messages(messages, commit_to)
+            self.sink.flush()
+        self._commit(commit_to)
+
+    def _handle_messages(self, messages: list[Any], commit_to: dict[int, int]) -> None:
+        pending = _PendingWrites()
         for message in messages:
             if message.error():
                 if message.error().code() != _partition_eof_code():
@@ -398,12 +413,15 @@ class Reassembler:
             if staging is not None:
                 pending.add(ChunkReceipt.for_header(self.settings.topic, header), staging)
         self._settle(pending)
-        self._commit(commit_to)
 
     def _settle(self, pending: _PendingWrites) -> None:
         """Make the written chunks durable, record them, and finish the files now complete."""
-        for staging in pending.touched.values():
-            os.fsync(staging.fd)
+        descriptors = [staging.fd for staging in pending.touched.values()]
+        if len(descriptors) > 1:
+            # Concurrent fsyncs share journal commits: about twice the files per second.
+            list(self._fsync_pool.map(os.fsync, descriptors))
+        elif descriptors:
+            os.fsync(descriptors[0])
         for progress in self.progress.record_chunks(pending.receipts):
             key = (progress.file_id, progress.generation)
             if progress.state is ProgressState.REJECTED:
@@ -436,10 +454,6 @@ class Reassembler:
             if opened.outcome in (OpenOutcome.FINISHED, OpenOutcome.STALE):
                 return None  # a replay after a crash, or an outdated generation
             assert opened.progress is not None
-            if opened.outcome is OpenOutcome.NEW and (problem := self._unsafe_target(header)):
-                # Refuse before writing a byte (the sink checks again when delivering).
-                self._reject_file(opened.progress, problem, code=RejectReason.UNSAFE_PATH)
-                return None
             staging = self._open_staging(opened.progress, fresh=opened.outcome is OpenOutcome.NEW)
         self._open.move_to_end(key)
         ledger = self._ledgers.setdefault(partition, _Ledger())
@@ -458,16 +472,6 @@ class Reassembler:
         self.stats.chunks_written += 1
         self.stats.bytes_written += len(data)
         return staging
-
-    def _unsafe_target(self, header: ChunkHeader) -> str | None:
-        """Why the file's final path is unsafe in a local destination, or None."""
-        if not isinstance(self.sink, LocalDirectorySink):
-            return None
-        try:
-            resolve_inside(Path(self.settings.destination), PurePosixPath(header.relpath))
-        except UnsafePathError as exc:
-            return str(exc)
-        return None
 
     def _open_staging(self, progress: FileProgress, fresh: bool) -> _OpenStaging:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -551,7 +555,9 @@ class Reassembler:
         for progress in self.progress.receiving(self.settings.topic):
             if progress.is_complete:
                 try:
-                    self._finish(progress, None)
+                    with self.progress.batch():
+                        self._finish(progress, None)
+                        self.sink.flush()
                 except OSError as exc:
                     logger.error("cannot deliver %r yet: %s", progress.relpath, exc)
 

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase
+
 SCHEMA_VERSION = 1
-# Waiting this long for a lock held by another process beats failing at once.
-_BUSY_TIMEOUT_SECONDS = 5.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS files (
@@ -153,49 +152,22 @@ class Registry:
     """
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
-        self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        self._lock = threading.Lock()
-        # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE below.
-        self._conn = sqlite3.connect(
-            self._path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=_BUSY_TIMEOUT_SECONDS,
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode = WAL")
         # With WAL, NORMAL never corrupts the database; a power cut may only lose the last
         # few commits. That is harmless here: a lost SENT mark means the same generation is
         # sent again, and consumers recognise the repeat.
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        with self._transaction() as conn:
-            found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if found > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self._path} has registry schema {found}; this code knows {SCHEMA_VERSION}"
-                )
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._db = SqliteDatabase(
+            path, _SCHEMA, SCHEMA_VERSION, Durability.NORMAL, name="registry"
+        )
+        self._transaction = self._db.transaction
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the thread lock and an IMMEDIATE (write) transaction."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def batch(self) -> AbstractContextManager[None]:
+        """Group every call inside into one transaction (one commit). See SqliteDatabase."""
+        return self._db.batch()
 
     def close(self) -> None:
         """Close the database connection."""
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> Registry:
         return self
@@ -257,6 +229,10 @@ class Registry:
                     return None
                 retry = same_version and previous.state in (FileState.SENDING, FileState.FAILED)
                 generation = previous.generation if retry else previous.generation + 1
+                if not retry:
+                    # Losing a bumped generation to a power cut could hand the same number
+                    # to different content later, which consumers would skip as done.
+                    self._db.request_durable_commit()
             conn.execute(
                 "INSERT INTO files (topic, relpath, size, mtime_ns, inode, sha256, generation,"
                 " state, reason, updated_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, NULL, ?)"
@@ -343,8 +319,8 @@ class Registry:
 
     def get(self, topic: str, relpath: str) -> FileRecord | None:
         """Return the row of one file, or ``None`` if it was never claimed."""
-        with self._lock:
-            row = self._conn.execute(
+        with self._db.reading() as conn:
+            row = conn.execute(
                 f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?",
                 (topic, relpath),
             ).fetchone()
@@ -352,8 +328,8 @@ class Registry:
 
     def unfinished(self, topic: str) -> list[FileRecord]:
         """Return the files left SENDING or PENDING, to resume after a restart."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._db.reading() as conn:
+            rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND state IN (?, ?)"
                 " ORDER BY relpath",
                 (topic, FileState.SENDING.value, FileState.PENDING.value),
@@ -363,8 +339,8 @@ class Registry:
     def counts(self, topic: str) -> dict[FileState, int]:
         """Return how many files of a topic are in each state (zero included)."""
         result = dict.fromkeys(FileState, 0)
-        with self._lock:
-            rows = self._conn.execute(
+        with self._db.reading() as conn:
+            rows = conn.execute(
                 "SELECT state, COUNT(*) AS n FROM files WHERE topic = ? GROUP BY state",
                 (topic,),
             ).fetchall()

@@ -144,6 +144,17 @@ class Sink(Protocol):
         """A human description of the destination, free of secrets."""
         ...
 
+    def flush(self) -> None:
+        """Make every delivery since the last flush durable.
+
+        Call it before reporting deliveries as done. A local directory batches the fsync of
+        its directory entries here (one per directory, not one per file).
+
+        Raises:
+            SinkError: If the deliveries could not be made durable.
+        """
+        ...
+
 
 def _check_relpath(relpath: PurePosixPath) -> PurePosixPath:
     """Validate an untrusted relative path, turning refusal into a :class:`SinkError`."""
@@ -194,6 +205,8 @@ class LocalDirectorySink:
     def __init__(self, root: Path) -> None:
         # abspath, not resolve(): a root that is a symlink (/data -> /mnt/data) is allowed.
         self.root = Path(os.path.abspath(root))
+        # Directories whose entries changed since the last flush().
+        self._unsynced_dirs: set[Path] = set()
 
     def __repr__(self) -> str:
         return f"LocalDirectorySink({str(self.root)!r})"
@@ -223,24 +236,37 @@ class LocalDirectorySink:
         target = self.target_path(relpath)
         try:
             created = self._make_parents(target.parent)
-            # Re-check: the directories we just created are ours, but a concurrent writer
-            # could have swapped a component for a symlink in the meantime.
-            target = self.target_path(relpath)
+            if created:
+                # Re-check: the directories we just created are ours, but a concurrent
+                # writer could have swapped a component for a symlink in the meantime.
+                target = self.target_path(relpath)
             try:
                 os.replace(staged, target)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
                 self._copy_across_devices(staged, target)
-            _fsync_directory(target.parent)
-            for directory in created:
-                _fsync_directory(directory.parent)
+            self._unsynced_dirs.add(target.parent)
+            self._unsynced_dirs.update(directory.parent for directory in created)
         except OSError as exc:
             raise SinkError(
                 f"Cannot deliver {relpath.as_posix()!r} into {self.root}: {exc}"
             ) from exc
         logger.debug("Delivered %s to %s", relpath.as_posix(), target)
         return SinkResult(url=target.as_uri(), size=size, sha256=sha256)
+
+    def flush(self) -> None:
+        """Fsync every directory that gained a file since the last flush.
+
+        See :meth:`Sink.flush`.
+        """
+        # Deepest first, so a new directory's own entry is durable after its contents.
+        for directory in sorted(self._unsynced_dirs, key=lambda d: len(d.parts), reverse=True):
+            try:
+                _fsync_directory(directory)
+            except OSError as exc:
+                raise SinkError(f"Cannot make deliveries into {directory} durable: {exc}") from exc
+        self._unsynced_dirs.clear()
 
     def exists(self, relpath: PurePosixPath, size: int, sha256: str) -> bool:
         """Tell whether ``root/relpath`` is a regular file with this size and content.
@@ -390,6 +416,9 @@ class FsspecSink:
             ) from exc
         logger.debug("Delivered %s to %s", relpath.as_posix(), url)
         return SinkResult(url=url, size=size, sha256=sha256)
+
+    def flush(self) -> None:
+        """Nothing to do: every upload is verified before :meth:`deliver` returns."""
 
     def exists(self, relpath: PurePosixPath, size: int, sha256: str) -> bool:
         """Tell whether the object exists with this size and SHA-256.

@@ -386,6 +386,14 @@ def _check_chunk_header(header: ChunkHeader, limits: DecodeLimits | None) -> Non
         header: The header to check.
         limits: Consumer limits; ``None`` when encoding (the producer has none of its own).
     """
+    _check_file_fields(header, limits)
+    _check_chunk_position(
+        header.index, header.count, header.offset, header.chunk_size, header.sha256
+    )
+
+
+def _check_file_fields(header: ChunkHeader, limits: DecodeLimits | None) -> None:
+    """The rules on what every chunk of a file shares (path, sizes, count, generation...)."""
     _check_common(header.file_id, header.relpath, header.generation, header.producer_id)
     for name, value in (
         (HeaderName.SIZE, header.size),
@@ -429,33 +437,39 @@ def _check_chunk_header(header: ChunkHeader, limits: DecodeLimits | None) -> Non
             f"{HeaderName.COUNT} is {header.count} but {header.size} bytes in chunks of "
             f"{header.chunk_size} make {planned}",
         )
-    if header.index >= header.count:
+
+
+def _check_chunk_position(
+    index: int, count: int, offset: int, chunk_size: int, sha256: str | None
+) -> None:
+    """The rules on where one chunk sits in its file, and on its checksum field."""
+    if not 0 <= index < count:
         raise WireFormatError(
             RejectReason.INCONSISTENT_CHUNK,
-            f"{HeaderName.INDEX} is {header.index} but the file has {header.count} chunks",
+            f"{HeaderName.INDEX} is {index} but the file has {count} chunks",
         )
-    if header.offset != header.index * header.chunk_size:
+    if offset != index * chunk_size:
         raise WireFormatError(
             RejectReason.INCONSISTENT_CHUNK,
-            f"{HeaderName.OFFSET} is {header.offset} but chunk {header.index} of size "
-            f"{header.chunk_size} starts at {header.index * header.chunk_size}",
+            f"{HeaderName.OFFSET} is {offset} but chunk {index} of size "
+            f"{chunk_size} starts at {index * chunk_size}",
         )
-    if header.is_last:
-        if header.sha256 is None:
+    if index == count - 1:
+        if sha256 is None:
             raise WireFormatError(
                 RejectReason.BAD_CHECKSUM_FIELD,
                 f"the last chunk must carry {HeaderName.SHA256}",
             )
-        if not _SHA256_RE.fullmatch(header.sha256):
+        if not _SHA256_RE.fullmatch(sha256):
             raise WireFormatError(
                 RejectReason.BAD_CHECKSUM_FIELD,
-                f"{HeaderName.SHA256} must be 64 lowercase hex digits, got {_show(header.sha256)}",
+                f"{HeaderName.SHA256} must be 64 lowercase hex digits, got {_show(sha256)}",
             )
-    elif header.sha256 is not None:
+    elif sha256 is not None:
         raise WireFormatError(
             RejectReason.BAD_CHECKSUM_FIELD,
             f"{HeaderName.SHA256} is only allowed on the last chunk, found it on chunk "
-            f"{header.index} of {header.count}",
+            f"{index} of {count}",
         )
 
 
@@ -482,24 +496,64 @@ def encode_chunk_headers(header: ChunkHeader) -> KafkaHeaderList:
     Raises:
         WireFormatError: If the header breaks a wire-format rule.
     """
-    _check_chunk_header(header, limits=None)
-    headers: KafkaHeaderList = [
-        (HeaderName.VERSION.value, FORMAT_VERSION.encode("ascii")),
-        (HeaderName.KIND.value, MessageKind.CHUNK.value.encode("ascii")),
-        (HeaderName.FILE_ID.value, header.file_id.encode("ascii")),
-        (HeaderName.PATH.value, header.relpath.encode("utf-8")),
-        (HeaderName.SIZE.value, _int_bytes(header.size)),
-        (HeaderName.CHUNK_SIZE.value, _int_bytes(header.chunk_size)),
-        (HeaderName.INDEX.value, _int_bytes(header.index)),
-        (HeaderName.COUNT.value, _int_bytes(header.count)),
-        (HeaderName.OFFSET.value, _int_bytes(header.offset)),
-        (HeaderName.MTIME.value, _int_bytes(header.mtime_ns)),
-        (HeaderName.PRODUCER_ID.value, header.producer_id.encode("utf-8")),
-        (HeaderName.GENERATION.value, _int_bytes(header.generation)),
-    ]
-    if header.sha256 is not None:
-        headers.append((HeaderName.SHA256.value, header.sha256.encode("ascii")))
-    return headers
+    encoder = ChunkHeaderEncoder(header)
+    # The header's own offset must agree too (the encoder derives it from the index).
+    _check_chunk_position(
+        header.index, header.count, header.offset, header.chunk_size, header.sha256
+    )
+    return encoder.headers(header.index, header.sha256)
+
+
+class ChunkHeaderEncoder:
+    """Encodes the headers of every chunk of one file, checking the per-file fields once.
+
+    A producer makes one per file: the path, sizes and generation are validated and
+    encoded when it is made, so each chunk costs only its index, offset and checksum.
+
+    Args:
+        file_header: A header of any chunk of the file (its index and sha256 are ignored).
+
+    Raises:
+        WireFormatError: If the file-level fields break a wire-format rule.
+    """
+
+    def __init__(self, file_header: ChunkHeader) -> None:
+        _check_file_fields(file_header, limits=None)
+        self._count = file_header.count
+        self._chunk_size = file_header.chunk_size
+        self._leading: KafkaHeaderList = [
+            (HeaderName.VERSION.value, FORMAT_VERSION.encode("ascii")),
+            (HeaderName.KIND.value, MessageKind.CHUNK.value.encode("ascii")),
+            (HeaderName.FILE_ID.value, file_header.file_id.encode("ascii")),
+            (HeaderName.PATH.value, file_header.relpath.encode("utf-8")),
+            (HeaderName.SIZE.value, _int_bytes(file_header.size)),
+            (HeaderName.CHUNK_SIZE.value, _int_bytes(file_header.chunk_size)),
+        ]
+        self._count_header = (HeaderName.COUNT.value, _int_bytes(file_header.count))
+        self._trailing: KafkaHeaderList = [
+            (HeaderName.MTIME.value, _int_bytes(file_header.mtime_ns)),
+            (HeaderName.PRODUCER_ID.value, file_header.producer_id.encode("utf-8")),
+            (HeaderName.GENERATION.value, _int_bytes(file_header.generation)),
+        ]
+
+    def headers(self, index: int, sha256: str | None = None) -> KafkaHeaderList:
+        """The headers of chunk ``index``; pass ``sha256`` for the last chunk only.
+
+        Raises:
+            WireFormatError: If the index is out of range or the checksum rule is broken.
+        """
+        offset = index * self._chunk_size
+        _check_chunk_position(index, self._count, offset, self._chunk_size, sha256)
+        headers = [
+            *self._leading,
+            (HeaderName.INDEX.value, _int_bytes(index)),
+            self._count_header,
+            (HeaderName.OFFSET.value, _int_bytes(offset)),
+            *self._trailing,
+        ]
+        if sha256 is not None:
+            headers.append((HeaderName.SHA256.value, sha256.encode("ascii")))
+        return headers
 
 
 def encode_abort_headers(notice: AbortNotice) -> KafkaHeaderList:

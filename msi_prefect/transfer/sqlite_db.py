@@ -1,0 +1,131 @@
+"""The SQLite plumbing shared by the producer registry and the consumer progress store."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+
+# Waiting this long for a lock held by another process beats failing at once.
+BUSY_TIMEOUT_S = 5.0
+
+
+class Durability(StrEnum):
+    """SQLite's `synchronous` setting, by what a commit promises after a power cut."""
+
+    FULL = "FULL"  # every commit is on disk when it returns (one fsync per commit)
+    NORMAL = "NORMAL"  # with WAL: never corrupt, but the last commits may be lost
+
+
+class SqliteDatabase:
+    """One WAL-mode connection, shared by the threads of one process, with a versioned schema.
+
+    Transactions nest: a `transaction()` opened inside another joins it, so a caller can
+    group many small operations into one commit with `batch()`.
+
+    Args:
+        path: Database file; its parent directory is created if needed.
+        schema: `CREATE ... IF NOT EXISTS` statements, run on every open.
+        schema_version: Stored in `PRAGMA user_version`; a newer one on disk is refused.
+        durability: What a commit promises (see `Durability`).
+        name: What the database is, for error messages.
+
+    Raises:
+        RuntimeError: If the file was written by a newer schema version.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        schema: Sequence[str],
+        schema_version: int,
+        durability: Durability,
+        name: str,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._durability = durability
+        self._durable_commit_requested = False
+        # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE below.
+        self.connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
+        )
+        self.connection.row_factory = sqlite3.Row
+        self.connection.execute("PRAGMA journal_mode = WAL")
+        self.connection.execute(f"PRAGMA synchronous = {durability.value}")
+        with self.transaction() as conn:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > schema_version:
+                raise RuntimeError(
+                    f"{self.path} has {name} schema {found}; this code knows {schema_version}"
+                )
+            for statement in schema:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {schema_version}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and an IMMEDIATE (write) transaction, or join the one already open."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self.connection
+                finally:
+                    self._depth -= 1
+                return
+            self.connection.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self.connection
+            except BaseException:
+                self.connection.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = 0
+            self.connection.execute("COMMIT")
+            if self._durable_commit_requested:
+                self._durable_commit_requested = False
+                self._sync_wal()
+
+    def request_durable_commit(self) -> None:
+        """Make the commit of the current transaction durable, whatever `durability` says.
+
+        For the rare writes whose loss in a power cut would do harm. SQLite refuses to
+        change `synchronous` inside a transaction, so the WAL file is fsynced after COMMIT.
+        """
+        if self._durability is not Durability.FULL:
+            self._durable_commit_requested = True
+
+    def _sync_wal(self) -> None:
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run every operation inside in one transaction: one commit for all of them.
+
+        An exception that leaves the block rolls the whole batch back.
+        """
+        with self.transaction():
+            yield
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads (under the lock; no write transaction)."""
+        with self._lock:
+            yield self.connection
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self.connection.close()
