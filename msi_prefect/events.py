@@ -1,0 +1,169 @@
+"""Prefect events for file outcomes: names, resources, and deterministic ids.
+
+Every file outcome becomes one Prefect event whose resource is the file
+(`msi.file.<topic>.<file id>`), labelled with its topic, path, size, SHA-256 and
+destination, with the topic as a related resource. The event id is a uuid5 of the file
+id, the generation and the event name: a replay after a crash emits the same id, and
+the Prefect server, which deduplicates events by id, starts no downstream work twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from msi_prefect.transfer.producer import UploadOutcome, UploadResult
+from msi_prefect.transfer.reassembler import FileEvent, FileEventKind
+
+# Fixed namespace: changing it would change every event id.
+EVENT_ID_NAMESPACE = uuid.UUID("0b7a3c52-9d4e-4a57-9a0e-6f1d2c8b5e41")
+RESOURCE_PREFIX = "msi.file"
+TOPIC_RESOURCE_PREFIX = "msi.topic"
+# Prefect labels are strings; long untrusted paths are cut for display.
+MAX_LABEL_CHARS = 1024
+
+
+class EventName(StrEnum):
+    """The events this project emits."""
+
+    UPLOADED = "msi.file.uploaded"
+    RECONSTRUCTED = "msi.file.reconstructed"
+    REJECTED = "msi.file.rejected"
+    BACKED_UP = "msi.file.backed-up"
+    METADATA_EXTRACTED = "msi.file.metadata-extracted"
+    ANALYZED = "msi.file.analyzed"
+    BACKUP_MISSING = "msi.backup.missing"
+
+
+@dataclass(frozen=True)
+class FileEventSpec:
+    """Everything `prefect.events.emit_event` needs, computed without Prefect."""
+
+    name: EventName
+    resource: dict[str, str]
+    related: list[dict[str, str]]
+    payload: dict[str, Any]
+    event_id: uuid.UUID
+
+    def emit(self) -> None:
+        """Send the event to the Prefect API the environment points at."""
+        from prefect.events import emit_event
+
+        emit_event(
+            event=self.name.value,
+            resource=self.resource,
+            related=self.related,
+            payload=self.payload,
+            id=self.event_id,
+        )
+
+
+def event_id_for(name: EventName, topic: str, key: str, generation: int | None) -> uuid.UUID:
+    """The deterministic id of one event about one generation of one file (or message)."""
+    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{name.value}/{topic}/{key}/{generation or 0}")
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What every file event says about its file."""
+
+    topic: str
+    file_id: str
+    relpath: str
+    generation: int | None = None
+    size: int | None = None
+    sha256: str | None = None
+    url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def file_event(name: EventName, facts: FileFacts, dedup_key: str | None = None) -> FileEventSpec:
+    """Build the event `name` about a file.
+
+    Args:
+        name: Which event.
+        facts: The file's topic, id, path, generation and, when known, size, hash, URL.
+        dedup_key: What makes the event unique besides name, topic and generation;
+            the file id by default (a rejected message without one uses its offset).
+    """
+    labels = {
+        "prefect.resource.id": f"{RESOURCE_PREFIX}.{facts.topic}.{facts.file_id}",
+        "prefect.resource.name": facts.relpath[:MAX_LABEL_CHARS],
+        "msi.topic": facts.topic,
+        "msi.path": facts.relpath[:MAX_LABEL_CHARS],
+        "msi.file-id": facts.file_id,
+    }
+    optional = {
+        "msi.generation": facts.generation,
+        "msi.size": facts.size,
+        "msi.sha256": facts.sha256,
+        "msi.url": facts.url,
+    }
+    labels.update({key: str(value) for key, value in optional.items() if value is not None})
+    payload: dict[str, Any] = {
+        "topic": facts.topic,
+        "file_id": facts.file_id,
+        "path": facts.relpath,
+        "generation": facts.generation,
+        "size": facts.size,
+        "sha256": facts.sha256,
+        "url": facts.url,
+        **facts.extra,
+    }
+    return FileEventSpec(
+        name=name,
+        resource=labels,
+        related=[
+            {
+                "prefect.resource.id": f"{TOPIC_RESOURCE_PREFIX}.{facts.topic}",
+                "prefect.resource.role": "topic",
+            }
+        ],
+        payload=payload,
+        event_id=event_id_for(name, facts.topic, dedup_key or facts.file_id, facts.generation),
+    )
+
+
+def from_reassembler(event: FileEvent) -> FileEventSpec:
+    """`msi.file.reconstructed` or `msi.file.rejected` for a reassembler outcome."""
+    if event.kind is FileEventKind.RECONSTRUCTED:
+        name = EventName.RECONSTRUCTED
+        extra: dict[str, Any] = {}
+        dedup_key = None
+    else:
+        name = EventName.REJECTED
+        extra = {"reason": event.reason, "reason_code": event.reason_code}
+        # A message rejected before its file id was trusted is told apart by its position.
+        dedup_key = (
+            None
+            if event.generation is not None
+            else f"{event.file_id}@{event.partition}:{event.offset}"
+        )
+    facts = FileFacts(
+        topic=event.topic,
+        file_id=event.file_id or "unknown",
+        relpath=event.relpath or "",
+        generation=event.generation,
+        size=event.size,
+        sha256=event.sha256,
+        url=event.url,
+        extra=extra,
+    )
+    return file_event(name, facts, dedup_key)
+
+
+def from_upload(topic: str, result: UploadResult) -> FileEventSpec | None:
+    """`msi.file.uploaded` for a file the producer sent; None for other outcomes."""
+    if result.outcome is not UploadOutcome.SENT or result.file_id is None:
+        return None
+    facts = FileFacts(
+        topic=topic,
+        file_id=result.file_id,
+        relpath=result.relpath,
+        generation=result.generation,
+        size=result.size,
+        sha256=result.sha256,
+    )
+    return file_event(EventName.UPLOADED, facts)
