@@ -82,6 +82,20 @@ def prefect_stack(stack_manager: StackManager) -> Iterator[RunningStack]:
 
 
 @pytest.fixture
+def prefect_api(prefect_stack: RunningStack) -> Iterator[str]:
+    """Point in-process Prefect clients at the stack's server; yields the API URL.
+
+    Prefect reads its settings once at import, so changing ``os.environ`` (as
+    ``prefect_stack`` does, for child processes) is not enough for this process.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api_url = prefect_stack.config.prefect_api_url
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield api_url
+
+
+@pytest.fixture
 def topic(kafka_stack: RunningStack) -> Iterator[str]:
     """A fresh topic with 4 partitions, deleted after the test (Tansu keeps data otherwise)."""
     from confluent_kafka.admin import AdminClient, NewTopic

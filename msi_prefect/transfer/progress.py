@@ -22,12 +22,10 @@ import enum
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 
-from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase
+from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
 from msi_prefect.transfer.wire import ChunkHeader
 
 SCHEMA_VERSION = 1
@@ -300,7 +298,7 @@ def _same_file(progress: FileProgress, header: ChunkHeader) -> bool:
     )
 
 
-class ProgressStore:
+class ProgressStore(SqliteStore):
     """SQLite store of reassembly progress, safe to share between threads of one process.
 
     Args:
@@ -317,29 +315,9 @@ class ProgressStore:
         # FULL, not NORMAL: Kafka offsets are committed right after record_chunks, so a
         # recorded chunk lost to a power cut would never be replayed and the file would
         # never complete. Batching keeps the cost at one fsync per batch.
-        self._db = SqliteDatabase(
-            path, _SCHEMA, SCHEMA_VERSION, Durability.FULL, name="progress"
+        super().__init__(
+            SqliteDatabase(path, _SCHEMA, SCHEMA_VERSION, Durability.FULL, name="progress")
         )
-        self._transaction = self._db.transaction
-
-    def batch(self) -> AbstractContextManager[None]:
-        """Group every call inside into one transaction (one commit). See SqliteDatabase."""
-        return self._db.batch()
-
-    def close(self) -> None:
-        """Close the database connection."""
-        self._db.close()
-
-    def __enter__(self) -> ProgressStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @staticmethod
     def _select(

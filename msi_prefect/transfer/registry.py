@@ -21,12 +21,10 @@ import enum
 import sqlite3
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase
+from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
 
 SCHEMA_VERSION = 1
 
@@ -140,7 +138,7 @@ def _record(row: sqlite3.Row) -> FileRecord:
     )
 
 
-class Registry:
+class Registry(SqliteStore):
     """SQLite registry of sent files, safe to share between threads of one process.
 
     Args:
@@ -156,29 +154,9 @@ class Registry:
         # With WAL, NORMAL never corrupts the database; a power cut may only lose the last
         # few commits. That is harmless here: a lost SENT mark means the same generation is
         # sent again, and consumers recognise the repeat.
-        self._db = SqliteDatabase(
-            path, _SCHEMA, SCHEMA_VERSION, Durability.NORMAL, name="registry"
+        super().__init__(
+            SqliteDatabase(path, _SCHEMA, SCHEMA_VERSION, Durability.NORMAL, name="registry")
         )
-        self._transaction = self._db.transaction
-
-    def batch(self) -> AbstractContextManager[None]:
-        """Group every call inside into one transaction (one commit). See SqliteDatabase."""
-        return self._db.batch()
-
-    def close(self) -> None:
-        """Close the database connection."""
-        self._db.close()
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def first_watched_ns(self, topic: str, root: str) -> tuple[int, bool]:
         """When ``root`` was first watched for ``topic``; recorded now if it never was.

@@ -6,9 +6,11 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from enum import StrEnum
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 # Waiting this long for a lock held by another process beats failing at once.
 BUSY_TIMEOUT_S = 5.0
@@ -129,3 +131,34 @@ class SqliteDatabase:
         """Close the connection."""
         with self._lock:
             self.connection.close()
+
+
+class SqliteStore:
+    """Base of the project's SQLite stores: batching, closing, use as a context manager.
+
+    Args:
+        db: The store's database.
+    """
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+        self._transaction = db.transaction
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Group every call inside into one transaction (one commit). See SqliteDatabase."""
+        return self._db.batch()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
