@@ -246,6 +246,8 @@ class ThroughputRun:
         files_per_s: Files per second.
         ok: Every file arrived byte-identical.
         consumer_join_s: Seconds the receiver waited for its group assignment (not timed).
+        load_1min: The machine's 1-minute load average just before the run (other work on
+            the host shows up here).
     """
 
     dataset: str
@@ -256,6 +258,7 @@ class ThroughputRun:
     files_per_s: float
     ok: bool
     consumer_join_s: float
+    load_1min: float
 
 
 def run_throughput(
@@ -285,6 +288,7 @@ def run_throughput(
                 manager = stacks[mode]
                 dst = scratch / f"dst-{name}-{mode.value}-{rnd}"
                 topic = f"{THROUGHPUT_TOPIC_PREFIX}{mode.value}-{unique_suffix()}"
+                load = os.getloadavg()[0]
                 try:
                     result: BenchResult = run_raw(
                         manager.config.bootstrap_servers,
@@ -305,11 +309,12 @@ def run_throughput(
                     files_per_s=result.files_per_s,
                     ok=result.ok,
                     consumer_join_s=float(result.extra.get("consumer_join_s", 0.0)),
+                    load_1min=round(load, 2),
                 )
                 print(
                     f"  {name:8} {mode.value:6} round {rnd}: {run.seconds:6.2f} s "
                     f"{run.mb_per_s:7.1f} MB/s {run.files_per_s:8.1f} files/s "
-                    f"{'ok' if run.ok else 'FAILED'}",
+                    f"{'ok' if run.ok else 'FAILED'} (load {load:.2f})",
                     flush=True,
                 )
                 runs.append(run)
@@ -912,11 +917,15 @@ def render_report(
                 f"| {cells[BrokerStorage.MEMORY]} | {cells[BrokerStorage.S3]} |"
             )
     bad = [r for r in runs if not r.ok]
+    loads = [r.load_1min for r in runs] or [0.0]
     out += [
         "",
         f"All {len(runs)} runs verified byte-identical."
         if not bad
         else f"**{len(bad)} runs FAILED verification.**",
+        f"The host's 1-minute load average before each run ranged {min(loads):.2f} to "
+        f"{max(loads):.2f} on {meta['cpus']} CPUs (the benchmark only waits for "
+        f"`{BUSY_PATTERN}`; other work on the host, such as test runs, is not excluded).",
         "",
         "After the throughput runs (every topic they created deleted again):",
         "",
