@@ -924,8 +924,9 @@ def render_report(
         if not bad
         else f"**{len(bad)} runs FAILED verification.**",
         f"The host's 1-minute load average before each run ranged {min(loads):.2f} to "
-        f"{max(loads):.2f} on {meta['cpus']} CPUs (the benchmark only waits for "
-        f"`{BUSY_PATTERN}`; other work on the host, such as test runs, is not excluded).",
+        f"{max(loads):.2f} on {meta['cpus']} CPUs. It counts this benchmark's own processes "
+        "(the previous run's sender, receiver, brokers and SeaweedFS) as well as any other work "
+        f"on the host: the benchmark waits only for `{BUSY_PATTERN}` to finish.",
         "",
         "After the throughput runs (every topic they created deleted again):",
         "",

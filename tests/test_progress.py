@@ -371,3 +371,46 @@ def test_database_uses_wal_and_refuses_newer_schema(db: Path) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="schema 42"):
         ProgressStore(db)
+
+
+def test_completed_lists_the_delivered_generation_of_each_path(
+    store: ProgressStore, clock: FakeClock
+) -> None:
+    def deliver(h: ChunkHeader, topic: str = TOPIC) -> None:
+        store.open_file(topic, h, "/staging/x")
+        store.record_chunks(
+            ChunkReceipt(topic, h.file_id, h.generation, i, DIGEST if i == h.count - 1 else None)
+            for i in range(h.count)
+        )
+        store.mark_complete(topic, h.file_id, h.generation)
+
+    deliver(header("run/a.tif", generation=1))
+    clock.now += 1
+    deliver(header("run/a.tif", generation=2, size=30, mtime_ns=6))
+    clock.now += 1
+    deliver(header("run/b.tif", generation=1))
+    clock.now += 1
+    # A newer generation of b still being received, and a rejected newer one of c.
+    store.open_file(TOPIC, header("run/b.tif", generation=2, mtime_ns=9), "/staging/b2")
+    deliver(header("run/c.tif", generation=1))
+    c2 = header("run/c.tif", generation=2, mtime_ns=9)
+    store.open_file(TOPIC, c2, "/staging/c2")
+    store.mark_rejected(TOPIC, c2.file_id, 2, "bad checksum")
+    clock.now += 1
+    deliver(header("other/d.tif"), topic="other.topic")
+
+    completed = store.completed(TOPIC)
+
+    assert [(p.relpath, p.generation, p.size) for p in completed] == [
+        ("run/a.tif", 2, 30),
+        ("run/b.tif", 1, 25),
+        ("run/c.tif", 1, 25),
+    ]
+    assert all(p.state is ProgressState.COMPLETE and p.sha256 == DIGEST for p in completed)
+    assert [p.relpath for p in store.completed()] == [
+        "other/d.tif",
+        "run/a.tif",
+        "run/b.tif",
+        "run/c.tif",
+    ]
+    assert store.completed("no.such.topic") == []

@@ -24,8 +24,8 @@ from msi_prefect.transfer.reassembler import (
     FileEventKind,
     Reassembler,
     ReassemblerSettings,
-    StopConditions,
 )
+from msi_prefect.transfer.stopping import StopConditions
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 from tests.test_roundtrip import make_tree, send, tree_digests
 

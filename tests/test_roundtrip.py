@@ -17,9 +17,9 @@ from msi_prefect.transfer.reassembler import (
     FileEventKind,
     Reassembler,
     ReassemblerSettings,
-    StopConditions,
 )
 from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.stopping import StopConditions
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 
 pytestmark = pytest.mark.stack

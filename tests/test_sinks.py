@@ -15,6 +15,7 @@ import pytest
 from msi_prefect.transfer import sinks
 from msi_prefect.transfer.sinks import (
     ChecksumMismatchError,
+    CopyStatus,
     FsspecSink,
     LocalDirectorySink,
     Sink,
@@ -173,6 +174,89 @@ def test_local_describe(root: Path):
     assert str(root) in LocalDirectorySink(root).describe()
 
 
+# --------------------------------------------------------------------------- local store_copy
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Callable[[bytes], Path]:
+    """Write bytes into a file outside the sink's root (a rebuilt file to back up)."""
+    folder = tmp_path / "rebuilt"
+    folder.mkdir()
+
+    def make(data: bytes) -> Path:
+        path = folder / f"{uuid.uuid4().hex}.bin"
+        path.write_bytes(data)
+        path.chmod(0o640)
+        return path
+
+    return make
+
+
+def test_local_store_copy_leaves_source_and_verifies(root: Path, source: Callable[[bytes], Path]):
+    data = os.urandom(3 * MIB + 5)  # several copy blocks
+    original = source(data)
+    sink = LocalDirectorySink(root)
+    rel = PurePosixPath("backup/run 1/a.tif")
+
+    result = sink.store_copy(original, rel, len(data), sha256_hex(data))
+    sink.flush()
+
+    copy = root / "backup" / "run 1" / "a.tif"
+    assert result == SinkResult(copy.as_uri(), len(data), sha256_hex(data))
+    assert original.read_bytes() == data  # untouched
+    assert copy.read_bytes() == data
+    assert copy.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in copy.parent.iterdir()] == ["a.tif"]  # no temp left over
+    assert sink.check(rel, len(data), sha256_hex(data)) is CopyStatus.OK
+
+
+def test_local_store_copy_of_changed_source_keeps_old_copy(
+    root: Path, source: Callable[[bytes], Path]
+):
+    sink = LocalDirectorySink(root)
+    rel = PurePosixPath("x.bin")
+    old = b"good old backup"
+    sink.store_copy(source(old), rel, len(old), sha256_hex(old))
+    changed = source(b"changed content")  # same size as announced, other bytes
+
+    with pytest.raises(ChecksumMismatchError) as caught:
+        sink.store_copy(changed, rel, len(b"changed content"), sha256_hex(b"expected bytes!"))
+
+    assert caught.value.actual_sha256 == sha256_hex(b"changed content")
+    assert (root / "x.bin").read_bytes() == old  # the wrong copy never replaced it
+    assert [p.name for p in root.iterdir()] == ["x.bin"]
+    assert changed.read_bytes() == b"changed content"
+
+
+def test_local_store_copy_refuses_bad_sources_and_paths(
+    tmp_path: Path, root: Path, source: Callable[[bytes], Path]
+):
+    sink = LocalDirectorySink(root)
+    data = b"abc"
+    with pytest.raises(SinkError, match="not a regular file"):
+        sink.store_copy(tmp_path, PurePosixPath("d"), 0, sha256_hex(b""))
+    with pytest.raises(SinkError, match="expected 4"):
+        sink.store_copy(source(data), PurePosixPath("y"), 4, sha256_hex(data))
+    with pytest.raises(SinkError, match="cannot be read"):
+        sink.store_copy(tmp_path / "missing", PurePosixPath("y"), 3, sha256_hex(data))
+    with pytest.raises(SinkError, match="Refusing"):
+        sink.store_copy(source(data), PurePosixPath("../escape"), 3, sha256_hex(data))
+    assert not (tmp_path / "escape").exists()
+
+
+def test_local_check_tells_what_is_wrong(root: Path, stage: Callable[[bytes], Path]):
+    sink = LocalDirectorySink(root)
+    data = b"content"
+    rel = PurePosixPath("d/f.txt")
+    assert sink.check(rel, len(data), sha256_hex(data)) is CopyStatus.MISSING
+    sink.deliver(stage(data), rel, len(data), sha256_hex(data))
+
+    assert sink.check(rel, len(data), sha256_hex(data)) is CopyStatus.OK
+    assert sink.check(rel, len(data) + 1, sha256_hex(data)) is CopyStatus.WRONG_SIZE
+    assert sink.check(rel, len(data), sha256_hex(b"other!!")) is CopyStatus.WRONG_HASH
+    assert sink.check(PurePosixPath("d"), 0, sha256_hex(b"")) is CopyStatus.MISSING
+
+
 # --------------------------------------------------------------------------- sink_for
 
 
@@ -250,6 +334,36 @@ def test_generic_fsspec_sink_round_trip(memory_sink: FsspecSink, stage: Callable
     assert memory_sink.exists(rel, len(data), sha256_hex(data))  # stream-hash, no metadata
     assert not memory_sink.exists(rel, len(data), sha256_hex(b"nope"))
     assert not memory_sink.exists(PurePosixPath("missing"), 1, sha256_hex(b"x"))
+
+
+def test_generic_fsspec_store_copy_and_check(memory_sink: FsspecSink, tmp_path: Path):
+    data = os.urandom(150_000)
+    original = tmp_path / "rebuilt.bin"
+    original.write_bytes(data)
+    rel = PurePosixPath("copies/rebuilt.bin")
+
+    result = memory_sink.store_copy(original, rel, len(data), sha256_hex(data))
+
+    assert original.read_bytes() == data
+    assert result.url == memory_sink.url_of(rel)
+    assert memory_sink.check(rel, len(data), sha256_hex(data)) is CopyStatus.OK
+    assert memory_sink.check(rel, len(data) - 1, sha256_hex(data)) is CopyStatus.WRONG_SIZE
+    assert memory_sink.check(rel, len(data), sha256_hex(b"x")) is CopyStatus.WRONG_HASH
+    assert memory_sink.check(PurePosixPath("nope"), 1, sha256_hex(b"x")) is CopyStatus.MISSING
+
+
+def test_generic_fsspec_store_copy_of_changed_source_stores_nothing(
+    memory_sink: FsspecSink, tmp_path: Path
+):
+    original = tmp_path / "changed.bin"
+    original.write_bytes(b"new bytes")
+    rel = PurePosixPath("changed.bin")
+
+    with pytest.raises(ChecksumMismatchError):
+        memory_sink.store_copy(original, rel, 9, sha256_hex(b"old bytes"))
+
+    assert memory_sink.check(rel, 9, sha256_hex(b"new bytes")) is CopyStatus.MISSING
+    assert original.read_bytes() == b"new bytes"
 
 
 # --------------------------------------------------------------------------- S3 (real stack)
@@ -483,3 +597,41 @@ def test_s3_upload_memory_does_not_grow_with_file_size(
 
     # Measured about 28 MiB (a few copies of one 5 MiB part); a whole-file buffer is 64 MiB.
     assert peak < 40 * MIB
+
+
+@pytest.mark.stack
+def test_s3_store_copy_keeps_source_and_checks(
+    s3_sink: FsspecSink, s3_client: Any, s3_prefix: str, tmp_path: Path
+):
+    data = os.urandom(11 * MIB)  # multipart with 5 MiB parts
+    sha = sha256_hex(data)
+    original = tmp_path / "rebuilt.bin"
+    original.write_bytes(data)
+    rel = PurePosixPath("copies/rebuilt.bin")
+
+    result = s3_sink.store_copy(original, rel, len(data), sha)
+
+    key = f"{s3_prefix}/{rel}"
+    assert result == SinkResult(f"s3://{BUCKET}/{key}", len(data), sha)
+    assert original.read_bytes() == data
+    info = head(s3_client, key)
+    assert info is not None and info["Metadata"] == {"msi-sha256": sha}
+    assert s3_sink.check(rel, len(data), sha) is CopyStatus.OK
+    assert s3_sink.check(rel, len(data) + 1, sha) is CopyStatus.WRONG_SIZE
+    assert s3_sink.check(rel, len(data), sha256_hex(b"x")) is CopyStatus.WRONG_HASH
+    s3_client.delete_object(Bucket=BUCKET, Key=key)
+    assert s3_sink.check(rel, len(data), sha) is CopyStatus.MISSING
+
+
+@pytest.mark.stack
+def test_s3_store_copy_of_changed_source_stores_nothing(
+    s3_sink: FsspecSink, s3_client: Any, s3_prefix: str, tmp_path: Path
+):
+    original = tmp_path / "changed.bin"
+    original.write_bytes(b"new bytes")
+
+    with pytest.raises(ChecksumMismatchError):
+        s3_sink.store_copy(original, PurePosixPath("changed.bin"), 9, sha256_hex(b"old bytes"))
+
+    assert head(s3_client, f"{s3_prefix}/changed.bin") is None
+    assert original.read_bytes() == b"new bytes"

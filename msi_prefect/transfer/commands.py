@@ -6,16 +6,12 @@ import argparse
 import json
 import logging
 import os
-import queue
 import resource
-import signal
 import sys
-import threading
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +33,11 @@ from msi_prefect.transfer.reassembler import (
     FileEventKind,
     Reassembler,
     ReassemblerSettings,
-    StopConditions,
 )
-from msi_prefect.transfer.registry import FileState, Registry
-from msi_prefect.transfer.watcher import DirectoryWatcher, FileStat, ReadyFile, WatchSettings
+from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
+from msi_prefect.transfer.watch_loop import UploadTally, watch_and_send
+from msi_prefect.transfer.watcher import WatchSettings
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, DecodeLimits
 
 logger = logging.getLogger(__name__)
@@ -50,13 +47,7 @@ FALLBACK_BOOTSTRAP = "127.0.0.1:9092"
 REGISTRY_FILE = "producer-registry.sqlite"
 EXIT_OK = 0
 EXIT_SOME_FILES_FAILED = 1
-# Outcomes after which a file needs nothing more from this run.
-SETTLED_OUTCOMES = frozenset(
-    {UploadOutcome.SENT, UploadOutcome.ALREADY_SENT, UploadOutcome.FAILED, UploadOutcome.UNREADABLE}
-)
 GOOD_OUTCOMES = frozenset({UploadOutcome.SENT, UploadOutcome.ALREADY_SENT})
-WATCH_QUEUE_SIZE = 10_000
-MAIN_LOOP_TICK_S = 0.2
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -257,29 +248,6 @@ def _producer_settings(args: argparse.Namespace) -> ProducerSettings:
     )
 
 
-class _StopOnSignal:
-    """SIGTERM / SIGINT set an event; the loops finish their batch, flush and commit."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __enter__(self) -> threading.Event:
-        self._previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        return self.event
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        logger.info(
-            "%s received: finishing the current batch, then stopping", signal.Signals(signum).name
-        )
-        self.event.set()
-
-    def __exit__(self, *_exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 # ----------------------------------------------------------------------------- upload
 
 
@@ -338,16 +306,17 @@ def _upload(args: argparse.Namespace) -> int:
         ensure_topic(connection, args.topic)
         results = producer.upload_all(files, _ProgressBar(not args.no_progress))
     status = _summarise(results)
-    write_summary(args.summary_json, _upload_summary(results, started))
+    tally = UploadTally()
+    for result in results:
+        tally.add(result)
+    write_summary(args.summary_json, _upload_summary(tally, started))
     return status
 
 
-def _upload_summary(results: list[UploadResult], started: float) -> dict[str, Any]:
-    counts = Counter(result.outcome.value for result in results)
-    sent = [r for r in results if r.outcome is UploadOutcome.SENT]
+def _upload_summary(tally: UploadTally, started: float) -> dict[str, Any]:
     return {
-        "outcomes": dict(counts),
-        "bytes_sent": sum(r.size for r in sent),
+        "outcomes": {outcome.value: n for outcome, n in tally.outcomes.items()},
+        "bytes_sent": tally.bytes_sent,
         "started_at": started,
         "finished_at": time.time(),
     }
@@ -382,75 +351,20 @@ def _watch(args: argparse.Namespace) -> int:
         raise MsiError(str(exc)) from exc
     connection = connection_from_args(args)
     ensure_topic(connection, args.topic)
-    settings = _producer_settings(args)
     started = time.time()
-    all_results: list[UploadResult] = []
-    with Registry(_registry_path(args)) as registry, _StopOnSignal() as stop:
-        results: list[UploadResult] = []
-        producer = FileProducer(connection, settings, registry, on_result=results.append)
-        first_ns, first_start = registry.first_watched_ns(args.topic, str(root.resolve()))
-        wants = registry_wants(registry, args.topic, None if first_start else first_ns)
-        watcher = DirectoryWatcher(replace(watch_settings, existing_needs_upload=wants))
-        ready: queue.Queue[ReadyFile] = queue.Queue(maxsize=WATCH_QUEUE_SIZE)
-        thread = threading.Thread(
-            target=watcher.run, args=(ready.put, stop), name="msi-watcher", daemon=True
+    conditions = StopConditions(args.stop_after_files, args.idle_timeout)
+    with Registry(_registry_path(args)) as registry, StopOnSignal() as stop:
+        tally = watch_and_send(
+            connection,
+            _producer_settings(args),
+            watch_settings,
+            registry,
+            stop,
+            conditions,
+            on_result=_print_result,
         )
-        thread.start()
-        settled = 0
-        last_activity = time.monotonic()
-        try:
-            while not stop.is_set():
-                try:
-                    item = ready.get(timeout=MAIN_LOOP_TICK_S)
-                except queue.Empty:
-                    producer.poll(0)
-                else:
-                    last_activity = time.monotonic()
-                    producer.submit(item.path, item.relpath)
-                settled += sum(1 for r in results if r.outcome in SETTLED_OUTCOMES)
-                for result in results:
-                    _print_result(result)
-                all_results.extend(results)
-                results.clear()
-                if producer.pending_files:
-                    last_activity = time.monotonic()
-                if args.stop_after_files is not None and settled >= args.stop_after_files:
-                    break
-                if (
-                    args.idle_timeout is not None
-                    and time.monotonic() - last_activity > args.idle_timeout
-                ):
-                    break
-        finally:
-            stop.set()
-            producer.flush()
-            for result in results:
-                _print_result(result)
-            all_results.extend(results)
-            thread.join(timeout=10)
-    write_summary(args.summary_json, _upload_summary(all_results, started))
+    write_summary(args.summary_json, _upload_summary(tally, started))
     return EXIT_OK
-
-
-def registry_wants(
-    registry: Registry, topic: str, first_watched_ns: int | None
-) -> Callable[[str, FileStat], bool]:
-    """A watcher predicate: which files present at start must be sent after all.
-
-    A file whose last send was cut short (the registry still says SENDING) or that changed
-    while the watcher was down; and a file the registry does not know that appeared after
-    this folder was first watched (it was missed: created while the watcher was down, or
-    not yet ready when it stopped). `first_watched_ns` is None on the very first start: then
-    only `--upload-existing` sends what is already there.
-    """
-
-    def wants(relpath: str, stat: FileStat) -> bool:
-        record = registry.get(topic, relpath)
-        if record is None:
-            return first_watched_ns is not None and stat.ctime_ns >= first_watched_ns
-        return record.state is not FileState.SENT or record.identity != stat.identity
-
-    return wants
 
 
 def _print_result(result: UploadResult) -> None:
@@ -504,7 +418,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     conditions = StopConditions(
         stop_after_files=args.stop_after_files, idle_timeout_s=args.idle_timeout
     )
-    with _StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         stats = reassembler.run(stop, conditions)
     print(
         f"{stats.files_reconstructed} reconstructed, {stats.files_rejected} rejected, "

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_INFLIGHT_BYTES = 64 * MIB
 # Room for the headers on top of the chunk in librdkafka's per-message limit.
 HEADER_ALLOWANCE_BYTES = 64 * 1024
+LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
 BACKPRESSURE_POLL_S = 0.05
 # Delivery reports are served in bulk (one registry transaction) at most this often.
 DELIVERY_SERVE_INTERVAL_S = 0.05
@@ -156,7 +157,12 @@ class FileProducer:
                 "acks": "all",
                 "compression.type": self.settings.compression.value,
                 "linger.ms": self.settings.linger_ms,
-                "message.max.bytes": self.settings.chunk_size + HEADER_ALLOWANCE_BYTES,
+                # librdkafka also caps a whole batch at this size: never go below its
+                # default, or each produce request would carry a single chunk.
+                "message.max.bytes": max(
+                    LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES,
+                    self.settings.chunk_size + HEADER_ALLOWANCE_BYTES,
+                ),
                 # librdkafka's own queue is bounded too; our in-flight limit is the tighter one.
                 "queue.buffering.max.kbytes": max(
                     1024, 2 * self.settings.max_inflight_bytes // 1024

@@ -516,6 +516,35 @@ class ProgressStore(SqliteStore):
             ).fetchall()
         return [_progress(row) for row in rows]
 
+    def completed(self, topic: str | None = None) -> list[FileProgress]:
+        """Return the delivered version of every path: its newest COMPLETE generation.
+
+        This is what the destination holds (e.g. for a backup audit). Generations still
+        being received, rejected or aborted are left out; a path whose newest generation
+        failed is listed with the last one that completed. Should two topics deliver the
+        same path (``topic`` None), the version completed last is the one listed.
+
+        Args:
+            topic: Only this topic's files; every topic when ``None``.
+
+        Returns:
+            One row per relative path, ordered by path.
+        """
+        where = "state = ?" + ("" if topic is None else " AND topic = ?")
+        params: tuple[str, ...] = (ProgressState.COMPLETE.value,)
+        if topic is not None:
+            params += (topic,)
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM ("
+                f" SELECT {_COLUMNS}, ROW_NUMBER() OVER ("
+                "  PARTITION BY relpath ORDER BY updated_at DESC, generation DESC) AS newest"
+                f" FROM progress WHERE {where})"
+                " WHERE newest = 1 ORDER BY relpath",
+                params,
+            ).fetchall()
+        return [_progress(row) for row in rows]
+
     def mark_complete(self, topic: str, file_id: str, generation: int) -> FileProgress | None:
         """Record that a generation was verified and moved into place.
 

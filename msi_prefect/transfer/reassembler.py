@@ -44,6 +44,7 @@ from msi_prefect.transfer.progress import (
     ProgressStore,
 )
 from msi_prefect.transfer.sinks import LocalDirectorySink, Sink, SinkError, sink_for
+from msi_prefect.transfer.stopping import StopConditions
 from msi_prefect.transfer.wire import (
     MIB,
     AbortNotice,
@@ -156,19 +157,6 @@ class ReassemblerSettings:
     session_timeout_ms: int = 10000
     batch_messages: int = DEFAULT_BATCH_MESSAGES
     abandon_after_s: float = DEFAULT_ABANDON_AFTER_S
-
-
-@dataclass(frozen=True)
-class StopConditions:
-    """When a run ends by itself (besides the stop event).
-
-    Attributes:
-        stop_after_files: End after this many files were reconstructed or rejected.
-        idle_timeout_s: End after this long without any message.
-    """
-
-    stop_after_files: int | None = None
-    idle_timeout_s: float | None = None
 
 
 @dataclass

@@ -10,18 +10,24 @@ there intact:
   s3fs, in parts of bounded size, then streams the stored object back and hashes it,
   because S3 ETags of multipart uploads are not content hashes.
 
+Both sinks can also *copy* a file that must stay where it is (``store_copy``, used for
+backups), verified the same way, and tell how a stored copy compares with what it should
+be (``check``, used by the backup audit).
+
 :func:`sink_for` picks the sink for a destination string. Memory use of both sinks is
 bounded by their block/part size, whatever the file size.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import hashlib
 import logging
 import math
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +78,15 @@ class SinkResult:
     url: str
     size: int
     sha256: str
+
+
+class CopyStatus(enum.StrEnum):
+    """How the stored copy of a file compares with the size and SHA-256 it should have."""
+
+    OK = "ok"
+    MISSING = "missing"
+    WRONG_SIZE = "wrong-size"
+    WRONG_HASH = "wrong-hash"
 
 
 class SinkError(Exception):
@@ -132,8 +147,39 @@ class Sink(Protocol):
         """
         ...
 
+    def store_copy(
+        self, source: Path, relpath: PurePosixPath, size: int, sha256: str
+    ) -> SinkResult:
+        """Copy a file to ``relpath`` below the destination, leaving the source in place.
+
+        The copy is streamed (bounded memory) and verified like :meth:`deliver`; a copy
+        that does not match ``size`` and ``sha256`` is removed, never left in place.
+
+        Args:
+            source: A regular file; only read.
+            relpath: Relative POSIX path of the copy below the destination (untrusted).
+            size: Expected size in bytes.
+            sha256: Expected hex SHA-256.
+
+        Returns:
+            Where the copy is.
+
+        Raises:
+            SinkError: If the file could not be copied or the copy is wrong
+                (:class:`ChecksumMismatchError`, e.g. the source changed while copied).
+        """
+        ...
+
     def exists(self, relpath: PurePosixPath, size: int, sha256: str) -> bool:
         """Tell whether ``relpath`` is present with this size and SHA-256.
+
+        Raises:
+            SinkError: If the destination could not be checked (not the same as missing).
+        """
+        ...
+
+    def check(self, relpath: PurePosixPath, size: int, sha256: str) -> CopyStatus:
+        """Tell how the copy at ``relpath`` compares with this size and SHA-256.
 
         Raises:
             SinkError: If the destination could not be checked (not the same as missing).
@@ -164,14 +210,16 @@ def _check_relpath(relpath: PurePosixPath) -> PurePosixPath:
         raise SinkError(f"Refusing to deliver {relpath.as_posix()!r}: {exc}") from exc
 
 
-def _check_staged(staged: Path, size: int) -> None:
-    """Refuse a staging file that is missing or does not have the announced size."""
+def _check_source(source: Path, size: int, role: str = "Staged file") -> None:
+    """Refuse a source that is missing, not a regular file, or not of the announced size."""
     try:
-        actual = os.stat(staged).st_size
+        info = os.stat(source)
     except OSError as exc:
-        raise SinkError(f"Staged file {staged} cannot be read: {exc}") from exc
-    if actual != size:
-        raise SinkError(f"Staged file {staged} has {actual} bytes, expected {size}.")
+        raise SinkError(f"{role} {source} cannot be read: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise SinkError(f"{role} {source} is not a regular file.")
+    if info.st_size != size:
+        raise SinkError(f"{role} {source} has {info.st_size} bytes, expected {size}.")
 
 
 def _sha256_of_stream(stream: BinaryIO, block_size: int) -> str:
@@ -232,7 +280,7 @@ class LocalDirectorySink:
 
         See :meth:`Sink.deliver`.
         """
-        _check_staged(staged, size)
+        _check_source(staged, size)
         target = self.target_path(relpath)
         try:
             created = self._make_parents(target.parent)
@@ -245,7 +293,8 @@ class LocalDirectorySink:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                self._copy_across_devices(staged, target)
+                self._copy_into_place(staged, target)
+                staged.unlink()
             self._unsynced_dirs.add(target.parent)
             self._unsynced_dirs.update(directory.parent for directory in created)
         except OSError as exc:
@@ -253,6 +302,31 @@ class LocalDirectorySink:
                 f"Cannot deliver {relpath.as_posix()!r} into {self.root}: {exc}"
             ) from exc
         logger.debug("Delivered %s to %s", relpath.as_posix(), target)
+        return SinkResult(url=target.as_uri(), size=size, sha256=sha256)
+
+    def store_copy(
+        self, source: Path, relpath: PurePosixPath, size: int, sha256: str
+    ) -> SinkResult:
+        """Copy ``source`` to ``root/relpath``: temporary name, fsync, check, rename.
+
+        The SHA-256 of the bytes copied is checked before the rename, so a wrong copy never
+        replaces the file at ``relpath``. The directory entry is made durable by
+        :meth:`flush`. See :meth:`Sink.store_copy`.
+        """
+        _check_source(source, size, "Source file")
+        target = self.target_path(relpath)
+        try:
+            created = self._make_parents(target.parent)
+            if created:
+                target = self.target_path(relpath)  # see deliver()
+            self._copy_into_place(source, target, expected=(size, sha256))
+            self._unsynced_dirs.add(target.parent)
+            self._unsynced_dirs.update(directory.parent for directory in created)
+        except OSError as exc:
+            raise SinkError(
+                f"Cannot copy {source} to {relpath.as_posix()!r} in {self.root}: {exc}"
+            ) from exc
+        logger.debug("Copied %s to %s", source, target)
         return SinkResult(url=target.as_uri(), size=size, sha256=sha256)
 
     def flush(self) -> None:
@@ -273,16 +347,26 @@ class LocalDirectorySink:
 
         The content is hashed (no metadata to trust on a plain filesystem).
         """
+        return self.check(relpath, size, sha256) is CopyStatus.OK
+
+    def check(self, relpath: PurePosixPath, size: int, sha256: str) -> CopyStatus:
+        """Compare ``root/relpath`` with this size and content (hashed); see :meth:`Sink.check`.
+
+        Anything but a regular file counts as missing.
+        """
         target = self.target_path(relpath)
         try:
-            if not target.is_file() or target.stat().st_size != size:
-                return False
+            if not target.is_file():
+                return CopyStatus.MISSING
+            if target.stat().st_size != size:
+                return CopyStatus.WRONG_SIZE
             with open(target, "rb") as stream:
-                return _sha256_of_stream(stream, LOCAL_BLOCK_SIZE) == sha256
+                matches = _sha256_of_stream(stream, LOCAL_BLOCK_SIZE) == sha256
         except FileNotFoundError:
-            return False
+            return CopyStatus.MISSING
         except OSError as exc:
             raise SinkError(f"Cannot check {target}: {exc}") from exc
+        return CopyStatus.OK if matches else CopyStatus.WRONG_HASH
 
     def _make_parents(self, directory: Path) -> list[Path]:
         """Create ``directory`` and missing parents; return the ones created, top first."""
@@ -297,21 +381,45 @@ class LocalDirectorySink:
         return list(reversed(missing))
 
     @staticmethod
-    def _copy_across_devices(staged: Path, target: Path) -> None:
-        """Copy to a temporary name beside ``target``, fsync, rename, drop the staged file."""
+    def _copy_into_place(
+        source: Path, target: Path, expected: tuple[int, str] | None = None
+    ) -> None:
+        """Copy to a temporary name beside ``target``, fsync, rename over ``target``.
+
+        Args:
+            source: The file to copy; left in place.
+            target: Final path.
+            expected: Size and SHA-256 the copied bytes must have; checked before the
+                rename (a mismatch removes the temporary copy and raises
+                :class:`ChecksumMismatchError`).
+        """
         # A short fixed-length name: "<prefix><target name>" could exceed NAME_MAX.
         temp = target.parent / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            with open(staged, "rb") as src, open(temp, "xb") as dst:
-                shutil.copyfileobj(src, dst, LOCAL_BLOCK_SIZE)
+            digest = hashlib.sha256()
+            copied = 0
+            with open(source, "rb") as src, open(temp, "xb") as dst:
+                while block := src.read(LOCAL_BLOCK_SIZE):
+                    if expected is not None:
+                        digest.update(block)
+                    copied += len(block)
+                    dst.write(block)
                 dst.flush()
                 os.fsync(dst.fileno())
-            shutil.copymode(staged, temp)
+            if expected is not None and (copied, digest.hexdigest()) != expected:
+                size, sha256 = expected
+                raise ChecksumMismatchError(
+                    target.as_uri(),
+                    expected_size=size,
+                    actual_size=copied,
+                    expected_sha256=sha256,
+                    actual_sha256=digest.hexdigest() if copied == size else None,
+                )
+            shutil.copymode(source, temp)
             os.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        staged.unlink()
 
 
 def _redact_url(url: str) -> str:
@@ -400,14 +508,8 @@ class FsspecSink:
 
         See :meth:`Sink.deliver`.
         """
-        _check_staged(staged, size)
-        path = self.object_path(relpath)
-        url = self.url_of(relpath)
-        try:
-            self._upload(staged, path, size, sha256)
-        except Exception as exc:
-            raise SinkError(f"Upload of {relpath.as_posix()!r} to {url} failed: {exc}") from exc
-        self._verify(path, url, size, sha256)
+        _check_source(staged, size)
+        url = self._store(staged, relpath, size, sha256)
         try:
             staged.unlink(missing_ok=True)
         except OSError as exc:
@@ -415,6 +517,18 @@ class FsspecSink:
                 f"Uploaded {url} but cannot remove staged file {staged}: {exc}"
             ) from exc
         logger.debug("Delivered %s to %s", relpath.as_posix(), url)
+        return SinkResult(url=url, size=size, sha256=sha256)
+
+    def store_copy(
+        self, source: Path, relpath: PurePosixPath, size: int, sha256: str
+    ) -> SinkResult:
+        """Upload a copy of ``source`` and verify the stored object; ``source`` stays.
+
+        See :meth:`Sink.store_copy`.
+        """
+        _check_source(source, size, "Source file")
+        url = self._store(source, relpath, size, sha256)
+        logger.debug("Copied %s to %s", source, url)
         return SinkResult(url=url, size=size, sha256=sha256)
 
     def flush(self) -> None:
@@ -426,21 +540,41 @@ class FsspecSink:
         The stored SHA-256 metadata is trusted when present; otherwise the object is
         streamed and hashed.
         """
+        return self.check(relpath, size, sha256) is CopyStatus.OK
+
+    def check(self, relpath: PurePosixPath, size: int, sha256: str) -> CopyStatus:
+        """Compare the object with this size and SHA-256; see :meth:`Sink.check`.
+
+        The stored SHA-256 metadata is trusted when present; otherwise the object is
+        streamed and hashed. Anything but a file (a "directory" prefix) counts as missing.
+        """
         path = self.object_path(relpath)
         url = self.url_of(relpath)
         try:
             self._fs.invalidate_cache(path)
             info = self._fs.info(path)
-            if info.get("type") != "file" or info.get("size") != size:
-                return False
+            if info.get("type") != "file":
+                return CopyStatus.MISSING
+            if info.get("size") != size:
+                return CopyStatus.WRONG_SIZE
             stored = self._stored_sha256(path)
-            if stored is not None:
-                return stored == sha256
-            return self._stream_sha256(path) == sha256
+            actual = stored if stored is not None else self._stream_sha256(path)
         except FileNotFoundError:
-            return False
+            return CopyStatus.MISSING
         except Exception as exc:
             raise SinkError(f"Cannot check {url}: {exc}") from exc
+        return CopyStatus.OK if actual == sha256 else CopyStatus.WRONG_HASH
+
+    def _store(self, source: Path, relpath: PurePosixPath, size: int, sha256: str) -> str:
+        """Upload ``source`` to the object of ``relpath`` and verify it; return its URL."""
+        path = self.object_path(relpath)
+        url = self.url_of(relpath)
+        try:
+            self._upload(source, path, size, sha256)
+        except Exception as exc:
+            raise SinkError(f"Upload of {relpath.as_posix()!r} to {url} failed: {exc}") from exc
+        self._verify(path, url, size, sha256)
+        return url
 
     def _effective_part_size(self, size: int) -> int:
         """The configured part size, raised if the file would need too many parts."""

@@ -1,0 +1,60 @@
+"""Flow ``extract-metadata``: metadata of one rebuilt file to Kafka and the UI.
+
+Its trigger renders the parameters from a ``msi.file.reconstructed`` event payload.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from msi_prefect.blocks import KafkaCluster
+from msi_prefect.flow_inputs import RebuiltFile, load_block
+from msi_prefect.metadata_tasks import (
+    PublishedMetadata,
+    extract_file_metadata,
+    metadata_topic,
+    publish_file_metadata,
+)
+
+
+@flow(
+    name="extract-metadata",
+    flow_run_name="metadata of {path}",
+    description="Extract one rebuilt file's metadata, publish it to <topic>.metadata and "
+    "show it as an artifact.",
+)
+def extract_metadata_flow(
+    topic: str,
+    file_id: str,
+    generation: int,
+    path: str,
+    url: str,
+    size: int,
+    sha256: str,
+    kafka_block: str = "embedded",
+) -> PublishedMetadata:
+    """Extract and publish the metadata of the file an event announced.
+
+    Args:
+        topic: Kafka topic the file came through; the metadata goes to ``<topic>.metadata``.
+        file_id: File id (uuid5 of the path).
+        generation: File generation.
+        path: Relative POSIX path below the destination.
+        url: ``file://`` URL of the rebuilt file.
+        size: Size in bytes.
+        sha256: Hex SHA-256 of the content.
+        kafka_block: Name of the ``MSI Kafka Cluster`` block of the broker.
+    """
+    file = RebuiltFile.from_parameters(
+        topic=topic,
+        file_id=file_id,
+        generation=generation,
+        path=path,
+        url=url,
+        size=size,
+        sha256=sha256,
+    )
+    metadata_topic(file.topic)  # refuse a topic too long for the suffix before any work
+    kafka = load_block(KafkaCluster, kafka_block)
+    metadata = extract_file_metadata(file)
+    return publish_file_metadata(file, metadata, kafka)

@@ -1,0 +1,115 @@
+"""Back up one rebuilt file to the backup storage, verified, and announce it.
+
+The ``backup-file`` deployment runs :func:`backup_file` for every ``msi.file.reconstructed``
+event, and again for every ``msi.backup.missing`` event of the backup audit. The task
+
+1. checks that the rebuilt file is still the one the event announced (a regular file of
+   that size and SHA-256; one read of the file), so a file rewritten since it was rebuilt
+   never replaces a good backup;
+2. copies it with :meth:`~msi_prefect.transfer.sinks.Sink.store_copy` (streamed; the copy is
+   verified and removed if wrong; the rebuilt file stays where it is);
+3. emits ``msi.file.backed-up`` with the backup's URL.
+
+An unreachable or failing store is retried (:data:`BACKUP_RETRY_DELAYS_S`); a bad parameter
+or a changed file is not, since retrying cannot fix it.
+
+Example:
+    Back up a file from a flow of your own:
+    ```python
+    from prefect import flow
+
+    from msi_prefect.backup import backup_file
+    from msi_prefect.blocks import BackupStorage
+    from msi_prefect.flow_inputs import RebuiltFile
+
+    @flow
+    def my_backup(url: str, path: str, file_id: str, size: int, sha256: str) -> None:
+        file = RebuiltFile.from_parameters(
+            topic="lab-files", file_id=file_id, generation=1, path=path, url=url,
+            size=size, sha256=sha256,
+        )
+        backup_file(file, BackupStorage.load("BLOCK_NAME"))
+    ```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from msi_prefect.blocks import BackupStorage
+from msi_prefect.events import EventName, file_event
+from msi_prefect.flow_inputs import RebuiltFile, retry_unless_input_error
+
+__all__ = ["BACKUP_RETRIES", "BACKUP_RETRY_DELAYS_S", "BackupResult", "backup_file"]
+
+#: Retries of a failed backup (store unreachable, upload or verification failed).
+BACKUP_RETRIES = 3
+#: Seconds to wait before each retry: long enough for a short store outage to pass.
+BACKUP_RETRY_DELAYS_S: list[float] = [10.0, 30.0, 60.0]
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """A verified backup copy.
+
+    Attributes:
+        relpath: Relative POSIX path of the file.
+        source_url: ``file://`` URL of the rebuilt file that was copied.
+        backup_url: URL of the copy (no credentials).
+        size: Size in bytes.
+        sha256: Hex SHA-256 of the copy, verified after writing.
+    """
+
+    relpath: str
+    source_url: str
+    backup_url: str
+    size: int
+    sha256: str
+
+
+@task(
+    name="backup-file",
+    task_run_name="backup {file.relpath}",
+    retries=BACKUP_RETRIES,
+    retry_delay_seconds=BACKUP_RETRY_DELAYS_S,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+def backup_file(
+    file: RebuiltFile, storage: BackupStorage, dedup_key: str | None = None
+) -> BackupResult:
+    """Copy a rebuilt file to the backup storage, verify the copy, emit ``msi.file.backed-up``.
+
+    Args:
+        file: The rebuilt file, validated from the event parameters.
+        storage: Where backups go.
+        dedup_key: What makes the emitted event unique besides its file and generation
+            (e.g. the id of the triggering event, so a repair after an audit is announced
+            again); the file id by default.
+
+    Returns:
+        Where the copy is.
+
+    Raises:
+        FileChangedError: The rebuilt file is gone or no longer matches the event (no retry).
+        SinkError: The copy could not be stored or verified (retried).
+    """
+    logger = get_run_logger()
+    file.check_unchanged(hash_content=True)
+    sink = storage.sink()
+    logger.info("Backing up %s (%d bytes) to %s", file.relpath, file.size, sink.describe())
+    result = sink.store_copy(file.local_path, file.relpath, file.size, file.sha256)
+    sink.flush()
+    logger.info("Backed up %s to %s (SHA-256 verified)", file.relpath, result.url)
+    facts = file.facts(backup_url=result.url, backup=sink.describe())
+    file_event(EventName.BACKED_UP, facts, dedup_key).emit()
+    return BackupResult(
+        relpath=file.relpath.as_posix(),
+        source_url=file.url,
+        backup_url=result.url,
+        size=result.size,
+        sha256=result.sha256,
+    )

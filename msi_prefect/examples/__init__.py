@@ -1,0 +1,1 @@
+"""Small examples of user code the flows can run (e.g. analyses for ``analyze-file``)."""

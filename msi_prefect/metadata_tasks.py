@@ -1,0 +1,234 @@
+"""Extract the metadata of one rebuilt file, publish it to Kafka, show it in the Prefect UI.
+
+The ``extract-metadata`` deployment runs, for every ``msi.file.reconstructed`` event:
+
+1. :func:`extract_file_metadata`: :func:`~msi_prefect.metadata.extract_metadata` on the
+   rebuilt file (which also hashes it: a file changed since it was rebuilt fails here), and
+   a markdown artifact ``metadata-<first 12 digits of the file id>`` with the result;
+2. :func:`publish_file_metadata`: the metadata as JSON to the topic ``<topic>.metadata``
+   (created if missing; key = file id; headers ``msi.v``, ``msi.kind=metadata``,
+   ``msi.gen``), delivery confirmed by the broker, then the event
+   ``msi.file.metadata-extracted``.
+
+Downstream consumers read ``<topic>.metadata`` like any topic; the JSON object is
+:meth:`~msi_prefect.metadata.FileMetadata.to_json_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from msi_prefect.blocks import KafkaCluster
+from msi_prefect.errors import MsiError
+from msi_prefect.events import EventName, file_event
+from msi_prefect.flow_inputs import FileInputError, RebuiltFile, retry_unless_input_error
+from msi_prefect.metadata import FileMetadata, extract_metadata, metadata_markdown
+from msi_prefect.transfer.kafka import ensure_topic
+from msi_prefect.transfer.wire import FORMAT_VERSION, HeaderName
+
+__all__ = [
+    "METADATA_KIND",
+    "METADATA_TOPIC_SUFFIX",
+    "MetadataPublishError",
+    "PublishedMetadata",
+    "artifact_key",
+    "extract_file_metadata",
+    "metadata_topic",
+    "publish_file_metadata",
+]
+
+#: Suffix of the topic that receives the metadata of a file topic's files.
+METADATA_TOPIC_SUFFIX = ".metadata"
+#: Value of the ``msi.kind`` header of metadata messages.
+METADATA_KIND = "metadata"
+#: Kafka's limit on topic names.
+MAX_TOPIC_CHARS = 249
+#: How long the producer may take to get a delivery report from the broker.
+DELIVERY_TIMEOUT_S = 30.0
+#: Digits of the file id in artifact keys (unique enough to tell files apart in the UI).
+ARTIFACT_KEY_ID_DIGITS = 12
+EXTRACT_RETRIES = 1
+EXTRACT_RETRY_DELAY_S = 5
+PUBLISH_RETRIES = 3
+PUBLISH_RETRY_DELAYS_S: list[float] = [10.0, 30.0, 60.0]
+
+_ARTIFACT_KEY_BAD_CHARS = re.compile(r"[^a-z0-9-]+")
+
+
+class MetadataPublishError(MsiError):
+    """The metadata could not be delivered to its topic."""
+
+
+@dataclass(frozen=True)
+class PublishedMetadata:
+    """Where the metadata of one file went.
+
+    Attributes:
+        relpath: Relative POSIX path of the file.
+        topic: The metadata topic.
+        partition: Partition the message was written to.
+        offset: Its offset in that partition.
+        size: Bytes of JSON produced.
+    """
+
+    relpath: str
+    topic: str
+    partition: int
+    offset: int
+    size: int
+
+
+def metadata_topic(topic: str) -> str:
+    """The metadata topic of a file topic: ``<topic>.metadata``.
+
+    Raises:
+        FileInputError: The result would be longer than Kafka allows.
+    """
+    name = f"{topic}{METADATA_TOPIC_SUFFIX}"
+    if len(name) > MAX_TOPIC_CHARS:
+        raise FileInputError(
+            f"topic {topic!r} is too long to add {METADATA_TOPIC_SUFFIX!r} (Kafka allows "
+            f"{MAX_TOPIC_CHARS} characters); use a shorter topic name"
+        )
+    return name
+
+
+def artifact_key(prefix: str, file_id: str) -> str:
+    """An artifact key ``<prefix>-<start of the file id>`` (lower-case letters, digits, '-')."""
+    raw = f"{prefix}-{file_id[:ARTIFACT_KEY_ID_DIGITS]}".lower()
+    return _ARTIFACT_KEY_BAD_CHARS.sub("-", raw).strip("-")
+
+
+@task(
+    name="extract-file-metadata",
+    task_run_name="extract metadata of {file.relpath}",
+    retries=EXTRACT_RETRIES,
+    retry_delay_seconds=EXTRACT_RETRY_DELAY_S,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+def extract_file_metadata(file: RebuiltFile) -> FileMetadata:
+    """Extract the metadata of a rebuilt file and show it as a markdown artifact.
+
+    Args:
+        file: The rebuilt file, validated from the event parameters.
+
+    Returns:
+        The metadata (its SHA-256 matches the event's).
+
+    Raises:
+        FileChangedError: The file is gone or no longer the one the event announced.
+    """
+    file.check_unchanged(hash_content=False)
+    try:
+        metadata = extract_metadata(file.local_path, file.relpath.as_posix())
+    except (OSError, ValueError) as exc:
+        raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
+    file.check_sha256(metadata.sha256)
+    create_markdown_artifact(
+        markdown=metadata_markdown(metadata),
+        key=artifact_key("metadata", file.file_id),
+        description=f"Metadata of {file.relpath} (generation {file.generation})",
+    )
+    get_run_logger().info(
+        "Extracted metadata of %s: %s, extractor %s, %d warning(s)",
+        file.relpath,
+        metadata.mime_type,
+        metadata.extractor,
+        len(metadata.warnings),
+    )
+    return metadata
+
+
+def _produce(kafka: KafkaCluster, topic: str, key: str, value: bytes, generation: int) -> Any:
+    """Produce one message and wait for its delivery report; return the delivered message."""
+    from confluent_kafka import Producer
+
+    config = {
+        **kafka.to_connection().client_config(),
+        "enable.idempotence": True,
+        "acks": "all",
+    }
+    producer = Producer(config)
+    reports: list[tuple[Any, Any]] = []
+    producer.produce(
+        topic,
+        key=key.encode("utf-8"),
+        value=value,
+        headers=[
+            (HeaderName.VERSION.value, FORMAT_VERSION.encode("ascii")),
+            (HeaderName.KIND.value, METADATA_KIND.encode("ascii")),
+            (HeaderName.GENERATION.value, str(generation).encode("ascii")),
+        ],
+        on_delivery=lambda err, msg: reports.append((err, msg)),
+    )
+    remaining = producer.flush(DELIVERY_TIMEOUT_S)
+    if remaining or not reports:
+        raise MetadataPublishError(
+            f"the broker at {kafka.bootstrap_servers} did not confirm the metadata message "
+            f"to {topic!r} within {DELIVERY_TIMEOUT_S:.0f} s"
+        )
+    error, message = reports[0]
+    if error is not None:
+        raise MetadataPublishError(f"the metadata message to {topic!r} was not delivered: {error}")
+    return message
+
+
+@task(
+    name="publish-file-metadata",
+    task_run_name="publish metadata of {file.relpath}",
+    retries=PUBLISH_RETRIES,
+    retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+def publish_file_metadata(
+    file: RebuiltFile, metadata: FileMetadata, kafka: KafkaCluster
+) -> PublishedMetadata:
+    """Produce the metadata JSON to ``<topic>.metadata``; emit ``msi.file.metadata-extracted``.
+
+    Args:
+        file: The rebuilt file the metadata describes.
+        metadata: Its metadata, from :func:`extract_file_metadata`.
+        kafka: The cluster of the topics.
+
+    Returns:
+        Where the message went.
+
+    Raises:
+        MetadataPublishError: The broker did not confirm the message (retried).
+        MsiError: The broker is unreachable or refuses to create the topic (retried).
+    """
+    topic = metadata_topic(file.topic)
+    ensure_topic(kafka.to_connection(), topic)
+    value = json.dumps(metadata.to_json_dict(), ensure_ascii=False).encode("utf-8")
+    message = _produce(kafka, topic, file.file_id, value, file.generation)
+    published = PublishedMetadata(
+        relpath=file.relpath.as_posix(),
+        topic=topic,
+        partition=message.partition(),
+        offset=message.offset(),
+        size=len(value),
+    )
+    get_run_logger().info(
+        "Published metadata of %s to %s [%d] at offset %d",
+        file.relpath,
+        topic,
+        published.partition,
+        published.offset,
+    )
+    facts = file.facts(
+        metadata_topic=topic,
+        mime_type=metadata.mime_type,
+        extractor=metadata.extractor,
+        warnings=len(metadata.warnings),
+    )
+    file_event(EventName.METADATA_EXTRACTED, facts).emit()
+    return published

@@ -1,0 +1,146 @@
+"""Watch a folder and send every file that settles: the loop behind `watch` and its flow."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from msi_prefect.transfer.kafka import KafkaConnection
+from msi_prefect.transfer.producer import (
+    FileProducer,
+    ProducerSettings,
+    UploadOutcome,
+    UploadResult,
+)
+from msi_prefect.transfer.registry import FileState, Registry
+from msi_prefect.transfer.stopping import StopConditions
+from msi_prefect.transfer.watcher import DirectoryWatcher, FileStat, ReadyFile, WatchSettings
+
+# Outcomes after which a file needs nothing more from this run.
+SETTLED_OUTCOMES = frozenset(
+    {UploadOutcome.SENT, UploadOutcome.ALREADY_SENT, UploadOutcome.FAILED, UploadOutcome.UNREADABLE}
+)
+# Ready files waiting for the producer; the watcher blocks when it is full.
+READY_QUEUE_SIZE = 10_000
+LOOP_TICK_S = 0.2
+
+
+@dataclass
+class UploadTally:
+    """Counts of one run's outcomes (constant memory, however many files go by)."""
+
+    outcomes: Counter[UploadOutcome] = field(default_factory=Counter)
+    bytes_sent: int = 0
+
+    def add(self, result: UploadResult) -> None:
+        """Count one file's outcome."""
+        self.outcomes[result.outcome] += 1
+        if result.outcome is UploadOutcome.SENT:
+            self.bytes_sent += result.size
+
+    @property
+    def settled(self) -> int:
+        """Files this run is done with."""
+        return sum(n for outcome, n in self.outcomes.items() if outcome in SETTLED_OUTCOMES)
+
+
+def registry_wants(
+    registry: Registry, topic: str, first_watched_ns: int | None
+) -> Callable[[str, FileStat], bool]:
+    """A watcher predicate: which files present at start must be sent after all.
+
+    A file whose last send was cut short (the registry still says SENDING) or that changed
+    while the watcher was down; and a file the registry does not know that appeared after
+    this folder was first watched (it was missed: created while the watcher was down, or
+    not yet ready when it stopped). `first_watched_ns` is None on the very first start: then
+    only "upload existing files" sends what is already there.
+    """
+
+    def wants(relpath: str, stat: FileStat) -> bool:
+        record = registry.get(topic, relpath)
+        if record is None:
+            return first_watched_ns is not None and stat.ctime_ns >= first_watched_ns
+        return record.state is not FileState.SENT or record.identity != stat.identity
+
+    return wants
+
+
+def watch_and_send(
+    connection: KafkaConnection,
+    producer_settings: ProducerSettings,
+    watch_settings: WatchSettings,
+    registry: Registry,
+    stop: threading.Event,
+    conditions: StopConditions | None = None,
+    on_result: Callable[[UploadResult], None] | None = None,
+) -> UploadTally:
+    """Send each file of a folder once it settles, until stopped; return the counts.
+
+    The watcher runs in a thread and hands ready files over a bounded queue; this thread
+    owns the producer. On return everything produced is flushed.
+
+    Args:
+        connection: The Kafka cluster.
+        producer_settings: Topic and chunking.
+        watch_settings: Folder, filter and stability window.
+        registry: The producer registry (generations, what was sent).
+        stop: Set it to end the loop (a signal handler or a cancellation does).
+        conditions: Optional self-stop conditions (count of settled files, idle time).
+        on_result: Called with every file's outcome, in this thread.
+    """
+    conditions = conditions or StopConditions()
+    tally = UploadTally()
+    topic = producer_settings.topic
+
+    def record(result: UploadResult) -> None:
+        tally.add(result)
+        if on_result is not None:
+            on_result(result)
+
+    producer = FileProducer(connection, producer_settings, registry, on_result=record)
+    root_key = str(watch_settings.root.resolve())
+    first_ns, first_start = registry.first_watched_ns(topic, root_key)
+    wants = registry_wants(registry, topic, None if first_start else first_ns)
+    watcher = DirectoryWatcher(replace(watch_settings, existing_needs_upload=wants))
+    ready: queue.Queue[ReadyFile] = queue.Queue(maxsize=READY_QUEUE_SIZE)
+    watcher_errors: list[BaseException] = []
+
+    def run_watcher() -> None:
+        try:
+            watcher.run(ready.put, stop)
+        except BaseException as exc:  # reported from this thread once the loop ends
+            watcher_errors.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=run_watcher, name="msi-watcher", daemon=True)
+    thread.start()
+    last_activity = time.monotonic()
+    try:
+        while not stop.is_set():
+            try:
+                item = ready.get(timeout=LOOP_TICK_S)
+            except queue.Empty:
+                producer.poll(0)
+            else:
+                last_activity = time.monotonic()
+                producer.submit(item.path, item.relpath)
+            if producer.pending_files:
+                last_activity = time.monotonic()
+            if conditions.stop_after_files is not None and (
+                tally.settled >= conditions.stop_after_files
+            ):
+                break
+            idle = time.monotonic() - last_activity
+            if conditions.idle_timeout_s is not None and idle > conditions.idle_timeout_s:
+                break
+    finally:
+        stop.set()
+        producer.flush()
+        thread.join(timeout=10)
+    if watcher_errors:
+        raise watcher_errors[0]
+    return tally
