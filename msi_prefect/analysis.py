@@ -23,7 +23,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -224,7 +223,7 @@ def analyze_file(
     }
     logger.info("Running %s on %s", analysis, file.relpath)
     try:
-        result = function(Path(file.local_path), facts_for_analysis)
+        result = function(file.local_path, facts_for_analysis)
     except Exception as exc:
         raise AnalysisError(f"analysis {analysis!r} failed on {file.relpath}: {exc!r}") from exc
     encoded = _checked_json(analysis, result)

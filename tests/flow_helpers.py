@@ -95,6 +95,8 @@ def s3_client(s3_env: dict[str, str]) -> Any:
 
 def saved_backup_storage(s3_env: dict[str, str]) -> Iterator[SavedBackupStorage]:
     """Save a BackupStorage block on a private prefix; remove objects and block after."""
+    from pydantic import SecretStr
+
     from msi_prefect.blocks import BackupStorage
 
     prefix = f"flow-tests/{uuid.uuid4().hex}"
@@ -103,7 +105,7 @@ def saved_backup_storage(s3_env: dict[str, str]) -> Iterator[SavedBackupStorage]
         url=f"s3://{BUCKET}/{prefix}",
         endpoint_url=s3_env["AWS_ENDPOINT_URL"],
         access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
-        secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"],
+        secret_access_key=SecretStr(s3_env["AWS_SECRET_ACCESS_KEY"]),
         region=s3_env["AWS_DEFAULT_REGION"],
     ).save(name)
     client = s3_client(s3_env)
@@ -146,7 +148,9 @@ def read_events(
     events: list[Any] = []
     while True:
         event_filter = EventFilter(
-            occurred=EventOccurredFilter(since=start, until=datetime.now(UTC) + timedelta(1)),
+            occurred=EventOccurredFilter.model_validate(
+                {"since": start, "until": datetime.now(UTC) + timedelta(days=1)}
+            ),
             event=EventNameFilter(name=[name]),
             resource=EventResourceFilter(id=[resource_id]),
         )

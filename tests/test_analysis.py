@@ -40,7 +40,7 @@ def test_load_callable_finds_functions_and_methods() -> None:
     "spec", ["", "summarize", "a:b:c", "pkg.:f", ":f", "pkg:", "pkg/mod:f", "pkg:f()", "1pkg:f"]
 )
 def test_load_callable_refuses_malformed_specs(spec: str) -> None:
-    with pytest.raises(AnalysisSpecError, match="is not of the form 'package.module:function'"):
+    with pytest.raises(AnalysisSpecError, match=r"is not of the form 'package\.module:function'"):
         load_callable(spec)
 
 
@@ -50,7 +50,7 @@ def test_load_callable_refuses_a_non_string() -> None:
 
 
 def test_load_callable_names_a_module_that_is_not_installed() -> None:
-    with pytest.raises(AnalysisSpecError, match="'no_such_lab_pkg.mod' .* cannot be found; is"):
+    with pytest.raises(AnalysisSpecError, match=r"'no_such_lab_pkg\.mod' .* cannot be found; is"):
         load_callable("no_such_lab_pkg.mod:run")
 
 
@@ -69,7 +69,7 @@ def test_load_callable_reports_a_module_whose_import_fails(
 
 def test_load_callable_names_the_missing_attribute() -> None:
     with pytest.raises(
-        AnalysisSpecError, match="module 'msi_prefect.examples.analysis' has no attribute 'nope'"
+        AnalysisSpecError, match=r"module 'msi_prefect\.examples\.analysis' has no attribute 'nope'"
     ):
         load_callable("msi_prefect.examples.analysis:nope")
     with pytest.raises(AnalysisSpecError, match="'pathlib:Path' has no attribute 'nope'"):

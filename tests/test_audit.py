@@ -11,7 +11,7 @@ import pytest
 
 from msi_prefect.audit import AuditStatus, audit_destination, progress_store_path
 from msi_prefect.events import EventName
-from msi_prefect.flow_inputs import FileInputError
+from msi_prefect.flow_inputs import FileInputError, load_block
 from msi_prefect.transfer.progress import ChunkReceipt, ProgressStore
 from msi_prefect.transfer.sinks import CopyStatus, LocalDirectorySink, SinkError
 from msi_prefect.transfer.wire import ChunkHeader, file_id_for
@@ -65,7 +65,7 @@ def test_progress_store_path_refuses_wrong_destinations(tmp_path: Path) -> None:
         progress_store_path(Path("relative/dest"))
     with pytest.raises(FileInputError, match="is not a directory"):
         progress_store_path(tmp_path / "missing")
-    with pytest.raises(FileInputError, match="has no .msi-state/progress.sqlite"):
+    with pytest.raises(FileInputError, match=r"has no \.msi-state/progress\.sqlite"):
         progress_store_path(tmp_path)
     assert not (tmp_path / ".msi-state").exists()  # nothing created by looking
 
@@ -134,7 +134,7 @@ def test_audit_finds_missing_backups_and_the_backup_flow_repairs_them(
 
     topic = f"audit-{backup_storage.name}"
     files = {"run/a.bin": b"A" * 300, "run/b.bin": b"B" * 200, "run/c.bin": b"C" * 100}
-    sink = BackupStorage.load(backup_storage.name).sink()
+    sink = load_block(BackupStorage, backup_storage.name).sink()
     for relpath, data in files.items():
         deliver(destination, topic, relpath, data)
         sink.store_copy(

@@ -254,6 +254,6 @@ def test_concurrent_claims_from_threads_get_one_generation(registry: Registry) -
 def test_first_watched_is_recorded_once_per_topic_and_folder(tmp_path: Path) -> None:
     times = iter([100.0, 200.0, 300.0])
     with Registry(tmp_path / "reg.sqlite", clock=lambda: next(times)) as registry:
-        assert registry.first_watched_ns("t", "/data") == (100_000_000_000, True)
-        assert registry.first_watched_ns("t", "/data") == (100_000_000_000, False)
-        assert registry.first_watched_ns("other", "/data") == (300_000_000_000, True)
+        assert registry.first_watched_ns("t", "/data") == 100_000_000_000
+        assert registry.first_watched_ns("t", "/data") == 100_000_000_000
+        assert registry.first_watched_ns("other", "/data") == 300_000_000_000

@@ -158,24 +158,20 @@ class Registry(SqliteStore):
             SqliteDatabase(path, _SCHEMA, SCHEMA_VERSION, Durability.NORMAL, name="registry")
         )
 
-    def first_watched_ns(self, topic: str, root: str) -> tuple[int, bool]:
-        """When ``root`` was first watched for ``topic``; recorded now if it never was.
-
-        Returns:
-            The time in nanoseconds, and whether this call recorded it (a first start).
-        """
+    def first_watched_ns(self, topic: str, root: str) -> int:
+        """When ``root`` was first watched for ``topic`` (in ns); recorded now if never."""
         now_ns = int(self._clock() * 1e9)
         with self._transaction() as conn:
-            inserted = conn.execute(
+            conn.execute(
                 "INSERT OR IGNORE INTO watched_folders (topic, root, first_watched_ns)"
                 " VALUES (?, ?, ?)",
                 (topic, root, now_ns),
-            ).rowcount
+            )
             row = conn.execute(
                 "SELECT first_watched_ns FROM watched_folders WHERE topic = ? AND root = ?",
                 (topic, root),
             ).fetchone()
-        return int(row[0]), inserted == 1
+        return int(row[0])
 
     def begin(self, topic: str, relpath: str, size: int, mtime_ns: int, inode: int) -> Claim | None:
         """Claim a file for sending, or learn that this version was already sent.

@@ -27,6 +27,7 @@ SETTLED_OUTCOMES = frozenset(
 # Ready files waiting for the producer; the watcher blocks when it is full.
 READY_QUEUE_SIZE = 10_000
 LOOP_TICK_S = 0.2
+TIMESTAMP_SLACK_NS = 1_000_000_000
 
 
 @dataclass
@@ -49,21 +50,24 @@ class UploadTally:
 
 
 def registry_wants(
-    registry: Registry, topic: str, first_watched_ns: int | None
+    registry: Registry, topic: str, first_watched_ns: int
 ) -> Callable[[str, FileStat], bool]:
     """A watcher predicate: which files present at start must be sent after all.
 
     A file whose last send was cut short (the registry still says SENDING) or that changed
     while the watcher was down; and a file the registry does not know that appeared after
-    this folder was first watched (it was missed: created while the watcher was down, or
-    not yet ready when it stopped). `first_watched_ns` is None on the very first start: then
-    only "upload existing files" sends what is already there.
+    this folder was first watched (`first_watched_ns`): it was missed, created while the
+    watcher was down, not yet ready when it stopped, or created during this start-up.
+    Files older than the first watch are left to "upload existing files".
     """
+
+    # File timestamps come from a coarse kernel clock that can lag time.time() by a tick.
+    new_since_ns = first_watched_ns - TIMESTAMP_SLACK_NS
 
     def wants(relpath: str, stat: FileStat) -> bool:
         record = registry.get(topic, relpath)
         if record is None:
-            return first_watched_ns is not None and stat.ctime_ns >= first_watched_ns
+            return stat.ctime_ns >= new_since_ns
         return record.state is not FileState.SENT or record.identity != stat.identity
 
     return wants
@@ -103,8 +107,7 @@ def watch_and_send(
 
     producer = FileProducer(connection, producer_settings, registry, on_result=record)
     root_key = str(watch_settings.root.resolve())
-    first_ns, first_start = registry.first_watched_ns(topic, root_key)
-    wants = registry_wants(registry, topic, None if first_start else first_ns)
+    wants = registry_wants(registry, topic, registry.first_watched_ns(topic, root_key))
     watcher = DirectoryWatcher(replace(watch_settings, existing_needs_upload=wants))
     ready: queue.Queue[ReadyFile] = queue.Queue(maxsize=READY_QUEUE_SIZE)
     watcher_errors: list[BaseException] = []
