@@ -1,0 +1,166 @@
+"""The long-running transfers as Prefect work: watch a folder, rebuild files from a topic.
+
+These run the transfer core directly, not as a task run per file or per chunk: a Prefect
+flow keeps every task run it made in memory, and these flows see unbounded numbers of
+files. Each file outcome becomes a Prefect event (which triggers the downstream
+deployments), and the run's counts are published as a markdown artifact at most once a
+minute, so memory stays flat however long the flow runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.errors import MsiError
+from msi_prefect.events import from_reassembler, from_upload
+from msi_prefect.transfer.kafka import ensure_topic
+from msi_prefect.transfer.producer import UploadResult
+from msi_prefect.transfer.reassembler import (
+    FileEvent,
+    Reassembler,
+    ReassemblerSettings,
+)
+from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
+from msi_prefect.transfer.watch_loop import watch_and_send
+from msi_prefect.transfer.watcher import WatchSettings
+from msi_prefect.transfer.wire import DecodeLimits
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_INTERVAL_S = 60.0
+REGISTRY_FILE = "producer-registry.sqlite"
+
+
+@dataclass
+class RunCounts:
+    """Counts of one long-running flow run, published as an artifact now and then."""
+
+    title: str
+    artifact_key: str
+    counts: Counter[str] = field(default_factory=Counter)
+    last_file: str | None = None
+    _published_at: float = 0.0
+
+    def add(self, outcome: str, relpath: str | None) -> None:
+        """Count one file outcome; publish the counts if the last publication is old."""
+        self.counts[outcome] += 1
+        self.last_file = relpath
+        if time.monotonic() - self._published_at > ARTIFACT_INTERVAL_S:
+            self.publish()
+
+    def publish(self) -> None:
+        """Create a markdown artifact with the counts so far (a new version of the key)."""
+        from prefect.artifacts import create_markdown_artifact
+
+        self._published_at = time.monotonic()
+        rows = "\n".join(f"| {outcome} | {n} |" for outcome, n in sorted(self.counts.items()))
+        markdown = (
+            f"## {self.title}\n\n| outcome | files |\n| --- | --- |\n{rows}\n\n"
+            f"Last file: `{self.last_file or '-'}`\n"
+        )
+        try:
+            create_markdown_artifact(markdown=markdown, key=self.artifact_key)
+        except Exception:  # progress reporting must never stop a transfer
+            logger.exception("could not publish the progress artifact")
+
+
+def _emit(spec: Any) -> None:
+    try:
+        spec.emit()
+    except Exception:  # the transfer goes on; the event is lost (see docs/reliability.md)
+        logger.exception("could not emit %s", spec.name)
+
+
+def run_watch_directory(
+    directory: Path,
+    kafka: KafkaCluster,
+    transfer: TransferSettings,
+    registry_path: Path,
+    conditions: StopConditions,
+) -> dict[str, int]:
+    """Send every file that settles in `directory`; emit `msi.file.uploaded` per file.
+
+    Returns:
+        Files per outcome.
+
+    Raises:
+        MsiError: the folder does not exist or the settings are unusable.
+    """
+    if not directory.is_dir():
+        raise MsiError(f"not a folder: {directory}")
+    connection = kafka.to_connection()
+    ensure_topic(connection, transfer.topic)
+    watch_settings = WatchSettings(
+        root=directory,
+        filter=transfer.file_filter(),
+        stability_window_s=transfer.stability_window_s,
+        include_existing=transfer.upload_existing,
+    )
+    counts = RunCounts(f"Watching {directory}", artifact_key="watch-directory")
+
+    def on_result(result: UploadResult) -> None:
+        counts.add(result.outcome.value, result.relpath)
+        spec = from_upload(transfer.topic, result)
+        if spec is not None:
+            _emit(spec)
+
+    with Registry(registry_path) as registry, StopOnSignal() as stop:
+        tally = watch_and_send(
+            connection,
+            transfer.producer_settings(),
+            watch_settings,
+            registry,
+            stop,
+            conditions,
+            on_result,
+        )
+    counts.publish()
+    return {outcome.value: n for outcome, n in tally.outcomes.items()}
+
+
+def run_reconstruct_files(
+    destination: str,
+    kafka: KafkaCluster,
+    transfer: TransferSettings,
+    work_dir: Path | None,
+    conditions: StopConditions,
+) -> dict[str, int]:
+    """Rebuild files from the topic into `destination`; emit an event per file outcome.
+
+    Returns:
+        Counters of the run (files reconstructed and rejected, bytes written).
+    """
+    connection = kafka.to_connection()
+    ensure_topic(connection, transfer.topic)
+    settings = ReassemblerSettings(
+        topic=transfer.topic,
+        destination=destination,
+        group_id=transfer.consumer_group,
+        work_dir=work_dir,
+        limits=DecodeLimits(max_file_size=transfer.max_file_size),
+    )
+    counts = RunCounts(f"Rebuilding {transfer.topic} into {destination}", "reconstruct-files")
+
+    def on_event(event: FileEvent) -> None:
+        counts.add(event.kind.value, event.relpath)
+        _emit(from_reassembler(event))
+
+    try:
+        reassembler = Reassembler(connection, settings, on_event=on_event)
+    except OSError as exc:
+        raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
+    with StopOnSignal() as stop:
+        stats = reassembler.run(stop, conditions)
+    counts.publish()
+    return {
+        "reconstructed": stats.files_reconstructed,
+        "rejected": stats.files_rejected,
+        "bytes_written": stats.bytes_written,
+    }

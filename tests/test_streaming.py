@@ -1,0 +1,102 @@
+"""The long-running flows, in-process against the real broker and Prefect server.
+
+A folder is watched (`watch-directory`), its files are rebuilt (`reconstruct-files`), and
+every file is announced by an event with a deterministic id that the server keeps once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.events import EventName, FileFacts, file_event
+from msi_prefect.transfer.wire import file_id_for
+from tests.conftest import RunningStack
+from tests.flow_helpers import delete_block, load_flow, read_events, unique_name
+
+pytestmark = pytest.mark.stack
+
+FILES = {"run1/a.tif": 70_000, "run1/b.csv": 10, "c.json": 0}
+
+
+@pytest.fixture
+def blocks(prefect_api: str, kafka_stack: RunningStack, topic: str) -> Iterator[tuple[str, str]]:
+    """A Kafka cluster block for the stack and transfer settings for the test's topic."""
+    kafka_name, transfer_name = unique_name("kafka"), unique_name("transfer")
+    KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).save(kafka_name)
+    TransferSettings(
+        topic=topic,
+        stability_window_s=0.5,
+        upload_existing=True,
+        consumer_group=f"flows-{topic}",
+    ).save(transfer_name)
+    yield kafka_name, transfer_name
+    delete_block(KafkaCluster, kafka_name)
+    delete_block(TransferSettings, transfer_name)
+
+
+def test_watch_then_rebuild_announces_every_file_once(
+    blocks: tuple[str, str], topic: str, tmp_path: Path
+) -> None:
+    kafka_name, transfer_name = blocks
+    source, dest = tmp_path / "instrument", tmp_path / "dest"
+    digests = {}
+    for relpath, size in FILES.items():
+        path = source / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+        digests[relpath] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    watch = load_flow("flows/watch_directory.py:watch_directory_flow")
+    sent = watch(
+        directory=str(source),
+        kafka_block=kafka_name,
+        transfer_block=transfer_name,
+        registry_path=str(tmp_path / "registry.sqlite"),
+        stop_after_files=len(FILES),
+        idle_timeout_s=60,
+    )
+    assert sent == {"sent": len(FILES)}
+
+    rebuild = load_flow("flows/reconstruct_files.py:reconstruct_files_flow")
+    counts = rebuild(
+        destination=str(dest),
+        kafka_block=kafka_name,
+        transfer_block=transfer_name,
+        stop_after_files=len(FILES),
+        idle_timeout_s=60,
+    )
+    assert counts["reconstructed"] == len(FILES)
+    assert counts["rejected"] == 0
+    for relpath, digest in digests.items():
+        assert hashlib.sha256((dest / relpath).read_bytes()).hexdigest() == digest
+
+    file_id = file_id_for("run1/a.tif")
+    resource = f"msi.file.{topic}.{file_id}"
+    uploaded = read_events(EventName.UPLOADED, resource)
+    rebuilt = read_events(EventName.RECONSTRUCTED, resource)
+    assert len(uploaded) == 1 and len(rebuilt) == 1
+    payload = rebuilt[0].payload
+    assert payload["path"] == "run1/a.tif"
+    assert payload["sha256"] == digests["run1/a.tif"]
+    assert payload["url"] == (dest / "run1" / "a.tif").as_uri()
+    assert rebuilt[0].related[0]["prefect.resource.id"] == f"msi.topic.{topic}"
+
+
+def test_an_event_emitted_twice_is_kept_once(prefect_api: str, topic: str) -> None:
+    """The claim behind deterministic ids: a replay starts no downstream work twice."""
+    facts = FileFacts(topic=topic, file_id=file_id_for("x.bin"), relpath="x.bin", generation=1)
+    spec = file_event(EventName.RECONSTRUCTED, facts)
+    spec.emit()
+    spec.emit()
+    resource = f"msi.file.{topic}.{facts.file_id}"
+    first = read_events(EventName.RECONSTRUCTED, resource)
+    assert [event.id for event in first] == [spec.event_id]
+    # Wait as long again for a second copy that must never come.
+    again = read_events(EventName.RECONSTRUCTED, resource, count=2)
+    assert [event.id for event in again] == [spec.event_id]
