@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from msi_prefect.stack.processes import port_is_free
 from tests.conftest import RunningStack, free_port_map
 
 pytestmark = pytest.mark.stack
+
+# Worker start of two flow runs, a group join and a stability window, on a busy machine.
+ARRIVAL_TIMEOUT_S = 120
 
 
 def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -62,6 +66,17 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
 
         for log in ("s3", "broker", "prefect", "worker"):
             assert (state_dir / "logs" / f"{log}.log").stat().st_size > 0
+
+        # `up` deployed the flows and started the transfers: a dropped file arrives.
+        assert "flows deployed; started: watch-directory" in first.stdout
+        assert report["watch_dir"] == str(tmp_path / "inbox")
+        assert report["destination_dir"] == str(tmp_path / "received")
+        (tmp_path / "inbox" / "dropped.dat").write_bytes(b"from the microscope" * 100)
+        arrived = tmp_path / "received" / "dropped.dat"
+        deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+        while not arrived.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert arrived.read_bytes() == b"from the microscope" * 100
     finally:
         down = _cli(state_dir, "down")
     assert down.returncode == 0, down.stderr

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.components import Component
-from msi_prefect.stack.config import BrokerStorage, StateDir, parse_port_overrides
+from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir, parse_port_overrides
+from msi_prefect.stack.deploy import deploy_flows
 from msi_prefect.stack.manager import ALL_COMPONENTS, Health, StackManager
 
 EXIT_OK = 0
@@ -41,6 +45,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="start only these components (repeatable)",
     )
+    up.add_argument(
+        "--watch-dir",
+        type=Path,
+        help="folder the watch-directory deployment sends from (default: inbox/ beside "
+        "the state dir)",
+    )
+    up.add_argument(
+        "--destination-dir",
+        type=Path,
+        help="folder rebuilt files go to (default: received/ beside the state dir)",
+    )
+    up.add_argument(
+        "--no-deploy",
+        action="store_true",
+        help="start the servers only; do not deploy the flows or start the transfers",
+    )
     up.set_defaults(handler=_up)
 
     down = subparsers.add_parser("down", help="stop every process of the embedded stack")
@@ -70,16 +90,23 @@ def _up(args: argparse.Namespace) -> int:
         changes["ports"] = {**manager.config.ports, **overrides}
     if args.storage:
         changes["broker_storage"] = BrokerStorage(args.storage)
-    running = manager.running_components()
-    if changes and running:
+    folders = {
+        "watch_dir": args.watch_dir or manager.config.watch_dir or state.root.parent / "inbox",
+        "destination_dir": args.destination_dir
+        or manager.config.destination_dir
+        or state.root.parent / "received",
+    }
+    changes.update({key: str(Path(value).absolute()) for key, value in folders.items()})
+    try:
+        candidate = StackConfig.model_validate({**manager.config.model_dump(), **changes})
+    except ValidationError as exc:
+        raise MsiError(f"invalid stack settings: {exc}") from exc
+    if candidate != manager.config and manager.running_components():
         raise MsiError(
-            "the stack is running; ports and storage can only change while it is down. "
-            "Run 'msi-prefect down' first."
+            "the stack is running; ports, storage and folders can only change while it is "
+            "down. Run 'msi-prefect down' first."
         )
-    if changes:
-        manager.config = type(manager.config).model_validate(
-            {**manager.config.model_dump(), **changes}
-        )
+    manager.config = candidate
     components = [Component(c) for c in args.only] if args.only else list(ALL_COMPONENTS)
     started = manager.up(components)
     already = [c.value for c in components if c not in started]
@@ -87,6 +114,9 @@ def _up(args: argparse.Namespace) -> int:
         print(f"already running: {', '.join(already)}")
     if started:
         print(f"started: {', '.join(c.value for c in started)}")
+    if not args.no_deploy and set(components) == set(ALL_COMPONENTS):
+        transfers = deploy_flows(manager)
+        print("flows deployed" + (f"; started: {', '.join(transfers)}" if transfers else ""))
     _print_status(manager, as_json=False)
     return EXIT_OK  # `up` raised already if a part it started did not become healthy
 

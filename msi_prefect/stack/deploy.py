@@ -1,0 +1,119 @@
+"""Deploy the project's flows onto the embedded stack and start the long-running ones.
+
+`msi-prefect up` calls this once every part is healthy, so a user who drops a file into
+the watched folder sees it rebuilt, backed up, described and analysed with no further
+step. It runs the same commands a user would (`blocks/create_embedded_blocks.py`,
+`prefect deploy --all`), in child processes that see the stack's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from msi_prefect.errors import MsiError
+from msi_prefect.stack.manager import StackManager
+
+# The checkout this package was installed from (editable install), holding prefect.yaml.
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+LONG_RUNNING_DEPLOYMENTS = (
+    "watch-directory/watch-directory",
+    "reconstruct-files/reconstruct-files",
+)
+ACTIVE_STATES = ("RUNNING", "PENDING", "SCHEDULED", "CANCELLING")
+DEPLOY_TIMEOUT_S = 300
+
+
+def project_dir() -> Path | None:
+    """The project folder with prefect.yaml, or None when installed without it."""
+    return PROJECT_DIR if (PROJECT_DIR / "prefect.yaml").is_file() else None
+
+
+def deploy_flows(manager: StackManager) -> list[str]:
+    """Create the blocks, deploy every flow, and start the long-running deployments.
+
+    Returns:
+        The long-running deployments this call started (those already running are kept).
+
+    Raises:
+        MsiError: prefect.yaml is not available, or a step failed (with its output).
+    """
+    project = project_dir()
+    if project is None:
+        raise MsiError(
+            "prefect.yaml is not next to this installation; run `msi-prefect up` from a "
+            "checkout of the project, or deploy with `prefect deploy --all` yourself"
+        )
+    config = manager.config
+    assert config.watch_dir is not None and config.destination_dir is not None
+    for folder in (config.watch_dir, config.destination_dir):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        **manager.client_env(),
+        "MSI_PROJECT_DIR": str(project),
+        "MSI_WATCH_DIR": config.watch_dir,
+        "MSI_DESTINATION_DIR": config.destination_dir,
+    }
+    status = json.dumps({**asdict(manager.status()), "components": []}, default=str)
+    _run(
+        [sys.executable, str(project / "blocks" / "create_embedded_blocks.py")],
+        env,
+        project,
+        "creating the blocks",
+        stdin=status,
+    )
+    _run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        env,
+        project,
+        "deploying the flows",
+    )
+    started = []
+    for deployment in LONG_RUNNING_DEPLOYMENTS:
+        if not _has_active_run(manager, deployment):
+            _run(
+                [sys.executable, "-m", "prefect", "deployment", "run", deployment],
+                env,
+                project,
+                f"starting {deployment}",
+            )
+            started.append(deployment)
+    return started
+
+
+def _run(
+    argv: list[str], env: dict[str, str], cwd: Path, what: str, stdin: str | None = None
+) -> None:
+    result = subprocess.run(
+        argv, env=env, cwd=cwd, input=stdin, capture_output=True, text=True,
+        timeout=DEPLOY_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        raise MsiError(f"{what} failed:\n{tail}")
+
+
+def _has_active_run(manager: StackManager, deployment: str) -> bool:
+    """Whether the deployment already has a run that is running or about to."""
+    import httpx
+
+    api = manager.config.prefect_api_url
+    flow_name, deployment_name = deployment.split("/")
+    found = httpx.get(f"{api}/deployments/name/{flow_name}/{deployment_name}", timeout=10)
+    if found.status_code != 200:
+        return False
+    runs = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={
+            "deployments": {"id": {"any_": [found.json()["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": list(ACTIVE_STATES)}}},
+            "limit": 1,
+        },
+        timeout=10,
+    )
+    return runs.status_code == 200 and bool(runs.json())
