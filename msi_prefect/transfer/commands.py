@@ -404,11 +404,13 @@ def _reconstruct(args: argparse.Namespace) -> int:
         session_timeout_ms=args.session_timeout_ms,
     )
     started = time.time()
-    completion_times: list[float] = []
+    # First and last delivery only: a long run must not keep a record per file.
+    completion_times: dict[str, float] = {}
 
     def on_event(event: FileEvent) -> None:
         if event.kind is FileEventKind.RECONSTRUCTED:
-            completion_times.append(time.time())
+            completion_times.setdefault("first", time.time())
+            completion_times["last"] = time.time()
         _print_event(event)
 
     try:
@@ -433,8 +435,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
             "rejected_by_reason": dict(stats.rejected_by_reason),
             "bytes_written": stats.bytes_written,
             "started_at": started,
-            "first_file_at": completion_times[0] if completion_times else None,
-            "last_file_at": completion_times[-1] if completion_times else None,
+            "first_file_at": completion_times.get("first"),
+            "last_file_at": completion_times.get("last"),
         },
     )
     return EXIT_OK
