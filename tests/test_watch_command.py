@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from msi_prefect.transfer.watch_loop import TIMESTAMP_SLACK_NS
 from tests.conftest import RunningStack
 from tests.test_recovery import _query, _wait_for
 from tests.test_roundtrip import rebuild, tree_digests
@@ -42,6 +43,8 @@ def test_watch_sends_each_settled_file_once_and_catches_up_after_a_restart(
     folder = tmp_path / "instrument"
     (folder / "sub").mkdir(parents=True)
     (folder / "old.dat").write_bytes(b"present before the first start: not sent")
+    # Files up to TIMESTAMP_SLACK_NS older than the first start count as new; this one is not.
+    time.sleep(TIMESTAMP_SLACK_NS / 1e9 + 0.2)
     registry = tmp_path / "registry.sqlite"
 
     first = _watch(kafka_stack, topic, folder, registry)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from msi_prefect.transfer.producer import HEADER_ALLOWANCE_BYTES
 from msi_prefect.transfer.wire import (
     DEFAULT_CHUNK_SIZE,
     FILE_ID_NAMESPACE,
@@ -83,6 +84,7 @@ def reject(key: object, value: object, headers: object, limits: DecodeLimits | N
 
 
 KEY = message_key(file_id_for("run1/image.tif"))
+APACHE_KAFKA_DEFAULT_MESSAGE_BYTES = 1_000_000
 DATA = b"0123456789"
 
 
@@ -91,7 +93,8 @@ DATA = b"0123456789"
 
 def test_constants() -> None:
     assert FORMAT_VERSION == "1.0"
-    assert DEFAULT_CHUNK_SIZE == 1024 * 1024
+    # A default chunk and its headers fit Apache Kafka's default 1,000,000-byte message.
+    assert DEFAULT_CHUNK_SIZE + HEADER_ALLOWANCE_BYTES <= APACHE_KAFKA_DEFAULT_MESSAGE_BYTES
 
 
 def test_file_id_is_stable_hex_and_path_specific() -> None:
