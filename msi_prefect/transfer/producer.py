@@ -355,10 +355,9 @@ class FileProducer:
         self._produce(notice.file_id, b"", encode_abort_headers(notice), None)
 
     def _report(self, result: UploadResult) -> UploadResult:
-        log = logger.debug if result.outcome is UploadOutcome.SENT else logger.warning
-        if result.outcome is UploadOutcome.ALREADY_SENT:
-            log = logger.debug
-        log(
+        quiet = result.outcome in (UploadOutcome.SENT, UploadOutcome.ALREADY_SENT)
+        logger.log(
+            logging.DEBUG if quiet else logging.WARNING,
             "%s: %s%s",
             result.relpath,
             result.outcome.value,

@@ -596,10 +596,8 @@ class Reassembler:
             self.settings.topic, progress.file_id, progress.generation, reason
         )
         self._forget(key)
-        self.stats.files_rejected += 1
-        self.stats.rejected_by_reason[code] += 1
         logger.warning("rejected %r: %s", progress.relpath, reason)
-        self._emit(
+        self._rejected(
             FileEvent(
                 kind=FileEventKind.REJECTED,
                 topic=self.settings.topic,
@@ -614,20 +612,17 @@ class Reassembler:
 
     def _reject_message(self, message: Any, reason: str, code: str) -> None:
         """Report a message that cannot be used; the consumer moves on past it."""
-        self.stats.files_rejected += 1
-        self.stats.rejected_by_reason[code] += 1
-        relpath = _header_text(message.headers(), "msi.path")
         logger.warning(
             "rejected message at partition %d offset %d: %s",
             message.partition(),
             message.offset(),
             reason,
         )
-        self._emit(
+        self._rejected(
             FileEvent(
                 kind=FileEventKind.REJECTED,
                 topic=self.settings.topic,
-                relpath=relpath,
+                relpath=_header_text(message.headers(), "msi.path"),
                 file_id=_header_text(message.headers(), "msi.fid"),
                 reason=reason,
                 reason_code=code,
@@ -635,6 +630,12 @@ class Reassembler:
                 offset=message.offset(),
             )
         )
+
+    def _rejected(self, event: FileEvent) -> None:
+        """Count a rejected file or message by its reason code and report it."""
+        self.stats.files_rejected += 1
+        self.stats.rejected_by_reason[event.reason_code or "unknown"] += 1
+        self._emit(event)
 
     def _emit(self, event: FileEvent) -> None:
         if self._on_event is None:
