@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from msi_prefect.stack.processes import port_is_free
@@ -28,6 +29,23 @@ def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+def _wait_for_run(api: str, name: str) -> str | None:
+    """The final state type of the flow run called `name` (None if none finished in time)."""
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+    state = None
+    while time.monotonic() < deadline:
+        runs = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={"flow_runs": {"name": {"any_": [name]}}, "limit": 1},
+            timeout=10,
+        ).json()
+        state = runs[0]["state"]["type"] if runs else None
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return str(state)
+        time.sleep(1)
+    return state
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,6 +95,10 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         while not arrived.exists() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert arrived.read_bytes() == b"from the microscope" * 100
+        # ...and its event started the downstream deployments, each a run named after it.
+        api = report["prefect_api_url"]
+        for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
+            assert _wait_for_run(api, run_name) == "COMPLETED", run_name
     finally:
         down = _cli(state_dir, "down")
     assert down.returncode == 0, down.stderr
