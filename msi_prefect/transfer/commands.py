@@ -10,7 +10,6 @@ import resource
 import sys
 import time
 import tomllib
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -305,10 +304,10 @@ def _upload(args: argparse.Namespace) -> int:
         files = list(iter_upload_files(args.paths, args.root))
         ensure_topic(connection, args.topic)
         results = producer.upload_all(files, _ProgressBar(not args.no_progress))
-    status = _summarise(results)
     tally = UploadTally()
     for result in results:
         tally.add(result)
+    status = _summarise(results, tally)
     write_summary(args.summary_json, _upload_summary(tally, started))
     return status
 
@@ -322,8 +321,8 @@ def _upload_summary(tally: UploadTally, started: float) -> dict[str, Any]:
     }
 
 
-def _summarise(results: list[UploadResult]) -> int:
-    counts = Counter(result.outcome for result in results)
+def _summarise(results: list[UploadResult], tally: UploadTally) -> int:
+    counts = tally.outcomes
     for result in results:
         if result.outcome not in GOOD_OUTCOMES:
             print(f"{result.outcome.value}: {result.relpath}: {result.reason}", file=sys.stderr)
