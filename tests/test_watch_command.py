@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,25 @@ pytestmark = pytest.mark.stack
 WINDOW_S = "2.0"
 
 
-def _watch(stack: RunningStack, topic: str, folder: Path, registry: Path, *extra: str):
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; any still running at the end is killed by its PID."""
+    processes: list[subprocess.Popen[str]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def _watch(
+    started: list[subprocess.Popen[str]],
+    stack: RunningStack,
+    topic: str,
+    folder: Path,
+    registry: Path,
+    *extra: str,
+) -> subprocess.Popen[str]:
     command = [
         sys.executable, "-m", "msi_prefect.cli", "watch", str(folder), "--topic", topic,
         "--bootstrap", stack.bootstrap_servers, "--registry", str(registry),
@@ -29,7 +48,9 @@ def _watch(stack: RunningStack, topic: str, folder: Path, registry: Path, *extra
     ]  # fmt: skip
     # stderr to a file: a full pipe nobody reads would block the watcher.
     log = (folder.parent / "watch-stderr.log").open("a")
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    started.append(process)
+    return process
 
 
 def _states(registry: Path) -> dict[str, tuple[str, int]]:
@@ -38,7 +59,10 @@ def _states(registry: Path) -> dict[str, tuple[str, int]]:
 
 
 def test_watch_sends_each_settled_file_once_and_catches_up_after_a_restart(
-    kafka_stack: RunningStack, topic: str, tmp_path: Path
+    kafka_stack: RunningStack,
+    topic: str,
+    tmp_path: Path,
+    started: list[subprocess.Popen[str]],
 ) -> None:
     folder = tmp_path / "instrument"
     (folder / "sub").mkdir(parents=True)
@@ -47,7 +71,7 @@ def test_watch_sends_each_settled_file_once_and_catches_up_after_a_restart(
     time.sleep(TIMESTAMP_SLACK_NS / 1e9 + 0.2)
     registry = tmp_path / "registry.sqlite"
 
-    first = _watch(kafka_stack, topic, folder, registry)
+    first = _watch(started, kafka_stack, topic, folder, registry)
     _wait_for(lambda: _query(registry, "SELECT COUNT(*) FROM watched_folders") == [(1,)], "start")
     (folder / "a.txt").write_text("first version")
     with (folder / "sub" / "slow.log").open("w") as slow:
@@ -71,8 +95,9 @@ def test_watch_sends_each_settled_file_once_and_catches_up_after_a_restart(
     (folder / "a.txt").write_text("second version")
     (folder / "new.txt").write_text("created while the watcher was down")
     second = _watch(
-        kafka_stack, topic, folder, registry, "--stop-after-files", "2", "--idle-timeout", "30"
-    )
+        started, kafka_stack, topic, folder, registry, "--stop-after-files", "2",
+        "--idle-timeout", "30",
+    )  # fmt: skip
     second.communicate(timeout=120)
     assert second.returncode == 0
     assert _states(registry) == {
@@ -90,3 +115,19 @@ def test_watch_sends_each_settled_file_once_and_catches_up_after_a_restart(
     assert sorted(tree_digests(dest)) == ["a.txt", "new.txt", "sub/slow.log"]
     assert (dest / "a.txt").read_text() == "second version"
     assert (dest / "sub" / "slow.log").read_text() == "".join(f"line {i}\n" for i in range(6))
+
+
+def test_watch_stops_with_an_error_when_its_folder_disappears(
+    kafka_stack: RunningStack,
+    topic: str,
+    tmp_path: Path,
+    started: list[subprocess.Popen[str]],
+) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    watcher = _watch(started, kafka_stack, topic, folder, tmp_path / "registry.sqlite")
+    _wait_for(lambda: (tmp_path / "registry.sqlite").exists(), "start")
+    folder.rmdir()
+    watcher.wait(timeout=30)
+    assert watcher.returncode == 1
+    assert "is gone" in (tmp_path / "watch-stderr.log").read_text()

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from msi_prefect.errors import MsiError
 from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.producer import (
     FileProducer,
@@ -27,6 +28,7 @@ SETTLED_OUTCOMES = frozenset(
 # Ready files waiting for the producer; the watcher blocks when it is full.
 READY_QUEUE_SIZE = 10_000
 LOOP_TICK_S = 0.2
+PENDING_TICK_S = 0.01
 TIMESTAMP_SLACK_NS = 1_000_000_000
 
 
@@ -124,13 +126,18 @@ def watch_and_send(
     last_activity = time.monotonic()
     try:
         while not stop.is_set():
+            # Short waits while chunks are in flight, so each file is reported soon after
+            # the broker acknowledged it.
+            tick = PENDING_TICK_S if producer.pending_files else LOOP_TICK_S
             try:
-                item = ready.get(timeout=LOOP_TICK_S)
+                item = ready.get(timeout=tick)
             except queue.Empty:
-                producer.poll(0)
+                if not watch_settings.root.is_dir():
+                    raise MsiError(f"the watched folder {watch_settings.root} is gone") from None
             else:
                 last_activity = time.monotonic()
                 producer.submit(item.path, item.relpath)
+            producer.poll(0)
             if producer.pending_files:
                 last_activity = time.monotonic()
             if conditions.stop_after_files is not None and (
