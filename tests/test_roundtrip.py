@@ -130,3 +130,33 @@ def test_more_files_in_flight_than_open_staging_files(
     assert reassembler.stats.files_rejected == 0
     assert len(events) == len(sizes)
     assert tree_digests(dest) == expected
+
+
+def test_a_file_changed_while_read_is_aborted_and_sent_again_whole(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path
+):
+    src, dest, reg = tmp_path / "src", tmp_path / "dest", tmp_path / "reg.sqlite"
+    make_tree(src, {"growing.log": 3 * CHUNK})
+    connection = KafkaConnection(bootstrap_servers=kafka_stack.bootstrap_servers)
+
+    def append_after_first_chunk(relpath: str, done: int, size: int) -> None:
+        if done == CHUNK:  # the instrument writes more while the file is being read
+            with (src / relpath).open("ab") as handle:
+                handle.write(b"more lines\n")
+
+    with Registry(reg) as registry:
+        producer = FileProducer(
+            connection, ProducerSettings(topic=topic, chunk_size=CHUNK), registry
+        )
+        first = producer.upload_all(
+            [(src / "growing.log", "growing.log")], append_after_first_chunk
+        )
+        assert [r.outcome for r in first] == [UploadOutcome.CHANGED_WHILE_READING]
+        again = producer.upload_all([(src / "growing.log", "growing.log")])
+        assert [(r.outcome, r.generation) for r in again] == [(UploadOutcome.SENT, 2)]
+
+    events, reassembler = rebuild(kafka_stack, topic, dest, 1)
+    assert [(e.kind, e.generation) for e in events] == [(FileEventKind.RECONSTRUCTED, 2)]
+    assert reassembler.stats.files_rejected == 0
+    assert (dest / "growing.log").read_bytes() == (src / "growing.log").read_bytes()
+    assert list((dest / ".msi-staging").iterdir()) == []  # the aborted generation is gone

@@ -114,6 +114,18 @@ class _PendingFile:
     error: str | None = None
     aborted: bool = False
 
+    def result(self, outcome: UploadOutcome, reason: str | None = None) -> UploadResult:
+        """The file's outcome, as reported to callers."""
+        return UploadResult(
+            self.relpath,
+            outcome,
+            size=self.size,
+            generation=self.generation,
+            sha256=self.sha256 if outcome is UploadOutcome.SENT else None,
+            file_id=self.file_id,
+            reason=reason,
+        )
+
 
 ResultCallback = Callable[[UploadResult], None]
 KafkaHeaders = list[tuple[str, str | bytes | None]]
@@ -310,28 +322,10 @@ class FileProducer:
         if pending.error is not None or pending.sha256 is None:
             reason = f"broker did not acknowledge a chunk: {pending.error}"
             self.registry.mark_failed(topic, pending.relpath, pending.generation, reason)
-            self._report(
-                UploadResult(
-                    pending.relpath,
-                    UploadOutcome.FAILED,
-                    size=pending.size,
-                    generation=pending.generation,
-                    file_id=pending.file_id,
-                    reason=reason,
-                )
-            )
+            self._report(pending.result(UploadOutcome.FAILED, reason))
             return
         self.registry.mark_sent(topic, pending.relpath, pending.generation, pending.sha256)
-        self._report(
-            UploadResult(
-                pending.relpath,
-                UploadOutcome.SENT,
-                size=pending.size,
-                generation=pending.generation,
-                sha256=pending.sha256,
-                file_id=pending.file_id,
-            )
-        )
+        self._report(pending.result(UploadOutcome.SENT))
 
     def _changed(self, pending: _PendingFile, why: str) -> UploadResult | None:
         """Abort a half-sent generation so consumers drop it; it is sent again later."""
@@ -340,13 +334,9 @@ class FileProducer:
         self._abort(pending.relpath, pending.generation)
         self.registry.mark_aborted(self.settings.topic, pending.relpath, pending.generation)
         return self._report(
-            UploadResult(
-                pending.relpath,
+            pending.result(
                 UploadOutcome.CHANGED_WHILE_READING,
-                size=pending.size,
-                generation=pending.generation,
-                file_id=pending.file_id,
-                reason=f"not sent: {why}; it will be sent once it is stable",
+                f"not sent: {why}; it will be sent once it is stable",
             )
         )
 
