@@ -99,6 +99,16 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         api = report["prefect_api_url"]
         for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
             assert _wait_for_run(api, run_name) == "COMPLETED", run_name
+
+        # The S3 secret reached the flows (the backup worked) but no log, event or run shows it.
+        secret = json.loads((state_dir / "credentials.json").read_text())["secret_access_key"]
+        for log in (state_dir / "logs").glob("*.log"):
+            assert secret not in log.read_text(errors="replace"), log.name
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, timeout=10)
+        events = httpx.post(f"{api}/events/filter", json={"limit": 50}, timeout=10)
+        for response in (runs, events):
+            assert response.status_code == 200 and "dropped.dat" in response.text
+            assert secret not in response.text
     finally:
         down = _cli(state_dir, "down")
     assert down.returncode == 0, down.stderr
