@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +21,10 @@ pytestmark = pytest.mark.stack
 
 # Worker start of two flow runs, a group join and a stability window, on a busy machine.
 ARRIVAL_TIMEOUT_S = 120
+# The browser check: the Prefect UI is a single-page app; give it time to render.
+BROWSER_WINDOW = "1400,1000"
+RENDER_BUDGET_MS = 15000
+SCREENSHOT = Path(__file__).resolve().parent.parent / "test-artifacts" / "prefect-ui-runs.png"
 
 
 def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +52,28 @@ def _wait_for_run(api: str, name: str) -> str | None:
             return str(state)
         time.sleep(1)
     return state
+
+
+def _look_at_prefect_ui(url: str, screenshot: Path) -> str:
+    """Open `url` in headless Chromium, save a screenshot, and return the rendered DOM."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed: ./scripts/test installs it"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    common = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-component-update", "--no-first-run",
+        f"--window-size={BROWSER_WINDOW}", f"--virtual-time-budget={RENDER_BUDGET_MS}",
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [*common, f"--user-data-dir={profile}", f"--screenshot={screenshot}", url],
+            capture_output=True, timeout=120, check=True,
+        )  # fmt: skip
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [*common, f"--user-data-dir={profile}", "--dump-dom", url],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
 
 
 def _pid_alive(pid: int) -> bool:
@@ -109,6 +137,11 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         for response in (runs, events):
             assert response.status_code == 200 and "dropped.dat" in response.text
             assert secret not in response.text
+
+        # A person's view: the Prefect UI in a real browser lists the file's runs.
+        dom = _look_at_prefect_ui(report["prefect_ui_url"] + "/runs", SCREENSHOT)
+        for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
+            assert run_name in dom, run_name
     finally:
         down = _cli(state_dir, "down")
     assert down.returncode == 0, down.stderr
