@@ -66,7 +66,9 @@ def build_embedded_blocks(
     key = _required(env, "AWS_ACCESS_KEY_ID", "the environment", ENV_HINT)
     secret = _required(env, "AWS_SECRET_ACCESS_KEY", "the environment", ENV_HINT)
     cluster = KafkaCluster(bootstrap_servers=bootstrap)
-    transfer = TransferSettings(topic=TOPIC)
+    # The inbox is dedicated to the stack: every file in it goes, even one dropped before the
+    # watcher started (the registry still sends nothing twice).
+    transfer = TransferSettings(topic=TOPIC, upload_existing=True)
     backup = BackupStorage(
         url=f"s3://{bucket}/{BACKUP_PREFIX}",
         endpoint_url=endpoint,

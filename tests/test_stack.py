@@ -9,11 +9,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from msi_prefect.stack.components import Component
+from msi_prefect.stack.config import StateDir
+from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import port_is_free
 from tests.conftest import RunningStack, free_port_map
 
@@ -21,6 +26,10 @@ pytestmark = pytest.mark.stack
 
 # Worker start of two flow runs, a group join and a stability window, on a busy machine.
 ARRIVAL_TIMEOUT_S = 120
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+# From the backup run's start: its first attempt fails within about 5 s (botocore's own
+# retries included); its first retry comes 10 s after that, when the store is back.
+OUTAGE_S = 12
 # The browser check: the Prefect UI is a single-page app; give it time to render.
 BROWSER_WINDOW = "1400,1000"
 RENDER_BUDGET_MS = 15000
@@ -37,21 +46,34 @@ def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _wait_for_run(api: str, name: str) -> str | None:
-    """The final state type of the flow run called `name` (None if none finished in time)."""
+def _flow_run(api: str, name: str) -> dict[str, Any] | None:
+    """The flow run called `name`, as the API returns it, or None."""
+    runs = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"name": {"any_": [name]}}, "limit": 1},
+        timeout=10,
+    ).json()
+    return runs[0] if runs else None
+
+
+def _wait_for_state(
+    fetch: Callable[[], dict[str, Any] | None], wanted: tuple[str, ...] = FINAL_STATES
+) -> str | None:
+    """Poll a flow run until its state type is one of `wanted`; return the last state seen."""
     deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
     state = None
     while time.monotonic() < deadline:
-        runs = httpx.post(
-            f"{api}/flow_runs/filter",
-            json={"flow_runs": {"name": {"any_": [name]}}, "limit": 1},
-            timeout=10,
-        ).json()
-        state = runs[0]["state"]["type"] if runs else None
-        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        run = fetch()
+        state = run["state"]["type"] if run else None
+        if state in wanted:
             return str(state)
         time.sleep(1)
     return state
+
+
+def _wait_for_run(api: str, name: str) -> str | None:
+    """The final state type of the flow run called `name`."""
+    return _wait_for_state(lambda: _flow_run(api, name))
 
 
 def _look_at_prefect_ui(url: str, screenshot: Path) -> str:
@@ -137,6 +159,34 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         for response in (runs, events):
             assert response.status_code == 200 and "dropped.dat" in response.text
             assert secret not in response.text
+
+        # A downstream failure is retried and then succeeds: the backup store is down when
+        # the next file arrives, and back before the backup task's retries run out.
+        manager = StackManager.open(StateDir(state_dir))
+        manager.process(Component.S3).stop()
+        (tmp_path / "inbox" / "during-outage.dat").write_bytes(b"x" * 1000)
+        outage_run = lambda: _flow_run(api, "backup during-outage.dat")  # noqa: E731
+        assert _wait_for_state(outage_run, ("RUNNING", *FINAL_STATES)) == "RUNNING"
+        time.sleep(OUTAGE_S)
+        manager.up([Component.S3])
+        assert _wait_for_run(api, "backup during-outage.dat") == "COMPLETED"
+        backup_run = _flow_run(api, "backup during-outage.dat")
+        task_runs = httpx.post(
+            f"{api}/task_runs/filter",
+            json={"flow_runs": {"id": {"any_": [backup_run["id"]]}}},
+            timeout=10,
+        ).json()
+        assert max(task["run_count"] for task in task_runs) >= 2  # it was retried
+
+        # A completed run can be run again from the API, with the same parameters.
+        rerun = httpx.post(
+            f"{api}/deployments/{backup_run['deployment_id']}/create_flow_run",
+            json={"parameters": backup_run["parameters"]},
+            timeout=10,
+        )
+        assert rerun.status_code == 201, rerun.text
+        rerun_url = f"{api}/flow_runs/{rerun.json()['id']}"
+        assert _wait_for_state(lambda: httpx.get(rerun_url, timeout=10).json()) == "COMPLETED"
 
         # A person's view: the Prefect UI in a real browser lists the file's runs.
         dom = _look_at_prefect_ui(report["prefect_ui_url"] + "/runs", SCREENSHOT)

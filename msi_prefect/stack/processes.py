@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,6 +24,10 @@ from pathlib import Path
 from msi_prefect.errors import MsiError
 
 LOOPBACK = "127.0.0.1"
+# Where find_free_ports looks: above the well-known and common service ports, below the
+# ephemeral range (read from the kernel; this is Linux's default when it cannot be read).
+PRIVATE_PORTS_FROM = 20000
+EPHEMERAL_FALLBACK = (32768, 60999)
 # How long a process gets to exit after SIGTERM before it is killed.
 DEFAULT_STOP_TIMEOUT_S = 10.0
 # How many log lines to quote when a process dies during start-up.
@@ -87,17 +92,21 @@ def port_is_listening(port: int, host: str = LOOPBACK, timeout_s: float = 0.5) -
 
 
 def find_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
-    """Ask the kernel for `count` distinct free ports (all held open until all are chosen)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` distinct ports that are free now, below the kernel's ephemeral range.
+
+    Ports the kernel hands out for port 0 come from the ephemeral range, where any outgoing
+    connection may take one the moment its server stops; a stack that restarts a server on
+    the same port (as the tests do) would then find it taken.
+    """
+    low, high = EPHEMERAL_FALLBACK
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(PRIVATE_PORTS_FROM, min(low, high)))
+    random.shuffle(candidates)
+    chosen = [port for port in candidates[: count * 20] if port_is_free(port, host)][:count]
+    if len(chosen) < count:
+        raise MsiError(f"could not find {count} free ports on {host}")
+    return chosen
 
 
 def _read_cmdline_exe(pid: int) -> str | None:
