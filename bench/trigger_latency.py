@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -368,17 +369,25 @@ def verdict(samples: Sequence[Sample]) -> tuple[bool, str]:
     Returns:
         Whether the median met the target, and a sentence saying so.
     """
-    found = figures(HEADLINE[0], samples)
-    missed = sum(1 for s in samples if s.created is None)
-    if found is None:
-        return False, f"no `backup-file` run was created ({missed} files missed): **not met**"
-    n, median, p90, _ = found
+    values = [HEADLINE[0].value(s) for s in samples]
+    present = sorted(v for v in values if v is not None)
+    missed = len(values) - len(present)
+    if not samples:
+        return False, "no file was dropped: **not met**"
+    # A file without a run counts as slower than any file with one.
+    median = statistics.median([*present, *([math.inf] * missed)])
     ok = median < TARGET_S and not missed
     word = "met" if ok else "**not met**"
+    shown = (
+        f"{median:.3f} s"
+        if math.isfinite(median)
+        else f"unbounded (more than half the files had no run within {RUN_TIMEOUT_S:g} s)"
+    )
+    with_run = f"{_p90(present):.3f} s" if present else "n/a"
     return ok, (
-        f"median stable -> `backup-file` run created = {median:.3f} s "
-        f"(p90 {p90:.3f} s, {n}/{len(samples)} files, {missed} without a run) vs "
-        f"target < {TARGET_S:g} s: {word}"
+        f"median stable -> `backup-file` run created over all {len(samples)} files, a file "
+        f"without a run counting as slowest = {shown}; {missed} files without a run; "
+        f"p90 of the files with a run {with_run}; target < {TARGET_S:g} s: {word}"
     )
 
 
@@ -726,6 +735,7 @@ def running_long_runs(client: httpx.Client) -> list[str]:
 FILE_EVENTS = ("msi.file.uploaded", "msi.file.reconstructed")
 ACTION_TRIGGERED = "prefect.automation.action.triggered"
 ACTION_EXECUTED = "prefect.automation.action.executed"
+AUTOMATION_TRIGGERED = "prefect.automation.triggered"
 
 
 def fetch_events(client: httpx.Client, since: float, names: Sequence[str]) -> list[dict[str, Any]]:
@@ -770,7 +780,7 @@ def _related(event: dict[str, Any], prefix: str, role: str | None = None) -> str
     return None
 
 
-def read_events(client: httpx.Client, since: float, samples: Sequence[Sample]) -> int:
+def read_events(client: httpx.Client, since: float, samples: Sequence[Sample]) -> dict[str, int]:
     """Attach the file events and the ``backup-file`` automation's times to the samples.
 
     ``msi.file.uploaded`` and ``msi.file.reconstructed`` are matched by their ``path``
@@ -785,10 +795,12 @@ def read_events(client: httpx.Client, since: float, samples: Sequence[Sample]) -
         samples: Every file.
 
     Returns:
-        How many events were read.
+        Counts: ``events`` read, ``automations_fired`` (``prefect.automation.triggered``, one
+        per automation and event) and ``actions_executed``.
     """
     by_name = {s.name: s for s in samples}
-    events = fetch_events(client, since, (*FILE_EVENTS, ACTION_TRIGGERED, ACTION_EXECUTED))
+    names = (*FILE_EVENTS, AUTOMATION_TRIGGERED, ACTION_TRIGGERED, ACTION_EXECUTED)
+    events = fetch_events(client, since, names)
     fired: dict[str, float | None] = {}
     executed: list[tuple[float, str | None, str | None, str]] = []
     for event in events:
@@ -821,7 +833,11 @@ def read_events(client: httpx.Client, since: float, samples: Sequence[Sample]) -
         siblings = sorted(w for w, _, t, _ in executed if t is not None and t == trigger)
         if when in siblings:
             sample.action_rank = siblings.index(when) + 1
-    return len(events)
+    return {
+        "events": len(events),
+        "automations_fired": sum(1 for e in events if e.get("event") == AUTOMATION_TRIGGERED),
+        "actions_executed": len(executed),
+    }
 
 
 def stack_ready(
@@ -920,7 +936,7 @@ def final_reads(
         except httpx.HTTPError as exc:
             errors.append(f"runs: {exc!r}")
         try:
-            notes["events"] = read_events(client, since, samples)
+            notes.update(read_events(client, since, samples))
         except httpx.HTTPError as exc:
             errors.append(f"events: {exc!r}")
     if errors:
@@ -1175,7 +1191,7 @@ def stall_lines(samples: Sequence[Sample]) -> list[str]:
     lines = []
     for label, keep in (
         (f"server took <= {STALL_S:g} s (event received -> run created)", False),
-        (f"server took > {STALL_S:g} s (a stalled server)", True),
+        (f"server took > {STALL_S:g} s (queued or stalled)", True),
     ):
         mine = [s for s in samples if _stalled(s) is keep]
         found = figures(HEADLINE[0], mine)
@@ -1290,7 +1306,14 @@ def report(
         f"{notes.get('slowest_poll_s', 'n/a')} s, {notes.get('poll_errors', 'n/a')} failed "
         f"(HTTP timeout {HTTP_TIMEOUT_S:g} s). ERROR lines in the Prefect server's log: "
         f"{len(notes.get('server_errors', []))}"
-        + (" (listed at the end)." if notes.get("server_errors") else "."),
+        + (" (listed at the end)." if notes.get("server_errors") else ".")
+        + (
+            f" Automations fired (3 per file): {notes['automations_fired']}; actions executed: "
+            f"{notes.get('actions_executed', 'n/a')} (the rest were still queued, or lost, when "
+            "the harness stopped waiting)."
+            if "automations_fired" in notes
+            else ""
+        ),
         "",
         "## Verdict",
         "",

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.stack
 # Worker start of two flow runs, a group join and a stability window, on a busy machine.
 ARRIVAL_TIMEOUT_S = 120
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+# The embedded server on SQLite answers slowly while the worker starts flow runs.
+API_TIMEOUT_S = 30
 # From the backup run's start: its first attempt fails within about 5 s (botocore's own
 # retries included); its first retry comes 10 s after that, when the store is back.
 OUTAGE_S = 12
@@ -47,12 +49,16 @@ def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _flow_run(api: str, name: str) -> dict[str, Any] | None:
-    """The flow run called `name`, as the API returns it, or None."""
-    runs = httpx.post(
-        f"{api}/flow_runs/filter",
-        json={"flow_runs": {"name": {"any_": [name]}}, "limit": 1},
-        timeout=10,
-    ).json()
+    """The flow run called `name`, as the API returns it, or None (also when the busy
+    server did not answer in time: the caller polls again)."""
+    try:
+        runs = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={"flow_runs": {"name": {"any_": [name]}}, "limit": 1},
+            timeout=API_TIMEOUT_S,
+        ).json()
+    except httpx.TimeoutException:
+        return None
     return runs[0] if runs else None
 
 
@@ -154,8 +160,8 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         secret = json.loads((state_dir / "credentials.json").read_text())["secret_access_key"]
         for log in (state_dir / "logs").glob("*.log"):
             assert secret not in log.read_text(errors="replace"), log.name
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, timeout=10)
-        events = httpx.post(f"{api}/events/filter", json={"limit": 50}, timeout=10)
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, timeout=API_TIMEOUT_S)
+        events = httpx.post(f"{api}/events/filter", json={"limit": 50}, timeout=API_TIMEOUT_S)
         for response in (runs, events):
             assert response.status_code == 200 and "dropped.dat" in response.text
             assert secret not in response.text
@@ -174,7 +180,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         task_runs = httpx.post(
             f"{api}/task_runs/filter",
             json={"flow_runs": {"id": {"any_": [backup_run["id"]]}}},
-            timeout=10,
+            timeout=API_TIMEOUT_S,
         ).json()
         assert max(task["run_count"] for task in task_runs) >= 2  # it was retried
 
@@ -182,11 +188,12 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         rerun = httpx.post(
             f"{api}/deployments/{backup_run['deployment_id']}/create_flow_run",
             json={"parameters": backup_run["parameters"]},
-            timeout=10,
+            timeout=API_TIMEOUT_S,
         )
         assert rerun.status_code == 201, rerun.text
         rerun_url = f"{api}/flow_runs/{rerun.json()['id']}"
-        assert _wait_for_state(lambda: httpx.get(rerun_url, timeout=10).json()) == "COMPLETED"
+        rerun_run = lambda: httpx.get(rerun_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
+        assert _wait_for_state(rerun_run) == "COMPLETED"
 
         # A person's view: the Prefect UI in a real browser lists the file's runs.
         dom = _look_at_prefect_ui(report["prefect_ui_url"] + "/runs", SCREENSHOT)
