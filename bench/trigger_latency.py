@@ -40,6 +40,11 @@ Usage::
 
     .venv/bin/python -m bench.trigger_latency
     .venv/bin/python -m bench.trigger_latency --files 5 --no-write --keep
+    .venv/bin/python -m bench.trigger_latency --files 6 --interval 12 --log-retryable --no-write
+
+``--log-retryable`` starts the stack with ``PREFECT_SERVER_LOG_RETRYABLE_ERRORS=true`` (a
+logging setting only), so the report can count the SQLite write conflicts that the server
+answers with HTTP 503.
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ RUN_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 90.0
 """How long to wait, after the last file, for every backup run to reach a final state."""
 STALL_S = 10.0
-"""A server that takes longer than this from event to run counts as stalled (breakdown only)."""
+"""Event-to-run longer than this counts as "queued or stalled" (a breakdown only)."""
+RETRYABLE_ENV = "PREFECT_SERVER_LOG_RETRYABLE_ERRORS"
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 OTHER_BENCH_PATTERN = r"bench\."
 OTHER_BENCH_POLL_S = 20.0
@@ -456,7 +462,11 @@ def wait_for_other_bench() -> None:
 
 
 def cli(
-    state: Path, args: Sequence[str], log: Path, timeout: float
+    state: Path,
+    args: Sequence[str],
+    log: Path,
+    timeout: float,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m msi_prefect.cli --state-dir STATE ARGS`` and log its output.
 
@@ -465,6 +475,7 @@ def cli(
         args: Subcommand and its arguments.
         log: File receiving the command line, stdout and stderr.
         timeout: Seconds before the command is killed.
+        extra_env: Variables added to this process's environment for the command.
 
     Returns:
         The finished process.
@@ -484,32 +495,50 @@ def cli(
             text=True,
             timeout=timeout,
             check=False,
+            env={**os.environ, **extra_env} if extra_env else None,
         )
         out.write(result.stdout + result.stderr + f"[exit {result.returncode}]\n")
     return result
 
 
-def error_lines(path: Path, limit: int = 12) -> list[str]:
-    """Return the ERROR lines of a Prefect log (time, logger, message), deduplicated.
+RETRYABLE_MARK = "Encountered retryable exception in request"
+
+
+def scan_server_log(path: Path, limit: int = 12) -> tuple[list[str], dict[str, int]]:
+    """Read the Prefect server's log for errors.
 
     Args:
         path: The log file.
-        limit: At most this many lines.
+        limit: At most this many ERROR lines are returned.
 
     Returns:
-        The lines, shortened; empty when there are none or the log cannot be read.
+        The ERROR lines other than retryable ones (shortened, at most ``limit`` plus a
+        count of the rest), and the retryable errors (logged only with
+        ``--log-retryable``) counted by the first words of the SQL statement that failed.
     """
     found: list[str] = []
+    retryable: dict[str, int] = {}
+    pending = False
     try:
         with path.open(encoding="utf-8", errors="replace") as log:
             for line in log:
-                if "| ERROR" in line:
+                if RETRYABLE_MARK in line:
+                    if pending:
+                        retryable["(no SQL shown)"] = retryable.get("(no SQL shown)", 0) + 1
+                    pending = True
+                elif pending and line.startswith("[SQL: "):
+                    key = " ".join(line[6:].split()[:3])
+                    retryable[key] = retryable.get(key, 0) + 1
+                    pending = False
+                elif "| ERROR" in line:
                     found.append(" ".join(line.split())[:160])
     except OSError:
-        return []
+        return [], {}
+    if pending:
+        retryable["(no SQL shown)"] = retryable.get("(no SQL shown)", 0) + 1
     if len(found) > limit:
-        return [*found[:limit], f"... and {len(found) - limit} more"]
-    return found
+        found = [*found[:limit], f"... and {len(found) - limit} more"]
+    return found, retryable
 
 
 def port_args() -> list[str]:
@@ -694,6 +723,8 @@ class Options:
         timeout: Overall time limit in seconds (``up`` and ``down`` included).
         write_report: Write ``bench/TRIGGER_LATENCY.md``.
         keep: Keep the temporary directory (state, logs, files).
+        log_retryable: Start the stack with ``PREFECT_SERVER_LOG_RETRYABLE_ERRORS=true``,
+            so that the server logs the SQLite conflicts it answers with HTTP 503.
     """
 
     files: int
@@ -702,6 +733,7 @@ class Options:
     timeout: float
     write_report: bool
     keep: bool
+    log_retryable: bool = False
 
 
 def _get_json(client: httpx.Client, path: str) -> Any:
@@ -1053,7 +1085,9 @@ def run(opts: Options) -> tuple[list[Sample], dict[str, Any]]:
         )
         print("msi-prefect up ...", flush=True)
         started = time.monotonic()
-        up = cli(state, up_args, log, min(UP_TIMEOUT_S, max(10.0, deadline.left() - 60)))
+        up_env = {RETRYABLE_ENV: "true"} if opts.log_retryable else None
+        up_timeout = min(UP_TIMEOUT_S, max(10.0, deadline.left() - 60))
+        up = cli(state, up_args, log, up_timeout, up_env)
         notes["up_s"] = round(time.monotonic() - started, 1)
         if up.returncode != 0:
             raise RuntimeError(f"up failed (exit {up.returncode}), see {log}")
@@ -1100,7 +1134,7 @@ def run(opts: Options) -> tuple[list[Sample], dict[str, Any]]:
             notes["down_exit"] = "timeout"
             print(f"down timed out; see {log}", file=sys.stderr, flush=True)
         notes["down_s"] = round(time.monotonic() - started, 1)
-        notes["server_errors"] = error_lines(state / "logs" / "prefect.log")
+        notes["server_errors"], notes["retryable"] = scan_server_log(state / "logs" / "prefect.log")
         notes["timed_out"] = deadline.passed()
     return samples, notes
 
@@ -1137,6 +1171,30 @@ def machine_notes(load_start: tuple[float, float, float]) -> list[str]:
         f"- Load average (1, 5, 15 min) at start: {_load(load_start)}; at end: "
         f"{_load(os.getloadavg())}.",
     ]
+
+
+def retryable_line(opts: Options, notes: dict[str, Any]) -> str:
+    """Describe the SQLite conflicts the server answered with 503 (``--log-retryable``).
+
+    Args:
+        opts: Run settings.
+        notes: Notes returned by :func:`run`.
+
+    Returns:
+        One markdown bullet.
+    """
+    if not opts.log_retryable:
+        return (
+            "- SQLite write conflicts answered with HTTP 503 were not logged in this run "
+            "(`--log-retryable` logs and counts them)."
+        )
+    counts: dict[str, int] = notes.get("retryable", {})
+    detail = ", ".join(f"`{k}` {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (
+        f"- Stack started with `{RETRYABLE_ENV}=true`: the server answered "
+        f"{sum(counts.values())} requests with 503 after an SQLite write conflict"
+        + (f" (failed statement: {detail})." if detail else ".")
+    )
 
 
 def _pct(value: float | None) -> str:
@@ -1233,7 +1291,9 @@ def where_time_goes(samples: Sequence[Sample], window: float) -> list[str]:
         f"- Server, event received -> `backup-file` run created: {m['server']}. Of that: "
         f"the trigger fires in {m['fire']}; the action waits and looks the deployment up "
         f"for {m['queue']}; rendering its parameters and creating the run take "
-        f"{m['create']}.",
+        f"{m['create']} (when the action's in-process create-run call conflicts with "
+        "another SQLite writer, the server answers 503 and Prefect's client retries after "
+        "2 s, then 4 s; `--log-retryable` counts these conflicts).",
         f"- After creation (outside the target): created -> started {m['start']} (the "
         "process worker polls for scheduled runs every 10 s by default, then starts a "
         f"Python process), the backup flow itself {m['flow']}; stable -> backup ended "
@@ -1314,6 +1374,7 @@ def report(
             if "automations_fired" in notes
             else ""
         ),
+        retryable_line(opts, notes),
         "",
         "## Verdict",
         "",
@@ -1369,6 +1430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=360.0, help="overall limit, seconds")
     parser.add_argument("--no-write", action="store_true", help="do not write the report file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--log-retryable",
+        action="store_true",
+        help=f"start the stack with {RETRYABLE_ENV}=true (the server then logs the SQLite "
+        "conflicts it answers with 503; the report counts them by SQL statement)",
+    )
     args = parser.parse_args(argv)
     given = list(sys.argv[1:] if argv is None else argv)
     opts = Options(
@@ -1378,6 +1445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout,
         write_report=not args.no_write,
         keep=args.keep,
+        log_retryable=args.log_retryable,
     )
 
     wait_for_other_bench()
