@@ -19,7 +19,7 @@ import pytest
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import StateDir
 from msi_prefect.stack.manager import StackManager
-from msi_prefect.stack.processes import port_is_free
+from msi_prefect.stack.processes import flow_run_processes, port_is_free
 from tests.conftest import RunningStack, free_port_map
 
 pytestmark = pytest.mark.stack
@@ -204,6 +204,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert "stopped: worker, prefect, broker, s3" in down.stdout
     assert not [name for name, pid in pids.items() if _pid_alive(pid)]
+    assert flow_run_processes(f"http://127.0.0.1:{ports['prefect']}/api") == []
     assert not [name for name, port in ports.items() if not port_is_free(port)]
     assert list((state_dir / "run").glob("*.pid")) == []
 

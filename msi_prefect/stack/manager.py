@@ -22,7 +22,12 @@ from msi_prefect.stack.components import (
     s3_env,
 )
 from msi_prefect.stack.config import BACKUP_BUCKET, StackConfig, StateDir
-from msi_prefect.stack.processes import ManagedProcess, ProcessState
+from msi_prefect.stack.processes import (
+    ManagedProcess,
+    ProcessState,
+    flow_run_processes,
+    terminate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +157,9 @@ class StackManager:
             for component in reversed(ALL_COMPONENTS):
                 if self.process(component).stop():
                     stopped.append(component)
+                if component is Component.WORKER:
+                    # The worker's flow runs live in sessions of their own.
+                    terminate(flow_run_processes(self.config.prefect_api_url))
         return stopped
 
     def status(self) -> StackStatus:

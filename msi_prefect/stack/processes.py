@@ -136,6 +136,39 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def flow_run_processes(api_url: str) -> list[int]:
+    """PIDs of Prefect flow-run processes that talk to the Prefect API at `api_url`.
+
+    A process worker starts each flow run in a session of its own, so stopping the
+    worker's process group does not reach them. They are recognised by the environment
+    the worker gives them: a flow-run id and our API URL.
+    """
+    wanted = f"PREFECT_API_URL={api_url}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in environ and any(v.startswith(b"PREFECT__FLOW_RUN_ID=") for v in environ):
+            found.append(int(entry.name))
+    return found
+
+
+def terminate(pids: list[int], timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+    """SIGTERM each process (and its group), then SIGKILL what is left after `timeout_s`."""
+    for pid in pids:
+        ManagedProcess.signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _pid_alive(pid):
+            ManagedProcess.signal_group(pid, signal.SIGKILL)
+
+
 class ManagedProcess:
     """One process of the stack, tracked through its PID file under the state directory."""
 
@@ -242,22 +275,23 @@ class ManagedProcess:
         if record is None or state is not ProcessState.RUNNING:
             self.pid_file.unlink(missing_ok=True)
             return False
-        self._signal_group(record.pid, signal.SIGTERM)
+        self.signal_group(record.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and _pid_alive(record.pid):
             time.sleep(0.1)
         if _pid_alive(record.pid):
-            self._signal_group(record.pid, signal.SIGKILL)
+            self.signal_group(record.pid, signal.SIGKILL)
             kill_deadline = time.monotonic() + timeout_s
             while time.monotonic() < kill_deadline and _pid_alive(record.pid):
                 time.sleep(0.05)
         # Children left in the group after the leader exited (a worker's flow runs).
-        self._signal_group(record.pid, signal.SIGKILL)
+        self.signal_group(record.pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
 
     @staticmethod
-    def _signal_group(pid: int, sig: signal.Signals) -> None:
+    def signal_group(pid: int, sig: signal.Signals) -> None:
+        """Send `sig` to the process group led by `pid`, and to `pid` itself."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
         with contextlib.suppress(ProcessLookupError, PermissionError):
