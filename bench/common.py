@@ -26,11 +26,12 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -699,3 +700,82 @@ def wait_group_stable(bootstrap: str, group: str, timeout: float) -> float | Non
             return time.time()
         time.sleep(0.1)
     return None
+
+
+# --------------------------------------------------------------------------- latency reports
+
+OTHER_BENCH_PATTERN = r"bench\."
+OTHER_BENCH_POLL_S = 20.0
+OTHER_BENCH_MAX_WAIT_S = 600.0
+
+
+def _own_lineage() -> set[int]:
+    """This process and its ancestors (their command lines name this benchmark too)."""
+    pids: set[int] = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return pids
+
+
+def wait_for_other_bench() -> None:
+    """Wait (up to 10 min, polling every 20 s) while another ``bench.*`` run is going."""
+    mine = _own_lineage()
+    waited = 0.0
+    while waited < OTHER_BENCH_MAX_WAIT_S:
+        found = subprocess.run(
+            ["pgrep", "-f", OTHER_BENCH_PATTERN], capture_output=True, text=True, check=False
+        )
+        others = [p for p in found.stdout.split() if int(p) not in mine]
+        if not others:
+            return
+        print(f"waiting for another benchmark (pids {others})", flush=True)
+        time.sleep(OTHER_BENCH_POLL_S)
+        waited += OTHER_BENCH_POLL_S
+    print(f"another benchmark still running after {waited:.0f} s; going ahead", flush=True)
+
+
+def write_replace(watch: Path, staging: Path, name: str, data: bytes) -> float:
+    """Write a file outside the watched folder, then rename it in; return the time after."""
+    temp = staging / f".{name}.tmp"
+    temp.write_bytes(data)
+    os.replace(temp, watch / name)
+    return time.time()
+
+
+def p90(values: Sequence[float]) -> float:
+    """The 90th percentile (inclusive method); the value itself for a single sample."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[8]
+
+
+def fmt_seconds(value: float | None) -> str:
+    """Seconds with three decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def minus(a: float | None, b: float | None) -> float | None:
+    """a - b, or None when either is unknown."""
+    return None if a is None or b is None else a - b
+
+
+def format_load(load: tuple[float, float, float]) -> str:
+    """A load average triple as text."""
+    return ", ".join(f"{v:.2f}" for v in load)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

@@ -60,11 +60,18 @@ from typing import IO, Any
 from bench.common import (
     KAFKA_SESSION_TIMEOUT_MS,
     TansuBroker,
+    cpu_model,
     create_topic,
     delete_topic,
+    fmt_seconds,
+    format_load,
+    minus,
+    p90,
     stop_process,
     unique_suffix,
+    wait_for_other_bench,
     wait_group_stable,
+    write_replace,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -88,9 +95,6 @@ JOIN_TIMEOUT_S = 60.0
 FILE_TIMEOUT_S = 30.0
 """A file not at the destination this long after ``W`` has elapsed counts as lost."""
 STOP_GRACE_S = 10.0
-OTHER_BENCH_PATTERN = "bench.compare"
-OTHER_BENCH_POLL_S = 20.0
-OTHER_BENCH_MAX_WAIT_S = 600.0
 LINE_PATTERN = re.compile(r"^(sent|reconstructed) (\S+) \(")
 
 
@@ -306,24 +310,6 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- writing files
 
 
-def write_replace(src: Path, staging: Path, name: str, data: bytes) -> float:
-    """Write a file outside the watched folder, then rename it in.
-
-    Args:
-        src: Watched folder.
-        staging: A folder on the same file system, outside ``src``.
-        name: File name.
-        data: Content.
-
-    Returns:
-        ``t0``: the time just after the rename.
-    """
-    temp = staging / f".{name}.tmp"
-    temp.write_bytes(data)
-    os.replace(temp, src / name)
-    return time.time()
-
-
 def write_in_place(src: Path, name: str, data: bytes) -> float:
     """Write a file inside the watched folder in pieces, ``IN_PLACE_GAP_S`` apart.
 
@@ -407,21 +393,6 @@ def cli_command(*args: str) -> list[str]:
         The command.
     """
     return [sys.executable, "-m", "msi_prefect.cli", *args]
-
-
-def wait_for_other_bench() -> None:
-    """Wait (up to 10 min, polling every 20 s) while another benchmark is running."""
-    waited = 0.0
-    while waited < OTHER_BENCH_MAX_WAIT_S:
-        found = subprocess.run(
-            ["pgrep", "-f", OTHER_BENCH_PATTERN], capture_output=True, text=True, check=False
-        )
-        if found.returncode != 0:
-            return
-        print(f"waiting for {OTHER_BENCH_PATTERN} (pids {found.stdout.split()})", flush=True)
-        time.sleep(OTHER_BENCH_POLL_S)
-        waited += OTHER_BENCH_POLL_S
-    print(f"{OTHER_BENCH_PATTERN} still running after {waited:.0f} s; going ahead", flush=True)
 
 
 def wait_arrivals(poller: DestinationPoller, samples: Sequence[Sample], deadline: Deadline) -> None:
@@ -651,19 +622,9 @@ def sample_record(sample: Sample) -> dict[str, Any]:
     return record
 
 
-def _p90(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=10, method="inclusive")[8]
-
-
 def _median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def summary_line(samples: Sequence[Sample]) -> str:
@@ -680,7 +641,7 @@ def summary_line(samples: Sequence[Sample]) -> str:
     if not latencies:
         return f"no file arrived ({lost} lost)"
     return (
-        f"median {statistics.median(latencies):.3f} s, p90 {_p90(latencies):.3f} s, "
+        f"median {statistics.median(latencies):.3f} s, p90 {p90(latencies):.3f} s, "
         f"max {max(latencies):.3f} s, {lost} lost"
     )
 
@@ -711,18 +672,14 @@ class Row:
             self.label,
             f"{len(latencies)}/{len(self.samples)}",
             f"{median:.3f}",
-            f"{_p90(latencies):.3f}",
+            f"{p90(latencies):.3f}",
             f"{max(latencies):.3f}",
             f"{median - self.window:+.3f}",
             ok,
-            _fmt(_median([s.to_sent for s in self.samples])),
-            _fmt(_median([s.to_rebuilt for s in self.samples])),
-            _fmt(_median([_minus(s.arrival, s.rebuilt_at) for s in self.samples])),
+            fmt_seconds(_median([s.to_sent for s in self.samples])),
+            fmt_seconds(_median([s.to_rebuilt for s in self.samples])),
+            fmt_seconds(_median([minus(s.arrival, s.rebuilt_at) for s in self.samples])),
         ]
-
-
-def _minus(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
 
 
 HEADER = (
@@ -790,8 +747,8 @@ def warmup_lines(samples: Sequence[Sample]) -> list[str]:
         if s.warmup:
             lines.append(
                 f"- W = {s.window:g}: first file ({s.size // KIB} KiB, {s.variant}) latency "
-                f"{_fmt(s.latency)} s (t0 -> `sent` {_fmt(s.to_sent)} s, t0 -> "
-                f"`reconstructed` {_fmt(s.to_rebuilt)} s)"
+                f"{fmt_seconds(s.latency)} s (t0 -> `sent` {fmt_seconds(s.to_sent)} s, t0 -> "
+                f"`reconstructed` {fmt_seconds(s.to_rebuilt)} s)"
             )
     return lines
 
@@ -808,27 +765,17 @@ def machine_notes(load_start: tuple[float, float, float]) -> list[str]:
     Returns:
         Markdown bullets.
     """
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load_end = os.getloadavg()
     return [
         f"- {os.cpu_count()} cores ({cpu}), {platform.platform()}, Python "
         f"{platform.python_version()}; a shared machine that may be busy.",
-        f"- Load average (1, 5, 15 min) at start: {_load(load_start)}; at end: {_load(load_end)}.",
+        f"- Load average (1, 5, 15 min) at start: {format_load(load_start)}; "
+        f"at end: {format_load(load_end)}.",
         "- Broker: Tansu, memory storage, 127.0.0.1; 2-partition topic; reconstructor "
         f"session timeout {KAFKA_SESSION_TIMEOUT_MS} ms; watcher poll interval 1 s "
         "(inotify nudges on).",
     ]
-
-
-def _load(load: tuple[float, float, float]) -> str:
-    return ", ".join(f"{v:.2f}" for v in load)
 
 
 def report(

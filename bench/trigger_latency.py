@@ -69,7 +69,16 @@ from typing import Any
 
 import httpx
 
-from bench.common import wait_group_stable
+from bench.common import (
+    cpu_model,
+    fmt_seconds,
+    format_load,
+    minus,
+    p90,
+    wait_for_other_bench,
+    wait_group_stable,
+    write_replace,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -108,9 +117,6 @@ STALL_S = 10.0
 """Event-to-run longer than this counts as "queued or stalled" (a breakdown only)."""
 RETRYABLE_ENV = "PREFECT_SERVER_LOG_RETRYABLE_ERRORS"
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
-OTHER_BENCH_PATTERN = r"bench\."
-OTHER_BENCH_POLL_S = 20.0
-OTHER_BENCH_MAX_WAIT_S = 600.0
 
 
 # --------------------------------------------------------------------------- records
@@ -182,10 +188,6 @@ class Sample:
         return self.state in FINAL_STATES
 
 
-def _minus(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
-
-
 @dataclasses.dataclass(frozen=True)
 class Metric:
     """One derived figure of every sample.
@@ -205,72 +207,66 @@ HEADLINE = (
     Metric(
         "target",
         "**stable -> `backup-file` run created** (target < 2 s)",
-        lambda s: _minus(s.created, s.t_stable),
+        lambda s: minus(s.created, s.t_stable),
     ),
-    Metric("rebuilt", "stable -> rebuilt in D", lambda s: _minus(s.rebuilt, s.t_stable)),
-    Metric("start", "run created -> run started", lambda s: _minus(s.start, s.created)),
+    Metric("rebuilt", "stable -> rebuilt in D", lambda s: minus(s.rebuilt, s.t_stable)),
+    Metric("start", "run created -> run started", lambda s: minus(s.start, s.created)),
 )
 STAGES = (
     Metric(
         "sent",
         "stable -> `msi.file.uploaded` occurred (watcher, producer)",
-        lambda s: _minus(s.uploaded_occurred, s.t_stable),
+        lambda s: minus(s.uploaded_occurred, s.t_stable),
     ),
     Metric(
         "consumer",
         "`uploaded` -> rebuilt in D (broker, reassembler)",
-        lambda s: _minus(s.rebuilt, s.uploaded_occurred),
+        lambda s: minus(s.rebuilt, s.uploaded_occurred),
     ),
     Metric(
         "emit",
         "rebuilt in D -> `msi.file.reconstructed` occurred",
-        lambda s: _minus(s.reconstructed_occurred, s.rebuilt),
+        lambda s: minus(s.reconstructed_occurred, s.rebuilt),
     ),
     Metric(
         "deliver",
         "`reconstructed` occurred -> received by the server",
-        lambda s: _minus(s.reconstructed_received, s.reconstructed_occurred),
+        lambda s: minus(s.reconstructed_received, s.reconstructed_occurred),
     ),
     Metric(
         "server",
         "event received -> run created (trigger and action, together)",
-        lambda s: _minus(s.created, s.reconstructed_received),
+        lambda s: minus(s.created, s.reconstructed_received),
     ),
     Metric(
         "fire",
         "... event received -> trigger fired",
-        lambda s: _minus(s.fired, s.reconstructed_received),
+        lambda s: minus(s.fired, s.reconstructed_received),
     ),
     Metric(
         "queue",
         "... trigger fired -> action begins (`expected_start_time`): actions queue, "
         "deployment lookup",
-        lambda s: _minus(s.expected_start, s.fired),
+        lambda s: minus(s.expected_start, s.fired),
     ),
     Metric(
         "create",
         "... action begins -> run created: parameter rendering, create-run API call",
-        lambda s: _minus(s.created, s.expected_start),
+        lambda s: minus(s.created, s.expected_start),
     ),
     Metric(
         "start",
         "run created -> started (worker poll, process start)",
-        lambda s: _minus(s.start, s.created),
+        lambda s: minus(s.start, s.created),
     ),
-    Metric("flow", "run started -> ended (the backup flow)", lambda s: _minus(s.end, s.start)),
-    Metric("ended", "stable -> backup run ended", lambda s: _minus(s.end, s.t_stable)),
+    Metric("flow", "run started -> ended (the backup flow)", lambda s: minus(s.end, s.start)),
+    Metric("ended", "stable -> backup run ended", lambda s: minus(s.end, s.t_stable)),
     Metric(
         "named",
         "run created -> seen named `backup <path>` (1 s polls)",
-        lambda s: _minus(s.named_at, s.created),
+        lambda s: minus(s.named_at, s.created),
     ),
 )
-
-
-def _p90(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=10, method="inclusive")[8]
 
 
 def figures(metric: Metric, samples: Sequence[Sample]) -> tuple[int, float, float, float] | None:
@@ -286,7 +282,7 @@ def figures(metric: Metric, samples: Sequence[Sample]) -> tuple[int, float, floa
     values = [v for v in (metric.value(s) for s in samples) if v is not None]
     if not values:
         return None
-    return len(values), statistics.median(values), _p90(values), max(values)
+    return len(values), statistics.median(values), p90(values), max(values)
 
 
 def metric_rows(metrics: Sequence[Metric], samples: Sequence[Sample]) -> list[str]:
@@ -326,10 +322,6 @@ def metric_table(metrics: Sequence[Metric], samples: Sequence[Sample]) -> str:
     return "\n".join(head + metric_rows(metrics, samples))
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def per_file_table(samples: Sequence[Sample]) -> str:
     """Return one markdown row per file, times relative to ``t_stable``.
 
@@ -347,20 +339,20 @@ def per_file_table(samples: Sequence[Sample]) -> str:
     ]
     for index, s in enumerate(samples, 1):
         cells = [
-            _minus(s.rebuilt, s.t_stable),
-            _minus(s.reconstructed_occurred, s.t_stable),
-            _minus(s.reconstructed_received, s.t_stable),
-            _minus(s.fired, s.t_stable),
-            _minus(s.expected_start, s.t_stable),
-            _minus(s.created, s.t_stable),
+            minus(s.rebuilt, s.t_stable),
+            minus(s.reconstructed_occurred, s.t_stable),
+            minus(s.reconstructed_received, s.t_stable),
+            minus(s.fired, s.t_stable),
+            minus(s.expected_start, s.t_stable),
+            minus(s.created, s.t_stable),
         ]
-        later = [_minus(s.start, s.t_stable), _minus(s.end, s.t_stable)]
+        later = [minus(s.start, s.t_stable), minus(s.end, s.t_stable)]
         extra = f" ({s.runs} runs)" if s.runs > 1 else ""
         lines.append(
             f"| {index} | `{s.name}` | "
-            + " | ".join(_fmt(c) for c in cells)
+            + " | ".join(fmt_seconds(c) for c in cells)
             + f" | {s.action_rank or 'n/a'} | "
-            + " | ".join(_fmt(c) for c in later)
+            + " | ".join(fmt_seconds(c) for c in later)
             + f" | {s.state or 'no run'}{extra} | `{s.first_name or ''}` |"
         )
     return "\n".join(lines)
@@ -389,7 +381,7 @@ def verdict(samples: Sequence[Sample]) -> tuple[bool, str]:
         if math.isfinite(median)
         else f"unbounded (more than half the files had no run within {RUN_TIMEOUT_S:g} s)"
     )
-    with_run = f"{_p90(present):.3f} s" if present else "n/a"
+    with_run = f"{p90(present):.3f} s" if present else "n/a"
     return ok, (
         f"median stable -> `backup-file` run created over all {len(samples)} files, a file "
         f"without a run counting as slowest = {shown}; {missed} files without a run; "
@@ -428,37 +420,6 @@ class Deadline:
     def passed(self) -> bool:
         """Whether the limit has passed."""
         return self.left() <= 0
-
-
-def _own_lineage() -> set[int]:
-    """This process and its ancestors (their command lines name this benchmark too)."""
-    pids: set[int] = set()
-    pid = os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-    return pids
-
-
-def wait_for_other_bench() -> None:
-    """Wait (up to 10 min, polling every 20 s) while another ``bench.*`` run is going."""
-    mine = _own_lineage()
-    waited = 0.0
-    while waited < OTHER_BENCH_MAX_WAIT_S:
-        found = subprocess.run(
-            ["pgrep", "-f", OTHER_BENCH_PATTERN], capture_output=True, text=True, check=False
-        )
-        others = [p for p in found.stdout.split() if int(p) not in mine]
-        if not others:
-            return
-        print(f"waiting for another benchmark (pids {others})", flush=True)
-        time.sleep(OTHER_BENCH_POLL_S)
-        waited += OTHER_BENCH_POLL_S
-    print(f"another benchmark still running after {waited:.0f} s; going ahead", flush=True)
 
 
 def cli(
@@ -549,24 +510,6 @@ def port_args() -> list[str]:
     for name, port in free_port_map().items():
         args += ["--port", f"{name}={port}"]
     return args
-
-
-def write_replace(watch: Path, staging: Path, name: str, data: bytes) -> float:
-    """Write a file outside the watched folder, then rename it in.
-
-    Args:
-        watch: Watched folder.
-        staging: A folder on the same file system, outside ``watch``.
-        name: File name.
-        data: Content.
-
-    Returns:
-        ``t0``: the time just after the rename.
-    """
-    temp = staging / f".{name}.tmp"
-    temp.write_bytes(data)
-    os.replace(temp, watch / name)
-    return time.time()
 
 
 # --------------------------------------------------------------------------- observers
@@ -1151,14 +1094,7 @@ def machine_notes(load_start: tuple[float, float, float]) -> list[str]:
     Returns:
         Markdown bullets.
     """
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         from importlib.metadata import version
 
@@ -1168,8 +1104,8 @@ def machine_notes(load_start: tuple[float, float, float]) -> list[str]:
     return [
         f"- {os.cpu_count()} cores ({cpu}), {platform.platform()}, Python "
         f"{platform.python_version()}, Prefect {prefect}; a shared machine that may be busy.",
-        f"- Load average (1, 5, 15 min) at start: {_load(load_start)}; at end: "
-        f"{_load(os.getloadavg())}.",
+        f"- Load average (1, 5, 15 min) at start: {format_load(load_start)}; at end: "
+        f"{format_load(os.getloadavg())}.",
     ]
 
 
@@ -1199,10 +1135,6 @@ def retryable_line(opts: Options, notes: dict[str, Any]) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
-
-
-def _load(load: tuple[float, float, float]) -> str:
-    return ", ".join(f"{v:.2f}" for v in load)
 
 
 def _median_of(metric: Metric, samples: Sequence[Sample]) -> str:
@@ -1263,7 +1195,7 @@ def stall_lines(samples: Sequence[Sample]) -> list[str]:
 
 
 def _stalled(sample: Sample) -> bool | None:
-    took = _minus(sample.created, sample.reconstructed_received)
+    took = minus(sample.created, sample.reconstructed_received)
     return None if took is None else took > STALL_S
 
 
