@@ -152,5 +152,9 @@ def watch_and_send(
         producer.flush()
         thread.join(timeout=10)
     if watcher_errors:
-        raise watcher_errors[0]
+        error = watcher_errors[0]
+        if not watch_settings.root.is_dir():
+            # The folder vanished under the watcher (unmounted share, deleted): say so plainly.
+            raise MsiError(f"the watched folder {watch_settings.root} is gone") from error
+        raise error
     return tally
