@@ -6,7 +6,8 @@ environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, optionally
 earlier versions:
 
 * ``msi-kafka-cluster/embedded``: the embedded broker (PLAINTEXT on loopback);
-* ``msi-transfer-settings/embedded``: topic ``lab-files`` with the default settings;
+* ``msi-transfer-settings/embedded``: topic ``lab-files`` with the default settings and
+  the stack's downstream dispatch (``per-file`` or ``batch``, from the status);
 * ``msi-backup-storage/embedded``: ``s3://<backup bucket>/backups`` on the embedded S3 store.
 
 Usage::
@@ -31,6 +32,7 @@ from pydantic import SecretStr, ValidationError
 
 from msi_prefect.blocks import BackupStorage, KafkaCluster, TransferSettings
 from msi_prefect.errors import MsiError
+from msi_prefect.events import DownstreamDispatch
 
 DOCUMENT_NAME = "embedded"
 TOPIC = "lab-files"
@@ -68,7 +70,11 @@ def build_embedded_blocks(
     cluster = KafkaCluster(bootstrap_servers=bootstrap)
     # The inbox is dedicated to the stack: every file in it goes, even one dropped before the
     # watcher started (the registry still sends nothing twice).
-    transfer = TransferSettings(topic=TOPIC, upload_existing=True)
+    transfer = TransferSettings(
+        topic=TOPIC,
+        upload_existing=True,
+        downstream_dispatch=status.get("downstream_dispatch") or DownstreamDispatch.PER_FILE,
+    )
     backup = BackupStorage(
         url=f"s3://{bucket}/{BACKUP_PREFIX}",
         endpoint_url=endpoint,

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.blocks import BackupStorage
 from msi_prefect.errors import MsiError
-from msi_prefect.events import EventName, FileFacts, file_event
+from msi_prefect.events import DownstreamDispatch, EventName, FileFacts, file_event
 from msi_prefect.flow_inputs import FileInputError, retry_unless_input_error
 from msi_prefect.transfer.paths import UnsafePathError, validate_relative_path
 from msi_prefect.transfer.progress import FileProgress, ProgressStore
@@ -280,7 +280,12 @@ def audit_backups(
             continue
         logger.warning("Backup of %s is %s; re-triggering it", entry.file.relpath, entry.status)
         facts = _missing_event_facts(entry, report.run_id, report.backup)
-        file_event(EventName.BACKUP_MISSING, facts, f"{entry.file.file_id}@{report.run_id}").emit()
+        file_event(
+            EventName.BACKUP_MISSING,
+            facts,
+            f"{entry.file.file_id}@{report.run_id}",
+            DownstreamDispatch.PER_FILE,  # a repair is always one backup-file run
+        ).emit()
         report.events_emitted += 1
     summary = ", ".join(f"{count} {status}" for status, count in report.counts.items() if count)
     create_table_artifact(

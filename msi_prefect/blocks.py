@@ -32,6 +32,7 @@ from fsspec.registry import known_implementations, registry
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 
+from msi_prefect.events import DownstreamDispatch
 from msi_prefect.transfer.filters import FileFilter
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, SecurityProtocol
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, MIB
@@ -54,6 +55,11 @@ TIB = 1024**4
 DEFAULT_MAX_FILE_SIZE = 1 * TIB
 DEFAULT_CONSUMER_GROUP = "msi-reassembler"
 DEFAULT_STABILITY_WINDOW_S = 2.0
+DEFAULT_BATCH_MAX_FILES = 50
+# A batch run holds one task run per file in memory: keep it bounded.
+MAX_BATCH_FILES = 1000
+DEFAULT_BATCH_MAX_WAIT_S = 5.0
+MAX_BATCH_WAIT_S = 3600.0
 DEFAULT_KEY_WAIT_TIMEOUT_S = 30.0
 #: Kafka's own limit on topic names (longer names break the broker's log directories).
 MAX_TOPIC_CHARS = 249
@@ -332,6 +338,29 @@ class TransferSettings(Block):
         title="Consumer Group",
         description="Kafka consumer group of the file rebuilders; consumers in one group "
         "share the topic's partitions.",
+    )
+    downstream_dispatch: DownstreamDispatch = Field(
+        default=DownstreamDispatch.PER_FILE,
+        title="Downstream Dispatch",
+        description="per-file: every rebuilt file starts its own backup, metadata and "
+        "analysis runs (lowest latency). batch: rebuilt files are grouped and each group "
+        "starts one run of each batch deployment (for high file rates; every file still "
+        "gets its events and a task run named after it).",
+    )
+    batch_max_files: int = Field(
+        default=DEFAULT_BATCH_MAX_FILES,
+        ge=1,
+        le=MAX_BATCH_FILES,
+        title="Batch Size (files)",
+        description="batch dispatch: a batch is sent as soon as it has this many files.",
+    )
+    batch_max_wait_s: float = Field(
+        default=DEFAULT_BATCH_MAX_WAIT_S,
+        gt=0,
+        le=MAX_BATCH_WAIT_S,
+        title="Batch Wait (seconds)",
+        description="batch dispatch: a batch that is not full is sent this long after its "
+        "first file was rebuilt.",
     )
 
     @field_validator("topic")

@@ -20,6 +20,8 @@ from msi_prefect.transfer.reassembler import FileEvent, FileEventKind
 # Fixed namespace: changing it would change every event id.
 EVENT_ID_NAMESPACE = uuid.UUID("0b7a3c52-9d4e-4a57-9a0e-6f1d2c8b5e41")
 RESOURCE_PREFIX = "msi.file"
+BATCH_RESOURCE_PREFIX = "msi.batch"
+DISPATCH_LABEL = "msi.dispatch"
 TOPIC_RESOURCE_PREFIX = "msi.topic"
 # Prefect labels are strings; long untrusted paths are cut for display.
 MAX_LABEL_CHARS = 1024
@@ -35,6 +37,18 @@ class EventName(StrEnum):
     METADATA_EXTRACTED = "msi.file.metadata-extracted"
     ANALYZED = "msi.file.analyzed"
     BACKUP_MISSING = "msi.backup.missing"
+    BATCH_READY = "msi.files.batch-ready"
+
+
+class DownstreamDispatch(StrEnum):
+    """How rebuilt files start their downstream deployments (the ``msi.dispatch`` label).
+
+    The per-file triggers of ``prefect.yaml`` match ``per-file``; in ``batch`` mode the
+    per-file events are still emitted (for the record) but only the batch events start work.
+    """
+
+    PER_FILE = "per-file"
+    BATCH = "batch"
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,12 @@ class FileFacts:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def file_event(name: EventName, facts: FileFacts, dedup_key: str | None = None) -> FileEventSpec:
+def file_event(
+    name: EventName,
+    facts: FileFacts,
+    dedup_key: str | None = None,
+    dispatch: DownstreamDispatch | None = None,
+) -> FileEventSpec:
     """Build the event `name` about a file.
 
     Args:
@@ -87,6 +106,7 @@ def file_event(name: EventName, facts: FileFacts, dedup_key: str | None = None) 
         facts: The file's topic, id, path, generation and, when known, size, hash, URL.
         dedup_key: What makes the event unique besides name, topic and generation;
             the file id by default (a rejected message without one uses its offset).
+        dispatch: For events that start downstream work: which triggers should act on it.
     """
     labels = {
         "prefect.resource.id": f"{RESOURCE_PREFIX}.{facts.topic}.{facts.file_id}",
@@ -102,6 +122,8 @@ def file_event(name: EventName, facts: FileFacts, dedup_key: str | None = None) 
         "msi.url": facts.url,
     }
     labels.update({key: str(value) for key, value in optional.items() if value is not None})
+    if dispatch is not None:
+        labels[DISPATCH_LABEL] = dispatch.value
     payload: dict[str, Any] = {
         "topic": facts.topic,
         "file_id": facts.file_id,
@@ -126,8 +148,15 @@ def file_event(name: EventName, facts: FileFacts, dedup_key: str | None = None) 
     )
 
 
-def from_reassembler(event: FileEvent) -> FileEventSpec:
-    """`msi.file.reconstructed` or `msi.file.rejected` for a reassembler outcome."""
+def from_reassembler(
+    event: FileEvent, dispatch: DownstreamDispatch = DownstreamDispatch.PER_FILE
+) -> FileEventSpec:
+    """`msi.file.reconstructed` or `msi.file.rejected` for a reassembler outcome.
+
+    Args:
+        event: The outcome.
+        dispatch: Labels a `reconstructed` event for the per-file or the batch triggers.
+    """
     if event.kind is FileEventKind.RECONSTRUCTED:
         name = EventName.RECONSTRUCTED
         extra: dict[str, Any] = {}
@@ -151,7 +180,72 @@ def from_reassembler(event: FileEvent) -> FileEventSpec:
         url=event.url,
         extra=extra,
     )
-    return file_event(name, facts, dedup_key)
+    return file_event(name, facts, dedup_key, dispatch if name is EventName.RECONSTRUCTED else None)
+
+
+def facts_of(spec: FileEventSpec) -> FileFacts:
+    """The file facts a file event was built from (read back from its payload)."""
+    payload = spec.payload
+    return FileFacts(
+        topic=payload["topic"],
+        file_id=payload["file_id"],
+        relpath=payload["path"],
+        generation=payload["generation"],
+        size=payload["size"],
+        sha256=payload["sha256"],
+        url=payload["url"],
+    )
+
+
+def batch_file_entry(facts: FileFacts) -> dict[str, Any]:
+    """One file of a `msi.files.batch-ready` payload: the per-file flows' parameters."""
+    return {
+        "topic": facts.topic,
+        "file_id": facts.file_id,
+        "generation": facts.generation,
+        "path": facts.relpath,
+        "url": facts.url,
+        "size": facts.size,
+        "sha256": facts.sha256,
+    }
+
+
+def batch_event(topic: str, files: list[FileFacts]) -> FileEventSpec:
+    """`msi.files.batch-ready`: several rebuilt files for the batch deployments at once.
+
+    The batch id, and so the event id, is a uuid5 of the members' ids and generations: the
+    same batch emitted again after a crash is deduplicated by the server like a file event.
+
+    Args:
+        topic: The topic the files came through.
+        files: The rebuilt files (at least one).
+
+    Raises:
+        ValueError: ``files`` is empty.
+    """
+    if not files:
+        raise ValueError("a batch needs at least one file")
+    members = sorted(f"{facts.file_id}/{facts.generation or 0}" for facts in files)
+    batch_id = uuid.uuid5(EVENT_ID_NAMESPACE, f"batch/{topic}/{'|'.join(members)}").hex
+    first = files[0].relpath
+    return FileEventSpec(
+        name=EventName.BATCH_READY,
+        resource={
+            "prefect.resource.id": f"{BATCH_RESOURCE_PREFIX}.{topic}.{batch_id}",
+            "prefect.resource.name": f"{len(files)} files from {first}"[:MAX_LABEL_CHARS],
+            "msi.topic": topic,
+            "msi.files": str(len(files)),
+            DISPATCH_LABEL: DownstreamDispatch.BATCH.value,
+        },
+        related=[
+            {
+                "prefect.resource.id": f"{TOPIC_RESOURCE_PREFIX}.{topic}",
+                "prefect.resource.role": "topic",
+            }
+        ],
+        payload={"topic": topic, "files": [batch_file_entry(facts) for facts in files]},
+        event_id=event_id_for(EventName.BATCH_READY, topic, batch_id, None),
+    )
 
 
 def from_upload(topic: str, result: UploadResult) -> FileEventSpec | None:

@@ -9,6 +9,7 @@ minute, so memory stays flat however long the flow runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -17,12 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.dispatch import OUTBOX_FILE, BatchOutbox, FileBatcher
 from msi_prefect.errors import MsiError
-from msi_prefect.events import from_reassembler, from_upload
+from msi_prefect.events import (
+    DownstreamDispatch,
+    FileFacts,
+    batch_event,
+    facts_of,
+    from_reassembler,
+    from_upload,
+)
 from msi_prefect.transfer.kafka import ensure_topic
 from msi_prefect.transfer.producer import UploadResult
 from msi_prefect.transfer.reassembler import (
     FileEvent,
+    FileEventKind,
     Reassembler,
     ReassemblerSettings,
 )
@@ -147,17 +157,43 @@ def run_reconstruct_files(
         limits=DecodeLimits(max_file_size=transfer.max_file_size),
     )
     counts = RunCounts(f"Rebuilding {transfer.topic} into {destination}", "reconstruct-files")
+    dispatch = transfer.downstream_dispatch
+    batcher: FileBatcher | None = None
 
     def on_event(event: FileEvent) -> None:
         counts.add(event.kind.value, event.relpath)
-        _emit(from_reassembler(event))
+        spec = from_reassembler(event, dispatch)
+        _emit(spec)
+        if batcher is not None and event.kind is FileEventKind.RECONSTRUCTED:
+            batcher.add(facts_of(spec))
+
+    def send_batch(files: list[FileFacts]) -> None:
+        _emit(batch_event(transfer.topic, files))
+
+    def send_due_batches() -> None:
+        if batcher is not None:
+            batcher.send_due()
 
     try:
-        reassembler = Reassembler(connection, settings, on_event=on_event)
+        reassembler = Reassembler(
+            connection,
+            settings,
+            on_event=on_event,
+            on_tick=send_due_batches,
+        )
     except OSError as exc:
         raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
-    with StopOnSignal() as stop:
-        stats = reassembler.run(stop, conditions)
+    with contextlib.ExitStack() as cleanup:
+        if dispatch is DownstreamDispatch.BATCH:
+            outbox = cleanup.enter_context(BatchOutbox(reassembler.work_dir / OUTBOX_FILE))
+            batcher = FileBatcher(
+                outbox, transfer.batch_max_files, transfer.batch_max_wait_s, send_batch
+            )
+            batcher.send_due()  # leftovers of a crashed run first, as the same batches
+        with StopOnSignal() as stop:
+            stats = reassembler.run(stop, conditions)
+        if batcher is not None:
+            batcher.send_due(force=True)
     counts.publish()
     return {
         "reconstructed": stats.files_reconstructed,

@@ -134,7 +134,10 @@ def read_events(
     since: datetime | None = None,
     until_found: Callable[[list[Any]], bool] | None = None,
 ) -> list[Any]:
-    """Events ``name`` about ``resource_id`` from the server, polled until ``count`` arrived."""
+    """Events ``name`` about ``resource_id`` from the server, polled until ``count`` arrived.
+
+    A ``resource_id`` ending in ``*`` matches every resource id with that prefix.
+    """
     from prefect.client.orchestration import get_client
     from prefect.events.filters import (
         EventFilter,
@@ -152,7 +155,11 @@ def read_events(
                 {"since": start, "until": datetime.now(UTC) + timedelta(days=1)}
             ),
             event=EventNameFilter(name=[name]),
-            resource=EventResourceFilter(id=[resource_id]),
+            resource=(
+                EventResourceFilter(id_prefix=[resource_id.removesuffix("*")])
+                if resource_id.endswith("*")
+                else EventResourceFilter(id=[resource_id])
+            ),
         )
         with get_client(sync_client=True) as client:
             events = list(client.read_events(filter=event_filter, limit=MAX_EVENTS).events)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from msi_prefect.events import FileFacts, batch_event
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import StateDir
 from msi_prefect.stack.manager import StackManager
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.stack
 
 # Worker start of two flow runs, a group join and a stability window, on a busy machine.
 ARRIVAL_TIMEOUT_S = 120
+# A Prefect CLI command (imports take seconds on a busy machine).
+CLI_TIMEOUT_S = 120
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 # The embedded server on SQLite answers slowly while the worker starts flow runs.
 API_TIMEOUT_S = 30
@@ -155,6 +158,32 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         api = report["prefect_api_url"]
         for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
             assert _wait_for_run(api, run_name) == "COMPLETED", run_name
+
+        # The batch deployments' triggers: a `msi.files.batch-ready` event (as the reconstruct
+        # flow emits with batch dispatch) starts one run of each, with the files rendered
+        # from the event into a list parameter.
+        rebuilt = httpx.post(
+            f"{api}/events/filter",
+            json={"filter": {"event": {"name": ["msi.file.reconstructed"]}}, "limit": 5},
+            timeout=API_TIMEOUT_S,
+        ).json()["events"][0]["payload"]
+        facts = FileFacts(
+            topic=rebuilt["topic"], file_id=rebuilt["file_id"], relpath=rebuilt["path"],
+            generation=rebuilt["generation"], size=rebuilt["size"], sha256=rebuilt["sha256"],
+            url=rebuilt["url"],
+        )  # fmt: skip
+        batch = batch_event(facts.topic, [facts])
+        emitted = subprocess.run(
+            [
+                sys.executable, "-m", "prefect", "event", "emit", batch.name.value,
+                "--resource", json.dumps(batch.resource), "--payload", json.dumps(batch.payload),
+            ],
+            env={**os.environ, "PREFECT_API_URL": api}, capture_output=True, text=True,
+            timeout=CLI_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        assert emitted.returncode == 0, emitted.stderr
+        for verb in ("backup", "metadata of", "analyze"):
+            assert _wait_for_run(api, f"{verb} 1 file: dropped.dat") == "COMPLETED", verb
 
         # The S3 secret reached the flows (the backup worked) but no log, event or run shows it.
         secret = json.loads((state_dir / "credentials.json").read_text())["secret_access_key"]

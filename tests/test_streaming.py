@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from msi_prefect.blocks import KafkaCluster, TransferSettings
-from msi_prefect.events import EventName, FileFacts, file_event
+from msi_prefect.events import DownstreamDispatch, EventName, FileFacts, file_event
+from msi_prefect.transfer.producer import FileProducer, ProducerSettings
+from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.wire import file_id_for
 from tests.conftest import RunningStack
 from tests.flow_helpers import delete_block, load_flow, read_events, unique_name
@@ -86,6 +88,62 @@ def test_watch_then_rebuild_announces_every_file_once(
     assert payload["sha256"] == digests["run1/a.tif"]
     assert payload["url"] == (dest / "run1" / "a.tif").as_uri()
     assert rebuilt[0].related[0]["prefect.resource.id"] == f"msi.topic.{topic}"
+
+
+def test_batch_dispatch_announces_every_file_in_exactly_one_batch(
+    prefect_api: str, kafka_stack: RunningStack, topic: str, tmp_path: Path
+) -> None:
+    kafka_name, transfer_name = unique_name("kafka"), unique_name("transfer")
+    KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).save(kafka_name)
+    TransferSettings(
+        topic=topic,
+        consumer_group=f"batch-{topic}",
+        downstream_dispatch=DownstreamDispatch.BATCH,
+        batch_max_files=2,
+        batch_max_wait_s=1.0,
+    ).save(transfer_name)
+    try:
+        connection = KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).to_connection()
+        source, dest = tmp_path / "instrument", tmp_path / "dest"
+        source.mkdir()
+        for relpath in FILES:
+            (source / relpath.replace("/", "_")).write_bytes(relpath.encode())
+        with Registry(tmp_path / "registry.sqlite") as registry:
+            producer = FileProducer(connection, ProducerSettings(topic=topic), registry)
+            for path in sorted(source.iterdir()):
+                producer.submit(path, path.name)
+            producer.flush()
+
+        rebuild = load_flow("flows/reconstruct_files.py:reconstruct_files_flow")
+        counts = rebuild(
+            destination=str(dest),
+            kafka_block=kafka_name,
+            transfer_block=transfer_name,
+            stop_after_files=len(FILES),
+            idle_timeout_s=60,
+        )
+        assert counts["reconstructed"] == len(FILES)
+    finally:
+        delete_block(KafkaCluster, kafka_name)
+        delete_block(TransferSettings, transfer_name)
+
+    batches = read_events(
+        EventName.BATCH_READY, f"msi.batch.{topic}.*", until_found=lambda found: sum(
+            len(event.payload["files"]) for event in found
+        ) >= len(FILES),
+    )  # fmt: skip
+    sizes = sorted(len(event.payload["files"]) for event in batches)
+    assert sizes == [1, 2]  # one full batch, then the rest when the run ended
+    announced = sorted(entry["path"] for event in batches for entry in event.payload["files"])
+    assert announced == sorted(relpath.replace("/", "_") for relpath in FILES)
+    for event in batches:
+        assert event.resource["msi.dispatch"] == "batch"
+        for entry in event.payload["files"]:
+            assert entry["url"] == (dest / entry["path"]).as_uri()
+    # The per-file events are still there, labelled so the per-file triggers skip them.
+    resource = f"msi.file.{topic}.{file_id_for('c.json')}"
+    rebuilt = read_events(EventName.RECONSTRUCTED, resource)
+    assert [event.resource["msi.dispatch"] for event in rebuilt] == ["batch"]
 
 
 def test_an_event_emitted_twice_is_kept_once(prefect_api: str, topic: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
+from msi_prefect.events import DownstreamDispatch
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir, parse_port_overrides
 from msi_prefect.stack.deploy import deploy_flows
@@ -57,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="folder rebuilt files go to (default: received/ beside the state dir)",
     )
     up.add_argument(
+        "--dispatch",
+        choices=[d.value for d in DownstreamDispatch],
+        default=None,
+        help="how rebuilt files start their downstream runs: per-file (default, lowest "
+        "latency) or batch (one run per batch of files, for high file rates)",
+    )
+    up.add_argument(
         "--no-deploy",
         action="store_true",
         help="start the servers only; do not deploy the flows or start the transfers",
@@ -90,6 +98,8 @@ def _up(args: argparse.Namespace) -> int:
         changes["ports"] = {**manager.config.ports, **overrides}
     if args.storage:
         changes["broker_storage"] = BrokerStorage(args.storage)
+    if args.dispatch:
+        changes["downstream_dispatch"] = DownstreamDispatch(args.dispatch)
     folders = {
         "watch_dir": args.watch_dir or manager.config.watch_dir or state.root.parent / "inbox",
         "destination_dir": args.destination_dir
@@ -103,8 +113,8 @@ def _up(args: argparse.Namespace) -> int:
         raise MsiError(f"invalid stack settings: {exc}") from exc
     if candidate != manager.config and manager.running_components():
         raise MsiError(
-            "the stack is running; ports, storage and folders can only change while it is "
-            "down. Run 'msi-prefect down' first."
+            "the stack is running; ports, storage, folders and dispatch can only change "
+            "while it is down. Run 'msi-prefect down' first."
         )
     manager.config = candidate
     components = [Component(c) for c in args.only] if args.only else list(ALL_COMPONENTS)
@@ -145,6 +155,7 @@ def _print_status(manager: StackManager, as_json: bool) -> int:
             print(f"watched dir   {status.watch_dir}")
         if status.destination_dir:
             print(f"destination   {status.destination_dir}")
+            print(f"dispatch      {status.downstream_dispatch}")
         print()
         print(f"{'component':<10} {'health':<10} {'pid':>8}  address")
         for row in status.components:

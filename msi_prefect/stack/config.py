@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 from msi_prefect.errors import MsiError
+from msi_prefect.events import DownstreamDispatch
 from msi_prefect.stack.processes import LOOPBACK
 
 DEFAULT_STATE_DIR = Path(".msi")
@@ -76,6 +77,10 @@ class StackConfig(BaseModel):
     watch_dir: str | None = Field(default=None, description="Folder the watcher deployment reads.")
     destination_dir: str | None = Field(
         default=None, description="Folder the rebuilder deployment writes."
+    )
+    downstream_dispatch: DownstreamDispatch = Field(
+        default=DownstreamDispatch.PER_FILE,
+        description="How rebuilt files start their backup, metadata and analysis runs.",
     )
 
     @field_validator("ports")

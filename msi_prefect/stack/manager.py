@@ -66,6 +66,7 @@ class StackStatus:
     broker_storage: str
     watch_dir: str | None
     destination_dir: str | None
+    downstream_dispatch: str
     components: list[ComponentStatus]
 
     @property
@@ -195,6 +196,7 @@ class StackManager:
             broker_storage=self.config.broker_storage.value,
             watch_dir=self.config.watch_dir,
             destination_dir=self.config.destination_dir,
+            downstream_dispatch=self.config.downstream_dispatch.value,
             components=rows,
         )
 

@@ -227,6 +227,8 @@ class Reassembler:
         connection: The Kafka cluster.
         settings: Topic, destination, group and limits.
         on_event: Called for every reconstructed or rejected file, in the consumer thread.
+        on_tick: Called in the consumer thread after every poll of the broker (at least
+            every 0.1 s), for work that is due on time rather than on a file.
     """
 
     def __init__(
@@ -234,10 +236,12 @@ class Reassembler:
         connection: KafkaConnection,
         settings: ReassemblerSettings,
         on_event: EventCallback | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.stats = ReassemblerStats()
         self._on_event = on_event
+        self._on_tick = on_tick
         self._connection = connection
         self.sink: Sink = sink_for(settings.destination, settings.storage_options)
         work_dir = settings.work_dir
@@ -324,6 +328,8 @@ class Reassembler:
                 ):
                     logger.info("no message for %.1f s: stopping", conditions.idle_timeout_s)
                     break
+                if self._on_tick is not None:
+                    self._on_tick()
                 done = self.stats.files_reconstructed + self.stats.files_rejected
                 if conditions.stop_after_files is not None and done >= conditions.stop_after_files:
                     break
