@@ -159,32 +159,6 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
             assert _wait_for_run(api, run_name) == "COMPLETED", run_name
 
-        # The batch deployments' triggers: a `msi.files.batch-ready` event (as the reconstruct
-        # flow emits with batch dispatch) starts one run of each, with the files rendered
-        # from the event into a list parameter.
-        rebuilt = httpx.post(
-            f"{api}/events/filter",
-            json={"filter": {"event": {"name": ["msi.file.reconstructed"]}}, "limit": 5},
-            timeout=API_TIMEOUT_S,
-        ).json()["events"][0]["payload"]
-        facts = FileFacts(
-            topic=rebuilt["topic"], file_id=rebuilt["file_id"], relpath=rebuilt["path"],
-            generation=rebuilt["generation"], size=rebuilt["size"], sha256=rebuilt["sha256"],
-            url=rebuilt["url"],
-        )  # fmt: skip
-        batch = batch_event(facts.topic, [facts])
-        emitted = subprocess.run(
-            [
-                sys.executable, "-m", "prefect", "event", "emit", batch.name.value,
-                "--resource", json.dumps(batch.resource), "--payload", json.dumps(batch.payload),
-            ],
-            env={**os.environ, "PREFECT_API_URL": api}, capture_output=True, text=True,
-            timeout=CLI_TIMEOUT_S, check=False,
-        )  # fmt: skip
-        assert emitted.returncode == 0, emitted.stderr
-        for verb in ("backup", "metadata of", "analyze"):
-            assert _wait_for_run(api, f"{verb} 1 file: dropped.dat") == "COMPLETED", verb
-
         # The S3 secret reached the flows (the backup worked) but no log, event or run shows it.
         secret = json.loads((state_dir / "credentials.json").read_text())["secret_access_key"]
         for log in (state_dir / "logs").glob("*.log"):
@@ -228,6 +202,35 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         dom = _look_at_prefect_ui(report["prefect_ui_url"] + "/runs", SCREENSHOT)
         for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
             assert run_name in dom, run_name
+
+        # The batch deployments' triggers: a `msi.files.batch-ready` event (as the reconstruct
+        # flow emits with batch dispatch) starts one run of each, with the files rendered
+        # from the event into a list parameter.
+        rebuilt_events = httpx.post(
+            f"{api}/events/filter",
+            json={"filter": {"event": {"name": ["msi.file.reconstructed"]}}, "limit": 10},
+            timeout=API_TIMEOUT_S,
+        ).json()["events"]
+        rebuilt = next(
+            e["payload"] for e in rebuilt_events if e["payload"]["path"] == "dropped.dat"
+        )
+        facts = FileFacts(
+            topic=rebuilt["topic"], file_id=rebuilt["file_id"], relpath=rebuilt["path"],
+            generation=rebuilt["generation"], size=rebuilt["size"], sha256=rebuilt["sha256"],
+            url=rebuilt["url"],
+        )  # fmt: skip
+        batch = batch_event(facts.topic, [facts])
+        emitted = subprocess.run(
+            [
+                sys.executable, "-m", "prefect", "event", "emit", batch.name.value,
+                "--resource", json.dumps(batch.resource), "--payload", json.dumps(batch.payload),
+            ],
+            env={**os.environ, "PREFECT_API_URL": api}, capture_output=True, text=True,
+            timeout=CLI_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        assert emitted.returncode == 0, emitted.stderr
+        for verb in ("backup", "metadata of", "analyze"):
+            assert _wait_for_run(api, f"{verb} 1 file: dropped.dat") == "COMPLETED", verb
     finally:
         down = _cli(state_dir, "down")
     assert down.returncode == 0, down.stderr
