@@ -1,0 +1,291 @@
+"""End-to-end encryption with KafkaCrypto: unit tests of the pure parts, and round trips
+through the real broker (the broker must only ever see ciphertext)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from msi_prefect.transfer.crypto import (
+    CryptoCodec,
+    NodeFiles,
+    NodeRole,
+    ProvisioningSecrets,
+    pack_envelope,
+    provision_node,
+    sealed_headers,
+    unpack_envelope,
+)
+from msi_prefect.transfer.kafka import KafkaConnection
+from msi_prefect.transfer.producer import FileProducer, ProducerSettings, UploadOutcome
+from msi_prefect.transfer.reassembler import (
+    FileEvent,
+    FileEventKind,
+    Reassembler,
+    ReassemblerSettings,
+)
+from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.stopping import StopConditions
+from msi_prefect.transfer.wire import RejectReason, WireFormatError, decode_message
+from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
+
+CHUNK = 64 * 1024
+MARKER = b"MSI-PLAINTEXT-MARKER-7f3a"
+SECRETS = ProvisioningSecrets(
+    rot_password=SecretStr("root-of-trust-pw-1234"),
+    provisioning_password=SecretStr("provision-pw-5678"),
+)
+OTHER_SECRETS = ProvisioningSecrets(
+    rot_password=SecretStr("another-root-pw-9999"),
+    provisioning_password=SecretStr("another-prov-pw"),
+)
+
+
+# ------------------------------------------------------------------------------ unit tests
+
+
+def test_envelope_round_trip() -> None:
+    headers = [("msi.v", b"1.0"), ("msi.path", "run 7/scan.tif".encode()), ("x", b"")]
+    envelope = pack_envelope(headers, b"chunk-bytes")
+    got_headers, value = unpack_envelope(envelope)
+    assert got_headers == headers
+    assert bytes(value) == b"chunk-bytes"
+
+
+@pytest.mark.parametrize("garbage", [b"", b"MSE1", b"XXXX\x00\x00", b"MSE1\x00\x01\x00\x09ab"])
+def test_malformed_envelope_is_undecryptable(garbage: bytes) -> None:
+    with pytest.raises(WireFormatError) as caught:
+        unpack_envelope(garbage)
+    assert caught.value.reason is RejectReason.UNDECRYPTABLE
+
+
+def test_plain_consumer_refuses_sealed_message() -> None:
+    fid = b"0" * 32
+    with pytest.raises(WireFormatError) as caught:
+        decode_message(fid, b"\x01ciphertext", sealed_headers(fid))
+    assert caught.value.reason is RejectReason.ENCRYPTED
+
+
+def test_weak_passwords_are_refused() -> None:
+    from msi_prefect.errors import MsiError
+
+    with pytest.raises(MsiError):
+        ProvisioningSecrets(SecretStr("short"), SecretStr("provision-pw"))
+
+
+def test_provisioning_writes_the_node_files_without_secrets(tmp_path: Path) -> None:
+    files = provision_node(NodeFiles(tmp_path, "lab-producer"), NodeRole.PRODUCER, SECRETS)
+    assert files.is_provisioned()
+    config = files.config.read_text()
+    assert "auto_offset_reset : earliest" in config or "auto_offset_reset: earliest" in config
+    for secret in (SECRETS.rot_password, SECRETS.provisioning_password):
+        value = secret.get_secret_value().encode()
+        for path in (files.config, files.crypto, files.seed):
+            assert value not in path.read_bytes()
+    crypto_before = files.crypto.read_bytes()
+    provision_node(files, NodeRole.PRODUCER, SECRETS)  # re-provisioning keeps the keys
+    assert files.crypto.read_bytes() == crypto_before
+
+
+# ------------------------------------------------------------------------ broker round trips
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """Provisioned node files for the session."""
+
+    producer: NodeFiles
+    consumer: NodeFiles
+    stranger: NodeFiles  # provisioned with other passwords: not part of the deployment
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Nodes:
+    directory = tmp_path_factory.mktemp("crypto-nodes")
+    return Nodes(
+        producer=provision_node(NodeFiles(directory, "prod"), NodeRole.PRODUCER, SECRETS),
+        consumer=provision_node(NodeFiles(directory, "cons"), NodeRole.CONSUMER, SECRETS),
+        stranger=provision_node(
+            NodeFiles(directory, "stranger"), NodeRole.CONSUMER, OTHER_SECRETS
+        ),
+    )
+
+
+def _connection(stack: RunningStack) -> KafkaConnection:
+    return KafkaConnection(bootstrap_servers=stack.bootstrap_servers)
+
+
+@pytest.fixture
+def producer_codec(
+    kafka_stack: RunningStack, nodes: Nodes, topic: str
+) -> Iterator[CryptoCodec]:
+    """The producer's node, open for the whole test so it answers key requests."""
+    codec = CryptoCodec.open(nodes.producer.config, _connection(kafka_stack), topics=[topic])
+    try:
+        yield codec
+    finally:
+        codec.close()
+
+
+def _write_files(root: Path, sizes: dict[str, int]) -> dict[str, str]:
+    digests = {}
+    for relpath, size in sizes.items():
+        path = root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        block = MARKER + b"." * 100
+        data = (block * (size // len(block) + 1))[:size]
+        path.write_bytes(data)
+        digests[relpath] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def _send(
+    stack: RunningStack, topic: str, codec: CryptoCodec, src: Path, registry: Path
+) -> None:
+    relpaths = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    with Registry(registry) as reg:
+        producer = FileProducer(
+            _connection(stack), ProducerSettings(topic=topic, chunk_size=CHUNK), reg, codec=codec
+        )
+        results = producer.upload_all([(src / rel, rel) for rel in relpaths])
+    assert {r.outcome for r in results} == {UploadOutcome.SENT}
+
+
+def _rebuild(
+    stack: RunningStack,
+    topic: str,
+    dest: Path,
+    codec: CryptoCodec | None,
+    files: int,
+    idle_timeout_s: float = 30,
+) -> list[FileEvent]:
+    events: list[FileEvent] = []
+    settings = ReassemblerSettings(
+        topic=topic,
+        destination=str(dest),
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+    )
+    reassembler = Reassembler(_connection(stack), settings, events.append, codec=codec)
+    reassembler.run(
+        threading.Event(), StopConditions(stop_after_files=files, idle_timeout_s=idle_timeout_s)
+    )
+    return events
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file() and not p.relative_to(root).as_posix().startswith(".msi-")
+    }
+
+
+def _raw_messages(stack: RunningStack, topic: str, expected: int) -> list[bytes]:
+    """Every key, value and header of the topic as plain bytes, read with a plain consumer."""
+    import time
+
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.bootstrap_servers,
+            "group.id": f"raw-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": TEST_SESSION_TIMEOUT_MS,
+        }
+    )
+    consumer.subscribe([topic])
+    blobs: list[bytes] = []
+    messages = 0
+    deadline = time.monotonic() + 30
+    try:
+        while messages < expected and time.monotonic() < deadline:
+            for message in consumer.consume(100, timeout=0.5):
+                if message.error():
+                    continue
+                messages += 1
+                blobs += [message.key() or b"", message.value() or b""]
+                for name, value in message.headers() or []:
+                    blobs += [name.encode(), value or b""]
+    finally:
+        consumer.close()
+    assert messages >= expected
+    return blobs
+
+
+@pytest.mark.stack
+def test_encrypted_round_trip_is_byte_identical_and_broker_sees_only_ciphertext(
+    kafka_stack: RunningStack,
+    nodes: Nodes,
+    topic: str,
+    producer_codec: CryptoCodec,
+    tmp_path: Path,
+) -> None:
+    sizes = {
+        "empty.dat": 0,
+        "tiny.txt": 10,
+        f"run-{MARKER.decode()}/one-chunk.bin": CHUNK,
+        "nested/dir/big.bin": 5 * CHUNK + 123,
+        "nested/medium.h5": 2 * CHUNK - 1,
+    }
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    expected = _write_files(src, sizes)
+    _send(kafka_stack, topic, producer_codec, src, tmp_path / "registry.sqlite")
+
+    consumer = CryptoCodec.open(
+        nodes.consumer.config, _connection(kafka_stack), key_wait_s=30, topics=[topic]
+    )
+    try:
+        events = _rebuild(kafka_stack, topic, dest, consumer, files=len(sizes))
+    finally:
+        consumer.close()
+    assert [e for e in events if e.kind is FileEventKind.REJECTED] == []
+    assert _tree(dest) == expected
+
+    chunk_count = sum(max(1, -(-size // CHUNK)) for size in sizes.values())
+    blobs = _raw_messages(kafka_stack, topic, chunk_count)
+    assert not [blob for blob in blobs if MARKER in blob]
+    assert not [blob for blob in blobs if b"nested" in blob or b"medium.h5" in blob]
+
+
+@pytest.mark.stack
+def test_consumers_without_the_keys_reject_and_write_nothing(
+    kafka_stack: RunningStack,
+    nodes: Nodes,
+    topic: str,
+    producer_codec: CryptoCodec,
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    _write_files(src, {"a.txt": 1000, "b.bin": CHUNK + 5})
+    _send(kafka_stack, topic, producer_codec, src, tmp_path / "registry.sqlite")
+
+    # A plain consumer: every message is refused as encrypted.
+    plain_dest = tmp_path / "plain"
+    events = _rebuild(kafka_stack, topic, plain_dest, None, files=3)
+    assert {e.reason_code for e in events} == {RejectReason.ENCRYPTED.value}
+    assert _tree(plain_dest) == {}
+
+    # A node of another deployment (other passwords): its key request is refused, so the
+    # messages are rejected as key-missing after the key wait, with the file id in the event.
+    stranger = CryptoCodec.open(
+        nodes.stranger.config, _connection(kafka_stack), key_wait_s=4, topics=[topic]
+    )
+    stranger_dest = tmp_path / "stranger"
+    try:
+        events = _rebuild(kafka_stack, topic, stranger_dest, stranger, files=3)
+    finally:
+        stranger.close()
+    assert {e.kind for e in events} == {FileEventKind.REJECTED}
+    assert {e.reason_code for e in events} == {RejectReason.KEY_MISSING.value}
+    assert all(e.file_id for e in events)
+    assert _tree(stranger_dest) == {}
+    assert not list((stranger_dest / ".msi-staging").glob("*"))
