@@ -52,7 +52,7 @@ OTHER_SECRETS = ProvisioningSecrets(
 
 
 def test_envelope_round_trip() -> None:
-    headers = [("msi.v", b"1.0"), ("msi.path", "run 7/scan.tif".encode()), ("x", b"")]
+    headers = [("msi.v", b"1.0"), ("msi.path", b"run 7/scan.tif"), ("x", b"")]
     envelope = pack_envelope(headers, b"chunk-bytes")
     got_headers, value = unpack_envelope(envelope)
     assert got_headers == headers
@@ -112,9 +112,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Nodes:
     return Nodes(
         producer=provision_node(NodeFiles(directory, "prod"), NodeRole.PRODUCER, SECRETS),
         consumer=provision_node(NodeFiles(directory, "cons"), NodeRole.CONSUMER, SECRETS),
-        stranger=provision_node(
-            NodeFiles(directory, "stranger"), NodeRole.CONSUMER, OTHER_SECRETS
-        ),
+        stranger=provision_node(NodeFiles(directory, "stranger"), NodeRole.CONSUMER, OTHER_SECRETS),
     )
 
 
@@ -123,9 +121,7 @@ def _connection(stack: RunningStack) -> KafkaConnection:
 
 
 @pytest.fixture
-def producer_codec(
-    kafka_stack: RunningStack, nodes: Nodes, topic: str
-) -> Iterator[CryptoCodec]:
+def producer_codec(kafka_stack: RunningStack, nodes: Nodes, topic: str) -> Iterator[CryptoCodec]:
     """The producer's node, open for the whole test so it answers key requests."""
     codec = CryptoCodec.open(nodes.producer.config, _connection(kafka_stack), topics=[topic])
     try:
@@ -146,9 +142,7 @@ def _write_files(root: Path, sizes: dict[str, int]) -> dict[str, str]:
     return digests
 
 
-def _send(
-    stack: RunningStack, topic: str, codec: CryptoCodec, src: Path, registry: Path
-) -> None:
+def _send(stack: RunningStack, topic: str, codec: CryptoCodec, src: Path, registry: Path) -> None:
     relpaths = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
     with Registry(registry) as reg:
         producer = FileProducer(

@@ -232,8 +232,9 @@ def provision_node(
         finally:
             store.close()
     files.config.chmod(0o600)
-    logger.info("provisioned KafkaCrypto %s node %r in %s", role.value, files.node_id,
-                files.config_dir)
+    logger.info(
+        "provisioned KafkaCrypto %s node %r in %s", role.value, files.node_id, files.config_dir
+    )
     return files
 
 
@@ -271,8 +272,12 @@ def pack_envelope(headers: KafkaHeaderList, value: bytes | memoryview) -> bytes:
     for name, raw in headers:
         name_bytes = name.encode("utf-8")
         data = raw.encode("utf-8") if isinstance(raw, str) else (raw or b"")
-        parts += [struct.pack(">H", len(name_bytes)), name_bytes, struct.pack(">I", len(data)),
-                  data]
+        parts += [
+            struct.pack(">H", len(name_bytes)),
+            name_bytes,
+            struct.pack(">I", len(data)),
+            data,
+        ]
     parts.append(bytes(value))
     return b"".join(parts)
 

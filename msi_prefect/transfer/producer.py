@@ -25,11 +25,11 @@ from msi_prefect.transfer.kafka import Compression, KafkaConnection
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.wire import (
     DEFAULT_CHUNK_SIZE,
-    KafkaHeaderList,
     MIB,
     AbortNotice,
     ChunkHeader,
     ChunkHeaderEncoder,
+    KafkaHeaderList,
     encode_abort_headers,
     message_key,
 )
