@@ -9,17 +9,20 @@ minute, so memory stays flat however long the flow runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.errors import MsiError
 from msi_prefect.events import from_reassembler, from_upload
-from msi_prefect.transfer.kafka import ensure_topic
+from msi_prefect.transfer.crypto import CryptoCodec
+from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
 from msi_prefect.transfer.producer import UploadResult
 from msi_prefect.transfer.reassembler import (
     FileEvent,
@@ -78,14 +81,33 @@ def _emit(spec: Any) -> None:
         logger.exception("could not emit %s", spec.name)
 
 
+@contextlib.contextmanager
+def _crypto_codec(
+    crypto: KafkaCryptoSettings | None, connection: KafkaConnection, topic: str
+) -> Iterator[CryptoCodec | None]:
+    """The block's KafkaCrypto node, open for the run (None for a clear transfer)."""
+    if crypto is None:
+        yield None
+        return
+    codec = crypto.open_codec(connection, [topic])
+    try:
+        yield codec
+    finally:
+        codec.close()
+
+
 def run_watch_directory(
     directory: Path,
     kafka: KafkaCluster,
     transfer: TransferSettings,
     registry_path: Path,
     conditions: StopConditions,
+    crypto: KafkaCryptoSettings | None = None,
 ) -> dict[str, int]:
     """Send every file that settles in `directory`; emit `msi.file.uploaded` per file.
+
+    With `crypto`, every message is encrypted end to end by that KafkaCrypto node, which
+    stays open (answering consumers' key requests) for the whole run.
 
     Returns:
         Files per outcome.
@@ -111,7 +133,11 @@ def run_watch_directory(
         if spec is not None:
             _emit(spec)
 
-    with Registry(registry_path) as registry, StopOnSignal() as stop:
+    with (
+        Registry(registry_path) as registry,
+        _crypto_codec(crypto, connection, transfer.topic) as codec,
+        StopOnSignal() as stop,
+    ):
         tally = watch_and_send(
             connection,
             transfer.producer_settings(),
@@ -120,6 +146,7 @@ def run_watch_directory(
             stop,
             conditions,
             on_result,
+            codec=codec,
         )
     counts.publish()
     return {outcome.value: n for outcome, n in tally.outcomes.items()}
@@ -131,8 +158,12 @@ def run_reconstruct_files(
     transfer: TransferSettings,
     work_dir: Path | None,
     conditions: StopConditions,
+    crypto: KafkaCryptoSettings | None = None,
 ) -> dict[str, int]:
     """Rebuild files from the topic into `destination`; emit an event per file outcome.
+
+    With `crypto`, messages are decrypted by that KafkaCrypto node; one whose key does not
+    arrive within the block's key wait is rejected (`msi.file.rejected`, `key-missing`).
 
     Returns:
         Counters of the run (files reconstructed and rejected, bytes written).
@@ -152,12 +183,13 @@ def run_reconstruct_files(
         counts.add(event.kind.value, event.relpath)
         _emit(from_reassembler(event))
 
-    try:
-        reassembler = Reassembler(connection, settings, on_event=on_event)
-    except OSError as exc:
-        raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
-    with StopOnSignal() as stop:
-        stats = reassembler.run(stop, conditions)
+    with _crypto_codec(crypto, connection, transfer.topic) as codec:
+        try:
+            reassembler = Reassembler(connection, settings, on_event=on_event, codec=codec)
+        except OSError as exc:
+            raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
+        with StopOnSignal() as stop:
+            stats = reassembler.run(stop, conditions)
     counts.publish()
     return {
         "reconstructed": stats.files_reconstructed,
