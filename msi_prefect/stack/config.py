@@ -77,6 +77,10 @@ class StackConfig(BaseModel):
     destination_dir: str | None = Field(
         default=None, description="Folder the rebuilder deployment writes."
     )
+    encrypted: bool = Field(
+        default=False,
+        description="Whether the deployed transfers encrypt end to end with KafkaCrypto.",
+    )
 
     @field_validator("ports")
     @classmethod

@@ -175,12 +175,14 @@ def provision_node(
         ``files``.
     """
     import msgpack
-    from kafkacrypto import KafkaCryptoStore
-    from kafkacrypto.cryptokey import CryptoKey
-    from kafkacrypto.provisioners import PasswordProvisioner, PasswordROT
-    from kafkacrypto.ratchet import Ratchet
-    from kafkacrypto.utils import msgpack_default_pack
     from pysodium import randombytes
+
+    with _quiet_kafkacrypto():
+        from kafkacrypto import KafkaCryptoStore
+        from kafkacrypto.cryptokey import CryptoKey
+        from kafkacrypto.provisioners import PasswordProvisioner, PasswordROT
+        from kafkacrypto.ratchet import Ratchet
+        from kafkacrypto.utils import msgpack_default_pack
 
     def pack(value: Any) -> bytes:
         return bytes(msgpack.packb(value, default=msgpack_default_pack, use_bin_type=True))
