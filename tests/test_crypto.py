@@ -94,6 +94,98 @@ def test_provisioning_writes_the_node_files_without_secrets(tmp_path: Path) -> N
     assert files.crypto.read_bytes() == crypto_before
 
 
+class FakeNode:
+    """Stands in for a KafkaCrypto node: 'encrypts' by prefixing, or never has the key."""
+
+    def __init__(self, has_key: bool = True, possible: bool = True) -> None:
+        self.has_key = has_key
+        self.possible = possible
+        self.attempts = 0
+
+    def encrypt(self, topic: str, plaintext: bytes) -> bytes:
+        return b"\x01" + plaintext
+
+    def try_decrypt(self, topic: str, ciphertext: bytes) -> tuple[bytes | None, bool]:
+        self.attempts += 1
+        return (ciphertext[1:] if self.has_key else None), self.possible
+
+    def close(self) -> None:
+        pass
+
+
+def _codec(node: FakeNode, key_wait_s: float = 0.3) -> CryptoCodec:
+    return CryptoCodec(node, key_wait_s=key_wait_s)  # type: ignore[arg-type]
+
+
+def _sealed_chunk(codec: CryptoCodec) -> tuple[bytes, bytes, list[tuple[str, bytes | None]]]:
+    from msi_prefect.transfer.wire import ChunkHeader, encode_chunk_headers, message_key
+
+    header = ChunkHeader.for_chunk(
+        relpath="secret/name.txt", size=5, chunk_size=CHUNK, index=0, mtime_ns=1,
+        producer_id="p", generation=1, sha256=hashlib.sha256(b"hello").hexdigest(),
+    )  # fmt: skip
+    key = message_key(header.file_id)
+    value, headers = codec.seal("t", key, b"hello", encode_chunk_headers(header))
+    return key, value, headers
+
+
+def test_sealed_message_round_trips_through_the_decoder() -> None:
+    codec = _codec(FakeNode())
+    key, value, headers = _sealed_chunk(codec)
+    assert [name for name, _ in headers] == ["msi.v", "msi.kind", "msi.fid"]
+    inner_value, inner_headers = codec.unseal("t", key, value, headers)
+    decoded = decode_message(key, inner_value, inner_headers)
+    assert decoded.header.relpath == "secret/name.txt"  # type: ignore[union-attr]
+    assert bytes(decoded.data) == b"hello"  # type: ignore[union-attr]
+
+
+def test_encrypted_consumer_refuses_clear_messages() -> None:
+    codec = _codec(FakeNode())
+    with pytest.raises(WireFormatError) as caught:
+        codec.unseal("t", b"k", b"v", [("msi.v", b"1.0"), ("msi.kind", b"chunk")])
+    assert caught.value.reason is RejectReason.NOT_ENCRYPTED
+
+
+def test_clear_file_id_must_match_the_encrypted_one() -> None:
+    codec = _codec(FakeNode())
+    key, value, _ = _sealed_chunk(codec)
+    with pytest.raises(WireFormatError) as caught:
+        codec.unseal("t", key, value, sealed_headers(b"f" * 32))
+    assert caught.value.reason is RejectReason.KEY_MISMATCH
+
+
+def test_missing_key_is_waited_for_once_then_rejected_at_once() -> None:
+    import time
+
+    sender = _codec(FakeNode())
+    key, value, headers = _sealed_chunk(sender)
+    codec = _codec(FakeNode(has_key=False), key_wait_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(WireFormatError) as caught:
+        codec.unseal("t", key, value, headers)
+    assert caught.value.reason is RejectReason.KEY_MISSING
+    assert time.monotonic() - started >= 0.5
+    started = time.monotonic()
+    with pytest.raises(WireFormatError):
+        codec.unseal("t", key, value, headers)
+    assert time.monotonic() - started < 0.2
+
+
+def test_value_that_is_no_ciphertext_is_undecryptable() -> None:
+    codec = _codec(FakeNode(has_key=False, possible=False))
+    with pytest.raises(WireFormatError) as caught:
+        codec.unseal("t", b"k", b"garbage", sealed_headers(b"k"))
+    assert caught.value.reason is RejectReason.UNDECRYPTABLE
+
+
+def test_unprovisioned_node_is_refused_before_connecting(tmp_path: Path) -> None:
+    from msi_prefect.errors import MsiError
+    from msi_prefect.transfer.crypto import CryptoNode
+
+    with pytest.raises(MsiError, match="not provisioned"):
+        CryptoNode(NodeFiles(tmp_path, "nobody"), KafkaConnection(bootstrap_servers="x:1"))
+
+
 # ------------------------------------------------------------------------ broker round trips
 
 
