@@ -24,7 +24,6 @@ import io
 import logging
 import re
 import struct
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -463,7 +462,6 @@ class CryptoCodec:
         self.node = node
         self.key_wait_s = key_wait_s
         self._given_up: set[bytes] = set()
-        self._lock = threading.Lock()
 
     @classmethod
     def open(
