@@ -376,7 +376,11 @@ class KafkaCryptoSettings(Block):
     """End-to-end encryption of the file chunks with KafkaCrypto.
 
     Holds the node's identity and where its key material lives on the worker machine; the
-    encryption itself is configured by the KafkaCrypto files in `config_dir`.
+    encryption itself is configured by the KafkaCrypto files in `config_dir`. A node that is
+    not provisioned yet is provisioned on first use from the two deployment passwords
+    (or beforehand with `msi-prefect crypto provision`, leaving the passwords out of the
+    block). The `watch-directory` and `reconstruct-files` flows take the block's name as
+    `crypto_block`.
 
     Example:
         Load saved KafkaCrypto settings:

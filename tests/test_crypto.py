@@ -375,3 +375,51 @@ def test_consumers_without_the_keys_reject_and_write_nothing(
     assert all(e.file_id for e in events)
     assert _tree(stranger_dest) == {}
     assert not list((stranger_dest / ".msi-staging").glob("*"))
+
+
+@pytest.mark.stack
+def test_cli_provision_upload_and_reconstruct_encrypted(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "MSI_CRYPTO_ROT_PASSWORD": SECRETS.rot_password.get_secret_value(),
+        "MSI_CRYPTO_PROVISIONING_PASSWORD": SECRETS.provisioning_password.get_secret_value(),
+    }
+    cli = [sys.executable, "-m", "msi_prefect.cli", "--state-dir", str(tmp_path / "state")]
+    nodes = tmp_path / "nodes"
+    for node, role in (("lab", "producer"), ("store", "consumer")):
+        done = subprocess.run(
+            [*cli, "crypto", "provision", "--config-dir", str(nodes), "--node", node,
+             "--role", role, "--topic", topic],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert SECRETS.rot_password.get_secret_value() not in done.stdout + done.stderr
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    expected = _write_files(src, {"one.txt": 3000, "two/three.bin": 3 * CHUNK})
+    common = ["--topic", topic, "--bootstrap", kafka_stack.bootstrap_servers]
+    rebuild = subprocess.Popen(
+        [*cli, "reconstruct", str(dest), *common, "--crypto-config", str(nodes / "store"),
+         "--stop-after-files", "2", "--idle-timeout", "60",
+         "--session-timeout-ms", str(TEST_SESSION_TIMEOUT_MS)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        upload = subprocess.run(
+            [*cli, "upload", str(src), "--root", str(src), *common, "--no-progress",
+             "--crypto-config", str(nodes / "lab.config"), "--key-linger", "10"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert upload.returncode == 0, upload.stdout + upload.stderr
+        output, _ = rebuild.communicate(timeout=90)
+    finally:
+        if rebuild.poll() is None:
+            rebuild.kill()
+            rebuild.wait()
+    assert rebuild.returncode == 0, output
+    assert _tree(dest) == expected
