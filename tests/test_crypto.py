@@ -186,6 +186,34 @@ def test_unprovisioned_node_is_refused_before_connecting(tmp_path: Path) -> None
         CryptoNode(NodeFiles(tmp_path, "nobody"), KafkaConnection(bootstrap_servers="x:1"))
 
 
+def test_embedded_nodes_and_blocks_of_an_encrypted_stack(tmp_path: Path) -> None:
+    import importlib.util
+    import stat
+
+    from msi_prefect.stack.crypto import CONSUMER_NODE, PRODUCER_NODE, provision_embedded_nodes
+
+    directory = provision_embedded_nodes(tmp_path, environ={})
+    for node in (PRODUCER_NODE, CONSUMER_NODE):
+        assert NodeFiles(directory, node).is_provisioned()
+    secrets_file = directory / "secrets.json"
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    before = secrets_file.read_text()
+    provision_embedded_nodes(tmp_path, environ={})  # idempotent: same secrets, same nodes
+    assert secrets_file.read_text() == before
+
+    script = Path(__file__).resolve().parent.parent / "blocks" / "create_embedded_blocks.py"
+    spec = importlib.util.spec_from_file_location("create_embedded_blocks", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.build_crypto_blocks({}) == {}
+    blocks = module.build_crypto_blocks({"MSI_CRYPTO_DIR": str(directory)})
+    assert set(blocks) == {PRODUCER_NODE, CONSUMER_NODE}
+    for block in blocks.values():
+        assert block.provisioning_password is None and block.rot_password is None
+        assert block.node_files().is_provisioned()
+
+
 # ------------------------------------------------------------------------ broker round trips
 
 
