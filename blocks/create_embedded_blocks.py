@@ -8,7 +8,10 @@ earlier versions:
 * ``msi-kafka-cluster/embedded``: the embedded broker (PLAINTEXT on loopback);
 * ``msi-transfer-settings/embedded``: topic ``lab-files`` with the default settings and
   the stack's downstream dispatch (``per-file`` or ``batch``, from the status);
-* ``msi-backup-storage/embedded``: ``s3://<backup bucket>/backups`` on the embedded S3 store.
+* ``msi-backup-storage/embedded``: ``s3://<backup bucket>/backups`` on the embedded S3 store;
+* with ``$MSI_CRYPTO_DIR`` set (``msi-prefect up --encrypted`` sets it):
+  ``msi-kafkacrypto/embedded-producer`` and ``msi-kafkacrypto/embedded-consumer``, the
+  KafkaCrypto nodes provisioned in that folder.
 
 Usage::
 
@@ -30,9 +33,10 @@ from typing import Any
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr, ValidationError
 
-from msi_prefect.blocks import BackupStorage, KafkaCluster, TransferSettings
+from msi_prefect.blocks import BackupStorage, KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.errors import MsiError
 from msi_prefect.events import DownstreamDispatch
+from msi_prefect.stack.crypto import CONSUMER_NODE, CRYPTO_DIR_ENV, PRODUCER_NODE
 
 DOCUMENT_NAME = "embedded"
 TOPIC = "lab-files"
@@ -118,7 +122,29 @@ def create_embedded_blocks(
         for block in blocks:
             block.save(DOCUMENT_NAME, overwrite=True)
             saved.append(f"{block.get_block_type_slug()}/{DOCUMENT_NAME}")
+        for name, crypto in build_crypto_blocks(env).items():
+            crypto.save(name, overwrite=True)
+            saved.append(f"{crypto.get_block_type_slug()}/{name}")
     return saved
+
+
+def build_crypto_blocks(environ: Mapping[str, str]) -> dict[str, KafkaCryptoSettings]:
+    """The KafkaCrypto blocks of an encrypted stack (``$MSI_CRYPTO_DIR`` set by `up`), by name.
+
+    Each names a node `msi-prefect up --encrypted` provisioned already, so the blocks hold
+    no password.
+    """
+    directory = environ.get(CRYPTO_DIR_ENV)
+    if not directory:
+        return {}
+    return {
+        PRODUCER_NODE: KafkaCryptoSettings(
+            node_id=PRODUCER_NODE, config_dir=directory, role="producer"
+        ),
+        CONSUMER_NODE: KafkaCryptoSettings(
+            node_id=CONSUMER_NODE, config_dir=directory, role="consumer"
+        ),
+    }
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.flow_inputs import load_block
 from msi_prefect.streaming import run_reconstruct_files
 from msi_prefect.transfer.stopping import StopConditions
@@ -24,6 +24,7 @@ def reconstruct_files_flow(
     work_dir: str | None = None,
     stop_after_files: int | None = None,
     idle_timeout_s: float | None = None,
+    crypto_block: str | None = None,
 ) -> dict[str, int]:
     """Rebuild files until cancelled (or a stop condition is met).
 
@@ -34,6 +35,8 @@ def reconstruct_files_flow(
         work_dir: Staging and progress state; required for a remote destination.
         stop_after_files: End after this many files (for tests and scripts).
         idle_timeout_s: End after this long without a message.
+        crypto_block: Name of an MSI KafkaCrypto block: encrypt end to end with its node
+            (none: the transfer is in clear).
 
     Returns:
         Counters of the run.
@@ -44,4 +47,5 @@ def reconstruct_files_flow(
         load_block(TransferSettings, transfer_block),
         Path(work_dir) if work_dir else None,
         StopConditions(stop_after_files, idle_timeout_s),
+        load_block(KafkaCryptoSettings, crypto_block) if crypto_block else None,
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.flow_inputs import load_block
 from msi_prefect.streaming import REGISTRY_FILE, run_watch_directory
 from msi_prefect.transfer.stopping import StopConditions
@@ -24,6 +24,7 @@ def watch_directory_flow(
     registry_path: str | None = None,
     stop_after_files: int | None = None,
     idle_timeout_s: float | None = None,
+    crypto_block: str | None = None,
 ) -> dict[str, int]:
     """Watch `directory` until cancelled (or a stop condition is met).
 
@@ -35,6 +36,8 @@ def watch_directory_flow(
             beside the folder, so it survives restarts and is not itself watched.
         stop_after_files: End after this many files (for tests and scripts).
         idle_timeout_s: End after this long with nothing to send.
+        crypto_block: Name of an MSI KafkaCrypto block: encrypt end to end with its node
+            (none: the transfer is in clear).
 
     Returns:
         Files per outcome.
@@ -47,4 +50,5 @@ def watch_directory_flow(
         load_block(TransferSettings, transfer_block),
         registry,
         StopConditions(stop_after_files, idle_timeout_s),
+        load_block(KafkaCryptoSettings, crypto_block) if crypto_block else None,
     )

@@ -23,8 +23,9 @@ that names the field and says what a good value looks like. Secrets are ``Secret
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from fsspec.core import split_protocol
@@ -38,6 +39,7 @@ from msi_prefect.transfer.kafka import Compression, KafkaConnection, SecurityPro
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, MIB
 
 if TYPE_CHECKING:
+    from msi_prefect.transfer.crypto import CryptoCodec, NodeFiles
     from msi_prefect.transfer.producer import ProducerSettings
     from msi_prefect.transfer.sinks import Sink
 
@@ -403,7 +405,11 @@ class KafkaCryptoSettings(Block):
     """End-to-end encryption of the file chunks with KafkaCrypto.
 
     Holds the node's identity and where its key material lives on the worker machine; the
-    encryption itself is configured by the KafkaCrypto files in `config_dir`.
+    encryption itself is configured by the KafkaCrypto files in `config_dir`. A node that is
+    not provisioned yet is provisioned on first use from the two deployment passwords
+    (or beforehand with `msi-prefect crypto provision`, leaving the passwords out of the
+    block). The `watch-directory` and `reconstruct-files` flows take the block's name as
+    `crypto_block`.
 
     Example:
         Load saved KafkaCrypto settings:
@@ -433,6 +439,19 @@ class KafkaCryptoSettings(Block):
         description="Password used once to provision the node's keys; leave empty when "
         "the node is provisioned already.",
     )
+    rot_password: SecretStr | None = Field(
+        default=None,
+        title="Root-of-Trust Password",
+        description="Root-of-trust password of the deployment (12+ characters), needed "
+        "with the provisioning password to provision the node; leave empty when the node "
+        "is provisioned already.",
+    )
+    role: Literal["producer", "consumer", "prodcon"] = Field(
+        default="prodcon",
+        title="Role",
+        description="What the node does if it has to be provisioned: producer (sends), "
+        "consumer (receives) or prodcon (both).",
+    )
     key_wait_timeout_s: float = Field(
         default=DEFAULT_KEY_WAIT_TIMEOUT_S,
         gt=0,
@@ -460,12 +479,60 @@ class KafkaCryptoSettings(Block):
             raise ValueError("config_dir contains a NUL character")
         return value
 
-    @field_validator("provisioning_password")
+    @field_validator("provisioning_password", "rot_password")
     @classmethod
     def _validate_provisioning_password(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value():
             return None
         return value
+
+    def node_files(self) -> NodeFiles:
+        """Where the node's KafkaCrypto files are."""
+        from msi_prefect.transfer.crypto import NodeFiles
+
+        return NodeFiles(Path(self.config_dir).expanduser(), self.node_id)
+
+    def ensure_provisioned(self) -> NodeFiles:
+        """Provision the node from the two passwords unless its files exist already.
+
+        Raises:
+            MsiError: the node is not provisioned and the passwords are not both set.
+        """
+        from msi_prefect.errors import MsiError
+        from msi_prefect.transfer.crypto import NodeRole, ProvisioningSecrets, provision_node
+
+        files = self.node_files()
+        if files.is_provisioned():
+            return files
+        if self.rot_password is None or self.provisioning_password is None:
+            raise MsiError(
+                f"KafkaCrypto node {self.node_id!r} is not provisioned in {self.config_dir} "
+                "and the block has no root-of-trust and provisioning passwords to do it"
+            )
+        secrets = ProvisioningSecrets(self.rot_password, self.provisioning_password)
+        return provision_node(files, NodeRole(self.role), secrets)
+
+    def open_codec(self, connection: KafkaConnection, topics: Sequence[str]) -> CryptoCodec:
+        """Open the node (provisioning it first if needed) for an encrypted transfer.
+
+        Args:
+            connection: The Kafka cluster.
+            topics: Data topics whose key-exchange topics are created now.
+
+        Returns:
+            The codec; the caller closes it.
+        """
+        from msi_prefect.transfer.crypto import CryptoCodec, CryptoNode
+
+        node = CryptoNode(self.ensure_provisioned(), connection)
+        codec = CryptoCodec(node, key_wait_s=self.key_wait_timeout_s)
+        try:
+            for topic in topics:
+                codec.prepare_topic(topic)
+        except BaseException:
+            codec.close()
+            raise
+        return codec
 
 
 class BackupStorage(Block):

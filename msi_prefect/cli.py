@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from msi_prefect import __version__
+from msi_prefect import __version__, crypto_commands
 from msi_prefect.errors import MsiError
 from msi_prefect.stack import commands as stack_commands
 from msi_prefect.transfer import commands as transfer_commands
@@ -22,7 +22,11 @@ EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-COMMAND_GROUPS: tuple[Registrar, ...] = (stack_commands.register, transfer_commands.register)
+COMMAND_GROUPS: tuple[Registrar, ...] = (
+    stack_commands.register,
+    transfer_commands.register,
+    crypto_commands.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,11 +13,12 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.dispatch import OUTBOX_FILE, BatchOutbox, FileBatcher
 from msi_prefect.errors import MsiError
 from msi_prefect.events import (
@@ -28,7 +29,8 @@ from msi_prefect.events import (
     from_reassembler,
     from_upload,
 )
-from msi_prefect.transfer.kafka import ensure_topic
+from msi_prefect.transfer.crypto import CryptoCodec
+from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
 from msi_prefect.transfer.producer import UploadResult
 from msi_prefect.transfer.reassembler import (
     FileEvent,
@@ -88,14 +90,33 @@ def _emit(spec: Any) -> None:
         logger.exception("could not emit %s", spec.name)
 
 
+@contextlib.contextmanager
+def _crypto_codec(
+    crypto: KafkaCryptoSettings | None, connection: KafkaConnection, topic: str
+) -> Iterator[CryptoCodec | None]:
+    """The block's KafkaCrypto node, open for the run (None for a clear transfer)."""
+    if crypto is None:
+        yield None
+        return
+    codec = crypto.open_codec(connection, [topic])
+    try:
+        yield codec
+    finally:
+        codec.close()
+
+
 def run_watch_directory(
     directory: Path,
     kafka: KafkaCluster,
     transfer: TransferSettings,
     registry_path: Path,
     conditions: StopConditions,
+    crypto: KafkaCryptoSettings | None = None,
 ) -> dict[str, int]:
     """Send every file that settles in `directory`; emit `msi.file.uploaded` per file.
+
+    With `crypto`, every message is encrypted end to end by that KafkaCrypto node, which
+    stays open (answering consumers' key requests) for the whole run.
 
     Returns:
         Files per outcome.
@@ -121,7 +142,11 @@ def run_watch_directory(
         if spec is not None:
             _emit(spec)
 
-    with Registry(registry_path) as registry, StopOnSignal() as stop:
+    with (
+        Registry(registry_path) as registry,
+        _crypto_codec(crypto, connection, transfer.topic) as codec,
+        StopOnSignal() as stop,
+    ):
         tally = watch_and_send(
             connection,
             transfer.producer_settings(),
@@ -130,6 +155,7 @@ def run_watch_directory(
             stop,
             conditions,
             on_result,
+            codec=codec,
         )
     counts.publish()
     return {outcome.value: n for outcome, n in tally.outcomes.items()}
@@ -141,8 +167,12 @@ def run_reconstruct_files(
     transfer: TransferSettings,
     work_dir: Path | None,
     conditions: StopConditions,
+    crypto: KafkaCryptoSettings | None = None,
 ) -> dict[str, int]:
     """Rebuild files from the topic into `destination`; emit an event per file outcome.
+
+    With `crypto`, messages are decrypted by that KafkaCrypto node; one whose key does not
+    arrive within the block's key wait is rejected (`msi.file.rejected`, `key-missing`).
 
     Returns:
         Counters of the run (files reconstructed and rejected, bytes written).
@@ -174,16 +204,14 @@ def run_reconstruct_files(
         if batcher is not None:
             batcher.send_due()
 
-    try:
-        reassembler = Reassembler(
-            connection,
-            settings,
-            on_event=on_event,
-            on_tick=send_due_batches,
-        )
-    except OSError as exc:
-        raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
     with contextlib.ExitStack() as cleanup:
+        codec = cleanup.enter_context(_crypto_codec(crypto, connection, transfer.topic))
+        try:
+            reassembler = Reassembler(
+                connection, settings, on_event=on_event, on_tick=send_due_batches, codec=codec
+            )
+        except OSError as exc:
+            raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
         if dispatch is DownstreamDispatch.BATCH:
             outbox = cleanup.enter_context(BatchOutbox(reassembler.work_dir / OUTBOX_FILE))
             batcher = FileBatcher(

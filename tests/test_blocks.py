@@ -446,7 +446,7 @@ def test_secret_fields_are_secret_in_the_block_schema() -> None:
     assert secret_fields == {
         "KafkaCluster": ["sasl_password"],
         "TransferSettings": [],
-        "KafkaCryptoSettings": ["provisioning_password"],
+        "KafkaCryptoSettings": ["provisioning_password", "rot_password"],
         "BackupStorage": ["secret_access_key"],
     }
 

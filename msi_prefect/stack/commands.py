@@ -65,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "latency) or batch (one run per batch of files, for high file rates)",
     )
     up.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="encrypt the deployed transfers end to end with KafkaCrypto (provisions a "
+        "producer and a consumer node under STATE_DIR/crypto); kept for later runs",
+    )
+    up.add_argument(
         "--no-deploy",
         action="store_true",
         help="start the servers only; do not deploy the flows or start the transfers",
@@ -107,6 +113,8 @@ def _up(args: argparse.Namespace) -> int:
         or state.root.parent / "received",
     }
     changes.update({key: str(Path(value).absolute()) for key, value in folders.items()})
+    if args.encrypted:
+        changes["encrypted"] = True
     try:
         candidate = StackConfig.model_validate({**manager.config.model_dump(), **changes})
     except ValidationError as exc:

@@ -82,6 +82,10 @@ class StackConfig(BaseModel):
         default=DownstreamDispatch.PER_FILE,
         description="How rebuilt files start their backup, metadata and analysis runs.",
     )
+    encrypted: bool = Field(
+        default=False,
+        description="Whether the deployed transfers encrypt end to end with KafkaCrypto.",
+    )
 
     @field_validator("ports")
     @classmethod

@@ -16,6 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from msi_prefect.errors import MsiError
+from msi_prefect.stack.crypto import (
+    CRYPTO_DIR_ENV,
+    DEPLOYMENT_CRYPTO_BLOCKS,
+    provision_embedded_nodes,
+)
 from msi_prefect.stack.manager import StackManager
 
 # The checkout this package was installed from (editable install), holding prefect.yaml.
@@ -59,6 +64,8 @@ def deploy_flows(manager: StackManager) -> list[str]:
         "MSI_WATCH_DIR": config.watch_dir,
         "MSI_DESTINATION_DIR": config.destination_dir,
     }
+    if config.encrypted:
+        env[CRYPTO_DIR_ENV] = str(provision_embedded_nodes(manager.state.root))
     status = json.dumps({**asdict(manager.status()), "components": []}, default=str)
     _run(
         [sys.executable, str(project / "blocks" / "create_embedded_blocks.py")],
@@ -76,8 +83,13 @@ def deploy_flows(manager: StackManager) -> list[str]:
     started = []
     for deployment in LONG_RUNNING_DEPLOYMENTS:
         if not _has_active_run(manager, deployment):
+            params = (
+                ["--param", f"crypto_block={DEPLOYMENT_CRYPTO_BLOCKS[deployment]}"]
+                if config.encrypted
+                else []
+            )
             _run(
-                [sys.executable, "-m", "prefect", "deployment", "run", deployment],
+                [sys.executable, "-m", "prefect", "deployment", "run", deployment, *params],
                 env,
                 project,
                 f"starting {deployment}",

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from msi_prefect.crypto_commands import add_crypto_options, codec_from_args
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.config import StateDir
 from msi_prefect.transfer.filters import FileFilter
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _add_connection_options(upload)
     _add_producer_options(upload)
+    add_crypto_options(upload, producer=True)
     upload.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_summary_option(upload)
     upload.set_defaults(handler=_upload)
@@ -71,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     watch.add_argument("directory", type=Path, metavar="DIR")
     _add_connection_options(watch)
     _add_producer_options(watch)
+    add_crypto_options(watch, producer=True)
     watch.add_argument(
         "--include",
         action="append",
@@ -127,6 +130,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rebuild.add_argument(
         "--session-timeout-ms", type=_positive_int, default=10000, help=argparse.SUPPRESS
     )
+    add_crypto_options(rebuild, producer=False)
     _add_stop_options(rebuild)
     _add_summary_option(rebuild)
     rebuild.set_defaults(handler=_reconstruct)
@@ -298,9 +302,12 @@ class _ProgressBar:
 def _upload(args: argparse.Namespace) -> int:
     started = time.time()
     connection = connection_from_args(args)
-    with Registry(_registry_path(args)) as registry:
+    with (
+        Registry(_registry_path(args)) as registry,
+        codec_from_args(args, connection, [args.topic]) as codec,
+    ):
         # Made first: the idempotent producer's start-up (about 0.5 s) overlaps the rest.
-        producer = FileProducer(connection, _producer_settings(args), registry)
+        producer = FileProducer(connection, _producer_settings(args), registry, codec=codec)
         files = list(iter_upload_files(args.paths, args.root))
         ensure_topic(connection, args.topic)
         results = producer.upload_all(files, _ProgressBar(not args.no_progress))
@@ -352,7 +359,11 @@ def _watch(args: argparse.Namespace) -> int:
     ensure_topic(connection, args.topic)
     started = time.time()
     conditions = StopConditions(args.stop_after_files, args.idle_timeout)
-    with Registry(_registry_path(args)) as registry, StopOnSignal() as stop:
+    with (
+        Registry(_registry_path(args)) as registry,
+        codec_from_args(args, connection, [args.topic]) as codec,
+        StopOnSignal() as stop,
+    ):
         tally = watch_and_send(
             connection,
             _producer_settings(args),
@@ -361,6 +372,7 @@ def _watch(args: argparse.Namespace) -> int:
             stop,
             conditions,
             on_result=_print_result,
+            codec=codec,
         )
     write_summary(args.summary_json, _upload_summary(tally, started))
     return EXIT_OK
@@ -412,15 +424,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
             completion_times["last"] = time.time()
         _print_event(event)
 
-    try:
-        reassembler = Reassembler(connection, settings, on_event=on_event)
-    except OSError as exc:
-        raise MsiError(f"cannot use the destination {args.destination}: {exc}") from exc
     conditions = StopConditions(
         stop_after_files=args.stop_after_files, idle_timeout_s=args.idle_timeout
     )
-    with StopOnSignal() as stop:
-        stats = reassembler.run(stop, conditions)
+    with codec_from_args(args, connection, [args.topic]) as codec:
+        try:
+            reassembler = Reassembler(connection, settings, on_event=on_event, codec=codec)
+        except OSError as exc:
+            raise MsiError(f"cannot use the destination {args.destination}: {exc}") from exc
+        with StopOnSignal() as stop:
+            stats = reassembler.run(stop, conditions)
     print(
         f"{stats.files_reconstructed} reconstructed, {stats.files_rejected} rejected, "
         f"{stats.bytes_written} bytes written",

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from msi_prefect.errors import MsiError
 from msi_prefect.transfer.kafka import Compression, KafkaConnection
@@ -29,6 +29,7 @@ from msi_prefect.transfer.wire import (
     AbortNotice,
     ChunkHeader,
     ChunkHeaderEncoder,
+    KafkaHeaderList,
     encode_abort_headers,
     message_key,
 )
@@ -129,6 +130,18 @@ class _PendingFile:
 
 ResultCallback = Callable[[UploadResult], None]
 KafkaHeaders = list[tuple[str, str | bytes | None]]
+
+
+class MessageSealer(Protocol):
+    """Turns a wire-format message into what goes on the topic (e.g. encrypts it)."""
+
+    def seal(
+        self, topic: str, key: bytes, value: bytes | memoryview, headers: KafkaHeaderList
+    ) -> tuple[bytes, KafkaHeaderList]:
+        """Return the value and headers to produce instead."""
+        ...
+
+
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -142,6 +155,8 @@ class FileProducer:
             version that was sent already. Required: generations must grow per path.
         on_result: Called once per file with its final outcome (from `submit` for immediate
             outcomes, from delivery reports for sent or failed files).
+        codec: Optional sealer applied to every message before it is produced (end-to-end
+            encryption: ``msi_prefect.transfer.crypto.CryptoCodec``). The caller closes it.
     """
 
     def __init__(
@@ -150,9 +165,11 @@ class FileProducer:
         settings: ProducerSettings,
         registry: Registry,
         on_result: ResultCallback | None = None,
+        codec: MessageSealer | None = None,
     ) -> None:
         from confluent_kafka import Producer
 
+        self._codec = codec
         self.settings = settings
         self.registry = registry
         self._on_result = on_result
@@ -277,6 +294,10 @@ class FileProducer:
         headers: KafkaHeaders,
         pending: _PendingFile | None,
     ) -> None:
+        if self._codec is not None:
+            data, headers = self._codec.seal(
+                self.settings.topic, message_key(file_id), data, headers
+            )
         size = len(data)
         # Bound memory: wait for acknowledgements before putting more bytes in flight.
         while (

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 from msi_prefect.errors import MsiError
 from msi_prefect.transfer.kafka import KafkaConnection
@@ -50,6 +50,8 @@ from msi_prefect.transfer.wire import (
     AbortNotice,
     Chunk,
     DecodeLimits,
+    KafkaHeaderList,
+    KafkaHeaders,
     RejectReason,
     WireFormatError,
     decode_message,
@@ -220,6 +222,16 @@ class _PendingWrites:
 EventCallback = Callable[[FileEvent], None]
 
 
+class MessageOpener(Protocol):
+    """Turns what was read from the topic back into a wire-format message (e.g. decrypts)."""
+
+    def unseal(
+        self, topic: str, key: object, value: object, headers: KafkaHeaders | None
+    ) -> tuple[bytes | memoryview, KafkaHeaderList]:
+        """Return the wire-format value and headers; raise WireFormatError to reject."""
+        ...
+
+
 class Reassembler:
     """Consumes a topic and rebuilds its files at a destination.
 
@@ -229,6 +241,8 @@ class Reassembler:
         on_event: Called for every reconstructed or rejected file, in the consumer thread.
         on_tick: Called in the consumer thread after every poll of the broker (at least
             every 0.1 s), for work that is due on time rather than on a file.
+        codec: Optional opener applied to every message before it is decoded (end-to-end
+            encryption: ``msi_prefect.transfer.crypto.CryptoCodec``). The caller closes it.
     """
 
     def __init__(
@@ -237,7 +251,9 @@ class Reassembler:
         settings: ReassemblerSettings,
         on_event: EventCallback | None = None,
         on_tick: Callable[[], None] | None = None,
+        codec: MessageOpener | None = None,
     ) -> None:
+        self._codec = codec
         self.settings = settings
         self.stats = ReassemblerStats()
         self._on_event = on_event
@@ -401,9 +417,12 @@ class Reassembler:
             partition, offset = message.partition(), message.offset()
             commit_to[partition] = offset + 1
             try:
-                decoded = decode_message(
-                    message.key(), message.value(), message.headers(), self.settings.limits
-                )
+                value, headers = message.value(), message.headers()
+                if self._codec is not None:
+                    value, headers = self._codec.unseal(
+                        self.settings.topic, message.key(), value, headers
+                    )
+                decoded = decode_message(message.key(), value, headers, self.settings.limits)
             except WireFormatError as exc:
                 self._reject_message(message, str(exc), code=exc.reason.value)
                 continue

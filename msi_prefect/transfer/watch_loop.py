@@ -13,6 +13,7 @@ from msi_prefect.errors import MsiError
 from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.producer import (
     FileProducer,
+    MessageSealer,
     ProducerSettings,
     UploadOutcome,
     UploadResult,
@@ -83,6 +84,7 @@ def watch_and_send(
     stop: threading.Event,
     conditions: StopConditions | None = None,
     on_result: Callable[[UploadResult], None] | None = None,
+    codec: MessageSealer | None = None,
 ) -> UploadTally:
     """Send each file of a folder once it settles, until stopped; return the counts.
 
@@ -97,6 +99,7 @@ def watch_and_send(
         stop: Set it to end the loop (a signal handler or a cancellation does).
         conditions: Optional self-stop conditions (count of settled files, idle time).
         on_result: Called with every file's outcome, in this thread.
+        codec: Optional sealer (end-to-end encryption) handed to the producer.
     """
     conditions = conditions or StopConditions()
     tally = UploadTally()
@@ -107,7 +110,7 @@ def watch_and_send(
         if on_result is not None:
             on_result(result)
 
-    producer = FileProducer(connection, producer_settings, registry, on_result=record)
+    producer = FileProducer(connection, producer_settings, registry, on_result=record, codec=codec)
     root_key = str(watch_settings.root.resolve())
     wants = registry_wants(registry, topic, registry.first_watched_ns(topic, root_key))
     watcher = DirectoryWatcher(replace(watch_settings, existing_needs_upload=wants))

@@ -86,6 +86,9 @@ class MessageKind(enum.StrEnum):
 
     CHUNK = "chunk"
     ABORT = "abort"
+    #: An encrypted chunk or abort (see ``msi_prefect.transfer.crypto``); only a consumer
+    #: with a KafkaCrypto node can open it.
+    SEALED = "sealed"
 
 
 _COMMON_HEADERS = (
@@ -123,6 +126,10 @@ class RejectReason(enum.StrEnum):
     FILE_ID_MISMATCH = "file-id-mismatch"
     KEY_MISMATCH = "key-mismatch"
     BAD_CHECKSUM_FIELD = "bad-checksum-field"
+    ENCRYPTED = "encrypted"
+    NOT_ENCRYPTED = "not-encrypted"
+    UNDECRYPTABLE = "undecryptable"
+    KEY_MISSING = "key-missing"
 
 
 _REASON_TEXT: dict[RejectReason, str] = {
@@ -139,6 +146,10 @@ _REASON_TEXT: dict[RejectReason, str] = {
     RejectReason.FILE_ID_MISMATCH: "its file id does not match its path",
     RejectReason.KEY_MISMATCH: "its message key does not match its file id",
     RejectReason.BAD_CHECKSUM_FIELD: "its checksum header is missing, misplaced or malformed",
+    RejectReason.ENCRYPTED: "it is encrypted and this consumer has no KafkaCrypto node",
+    RejectReason.NOT_ENCRYPTED: "it is not encrypted but this consumer requires encryption",
+    RejectReason.UNDECRYPTABLE: "it cannot be decrypted",
+    RejectReason.KEY_MISSING: "its decryption key is missing",
 }
 
 
@@ -735,6 +746,12 @@ def _decode(
             RejectReason.UNKNOWN_KIND, f"{HeaderName.KIND} is {_show(kind_text)}"
         ) from None
 
+    if kind is MessageKind.SEALED:
+        raise WireFormatError(
+            RejectReason.ENCRYPTED,
+            "open it with a KafkaCrypto node (--crypto-config) before decoding",
+        )
+
     if kind is MessageKind.ABORT:
         _require(fields, _COMMON_HEADERS, "an abort message")
         notice = AbortNotice(
@@ -786,7 +803,7 @@ def _decode(
 
 def decode_message(
     key: bytes | None,
-    value: bytes | None,
+    value: bytes | memoryview | None,
     headers: KafkaHeaders | None,
     limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> Chunk | AbortNotice:
