@@ -23,7 +23,7 @@ from pathlib import Path
 from msi_prefect.events import FileFacts
 from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
 
-OUTBOX_FILE = "dispatch-outbox.sqlite"
+BATCH_OUTBOX_FILE = "dispatch-outbox.sqlite"
 SCHEMA_VERSION = 1
 _SCHEMA = (
     """

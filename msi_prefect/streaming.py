@@ -3,8 +3,10 @@
 These run the transfer core directly, not as a task run per file or per chunk: a Prefect
 flow keeps every task run it made in memory, and these flows see unbounded numbers of
 files. Each file outcome becomes a Prefect event (which triggers the downstream
-deployments), and the run's counts are published as a markdown artifact at most once a
-minute, so memory stays flat however long the flow runs.
+deployments), written first to a durable outbox that a sender thread delivers, so a
+Prefect server outage delays events but loses none (``msi_prefect.event_outbox``). The
+run's counts are published as a markdown artifact at most once a minute, so memory stays
+flat however long the flow runs.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
-from msi_prefect.dispatch import OUTBOX_FILE, BatchOutbox, FileBatcher
+from msi_prefect.dispatch import BATCH_OUTBOX_FILE, BatchOutbox, FileBatcher
 from msi_prefect.errors import MsiError
+from msi_prefect.event_outbox import EVENT_OUTBOX_FILE, EventChannel
 from msi_prefect.events import (
     DownstreamDispatch,
     FileFacts,
@@ -83,13 +85,6 @@ class RunCounts:
             logger.exception("could not publish the progress artifact")
 
 
-def _emit(spec: Any) -> None:
-    try:
-        spec.emit()
-    except Exception:  # the transfer goes on; the event is lost (see docs/reliability.md)
-        logger.exception("could not emit %s", spec.name)
-
-
 @contextlib.contextmanager
 def _crypto_codec(
     crypto: KafkaCryptoSettings | None, connection: KafkaConnection, topic: str
@@ -140,9 +135,10 @@ def run_watch_directory(
         counts.add(result.outcome.value, result.relpath)
         spec = from_upload(transfer.topic, result)
         if spec is not None:
-            _emit(spec)
+            events.emit(spec)
 
     with (
+        EventChannel(registry_path.parent / EVENT_OUTBOX_FILE) as events,
         Registry(registry_path) as registry,
         _crypto_codec(crypto, connection, transfer.topic) as codec,
         StopOnSignal() as stop,
@@ -189,16 +185,19 @@ def run_reconstruct_files(
     counts = RunCounts(f"Rebuilding {transfer.topic} into {destination}", "reconstruct-files")
     dispatch = transfer.downstream_dispatch
     batcher: FileBatcher | None = None
+    events: EventChannel | None = None
 
     def on_event(event: FileEvent) -> None:
         counts.add(event.kind.value, event.relpath)
         spec = from_reassembler(event, dispatch)
-        _emit(spec)
+        assert events is not None, "events are open while the reassembler runs"
+        events.emit(spec)
         if batcher is not None and event.kind is FileEventKind.RECONSTRUCTED:
             batcher.add(facts_of(spec))
 
     def send_batch(files: list[FileFacts]) -> None:
-        _emit(batch_event(transfer.topic, files))
+        assert events is not None, "events are open while the reassembler runs"
+        events.emit(batch_event(transfer.topic, files))
 
     def send_due_batches() -> None:
         if batcher is not None:
@@ -212,8 +211,9 @@ def run_reconstruct_files(
             )
         except OSError as exc:
             raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
+        events = cleanup.enter_context(EventChannel(reassembler.work_dir / EVENT_OUTBOX_FILE))
         if dispatch is DownstreamDispatch.BATCH:
-            outbox = cleanup.enter_context(BatchOutbox(reassembler.work_dir / OUTBOX_FILE))
+            outbox = cleanup.enter_context(BatchOutbox(reassembler.work_dir / BATCH_OUTBOX_FILE))
             batcher = FileBatcher(
                 outbox, transfer.batch_max_files, transfer.batch_max_wait_s, send_batch
             )

@@ -1,0 +1,300 @@
+"""A durable outbox for the file events of the long-running flows.
+
+Prefect's own ``emit_event`` hands an event to an in-memory queue and a websocket; if
+the server is down, or the process dies before the queue drains, the event is gone and
+so is the downstream work it would have started. The long-running flows therefore write
+every event to a small SQLite outbox first (before the file's Kafka offsets are
+committed) and a sender thread posts the outbox to the server's ``POST /api/events`` in
+batches, oldest first, deleting rows only once the server has accepted them. While the
+server is unreachable the sender retries with a growing pause (up to
+``MAX_RETRY_PAUSE_S``) and the transfer goes on; when it is back, every event is
+delivered. Event ids are deterministic (``msi_prefect.events``), so an event posted twice
+(accepted, then the process died before deleting it) is kept once by the server.
+
+Memory stays flat: the sender reads at most ``batch_size`` rows at a time; the backlog
+lives on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, cast
+
+from msi_prefect.events import FileEventSpec
+from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
+
+logger = logging.getLogger(__name__)
+
+EVENT_OUTBOX_FILE = "event-outbox.sqlite"
+SCHEMA_VERSION = 1
+DEFAULT_BATCH_SIZE = 100
+# The sender looks at the outbox at least this often, even without a wake-up.
+IDLE_CHECK_S = 1.0
+FIRST_RETRY_PAUSE_S = 1.0
+MAX_RETRY_PAUSE_S = 30.0
+# How long `close()` keeps trying to deliver what is left before leaving it for next time.
+DEFAULT_DRAIN_S = 10.0
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        body TEXT NOT NULL
+    )
+    """,
+)
+
+#: Posts a batch of events (JSON objects); raises if the server did not accept them.
+PostEvents = Callable[[list[dict[str, Any]]], None]
+
+
+class EventOutbox(SqliteStore):
+    """Events waiting to be delivered, on disk.
+
+    Args:
+        path: Database file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        # FULL: an event recorded here must survive a power cut once offsets are committed.
+        super().__init__(
+            SqliteDatabase(path, _SCHEMA, SCHEMA_VERSION, Durability.FULL, name="event outbox")
+        )
+
+    def add(self, event_id: str, body: dict[str, Any]) -> bool:
+        """Queue one event; False if an event with this id is queued already."""
+        with self._db.transaction() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO events (event_id, body) VALUES (?, ?)",
+                (event_id, json.dumps(body)),
+            )
+            return cursor.rowcount == 1
+
+    def oldest(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Up to ``limit`` queued events, oldest first, with their queue positions."""
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                "SELECT seq, body FROM events ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [(row["seq"], json.loads(row["body"])) for row in rows]
+
+    def count(self) -> int:
+        """How many events wait."""
+        with self._db.reading() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def remove_through(self, seq: int) -> None:
+        """Forget every event up to and including queue position ``seq``."""
+        with self._db.transaction() as conn:
+            conn.execute("DELETE FROM events WHERE seq <= ?", (seq,))
+
+
+class EventSender:
+    """Delivers an outbox in the background; survives server outages.
+
+    Args:
+        outbox: The events to deliver.
+        post: Sends one batch; raises when the server did not take it.
+        batch_size: Events per post.
+    """
+
+    def __init__(
+        self,
+        outbox: EventOutbox,
+        post: PostEvents,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        self._outbox = outbox
+        self._post = post
+        self._batch_size = batch_size
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pause = FIRST_RETRY_PAUSE_S
+        self.delivered = 0
+        self.failed_posts = 0
+
+    def start(self) -> None:
+        """Start the sender thread."""
+        self._thread = threading.Thread(target=self._run, name="msi-event-sender", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the sender that a new event waits (it also looks every second)."""
+        self._wakeup.set()
+
+    def deliver_once(self) -> bool:
+        """Post one batch, if any; True if something was delivered.
+
+        Raises:
+            Exception: Whatever ``post`` raised; the batch stays queued.
+        """
+        batch = self._outbox.oldest(self._batch_size)
+        if not batch:
+            return False
+        self._post([body for _, body in batch])
+        self._outbox.remove_through(batch[-1][0])
+        self.delivered += len(batch)
+        return True
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if self.deliver_once():
+                    if self._pause > FIRST_RETRY_PAUSE_S:
+                        logger.warning("Prefect server reachable again; delivering events")
+                    self._pause = FIRST_RETRY_PAUSE_S
+                    continue
+            except Exception as exc:  # the server is down or refused: keep the events
+                self.failed_posts += 1
+                if self._pause == FIRST_RETRY_PAUSE_S:
+                    logger.warning(
+                        "Cannot deliver events to the Prefect server (%s); %d wait on disk, "
+                        "retrying",
+                        exc,
+                        self._outbox.count(),
+                    )
+                self._stopping.wait(self._pause)
+                self._pause = min(MAX_RETRY_PAUSE_S, self._pause * 2)
+                continue
+            self._wakeup.wait(IDLE_CHECK_S)
+            self._wakeup.clear()
+
+    def close(self, drain_s: float = DEFAULT_DRAIN_S) -> int:
+        """Stop the thread, then try to deliver what is left for up to ``drain_s`` seconds.
+
+        Returns:
+            Events still waiting (delivered by the next run of the flow).
+        """
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline:
+            try:
+                if not self.deliver_once():
+                    break
+            except Exception as exc:
+                logger.warning("Events left undelivered until the next run: %s", exc)
+                break
+        return self._outbox.count()
+
+
+def post_to_prefect(events: list[dict[str, Any]]) -> None:
+    """Post events to the Prefect API of the environment (``POST /api/events``).
+
+    Raises:
+        httpx.HTTPError: The server is unreachable or did not accept them.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", cast(Any, "/events"), json=events)
+        response.raise_for_status()
+
+
+def run_related_resources() -> list[dict[str, str]]:
+    """The current flow run's related resources (flow run, flow, deployment, work pool...).
+
+    ``emit_event`` attaches these from the run context when it sends; events sent later
+    from the outbox carry the ones of the run that raised them, looked up once here.
+    Empty outside a flow run; only the flow run itself if the server cannot be asked.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.events.related import related_resources_from_run_context
+    from prefect.runtime import flow_run
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def lookup() -> list[dict[str, str]]:
+        async with get_client() as client:
+            related = await related_resources_from_run_context(client)
+        return [dict(resource.root) for resource in related]
+
+    if not flow_run.id:
+        return []
+    try:
+        return run_coro_as_sync(lookup()) or []
+    except Exception:  # the server is down: the flow run's id still links the events
+        logger.warning("Cannot look up the flow run's resources; events name the run only")
+        return [
+            {
+                "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
+                "prefect.resource.role": "flow-run",
+            }
+        ]
+
+
+def event_body(spec: FileEventSpec, run_related: list[dict[str, str]]) -> dict[str, Any]:
+    """The JSON of a Prefect event for ``spec``, occurring now, as the server takes it."""
+    from prefect.events import Event
+
+    # Validated by Prefect's own model, so a malformed event fails here, not on the server.
+    event = Event.model_validate(
+        {
+            "event": spec.name.value,
+            "resource": spec.resource,
+            "related": [*spec.related, *run_related],
+            "payload": spec.payload,
+            "id": spec.event_id,
+        }
+    )
+    return event.model_dump(mode="json")
+
+
+class EventChannel:
+    """Durable event emission for one long-running flow run: an outbox and its sender.
+
+    Use as a context manager; :meth:`emit` returns once the event is on disk.
+
+    Args:
+        path: The outbox database.
+        post: Delivers a batch (default: the Prefect API of the environment).
+        run_related: Related resources added to every event (default: the current flow
+            run's, looked up once).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        post: PostEvents = post_to_prefect,
+        run_related: list[dict[str, str]] | None = None,
+    ) -> None:
+        self._path = Path(path)
+        self._post = post
+        self._run_related = run_related
+        self._outbox: EventOutbox | None = None
+        self._sender: EventSender | None = None
+
+    def __enter__(self) -> Self:
+        if self._run_related is None:
+            self._run_related = run_related_resources()
+        self._outbox = EventOutbox(self._path)
+        self._sender = EventSender(self._outbox, self._post)
+        self._sender.start()
+        return self
+
+    def emit(self, spec: FileEventSpec) -> None:
+        """Record an event for delivery (durably) and wake the sender."""
+        assert self._outbox is not None and self._sender is not None, "not entered"
+        self._outbox.add(str(spec.event_id), event_body(spec, self._run_related or []))
+        self._sender.wake()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._sender is not None:
+            left = self._sender.close()
+            if left:
+                logger.warning("%d events wait in %s for the next run", left, self._path)
+        if self._outbox is not None:
+            self._outbox.close()

@@ -1,0 +1,98 @@
+"""The durable event outbox: nothing is lost while the server is away (no server needed)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msi_prefect.event_outbox import EventChannel, EventOutbox, EventSender, event_body
+from msi_prefect.events import EventName, FileFacts, file_event
+from msi_prefect.transfer.wire import file_id_for
+
+TOPIC = "lab.raw"
+WAIT_S = 15.0
+
+
+def spec(relpath: str) -> Any:
+    facts = FileFacts(topic=TOPIC, file_id=file_id_for(relpath), relpath=relpath, generation=1)
+    return file_event(EventName.RECONSTRUCTED, facts)
+
+
+class FlakyServer:
+    """Refuses the first ``down_for`` posts, then keeps what it is sent."""
+
+    def __init__(self, down_for: int = 0) -> None:
+        self.down_for = down_for
+        self.received: list[dict[str, Any]] = []
+        self.posts = 0
+
+    def __call__(self, events: list[dict[str, Any]]) -> None:
+        self.posts += 1
+        if self.posts <= self.down_for:
+            raise ConnectionRefusedError("server down")
+        self.received.extend(events)
+
+
+def wait_until(condition: Any) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_events_wait_on_disk_through_an_outage_and_arrive_in_order(tmp_path: Path) -> None:
+    server = FlakyServer(down_for=2)
+    names = [f"f{i}.bin" for i in range(5)]
+    with EventChannel(tmp_path / "outbox.sqlite", post=server, run_related=[]) as channel:
+        for name in names:
+            channel.emit(spec(name))
+        wait_until(lambda: len(server.received) == len(names))
+    assert [event["payload"]["path"] for event in server.received] == names
+    assert server.posts >= 3  # two refused, then delivered
+    with EventOutbox(tmp_path / "outbox.sqlite") as outbox:
+        assert outbox.count() == 0
+
+
+def test_undelivered_events_survive_a_restart(tmp_path: Path) -> None:
+    down = FlakyServer(down_for=10**6)
+    with EventChannel(tmp_path / "outbox.sqlite", post=down, run_related=[]) as channel:
+        channel.emit(spec("a.bin"))
+        channel.emit(spec("a.bin"))  # the same event again (a replay) is kept once
+        channel.emit(spec("b.bin"))
+    up = FlakyServer()
+    with EventChannel(tmp_path / "outbox.sqlite", post=up, run_related=[]):
+        wait_until(lambda: len(up.received) == 2)
+    assert [event["payload"]["path"] for event in up.received] == ["a.bin", "b.bin"]
+
+
+def test_close_delivers_what_is_left(tmp_path: Path) -> None:
+    server = FlakyServer()
+    with EventOutbox(tmp_path / "outbox.sqlite") as outbox:
+        for name in ("x", "y"):
+            outbox.add(str(uuid.uuid4()), {"payload": {"path": name}})
+        sender = EventSender(outbox, server, batch_size=1)  # never started: close() drains
+        assert sender.close() == 0
+    assert [event["payload"]["path"] for event in server.received] == ["x", "y"]
+    assert server.posts == 2
+
+
+def test_event_body_is_a_valid_prefect_event_with_the_run_resources() -> None:
+    run = {"prefect.resource.id": "prefect.flow-run.123", "prefect.resource.role": "flow-run"}
+    body = event_body(spec("run/a.tif"), [run])
+    assert body["event"] == "msi.file.reconstructed"
+    assert body["id"] == str(spec("run/a.tif").event_id)
+    assert body["resource"]["msi.path"] == "run/a.tif"
+    assert [r["prefect.resource.role"] for r in body["related"]] == ["topic", "flow-run"]
+    assert body["occurred"]
+
+
+def test_a_malformed_event_is_refused_before_it_is_queued() -> None:
+    bad = spec("a.bin")
+    broken = type(bad)(bad.name, {"no": "resource id"}, [], {}, bad.event_id)
+    with pytest.raises(ValueError, match=re.escape("prefect.resource.id")):
+        event_body(broken, [])
