@@ -493,11 +493,15 @@ _SAMPLES: dict[RejectReason, tuple[object, object, object]] = {
 }
 
 
+# Raised only by the OpenMSIStream decoder (tests/test_openmsistream_format.py).
+_OTHER_FORMATS_ONLY = {RejectReason.CHUNK_HASH_MISMATCH}
+
+
 def test_every_reason_has_a_sample() -> None:
-    assert set(_SAMPLES) == set(RejectReason)
+    assert set(_SAMPLES) == set(RejectReason) - _OTHER_FORMATS_ONLY
 
 
-@pytest.mark.parametrize("reason", list(RejectReason))
+@pytest.mark.parametrize("reason", sorted(set(RejectReason) - _OTHER_FORMATS_ONLY))
 def test_sample_triggers_its_reason(reason: RejectReason) -> None:
     key, value, headers = _SAMPLES[reason]
     error = reject(key, value, headers)

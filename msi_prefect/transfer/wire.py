@@ -123,6 +123,7 @@ class RejectReason(enum.StrEnum):
     FILE_ID_MISMATCH = "file-id-mismatch"
     KEY_MISMATCH = "key-mismatch"
     BAD_CHECKSUM_FIELD = "bad-checksum-field"
+    CHUNK_HASH_MISMATCH = "chunk-hash-mismatch"
 
 
 _REASON_TEXT: dict[RejectReason, str] = {
@@ -139,6 +140,7 @@ _REASON_TEXT: dict[RejectReason, str] = {
     RejectReason.FILE_ID_MISMATCH: "its file id does not match its path",
     RejectReason.KEY_MISMATCH: "its message key does not match its file id",
     RejectReason.BAD_CHECKSUM_FIELD: "its checksum header is missing, misplaced or malformed",
+    RejectReason.CHUNK_HASH_MISMATCH: "its data does not match the checksum it carries",
 }
 
 
