@@ -9,6 +9,7 @@ from prefect import flow
 from msi_prefect.blocks import KafkaCluster, TransferSettings
 from msi_prefect.flow_inputs import load_block
 from msi_prefect.streaming import run_reconstruct_files
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.stopping import StopConditions
 
 
@@ -24,6 +25,7 @@ def reconstruct_files_flow(
     work_dir: str | None = None,
     stop_after_files: int | None = None,
     idle_timeout_s: float | None = None,
+    wire_format: WireFormat | None = None,
 ) -> dict[str, int]:
     """Rebuild files until cancelled (or a stop condition is met).
 
@@ -34,6 +36,7 @@ def reconstruct_files_flow(
         work_dir: Staging and progress state; required for a remote destination.
         stop_after_files: End after this many files (for tests and scripts).
         idle_timeout_s: End after this long without a message.
+        wire_format: 'native' or 'openmsistream'; default: the transfer block's.
 
     Returns:
         Counters of the run.
@@ -44,4 +47,5 @@ def reconstruct_files_flow(
         load_block(TransferSettings, transfer_block),
         Path(work_dir) if work_dir else None,
         StopConditions(stop_after_files, idle_timeout_s),
+        wire_format,
     )

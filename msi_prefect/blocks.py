@@ -33,6 +33,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 
 from msi_prefect.transfer.filters import FileFilter
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, SecurityProtocol
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, MIB
 
@@ -333,6 +334,14 @@ class TransferSettings(Block):
         description="Kafka consumer group of the file rebuilders; consumers in one group "
         "share the topic's partitions.",
     )
+    wire_format: WireFormat = Field(
+        default=WireFormat.NATIVE,
+        title="Wire Format",
+        description="How files are laid out on the topic. 'native' is msi_prefect's own "
+        "format. 'openmsistream' reads what OpenMSIStream 1.8 uploaders write and writes "
+        "what its DataFileDownloadDirectory reads; it allows one rebuilder per consumer "
+        "group (see docs/migration-from-openmsistream.md).",
+    )
 
     @field_validator("topic")
     @classmethod
@@ -358,7 +367,10 @@ class TransferSettings(Block):
         from msi_prefect.transfer.producer import ProducerSettings
 
         return ProducerSettings(
-            topic=self.topic, chunk_size=self.chunk_size, compression=self.compression
+            topic=self.topic,
+            chunk_size=self.chunk_size,
+            compression=self.compression,
+            wire_format=self.wire_format,
         )
 
     def file_filter(self) -> FileFilter:

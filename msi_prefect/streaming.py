@@ -19,6 +19,7 @@ from typing import Any
 from msi_prefect.blocks import KafkaCluster, TransferSettings
 from msi_prefect.errors import MsiError
 from msi_prefect.events import from_reassembler, from_upload
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import ensure_topic
 from msi_prefect.transfer.producer import UploadResult
 from msi_prefect.transfer.reassembler import (
@@ -131,8 +132,17 @@ def run_reconstruct_files(
     transfer: TransferSettings,
     work_dir: Path | None,
     conditions: StopConditions,
+    wire_format: WireFormat | None = None,
 ) -> dict[str, int]:
     """Rebuild files from the topic into `destination`; emit an event per file outcome.
+
+    Args:
+        destination: A folder, or an fsspec URL such as s3://bucket/prefix.
+        kafka: The cluster.
+        transfer: Topic, group, limits and wire format.
+        work_dir: Staging and progress state; required for a remote destination.
+        conditions: Self-stop conditions.
+        wire_format: Overrides the transfer block's wire format when given.
 
     Returns:
         Counters of the run (files reconstructed and rejected, bytes written).
@@ -145,6 +155,7 @@ def run_reconstruct_files(
         group_id=transfer.consumer_group,
         work_dir=work_dir,
         limits=DecodeLimits(max_file_size=transfer.max_file_size),
+        wire_format=wire_format or transfer.wire_format,
     )
     counts = RunCounts(f"Rebuilding {transfer.topic} into {destination}", "reconstruct-files")
 
