@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -349,3 +350,34 @@ def test_second_consumer_in_the_group_is_refused(
     errors = [r.error for r in (first, second) if r.error is not None]
     assert errors and all(isinstance(e, MsiError) for e in errors)
     assert "one reassembler must read all 4 partitions" in str(errors[0])
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "msi_prefect.cli", *args]
+
+
+def test_cli_upload_and_reconstruct_in_openmsistream_format(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path
+) -> None:
+    """The --format option of both commands; the same content sent twice is rebuilt once."""
+    src = tmp_path / "src"
+    files = _make_files(src)
+    connect = ["--topic", topic, "--bootstrap", kafka_stack.bootstrap_servers]
+    for attempt in ("first", "again"):  # a fresh registry re-sends everything
+        subprocess.run(
+            _cli("upload", str(src), "--root", str(src), *connect, "--format", "openmsistream",
+                 "--chunk-size", str(OMSI_CHUNK), "--registry", str(tmp_path / f"{attempt}.db"),
+                 "--no-progress"),
+            check=True, timeout=120, capture_output=True,
+        )  # fmt: skip
+    dest = tmp_path / "dest"
+    done = subprocess.run(
+        _cli("reconstruct", str(dest), *connect, "--format", "openmsistream",
+             "--group", f"cli-{topic}", "--session-timeout-ms", str(TEST_SESSION_TIMEOUT_MS),
+             "--idle-timeout", "8"),
+        check=True, timeout=120, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.stdout.count("reconstructed ") == len(files), done.stdout
+    assert f"{len(files)} reconstructed, 0 rejected" in done.stdout
+    for rel, data in files.items():
+        assert (dest / rel).read_bytes() == data
