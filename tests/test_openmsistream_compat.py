@@ -146,6 +146,31 @@ def _settings(topic: str, dest: Path, group: str) -> ReassemblerSettings:
     )
 
 
+def _partitions_of(bootstrap: str, topic: str, key_prefix: bytes) -> set[int]:
+    """The partitions holding messages whose key starts with ``key_prefix``."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False}
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(4)])
+        found: set[int] = set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            batch = consumer.consume(500, timeout=2)
+            if not batch:
+                break
+            found |= {
+                m.partition()
+                for m in batch
+                if not m.error() and (m.key() or b"").startswith(key_prefix)
+            }
+        return found
+    finally:
+        consumer.close()
+
+
 def _wait_for(condition: object, what: str, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -204,6 +229,9 @@ def test_openmsistream_uploaders_to_our_reconstruct(
         assert event.generation == 1 and event.file_id and event.url
     assert not [e for e in rebuilder.events if e.kind is FileEventKind.REJECTED]
     # The progress store records completed files like native ones (size and SHA-256).
+    # Why one consumer per group: OpenMSIStream spread this file's chunks over partitions.
+    spread = _partitions_of(kafka_stack.bootstrap_servers, topic, b"run7_deep_multi chunk.dat_")
+    assert len(spread) > 1, spread
     store = ProgressStore(dest / ".msi-state" / "progress.sqlite")
     try:
         rows = {row.relpath: row for row in store.completed(topic)}
