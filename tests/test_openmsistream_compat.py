@@ -251,6 +251,8 @@ def test_our_upload_to_openmsistream_download_directory(
     """upload --format openmsistream -> DataFileDownloadDirectory rebuilds byte-identical."""
     src = tmp_path / "src"
     files = _make_files(src)
+    (src / "run7" / "empty.dat").write_bytes(b"")  # OpenMSIStream itself never sends one
+    files["run7/empty.dat"] = b""
     connection = KafkaConnection(bootstrap_servers=kafka_stack.bootstrap_servers)
     settings = ProducerSettings(
         topic=topic, chunk_size=OMSI_CHUNK, wire_format=WireFormat.OPENMSISTREAM
