@@ -363,7 +363,7 @@ def test_hostile_openmsistream_messages_are_rejected(
 def test_second_consumer_in_the_group_is_refused(
     kafka_stack: RunningStack, topic: str, tmp_path: Path
 ) -> None:
-    """One reassembler per group for this format: a second member makes both stop loudly."""
+    """One reassembler per group for this format: a lasting second member is refused loudly."""
     bootstrap = kafka_stack.bootstrap_servers
     first = _Rebuilder(_settings(topic, tmp_path / "one", "omsi-pair"), bootstrap)
     time.sleep(TEST_SESSION_TIMEOUT_MS / 1000)  # let the first own every partition
@@ -411,3 +411,52 @@ def test_cli_upload_and_reconstruct_in_openmsistream_format(
     assert f"{len(files)} reconstructed, 0 rejected" in done.stdout
     for rel, data in files.items():
         assert (dest / rel).read_bytes() == data
+
+
+def test_a_restart_right_after_a_crash_is_not_refused(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path
+) -> None:
+    """A reassembler started right after one was killed (which did not leave the group)
+    rebuilds the next file. Tansu drops the dead member at the next rebalance; a broker that
+    keeps it until its session times out gives the new one part of the partitions meanwhile,
+    which the grace period covers (tested without a broker in test_openmsistream_format)."""
+    bootstrap = kafka_stack.bootstrap_servers
+    connect = ["--topic", topic, "--bootstrap", bootstrap]
+    options = [
+        *connect, "--format", "openmsistream", "--group", f"crash-{topic}",
+        "--session-timeout-ms", str(TEST_SESSION_TIMEOUT_MS),
+    ]  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"first.bin": OMSI_CHUNK * 3, "second.bin": OMSI_CHUNK * 5 + 1}
+    for name, size in sizes.items():
+        (src / name).write_bytes(os.urandom(size))
+    settings = ProducerSettings(
+        topic=topic, chunk_size=OMSI_CHUNK, wire_format=WireFormat.OPENMSISTREAM
+    )
+
+    def send(name: str) -> None:
+        with Registry(tmp_path / "registry.sqlite") as registry:
+            producer = FileProducer(
+                KafkaConnection(bootstrap_servers=bootstrap), settings, registry
+            )
+            producer.upload_all([(src / name, name)])
+
+    dest = tmp_path / "dest"
+    send("first.bin")
+    victim = subprocess.Popen(
+        _cli("reconstruct", str(dest), *options), stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        _wait_for(lambda: (dest / "first.bin").is_file(), "the first file")
+    finally:
+        victim.kill()  # by PID, like a crash: it does not leave the group
+        victim.wait(timeout=30)
+    send("second.bin")
+    survivor = subprocess.run(
+        _cli("reconstruct", str(dest), *options, "--stop-after-files", "1", "--idle-timeout", "45"),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert survivor.returncode == 0, survivor.stderr[-2000:]
+    assert "reconstructed second.bin" in survivor.stdout
+    assert (dest / "second.bin").read_bytes() == (src / "second.bin").read_bytes()

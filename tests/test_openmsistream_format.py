@@ -209,3 +209,57 @@ def test_digest_stream() -> None:
         sha512=hashlib.sha512(CONTENT).digest(),
         sha256=hashlib.sha256(CONTENT).hexdigest(),
     )
+
+
+class _FakeMetadata:
+    def __init__(self, topic: str, partitions: int) -> None:
+        self.topics = {topic: type("T", (), {"partitions": dict.fromkeys(range(partitions))})()}
+
+
+class _FakeConsumer:
+    def list_topics(self, topic: str, timeout: float) -> _FakeMetadata:
+        return _FakeMetadata(topic, 4)
+
+
+def test_a_partial_assignment_is_tolerated_for_a_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from msi_prefect.errors import MsiError
+    from msi_prefect.transfer import reassembler as module
+    from msi_prefect.transfer.kafka import KafkaConnection
+
+    settings = module.ReassemblerSettings(
+        topic="t",
+        destination=str(tmp_path),
+        session_timeout_ms=6000,
+        wire_format=WireFormat.OPENMSISTREAM,
+    )
+    member = module.Reassembler(KafkaConnection(bootstrap_servers="127.0.0.1:1"), settings)
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    try:
+        member._on_assign(_FakeConsumer(), [0, 1])  # a stale member holds partitions 2 and 3
+        now[0] += 15  # within 2 x 6 s + 5 s
+        member._check_assignment()
+        member._on_assign(_FakeConsumer(), [0, 1, 2, 3])  # its session timed out: all ours
+        now[0] += 100
+        member._check_assignment()
+        member._on_assign(_FakeConsumer(), [0])  # a second reassembler joined and stays
+        now[0] += 18
+        with pytest.raises(MsiError, match="one reassembler must read all 4 partitions"):
+            member._check_assignment()
+    finally:
+        member.close()
+
+
+def test_native_format_allows_partial_assignments(tmp_path: Path) -> None:
+    from msi_prefect.transfer import reassembler as module
+    from msi_prefect.transfer.kafka import KafkaConnection
+
+    settings = module.ReassemblerSettings(topic="t", destination=str(tmp_path))
+    member = module.Reassembler(KafkaConnection(bootstrap_servers="127.0.0.1:1"), settings)
+    try:
+        member._on_assign(_FakeConsumer(), [0])
+        assert member._partial_assignment is None
+    finally:
+        member.close()

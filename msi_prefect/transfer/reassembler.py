@@ -77,6 +77,9 @@ STAGING_DIR_NAME = ".msi-staging"
 VERIFICATION_FAILED = "verification-failed"
 INCONSISTENT_WITH_EARLIER_CHUNKS = "inconsistent-with-earlier-chunks"
 STATE_DIR_NAME = ".msi-state"
+# Added to twice the session timeout: how long a partial assignment is tolerated in a format
+# whose files span partitions.
+PARTIAL_ASSIGNMENT_MARGIN_S = 5.0
 
 
 class FileEventKind(StrEnum):
@@ -261,7 +264,8 @@ class Reassembler:
         self._ledgers: dict[int, _Ledger] = {}
         self._consumer: Any = None
         self._codec = codec_for(settings.wire_format)
-        self._assignment_error: str | None = None
+        # Set while this member owns only some partitions in a format that needs them all.
+        self._partial_assignment: tuple[float, str] | None = None
         self._fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="msi-fsync")
 
     # ----------------------------------------------------------------- consumer set-up
@@ -294,7 +298,12 @@ class Reassembler:
                 self._close_staging(key)
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        """For formats that spread a file over partitions: this member must own them all."""
+        """For formats that spread a file over partitions: this member must own them all.
+
+        A partial assignment is tolerated for a grace period (a crashed predecessor stays in
+        the group until its session times out; then this member gets every partition).
+        Working on a subset meanwhile is safe: offsets never pass an unfinished file.
+        """
         if not self._codec.file_spans_partitions:
             return
         try:
@@ -303,14 +312,30 @@ class Reassembler:
         except Exception as exc:  # metadata trouble must not stop a lone consumer
             logger.warning("cannot check the partition assignment: %s", exc)
             return
-        if len(partitions) < total:
-            self._assignment_error = (
-                f"the {self.settings.wire_format.value} format spreads each file's chunks over "
-                f"all partitions, so one reassembler must read all {total} partitions of "
-                f"{self.settings.topic!r}, but group {self.settings.group_id!r} gave this one "
-                f"{len(partitions)}: another member is in the group. Run a single "
-                "reassembler per group for this format"
-            )
+        if len(partitions) >= total:
+            self._partial_assignment = None
+            return
+        message = (
+            f"the {self.settings.wire_format.value} format spreads each file's chunks over "
+            f"all partitions, so one reassembler must read all {total} partitions of "
+            f"{self.settings.topic!r}, but group {self.settings.group_id!r} gave this one "
+            f"{len(partitions)}: another member is in the group. Run a single "
+            "reassembler per group for this format"
+        )
+        logger.warning("%s (waiting up to %.0f s for that to change)", message, self._grace_s())
+        if self._partial_assignment is None:
+            self._partial_assignment = (time.monotonic(), message)
+
+    def _grace_s(self) -> float:
+        """How long a partial assignment may last: a stale member's session, twice, plus."""
+        return 2 * self.settings.session_timeout_ms / 1000 + PARTIAL_ASSIGNMENT_MARGIN_S
+
+    def _check_assignment(self) -> None:
+        if self._partial_assignment is None:
+            return
+        since, message = self._partial_assignment
+        if time.monotonic() - since > self._grace_s():
+            raise MsiError(message)
 
     # ----------------------------------------------------------------------- main loop
 
@@ -339,8 +364,7 @@ class Reassembler:
                 messages = self._consumer.consume(
                     num_messages=batch_messages, timeout=DEFAULT_POLL_TIMEOUT_S
                 )
-                if self._assignment_error is not None:
-                    raise MsiError(self._assignment_error)
+                self._check_assignment()
                 if messages:
                     last_message_at = time.monotonic()
                     batch_messages = self._next_batch_size(messages)
