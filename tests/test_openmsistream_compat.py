@@ -136,12 +136,14 @@ class _Rebuilder:
         }
 
 
-def _settings(topic: str, dest: Path, group: str) -> ReassemblerSettings:
+def _settings(
+    topic: str, dest: Path, group: str, session_timeout_ms: int = TEST_SESSION_TIMEOUT_MS
+) -> ReassemblerSettings:
     return ReassemblerSettings(
         topic=topic,
         destination=str(dest),
         group_id=group,
-        session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        session_timeout_ms=session_timeout_ms,
         wire_format=WireFormat.OPENMSISTREAM,
     )
 
@@ -365,9 +367,10 @@ def test_second_consumer_in_the_group_is_refused(
 ) -> None:
     """One reassembler per group for this format: a lasting second member is refused loudly."""
     bootstrap = kafka_stack.bootstrap_servers
-    first = _Rebuilder(_settings(topic, tmp_path / "one", "omsi-pair"), bootstrap)
-    time.sleep(TEST_SESSION_TIMEOUT_MS / 1000)  # let the first own every partition
-    second = _Rebuilder(_settings(topic, tmp_path / "two", "omsi-pair"), bootstrap)
+    session_ms = 3000  # short: the refusal comes after twice the session timeout plus 5 s
+    first = _Rebuilder(_settings(topic, tmp_path / "one", "omsi-pair", session_ms), bootstrap)
+    time.sleep(session_ms / 1000)  # let the first own every partition
+    second = _Rebuilder(_settings(topic, tmp_path / "two", "omsi-pair", session_ms), bootstrap)
     try:
         _wait_for(
             lambda: first.error is not None or second.error is not None,
@@ -404,7 +407,7 @@ def test_cli_upload_and_reconstruct_in_openmsistream_format(
     done = subprocess.run(
         _cli("reconstruct", str(dest), *connect, "--format", "openmsistream",
              "--group", f"cli-{topic}", "--session-timeout-ms", str(TEST_SESSION_TIMEOUT_MS),
-             "--idle-timeout", "8"),
+             "--idle-timeout", "5"),
         check=True, timeout=120, capture_output=True, text=True,
     )  # fmt: skip
     assert done.stdout.count("reconstructed ") == len(files), done.stdout
