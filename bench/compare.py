@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,10 +33,10 @@ from bench.common import BenchResult, TansuBroker, unique_suffix
 from bench.datasets import PRESETS, make_dataset
 from bench.msi_runner import run_msi
 from bench.openmsistream_baseline import OMSI_PYTHON_ENV, run_openmsistream
+from bench.openmsistream_venv import ensure_openmsistream_python
 from bench.raw_pipeline import run_raw
 
 BENCH_DIR = Path(__file__).resolve().parent
-OMSI_VENV = BENCH_DIR / ".venv-openmsistream"
 Runner = Callable[..., BenchResult]
 PIPELINES: dict[str, Runner] = {
     "msi": run_msi,
@@ -48,16 +47,7 @@ PIPELINES: dict[str, Runner] = {
 
 def ensure_openmsistream() -> None:
     """Point $MSI_BENCH_OMSI_PYTHON at an interpreter with openmsistream, creating one."""
-    if os.environ.get(OMSI_PYTHON_ENV):
-        return
-    python = OMSI_VENV / "bin" / "python"
-    if not python.exists():
-        print(f"creating {OMSI_VENV} with openmsistream (once)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(OMSI_VENV)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "openmsistream"], check=True
-        )
-    os.environ[OMSI_PYTHON_ENV] = str(python)
+    os.environ[OMSI_PYTHON_ENV] = str(ensure_openmsistream_python())
 
 
 def run_round(

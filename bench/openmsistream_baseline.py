@@ -1,7 +1,7 @@
 """OpenMSIStream 1.8 as a benchmark baseline: its directory uploader into its download directory.
 
 OpenMSIStream pins old dependencies, so it lives in a virtual environment of its own
-(``python3 -m venv /tmp/omsi-venv && /tmp/omsi-venv/bin/pip install openmsistream``); this
+(``bench/openmsistream_venv.py`` creates it: ``python -m bench.openmsistream_venv``); this
 module only starts its programs there, as child processes, and watches the file system:
 
 1. ``DataFileDownloadDirectory DST`` is started first, with an explicit consumer group id; the
@@ -65,14 +65,12 @@ from bench.common import (
     unique_suffix,
     wait_group_stable,
 )
+from bench.openmsistream_venv import OMSI_PYTHON_ENV, OMSI_VENV
 
 NAME = "openmsistream-1.8"
 """Pipeline name in results."""
 
-OMSI_PYTHON_ENV = "MSI_BENCH_OMSI_PYTHON"
-"""Environment variable naming the interpreter of the OpenMSIStream virtual environment."""
-
-DEFAULT_OMSI_PYTHON = Path("/tmp/omsi-venv/bin/python")
+DEFAULT_OMSI_PYTHON = OMSI_VENV / "bin" / "python"
 """Interpreter used when ``$MSI_BENCH_OMSI_PYTHON`` is not set."""
 
 UPLOAD_MODULE = "openmsistream.data_file_io.actor.data_file_upload_directory"
@@ -117,8 +115,8 @@ def omsi_python() -> Path:
     path = Path(os.environ.get(OMSI_PYTHON_ENV) or DEFAULT_OMSI_PYTHON)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} not found: create it with `python3 -m venv /tmp/omsi-venv && "
-            f"/tmp/omsi-venv/bin/pip install openmsistream` or set ${OMSI_PYTHON_ENV}"
+            f"{path} not found: create it with `python -m bench.openmsistream_venv` "
+            f"or set ${OMSI_PYTHON_ENV}"
         )
     return path
 

@@ -9,6 +9,7 @@ from prefect import flow
 from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.flow_inputs import load_block
 from msi_prefect.streaming import run_reconstruct_files
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.stopping import StopConditions
 
 
@@ -25,6 +26,7 @@ def reconstruct_files_flow(
     stop_after_files: int | None = None,
     idle_timeout_s: float | None = None,
     crypto_block: str | None = None,
+    wire_format: WireFormat | None = None,
 ) -> dict[str, int]:
     """Rebuild files until cancelled (or a stop condition is met).
 
@@ -37,6 +39,7 @@ def reconstruct_files_flow(
         idle_timeout_s: End after this long without a message.
         crypto_block: Name of an MSI KafkaCrypto block: encrypt end to end with its node
             (none: the transfer is in clear).
+        wire_format: 'native' or 'openmsistream'; default: the transfer block's.
 
     Returns:
         Counters of the run.
@@ -48,4 +51,5 @@ def reconstruct_files_flow(
         Path(work_dir) if work_dir else None,
         StopConditions(stop_after_files, idle_timeout_s),
         load_block(KafkaCryptoSettings, crypto_block) if crypto_block else None,
+        wire_format,
     )

@@ -35,6 +35,7 @@ from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 
 from msi_prefect.events import DownstreamDispatch
 from msi_prefect.transfer.filters import FileFilter
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, SecurityProtocol
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, MIB
 
@@ -364,6 +365,14 @@ class TransferSettings(Block):
         description="batch dispatch: a batch that is not full is sent this long after its "
         "first file was rebuilt.",
     )
+    wire_format: WireFormat = Field(
+        default=WireFormat.NATIVE,
+        title="Wire Format",
+        description="How files are laid out on the topic. 'native' is msi_prefect's own "
+        "format. 'openmsistream' reads what OpenMSIStream 1.8 uploaders write and writes "
+        "what its DataFileDownloadDirectory reads; it allows one rebuilder per consumer "
+        "group (see docs/migration-from-openmsistream.md).",
+    )
 
     @field_validator("topic")
     @classmethod
@@ -389,7 +398,10 @@ class TransferSettings(Block):
         from msi_prefect.transfer.producer import ProducerSettings
 
         return ProducerSettings(
-            topic=self.topic, chunk_size=self.chunk_size, compression=self.compression
+            topic=self.topic,
+            chunk_size=self.chunk_size,
+            compression=self.compression,
+            wire_format=self.wire_format,
         )
 
     def file_filter(self) -> FileFilter:

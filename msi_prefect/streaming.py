@@ -32,6 +32,7 @@ from msi_prefect.events import (
     from_upload,
 )
 from msi_prefect.transfer.crypto import CryptoCodec
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
 from msi_prefect.transfer.producer import UploadResult
 from msi_prefect.transfer.reassembler import (
@@ -164,11 +165,21 @@ def run_reconstruct_files(
     work_dir: Path | None,
     conditions: StopConditions,
     crypto: KafkaCryptoSettings | None = None,
+    wire_format: WireFormat | None = None,
 ) -> dict[str, int]:
     """Rebuild files from the topic into `destination`; emit an event per file outcome.
 
     With `crypto`, messages are decrypted by that KafkaCrypto node; one whose key does not
     arrive within the block's key wait is rejected (`msi.file.rejected`, `key-missing`).
+
+    Args:
+        destination: A folder, or an fsspec URL such as s3://bucket/prefix.
+        kafka: The cluster.
+        transfer: Topic, group, limits and wire format.
+        work_dir: Staging and progress state; required for a remote destination.
+        conditions: Self-stop conditions.
+        crypto: The KafkaCrypto node that decrypts, for an encrypted transfer.
+        wire_format: Overrides the transfer block's wire format when given.
 
     Returns:
         Counters of the run (files reconstructed and rejected, bytes written).
@@ -181,6 +192,7 @@ def run_reconstruct_files(
         group_id=transfer.consumer_group,
         work_dir=work_dir,
         limits=DecodeLimits(max_file_size=transfer.max_file_size),
+        wire_format=wire_format or transfer.wire_format,
     )
     counts = RunCounts(f"Rebuilding {transfer.topic} into {destination}", "reconstruct-files")
     dispatch = transfer.downstream_dispatch

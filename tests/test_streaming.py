@@ -158,3 +158,57 @@ def test_an_event_emitted_twice_is_kept_once(prefect_api: str, topic: str) -> No
     # Wait as long again for a second copy that must never come.
     again = read_events(EventName.RECONSTRUCTED, resource, count=2)
     assert [event.id for event in again] == [spec.event_id]
+
+
+def test_openmsistream_format_through_the_flows(
+    prefect_api: str, kafka_stack: RunningStack, topic: str, tmp_path: Path
+) -> None:
+    """The block's wire_format drives watch-directory; reconstruct-files takes it as a
+    parameter; the rebuilt files are announced like native ones."""
+    from msi_prefect.transfer.openmsistream_format import omsi_file_id
+
+    kafka_name, transfer_name = unique_name("kafka"), unique_name("transfer")
+    KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).save(kafka_name)
+    TransferSettings(
+        topic=topic,
+        stability_window_s=0.5,
+        upload_existing=True,
+        consumer_group=f"flows-omsi-{topic}",
+        wire_format="openmsistream",
+    ).save(transfer_name)
+    try:
+        source, dest = tmp_path / "instrument", tmp_path / "dest"
+        data = os.urandom(300_000)
+        (source / "run1").mkdir(parents=True)
+        (source / "run1" / "a.tif").write_bytes(data)
+        watch = load_flow("flows/watch_directory.py:watch_directory_flow")
+        sent = watch(
+            directory=str(source),
+            kafka_block=kafka_name,
+            transfer_block=transfer_name,
+            registry_path=str(tmp_path / "registry.sqlite"),
+            stop_after_files=1,
+            idle_timeout_s=60,
+        )
+        assert sent == {"sent": 1}
+        rebuild = load_flow("flows/reconstruct_files.py:reconstruct_files_flow")
+        counts = rebuild(
+            destination=str(dest),
+            kafka_block=kafka_name,
+            transfer_block=transfer_name,
+            stop_after_files=1,
+            idle_timeout_s=60,
+            wire_format="openmsistream",
+        )
+        assert counts["reconstructed"] == 1 and counts["rejected"] == 0
+        assert (dest / "run1" / "a.tif").read_bytes() == data
+        file_id = omsi_file_id("run1/a.tif", hashlib.sha512(data).hexdigest())
+        resource = f"msi.file.{topic}.{file_id}"
+        assert len(read_events(EventName.UPLOADED, resource)) == 1
+        rebuilt = read_events(EventName.RECONSTRUCTED, resource)
+        assert len(rebuilt) == 1
+        assert rebuilt[0].payload["sha256"] == hashlib.sha256(data).hexdigest()
+        assert rebuilt[0].payload["size"] == len(data)
+    finally:
+        delete_block(KafkaCluster, kafka_name)
+        delete_block(TransferSettings, transfer_name)

@@ -20,6 +20,7 @@ from msi_prefect.crypto_commands import add_crypto_options, codec_from_args
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.config import StateDir
 from msi_prefect.transfer.filters import FileFilter
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, ensure_topic
 from msi_prefect.transfer.paths import UnsafePathError, relative_posix
 from msi_prefect.transfer.producer import (
@@ -127,6 +128,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="BYTES",
         help="reject files that claim to be larger (default 1 TiB)",
     )
+    _add_format_option(rebuild)
     rebuild.add_argument(
         "--session-timeout-ms", type=_positive_int, default=10000, help=argparse.SUPPRESS
     )
@@ -162,7 +164,19 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        dest="wire_format",
+        choices=[f.value for f in WireFormat],
+        default=WireFormat.NATIVE.value,
+        help="wire format: msi_prefect's own (native, default) or OpenMSIStream 1.8's "
+        "(openmsistream; rebuilding it allows one consumer per group)",
+    )
+
+
 def _add_producer_options(parser: argparse.ArgumentParser) -> None:
+    _add_format_option(parser)
     parser.add_argument(
         "--chunk-size",
         type=_positive_int,
@@ -247,7 +261,10 @@ def _registry_path(args: argparse.Namespace) -> Path:
 
 def _producer_settings(args: argparse.Namespace) -> ProducerSettings:
     return ProducerSettings(
-        topic=args.topic, chunk_size=args.chunk_size, compression=Compression(args.compression)
+        topic=args.topic,
+        chunk_size=args.chunk_size,
+        compression=Compression(args.compression),
+        wire_format=WireFormat(args.wire_format),
     )
 
 
@@ -413,6 +430,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         storage_options=storage_options_from_env(args.destination),
         limits=limits,
         session_timeout_ms=args.session_timeout_ms,
+        wire_format=WireFormat(args.wire_format),
     )
     started = time.time()
     # First and last delivery only: a long run must not keep a record per file.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from msi_prefect.errors import MsiError
+from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.wire import (
@@ -86,6 +87,8 @@ class ProducerSettings:
         compression: Producer compression codec.
         producer_id: Written into every message (`msi.pid`).
         linger_ms: How long librdkafka waits to fill a batch.
+        wire_format: Our wire format, or OpenMSIStream's (for consumers not migrated yet:
+            no headers, no generations on the wire, no abort messages).
     """
 
     topic: str
@@ -94,6 +97,7 @@ class ProducerSettings:
     compression: Compression = Compression.NONE
     producer_id: str = field(default_factory=default_producer_id)
     linger_ms: int = 5
+    wire_format: WireFormat = WireFormat.NATIVE
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -169,6 +173,11 @@ class FileProducer:
     ) -> None:
         from confluent_kafka import Producer
 
+        if codec is not None and settings.wire_format is not WireFormat.NATIVE:
+            raise MsiError(
+                f"end-to-end encryption works with the native wire format only, not "
+                f"{settings.wire_format.value} (OpenMSIStream's own consumers could not read it)"
+            )
         self._codec = codec
         self.settings = settings
         self.registry = registry
@@ -254,6 +263,8 @@ class FileProducer:
         generation: int,
         on_progress: ProgressCallback | None,
     ) -> UploadResult | None:
+        if self.settings.wire_format is WireFormat.OPENMSISTREAM:
+            return self._send_openmsistream(handle, before, relpath, generation, on_progress)
         size = before.st_size
         chunk_size = self.settings.chunk_size
         first = ChunkHeader.for_chunk(
@@ -282,21 +293,70 @@ class FileProducer:
                     return self._changed(pending, "it changed while being read")
                 pending.sha256 = digest.hexdigest()
             headers = encoder.headers(index, pending.sha256 if index == last else None)
-            self._produce(first.file_id, data, headers, pending)
+            self._produce(message_key(first.file_id), data, headers, pending)
             if on_progress is not None:
                 on_progress(relpath, offset + len(data), size)
         return None
 
+    def _send_openmsistream(
+        self,
+        handle: Any,
+        before: os.stat_result,
+        relpath: str,
+        generation: int,
+        on_progress: ProgressCallback | None,
+    ) -> UploadResult | None:
+        """Send a file as OpenMSIStream 1.8 messages (``openmsistream_format.py``).
+
+        Every chunk carries the whole file's SHA-512, so the file is read twice: once to
+        hash it, once to send it. The format has no abort message: a file that changes
+        meanwhile is still sent as read (consumers reject it on the SHA-512) and reported
+        as changed, so the watcher sends it again once it is stable.
+        """
+        from msi_prefect.transfer import openmsistream_format as omsi
+
+        digests = omsi.digest_stream(handle)
+        size = digests.size
+        if size != before.st_size or _identity(os.stat(handle.fileno())) != _identity(before):
+            self.registry.mark_aborted(self.settings.topic, relpath, generation)
+            return self._report(
+                UploadResult(
+                    relpath,
+                    UploadOutcome.CHANGED_WHILE_READING,
+                    size=size,
+                    generation=generation,
+                    reason="not sent: it changed while being hashed; it will be sent once "
+                    "it is stable",
+                )
+            )
+        handle.seek(0)
+        count = omsi.chunk_count(size, self.settings.chunk_size)
+        file_id = omsi.omsi_file_id(relpath, digests.sha512.hex())
+        pending = _PendingFile(relpath, file_id, generation, size, count, sha256=digests.sha256)
+        self._pending[(file_id, generation)] = pending
+        done = 0
+        for key, value, length in omsi.iter_omsi_messages(
+            handle, relpath, digests, self.settings.chunk_size, before.st_mtime
+        ):
+            self._produce(key, value, None, pending)
+            done += length
+            if on_progress is not None:
+                on_progress(relpath, done, size)
+        after = os.stat(handle.fileno())
+        if done != size or handle.read(1) or _identity(after) != _identity(before):
+            return self._changed(pending, "it changed while being read")
+        return None
+
     def _produce(
         self,
-        file_id: str,
+        key: bytes,
         data: bytes,
-        headers: KafkaHeaders,
+        headers: KafkaHeaders | None,
         pending: _PendingFile | None,
     ) -> None:
         if self._codec is not None:
             data, headers = self._codec.seal(
-                self.settings.topic, message_key(file_id), data, headers
+                self.settings.topic, key, data, headers or []
             )
         size = len(data)
         # Bound memory: wait for acknowledgements before putting more bytes in flight.
@@ -315,7 +375,7 @@ class FileProducer:
             try:
                 self._producer.produce(
                     self.settings.topic,
-                    key=message_key(file_id),
+                    key=key,
                     value=data,
                     headers=headers,
                     on_delivery=delivered,
@@ -362,8 +422,10 @@ class FileProducer:
         )
 
     def _abort(self, relpath: str, generation: int) -> None:
+        if self.settings.wire_format is not WireFormat.NATIVE:
+            return  # OpenMSIStream has no abort message; its consumers check the SHA-512
         notice = AbortNotice.for_path(relpath, generation, self.settings.producer_id)
-        self._produce(notice.file_id, b"", encode_abort_headers(notice), None)
+        self._produce(message_key(notice.file_id), b"", encode_abort_headers(notice), None)
 
     def _report(self, result: UploadResult) -> UploadResult:
         quiet = result.outcome in (UploadOutcome.SENT, UploadOutcome.ALREADY_SENT)

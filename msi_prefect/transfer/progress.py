@@ -545,8 +545,22 @@ class ProgressStore(SqliteStore):
             ).fetchall()
         return [_progress(row) for row in rows]
 
-    def mark_complete(self, topic: str, file_id: str, generation: int) -> FileProgress | None:
+    def mark_complete(
+        self,
+        topic: str,
+        file_id: str,
+        generation: int,
+        verified: tuple[int, str] | None = None,
+    ) -> FileProgress | None:
         """Record that a generation was verified and moved into place.
+
+        Args:
+            topic: Kafka topic.
+            file_id: File id.
+            generation: File generation.
+            verified: The verified ``(size, sha256)`` to store, for formats whose chunks did
+                not announce them (OpenMSIStream's: no size, a SHA-512), so a completed row
+                always holds the delivered file's size and SHA-256.
 
         Returns:
             The updated row, or ``None`` if the generation was not RECEIVING.
@@ -562,6 +576,11 @@ class ProgressStore(SqliteStore):
                 raise ValueError(
                     f"{progress.relpath!r} generation {generation} has "
                     f"{progress.received_count} of {progress.chunk_count} chunks"
+                )
+            if verified is not None:
+                conn.execute(
+                    f"UPDATE progress SET size = ?, sha256 = ? WHERE {_KEY_WHERE}",
+                    (verified[0], verified[1], topic, file_id, generation),
                 )
             return self._set_state(conn, (topic, file_id, generation), ProgressState.COMPLETE, None)
 

@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from msi_prefect.errors import MsiError
+from msi_prefect.transfer.formats import VerificationError, WireFormat, codec_for
 from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.paths import UnsafePathError
 from msi_prefect.transfer.progress import (
@@ -54,12 +55,10 @@ from msi_prefect.transfer.wire import (
     KafkaHeaders,
     RejectReason,
     WireFormatError,
-    decode_message,
 )
 
 logger = logging.getLogger(__name__)
 
-HASH_BLOCK_BYTES = 4 * MIB
 MAX_OPEN_STAGING_FILES = 256
 FSYNC_THREADS = 4
 DEFAULT_BATCH_MESSAGES = 500
@@ -80,6 +79,9 @@ STAGING_DIR_NAME = ".msi-staging"
 VERIFICATION_FAILED = "verification-failed"
 INCONSISTENT_WITH_EARLIER_CHUNKS = "inconsistent-with-earlier-chunks"
 STATE_DIR_NAME = ".msi-state"
+# Added to twice the session timeout: how long a partial assignment is tolerated in a format
+# whose files span partitions.
+PARTIAL_ASSIGNMENT_MARGIN_S = 5.0
 
 
 class FileEventKind(StrEnum):
@@ -149,6 +151,8 @@ class ReassemblerSettings:
         session_timeout_ms: Consumer session timeout (Tansu joins in about half of it).
         batch_messages: Messages handled per batch (and per offset commit).
         abandon_after_s: An unfinished file silent this long stops holding back commits.
+        wire_format: How files are laid out on the topic: ours, or OpenMSIStream's. A format
+            that spreads a file over partitions allows one reassembler per group only.
     """
 
     topic: str
@@ -160,6 +164,7 @@ class ReassemblerSettings:
     session_timeout_ms: int = 10000
     batch_messages: int = DEFAULT_BATCH_MESSAGES
     abandon_after_s: float = DEFAULT_ABANDON_AFTER_S
+    wire_format: WireFormat = WireFormat.NATIVE
 
 
 @dataclass
@@ -253,7 +258,7 @@ class Reassembler:
         on_tick: Callable[[], None] | None = None,
         codec: MessageOpener | None = None,
     ) -> None:
-        self._codec = codec
+        self._opener = codec
         self.settings = settings
         self.stats = ReassemblerStats()
         self._on_event = on_event
@@ -278,6 +283,14 @@ class Reassembler:
         self._open: OrderedDict[tuple[str, int], _OpenStaging] = OrderedDict()
         self._ledgers: dict[int, _Ledger] = {}
         self._consumer: Any = None
+        if codec is not None and settings.wire_format is not WireFormat.NATIVE:
+            raise MsiError(
+                "end-to-end encryption works with the native wire format only, not "
+                f"{settings.wire_format.value}"
+            )
+        self._format = codec_for(settings.wire_format)
+        # Set while this member owns only some partitions in a format that needs them all.
+        self._partial_assignment: tuple[float, str] | None = None
         self._fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="msi-fsync")
 
     # ----------------------------------------------------------------- consumer set-up
@@ -309,6 +322,46 @@ class Reassembler:
             for key in ledger.open_files:
                 self._close_staging(key)
 
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """For formats that spread a file over partitions: this member must own them all.
+
+        A partial assignment is tolerated for a grace period (a crashed predecessor stays in
+        the group until its session times out; then this member gets every partition).
+        Working on a subset meanwhile is safe: offsets never pass an unfinished file.
+        """
+        if not self._format.file_spans_partitions:
+            return
+        try:
+            metadata = consumer.list_topics(self.settings.topic, timeout=10)
+            total = len(metadata.topics[self.settings.topic].partitions)
+        except Exception as exc:  # metadata trouble must not stop a lone consumer
+            logger.warning("cannot check the partition assignment: %s", exc)
+            return
+        if len(partitions) >= total:
+            self._partial_assignment = None
+            return
+        message = (
+            f"the {self.settings.wire_format.value} format spreads each file's chunks over "
+            f"all partitions, so one reassembler must read all {total} partitions of "
+            f"{self.settings.topic!r}, but group {self.settings.group_id!r} gave this one "
+            f"{len(partitions)}: another member is in the group. Run a single "
+            "reassembler per group for this format"
+        )
+        logger.warning("%s (waiting up to %.0f s for that to change)", message, self._grace_s())
+        if self._partial_assignment is None:
+            self._partial_assignment = (time.monotonic(), message)
+
+    def _grace_s(self) -> float:
+        """How long a partial assignment may last: a stale member's session, twice, plus."""
+        return 2 * self.settings.session_timeout_ms / 1000 + PARTIAL_ASSIGNMENT_MARGIN_S
+
+    def _check_assignment(self) -> None:
+        if self._partial_assignment is None:
+            return
+        since, message = self._partial_assignment
+        if time.monotonic() - since > self._grace_s():
+            raise MsiError(message)
+
     # ----------------------------------------------------------------------- main loop
 
     def run(
@@ -326,7 +379,9 @@ class Reassembler:
         conditions = conditions or StopConditions()
         self._finish_complete_leftovers()
         self._consumer = Consumer(self._consumer_config())
-        self._consumer.subscribe([self.settings.topic], on_revoke=self._on_revoke)
+        self._consumer.subscribe(
+            [self.settings.topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         last_message_at = time.monotonic()
         batch_messages = self.settings.batch_messages
         try:
@@ -334,6 +389,7 @@ class Reassembler:
                 messages = self._consumer.consume(
                     num_messages=batch_messages, timeout=DEFAULT_POLL_TIMEOUT_S
                 )
+                self._check_assignment()
                 if messages:
                     last_message_at = time.monotonic()
                     batch_messages = self._next_batch_size(messages)
@@ -418,11 +474,11 @@ class Reassembler:
             commit_to[partition] = offset + 1
             try:
                 value, headers = message.value(), message.headers()
-                if self._codec is not None:
-                    value, headers = self._codec.unseal(
+                if self._opener is not None:
+                    value, headers = self._opener.unseal(
                         self.settings.topic, message.key(), value, headers
                     )
-                decoded = decode_message(message.key(), value, headers, self.settings.limits)
+                decoded = self._format.decode(message.key(), value, headers, self.settings.limits)
             except WireFormatError as exc:
                 self._reject_message(message, str(exc), code=exc.reason.value)
                 continue
@@ -531,40 +587,38 @@ class Reassembler:
         """Verify a fully received file and deliver it to the sink."""
         key = (progress.file_id, progress.generation)
         path = Path(progress.staging_path)
-        digest = None
+        running = None
         if (
             staging is not None
             and staging.hasher is not None
             and staging.next_index == progress.chunk_count
         ):
-            digest = staging.hasher.hexdigest()
+            running = staging.hasher.hexdigest()
         self._close_staging(key)
         try:
-            actual_size = path.stat().st_size
-            if digest is None:
-                digest = _hash_file(path)
+            verified = self._format.verify(progress, path, running)
         except OSError as exc:
             self._reject_file(progress, f"staging file unreadable: {exc.strerror or exc}")
             return
-        if actual_size != progress.size:
-            self._reject_file(
-                progress, f"size mismatch: expected {progress.size} bytes, got {actual_size}"
-            )
-            return
-        if digest != progress.sha256:
-            self._reject_file(
-                progress, f"SHA-256 mismatch: expected {progress.sha256}, got {digest}"
-            )
+        except VerificationError as exc:
+            self._reject_file(progress, exc.reason)
             return
         try:
-            result = self.sink.deliver(path, PurePosixPath(progress.relpath), progress.size, digest)
+            result = self.sink.deliver(
+                path, PurePosixPath(progress.relpath), verified.size, verified.sha256
+            )
         except SinkError as exc:
             if isinstance(exc.__cause__, UnsafePathError):  # e.g. a symlink planted inside
                 self._reject_file(progress, str(exc.__cause__), code=RejectReason.UNSAFE_PATH)
                 return
             # Not the file's fault: leave it RECEIVING-complete so the next batch retries.
             raise OSError(f"delivery to {self.sink.describe()} failed: {exc}") from exc
-        self.progress.mark_complete(self.settings.topic, progress.file_id, progress.generation)
+        self.progress.mark_complete(
+            self.settings.topic,
+            progress.file_id,
+            progress.generation,
+            verified=(verified.size, verified.sha256),
+        )
         self._forget(key)
         self.stats.files_reconstructed += 1
         self._emit(
@@ -574,8 +628,8 @@ class Reassembler:
                 relpath=progress.relpath,
                 file_id=progress.file_id,
                 generation=progress.generation,
-                size=progress.size,
-                sha256=digest,
+                size=verified.size,
+                sha256=verified.sha256,
                 url=result.url,
             )
         )
@@ -632,7 +686,7 @@ class Reassembler:
                 relpath=progress.relpath,
                 file_id=progress.file_id,
                 generation=progress.generation,
-                size=progress.size,
+                size=progress.size if progress.size >= 0 else None,  # < 0: not known yet
                 reason=reason,
                 reason_code=code,
             )
@@ -650,7 +704,7 @@ class Reassembler:
             FileEvent(
                 kind=FileEventKind.REJECTED,
                 topic=self.settings.topic,
-                relpath=_header_text(message.headers(), "msi.path"),
+                relpath=self._format.relpath_hint(message.key(), message.headers()),
                 file_id=_header_text(message.headers(), "msi.fid"),
                 reason=reason,
                 reason_code=code,
@@ -687,14 +741,6 @@ class Reassembler:
             safe = ledger.commit_offset(next_offset, now, self.settings.abandon_after_s)
             offsets.append(TopicPartition(self.settings.topic, partition, safe))
         self._consumer.commit(offsets=offsets, asynchronous=False)
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _header_text(headers: Any, name: str) -> str | None:

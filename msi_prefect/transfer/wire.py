@@ -130,6 +130,7 @@ class RejectReason(enum.StrEnum):
     NOT_ENCRYPTED = "not-encrypted"
     UNDECRYPTABLE = "undecryptable"
     KEY_MISSING = "key-missing"
+    CHUNK_HASH_MISMATCH = "chunk-hash-mismatch"
 
 
 _REASON_TEXT: dict[RejectReason, str] = {
@@ -150,6 +151,7 @@ _REASON_TEXT: dict[RejectReason, str] = {
     RejectReason.NOT_ENCRYPTED: "it is not encrypted but this consumer requires encryption",
     RejectReason.UNDECRYPTABLE: "it cannot be decrypted",
     RejectReason.KEY_MISSING: "its decryption key is missing",
+    RejectReason.CHUNK_HASH_MISMATCH: "its data does not match the checksum it carries",
 }
 
 
