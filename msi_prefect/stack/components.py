@@ -28,6 +28,10 @@ WEED_BIN_ENV = "MSI_WEED_BIN"
 HTTP_TIMEOUT_S = 2.0
 # A worker heartbeat older than this means the worker is gone.
 WORKER_STALE_AFTER_S = 60
+# The Prefect server runs `python -c PREFECT_SERVER_MAIN server start ...`.
+PREFECT_SERVER_MAIN = (
+    "from msi_prefect.stack.components import prefect_server_main; prefect_server_main()"
+)
 
 
 class Component(StrEnum):
@@ -160,8 +164,8 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
     if component is Component.PREFECT:
         argv = [
             sys.executable,
-            "-m",
-            "prefect",
+            "-c",
+            PREFECT_SERVER_MAIN,
             "server",
             "start",
             "--host",
@@ -192,6 +196,51 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
     return ProcessSpec(
         name=component.value, argv=argv, env=prefect_env(config, state), ports={}, cwd=data_dir
     )
+
+
+def prefect_server_main() -> None:
+    """`python -m prefect ARGS` for the stack's Prefect server, its SQLite writes made IMMEDIATE.
+
+    See `sqlite_writes_begin_immediate`. The arguments (`server start ...`) are Prefect's.
+    """
+    sqlite_writes_begin_immediate()
+    sys.argv = ["prefect", *sys.argv[1:]]
+    from prefect.cli import app
+
+    app()
+
+
+def sqlite_writes_begin_immediate() -> None:
+    """Make the Prefect server begin its SQLite transactions with `BEGIN IMMEDIATE`.
+
+    Prefect 3.8 begins them DEFERRED unless the caller asks for a row lock
+    (`AioSqliteConfiguration.begin_transaction`, prefect/server/database/configurations.py).
+    A deferred transaction that has read and then writes while another connection holds
+    the write lock fails at once with "database is locked" (SQLite does not call the busy
+    handler for a transaction that already reads), the API answers 503 and the client
+    retries after 2 s, 4 s, 8 s: a deployment trigger's run waits seconds to be created,
+    and at one file every 3 s the actions queue grows without bound. IMMEDIATE takes the
+    write lock at BEGIN, where SQLite's busy handler waits for it (in steps of milliseconds).
+    The cost: a transaction holds the write lock from BEGIN, also while it only reads;
+    plain reads outside `begin_transaction` are unaffected (WAL). Prefect 3.8.8 (pinned in
+    prefect.yaml); the patch targets only `AioSqliteConfiguration`.
+    """
+    from collections.abc import AsyncGenerator
+    from contextlib import asynccontextmanager
+
+    from prefect.server.database.configurations import AioSqliteConfiguration
+    from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+
+    deferred_or_immediate = AioSqliteConfiguration.begin_transaction
+
+    @asynccontextmanager
+    async def begin_transaction(
+        self: AioSqliteConfiguration, session: AsyncSession, with_for_update: bool = False
+    ) -> AsyncGenerator[AsyncSessionTransaction, None]:
+        async with deferred_or_immediate(self, session, with_for_update=True) as transaction:
+            yield transaction
+
+    AioSqliteConfiguration.begin_transaction = begin_transaction  # type: ignore[method-assign]
 
 
 def s3_healthy(config: StackConfig) -> bool:
