@@ -19,10 +19,12 @@ broker feature beyond plain offset commits (Tansu, for one, does not keep commit
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -432,11 +434,14 @@ class Reassembler:
 
         try:
             self._handle_batch(messages)
-        except OSError as exc:
+        except (OSError, sqlite3.OperationalError) as exc:
+            # sqlite3.OperationalError: the progress store (under DEST/.msi-state by default)
+            # shares the destination's disk, and reports a full disk in its own way.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             logger.error(
                 "writing to %s failed (%s); nothing was committed, retrying in %.0f s",
                 self.settings.destination,
-                exc.strerror or exc,
+                reason,
                 LOCAL_ERROR_BACKOFF_S,
             )
             for key in list(self._open):
@@ -459,7 +464,10 @@ class Reassembler:
         commit_to: dict[int, int] = {}
         with self.progress.batch():
             self._handle_messages(messages, commit_to)
-            self.sink.flush()
+            try:
+                self.sink.flush()
+            except SinkError as exc:  # a local I/O error: the batch is retried
+                raise OSError(str(exc)) from exc
         self._commit(commit_to)
 
     def _handle_messages(self, messages: list[Any], commit_to: dict[int, int]) -> None:
@@ -548,7 +556,7 @@ class Reassembler:
         if staging.progress.has_chunk(header.index):
             return staging  # durable before this process opened the file: a replay
         data = chunk.data
-        os.pwrite(staging.fd, data, header.offset)
+        _pwrite_all(staging.fd, data, header.offset)
         if staging.hasher is not None:
             if header.index == staging.next_index:
                 staging.hasher.update(data)
@@ -642,7 +650,7 @@ class Reassembler:
                     with self.progress.batch():
                         self._finish(progress, None)
                         self.sink.flush()
-                except OSError as exc:
+                except (OSError, sqlite3.OperationalError) as exc:
                     logger.error("cannot deliver %r yet: %s", progress.relpath, exc)
 
     def _abort(self, notice: AbortNotice) -> None:
@@ -741,6 +749,22 @@ class Reassembler:
             safe = ledger.commit_offset(next_offset, now, self.settings.abandon_after_s)
             offsets.append(TopicPartition(self.settings.topic, partition, safe))
         self._consumer.commit(offsets=offsets, asynchronous=False)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``.
+
+    A write that runs out of space part-way returns a short count rather than an error
+    (tmpfs and ext4 do); ignoring it would record a chunk whose tail was never written, and
+    the file would fail verification. The next write of the rest raises ENOSPC instead.
+    """
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+        offset += written
 
 
 def _header_text(headers: Any, name: str) -> str | None:
