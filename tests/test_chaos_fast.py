@@ -55,7 +55,7 @@ def test_broker_restarted_and_paused_mid_transfer(
     topic = create_topic(private_stack.config.bootstrap_servers)
     sizes = mixed_sizes(30, [8 * MIB, 8 * MIB], seed=3)
     scenarios.broker_faults(
-        private_stack, topic, tmp_path, processes, sizes, restarts=1, pause_s=3.0, seed=3
+        private_stack, topic, tmp_path, processes, sizes, restarts=1, pause_s=3.0, gap_s=0.2
     )
 
 

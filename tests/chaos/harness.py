@@ -134,10 +134,7 @@ def mixed_sizes(count: int, large: Sequence[int], seed: int, prefix: str = "run"
     rng = random.Random(seed)
     sizes = {}
     for i in range(count):
-        if i < len(large):
-            size = large[i]
-        else:
-            size = int(2 ** rng.uniform(10, 20))  # 1 KiB .. 1 MiB
+        size = large[i] if i < len(large) else int(2 ** rng.uniform(10, 20))  # 1 KiB..1 MiB
         sizes[f"{prefix}/d{i % 7}/file-{i:04d}.bin"] = size
     return sizes
 
@@ -264,7 +261,9 @@ def assert_clean(verdict: Verdict) -> None:
 # -------------------------------------------------------------------------------- probes
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float, step_s: float = 0.01) -> float:
+def wait_for(
+    predicate: Callable[[], bool], what: str, timeout_s: float, step_s: float = 0.01
+) -> float:
     """Poll until ``predicate`` holds; return the seconds it took."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
@@ -308,7 +307,9 @@ def registry_states(registry: Path) -> dict[str, str]:
     return dict(query(registry, "SELECT relpath, state FROM files"))  # type: ignore[arg-type]
 
 
-def reconstruct_command(dest: Path, topic: str, bootstrap: str, group: str, *extra: str) -> list[str]:
+def reconstruct_command(
+    dest: Path, topic: str, bootstrap: str, group: str, *extra: str
+) -> list[str]:
     """``msi-prefect reconstruct`` with the test session timeout."""
     return cli(
         "reconstruct", str(dest), "--topic", topic, "--bootstrap", bootstrap, "--group", group,
@@ -363,7 +364,9 @@ def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackMan
     from tests.conftest import free_port_map
 
     state = StateDir(tmp_path_factory.mktemp("chaos-stack"))
-    manager = StackManager(state, StackConfig(ports=free_port_map(), broker_storage=BrokerStorage.S3))
+    manager = StackManager(
+        state, StackConfig(ports=free_port_map(), broker_storage=BrokerStorage.S3)
+    )
     try:
         manager.up([Component.S3, Component.BROKER])
         yield manager

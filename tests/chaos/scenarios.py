@@ -77,13 +77,15 @@ def kill_reassembler(
         if done_kills >= kills:
             break
         before = progress_mark(dest)
-        victim = procs.start(f"rebuild-{attempt:03d}", reconstruct_command(dest, topic, bootstrap, group))
+        victim = procs.start(
+            f"rebuild-{attempt:03d}", reconstruct_command(dest, topic, bootstrap, group)
+        )
         if attempt % 4 == 3:
             time.sleep(rng.uniform(0.2, 2.5))  # during start-up or the group join
         else:
             try:
                 resume_s.append(
-                    wait_for(lambda: progress_mark(dest) > before, "progress", 60, step_s=0.005)
+                    wait_for(lambda b=before: progress_mark(dest) > b, "progress", 60, step_s=0.005)
                 )
                 # Then in the middle of a file, where possible.
                 wait_for(lambda: partly_received(dest), "a file partly received", 5, 0.002)
@@ -153,8 +155,10 @@ class _Writer:
             i = 0
             while not self.stop.is_set() and i < self.max_files:
                 rel = f"in/d{i % 5}/f-{i:04d}.dat"
-                size = self.large[i // 10 % len(self.large)] if i % 10 == 9 else int(
-                    2 ** self.rng.uniform(10, 19)
+                size = (
+                    self.large[i // 10 % len(self.large)]
+                    if i % 10 == 9
+                    else int(2 ** self.rng.uniform(10, 19))
                 )
                 path = self.folder / rel
                 if i % 10 == 4:
@@ -210,7 +214,9 @@ def kill_watcher(
     for kill in range(kills):
         if kill % 2 == 0:
             try:
-                wait_for(lambda: "sending" in registry_states(registry).values(), "a send", 30, 0.002)
+                wait_for(
+                    lambda: "sending" in registry_states(registry).values(), "a send", 30, 0.002
+                )
                 mid_file += 1
             except AssertionError:
                 pass
@@ -221,7 +227,7 @@ def kill_watcher(
         restart = time.monotonic()
         current = procs.start(f"watch-{kill + 1:03d}", watch)
         try:
-            wait_for(lambda: _sent(registry) > sent_before, "a file sent after restart", 30)
+            wait_for(lambda b=sent_before: _sent(registry) > b, "a file sent after restart", 30)
             resume_s.append(time.monotonic() - restart)
         except AssertionError:
             pass
@@ -291,64 +297,91 @@ def broker_faults(
     sizes: dict[str, int],
     restarts: int,
     pause_s: float,
-    seed: int,
+    gap_s: float,
 ) -> list[ChaosRecord]:
     """Restart the broker (S3-backed storage) ``restarts`` times mid-transfer, then pause it.
 
-    The uploader and the reassembler keep running through every fault: they must ride it
-    out on their own (librdkafka reconnects; the idempotent producer retries).
+    Files trickle into a watched folder (one every ``gap_s``), so data is flowing when each
+    fault hits. The watcher and the reassembler keep running through every fault: they must
+    ride it out on their own (librdkafka reconnects; the idempotent producer retries).
     """
-    del seed
     started = time.monotonic()
     bootstrap = manager.config.bootstrap_servers
-    src, dest = tmp / "src", tmp / "dest"
-    expected = make_workload(src, sizes)
+    folder, dest, registry = tmp / "instrument", tmp / "dest", tmp / "reg.sqlite"
+    folder.mkdir()
     consumer = procs.start("rebuild", reconstruct_command(dest, topic, bootstrap, f"b-{topic}"))
-    uploader = procs.start("upload", upload_command(src, topic, bootstrap, tmp / "reg.sqlite"))
-    total = len(expected)
-    step = max(1, total // (restarts + 2))
+    watcher = procs.start("watch", watch_command(folder, topic, bootstrap, registry, WINDOW_S))
+    wait_for(lambda: _watched(registry), "watch start", 60)
+    expected: dict[str, str] = {}
+    errors: list[BaseException] = []
+    names = list(sizes)
+    phases = restarts + 2  # before the faults, one per restart, one for the pause
+    per_phase = max(1, len(names) // phases)
+
+    def trickle(phase: int, back: threading.Event | None = None) -> threading.Thread:
+        """Write one phase's files; with ``back``, a third before the fault, the rest after."""
+        last = len(names) if phase == phases - 1 else (phase + 1) * per_phase
+        batch = names[phase * per_phase : last]
+
+        def run() -> None:
+            try:
+                for i, rel in enumerate(batch):
+                    if back is not None and i == max(1, len(batch) // 3):
+                        back.wait(timeout=600)
+                    expected[rel] = write_file(folder / rel, sizes[rel])
+                    time.sleep(gap_s)
+            except BaseException as exc:  # reported by the test
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name=f"chaos-trickle-{phase}", daemon=True)
+        thread.start()
+        return thread
+
+    def next_delivery(before: set[str]) -> float:
+        """Seconds until a file not delivered before the fault arrives."""
+        return wait_for(lambda: bool(delivered_names(dest) - before), "a delivery", 300, 0.02)
+
+    trickle(0).join()
     down_s: list[float] = []
     resume_s: list[float] = []
     for n in range(restarts):
-        target = (n + 1) * step
-        wait_for(lambda: len(delivered_names(dest)) >= target, f"{target} files", 300, 0.05)
+        back = threading.Event()
+        writer = trickle(n + 1, back)  # files keep arriving through the restart
+        time.sleep(3 * gap_s)
         stop_at = time.monotonic()
         manager.process(Component.BROKER).stop()
         manager.up([Component.BROKER])
-        back = time.monotonic()
-        down_s.append(back - stop_at)
-        before = len(delivered_names(dest))
-        resume_s.append(
-            wait_for(
-                lambda: len(delivered_names(dest)) > before or set(expected) <= delivered_names(dest),
-                "a delivery after the restart",
-                300,
-                0.05,
-            )
-        )
-    # Pause: SIGSTOP the broker, SIGCONT after pause_s.
+        down_s.append(time.monotonic() - stop_at)
+        before = delivered_names(dest)  # recovery: the first delivery after the broker is back
+        back.set()
+        resume_s.append(next_delivery(before))
+        writer.join()
+    back = threading.Event()
+    writer = trickle(phases - 1, back)
+    time.sleep(3 * gap_s)
     pid = _broker_pid(manager)
     os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(pause_s)
     finally:
+        before = delivered_names(dest)
         os.kill(pid, signal.SIGCONT)
+        back.set()
     resumed = time.monotonic()
-    before = len(delivered_names(dest))
-    pause_resume_s = wait_for(
-        lambda: len(delivered_names(dest)) > before or set(expected) <= delivered_names(dest),
-        "a delivery after the pause",
-        300,
-        0.05,
+    pause_resume_s = next_delivery(before)
+    writer.join()
+    assert not errors, errors
+    wait_complete(
+        dest, dict.fromkeys(sizes, ""), COMPLETE_TIMEOUT_S, lambda: consumer.poll() is None
     )
-    complete_s = wait_complete(dest, expected, COMPLETE_TIMEOUT_S, lambda: consumer.poll() is None)
-    del complete_s
     after_pause_s = time.monotonic() - resumed
-    upload_rc = uploader.wait(timeout=COMPLETE_TIMEOUT_S)
+    assert watcher.poll() is None, "the watcher died:\n" + procs.errors("watch")
+    assert procs.terminate(watcher) == 0
     assert procs.terminate(consumer) == 0
+    out = procs.output("watch")
     verdict = judge(dest, expected, procs.output("rebuild"))
     common = {
-        "files": total,
+        "files": len(expected),
         "bytes": sum(sizes.values()),
         "lost": len(verdict.lost),
         "corrupted": len(verdict.corrupted),
@@ -357,12 +390,13 @@ def broker_faults(
     }
     notes = {
         "reported_more_than_once": verdict.reported_twice,
-        "upload_exit_code": upload_rc,
-        "upload_output": procs.output("upload").strip()[-300:],
+        "watch_failed_reports": out.count("failed: "),
+        "watch_sent_reports": out.count("sent "),
     }
     restart_entry = ChaosRecord(
         fault="broker restart (S3-backed storage)",
-        injected=f"`StackManager` stop (SIGTERM) + start of Tansu, {restarts} times mid-transfer",
+        injected=f"`StackManager` stop (SIGTERM) + start of Tansu, {restarts} times while "
+        f"files arrived (one every {gap_s} s)",
         runs=restarts,
         recover_s={
             "broker_down": _summary(down_s),  # type: ignore[dict-item]
@@ -385,7 +419,6 @@ def broker_faults(
     record(restart_entry)
     record(pause_entry)
     assert_clean(verdict)
-    assert upload_rc == 0, procs.output("upload") + procs.errors("upload")
     return [restart_entry, pause_entry]
 
 
@@ -426,7 +459,9 @@ def disk_full(
     full_at = time.monotonic()
     # While full: still running, and no partial or wrong file in the destination.
     time.sleep(full_wait_s)
-    assert consumer.poll() is None, "the reassembler died on a full disk:\n" + procs.errors("rebuild")
+    assert consumer.poll() is None, "the reassembler died on a full disk:\n" + procs.errors(
+        "rebuild"
+    )
     partial = judge(dest, expected, procs.output("rebuild"))
     assert not partial.extra and not partial.corrupted, partial
     assert partial.lost, "everything fitted: the disk never filled up"
@@ -502,7 +537,9 @@ def source_faults(
         rel = f"big-{n}.bin"
         write_file(folder / rel, big_bytes)
         try:
-            wait_for(lambda: registry_states(registry).get(rel) == "sending", "the send", 30, 0.001)
+            wait_for(
+                lambda r=rel: registry_states(registry).get(r) == "sending", "the send", 30, 0.001
+            )
             caught_mid_send += 1
         except AssertionError:
             pass
@@ -585,4 +622,3 @@ def source_faults(
     assert "pipe.fifo" not in out and "gone.tmp" not in delivered_names(dest)
     assert out.count("sent logs/instrument.log") >= 1
     return entry
-
