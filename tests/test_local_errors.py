@@ -11,6 +11,7 @@ import pytest
 
 from msi_prefect.transfer import reassembler as reassembler_module
 from msi_prefect.transfer.progress import ProgressStore
+from msi_prefect.transfer.sinks import LocalDirectorySink
 from tests.conftest import RunningStack
 from tests.test_roundtrip import make_tree, rebuild, send, tree_digests
 
@@ -68,4 +69,43 @@ def test_a_full_progress_store_is_retried_not_fatal(
     assert failures == [1]
     assert sorted(e.relpath for e in events) == ["a.bin", "b.bin"]
     assert tree_digests(tmp_path / "dest") == expected
+    assert reassembler.stats.files_rejected == 0
+
+
+class _Crash(BaseException):
+    """Stands for kill -9: nothing after it runs, the open SQLite transaction is lost."""
+
+
+@pytest.mark.stack
+def test_a_crash_between_delivery_and_commit_does_not_reject_the_file(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file was renamed into place, then the process died before recording it.
+
+    The restart re-reads the file from its first chunk; its earlier chunks are recorded as
+    written, but their staging file is gone (it was delivered): the file must be rebuilt
+    again, not rejected as corrupt.
+    """
+    expected = make_tree(tmp_path / "src", {"big.bin": 40 * 64 * 1024 + 7, "small.bin": 5})
+    send(kafka_stack, topic, tmp_path / "src", tmp_path / "reg.sqlite", sorted(expected))
+    dest = tmp_path / "dest"
+    real_flush = LocalDirectorySink.flush
+
+    def crash_after_a_delivery(self: LocalDirectorySink) -> None:
+        if self._unsynced_dirs:  # something was renamed into the destination in this batch
+            raise _Crash
+        real_flush(self)
+
+    monkeypatch.setattr(LocalDirectorySink, "flush", crash_after_a_delivery)
+    with pytest.raises(_Crash):
+        rebuild(kafka_stack, topic, dest, files=2, batch_messages=8)
+    assert (dest / "big.bin").exists() or (dest / "small.bin").exists()
+    monkeypatch.setattr(LocalDirectorySink, "flush", real_flush)
+
+    events, reassembler = rebuild(kafka_stack, topic, dest, files=2, batch_messages=8)
+    assert sorted((e.kind.value, e.relpath) for e in events) == [
+        ("reconstructed", "big.bin"),
+        ("reconstructed", "small.bin"),
+    ]
+    assert tree_digests(dest) == expected
     assert reassembler.stats.files_rejected == 0

@@ -27,6 +27,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -548,7 +549,11 @@ class Reassembler:
             if opened.outcome in (OpenOutcome.FINISHED, OpenOutcome.STALE):
                 return None  # a replay after a crash, or an outdated generation
             assert opened.progress is not None
-            staging = self._open_staging(opened.progress, fresh=opened.outcome is OpenOutcome.NEW)
+            progress, fresh = opened.progress, opened.outcome is OpenOutcome.NEW
+            if not fresh and progress.received_count and not Path(progress.staging_path).exists():
+                progress = self._restart_file(progress)
+                fresh = True
+            staging = self._open_staging(progress, fresh=fresh)
         self._open.move_to_end(key)
         ledger = self._ledgers.setdefault(partition, _Ledger())
         mark = ledger.open_files.setdefault(key, _OpenFileMark(offset, time.monotonic()))
@@ -566,6 +571,28 @@ class Reassembler:
         self.stats.chunks_written += 1
         self.stats.bytes_written += len(data)
         return staging
+
+    def _restart_file(self, progress: FileProgress) -> FileProgress:
+        """Rebuild a file whose staging file vanished although chunks were recorded in it.
+
+        This happens when a crash falls after the file was renamed into the destination and
+        before that was recorded: the replay starts at the file's first chunk (offsets never
+        pass an unfinished file), so every chunk comes again and is written anew.
+        """
+        logger.warning(
+            "staging file of %r is gone (delivered before a crash?): rebuilding it from "
+            "the replayed chunks",
+            progress.relpath,
+        )
+        path = (
+            self.staging_dir
+            / f"{progress.file_id}.{progress.generation}.{uuid.uuid4().hex[:8]}.part"
+        )
+        restarted = self.progress.restart_file(
+            self.settings.topic, progress.file_id, progress.generation, path
+        )
+        assert restarted is not None  # RESUMED: the row is RECEIVING, under our lock
+        return restarted
 
     def _open_staging(self, progress: FileProgress, fresh: bool) -> _OpenStaging:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
