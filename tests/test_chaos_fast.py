@@ -75,5 +75,11 @@ def test_source_faults_have_clear_outcomes(
     kafka_stack: RunningStack, topic: str, tmp_path: Path, processes: Processes
 ) -> None:
     scenarios.source_faults(
-        kafka_stack.bootstrap_servers, topic, tmp_path, processes, big_bytes=48 * MIB, rewrites=1
+        kafka_stack.bootstrap_servers,
+        topic,
+        tmp_path,
+        processes,
+        big_bytes=48 * MIB,
+        rewrites=1,
+        window_s=0.5,
     )

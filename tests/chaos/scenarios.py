@@ -514,6 +514,7 @@ def source_faults(
     procs: Processes,
     big_bytes: int,
     rewrites: int,
+    window_s: float = WINDOW_S,
 ) -> ChaosRecord:
     """Files rewritten while sent, growing logs, deleted files, unreadable files, a FIFO.
 
@@ -525,7 +526,7 @@ def source_faults(
     folder.mkdir()
     consumer = procs.start("rebuild", reconstruct_command(dest, topic, bootstrap, f"s-{topic}"))
     watcher = procs.start(
-        "watch", _unprivileged(watch_command(folder, topic, bootstrap, registry, WINDOW_S))
+        "watch", _unprivileged(watch_command(folder, topic, bootstrap, registry, window_s))
     )
     wait_for(lambda: _watched(registry), "watch start", 60)
     expected: dict[str, str] = {}
@@ -559,7 +560,7 @@ def source_faults(
                 handle.write(f"{time.time():.3f} line {i}\n")
                 handle.flush()
                 time.sleep(0.2)
-            time.sleep(WINDOW_S * 3)
+            time.sleep(window_s * 3)
     from tests.chaos.harness import sha256_file
 
     expected["logs/instrument.log"] = sha256_file(log)
@@ -567,7 +568,7 @@ def source_faults(
     # Deleted before it was sent (inside the stability window).
     gone = folder / "gone.tmp"
     gone.write_bytes(os.urandom(5000))
-    time.sleep(WINDOW_S / 3)
+    time.sleep(window_s / 3)
     gone.unlink()
 
     # Not a file: a FIFO (never opened, so it cannot block the watcher).
@@ -580,7 +581,7 @@ def source_faults(
     wait_for(lambda: "Cannot read secret.dat" in procs.errors("watch"), "the unreadable report", 60)
     expected["after.txt"] = write_file(folder / "after.txt", 123)
     wait_for(lambda: registry_states(registry).get("after.txt") == "sent", "a later file", 60)
-    time.sleep(WINDOW_S * 3)  # several scans with the file still unreadable
+    time.sleep(window_s * 3)  # several scans with the file still unreadable
     unreadable_reports = procs.errors("watch").count("Cannot read secret.dat")
     secret.chmod(0o644)
     fixed = time.monotonic()
