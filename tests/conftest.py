@@ -14,9 +14,23 @@ from msi_prefect.stack.config import DEFAULT_PORTS, BrokerStorage, StackConfig, 
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import find_free_ports
 
+CHAOS_ENV = "MSI_CHAOS"
 # Tansu lets a consumer join a group in about half of session.timeout.ms; keep it short.
 TEST_SESSION_TIMEOUT_MS = 6000
 TEST_STORAGE_ENV = "MSI_TEST_BROKER_STORAGE"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the long fault-injection runs unless asked for (``-m chaos`` or MSI_CHAOS=1)."""
+    markexpr = config.getoption("markexpr", default="") or ""
+    if "chaos" in markexpr or os.environ.get(CHAOS_ENV) == "1":
+        return
+    skip = pytest.mark.skip(
+        reason=f"long fault-injection run: opt in with -m chaos or {CHAOS_ENV}=1"
+    )
+    for item in items:
+        if "chaos" in item.keywords:
+            item.add_marker(skip)
 
 
 def free_port_map() -> dict[str, int]:

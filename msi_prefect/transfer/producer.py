@@ -355,9 +355,7 @@ class FileProducer:
         pending: _PendingFile | None,
     ) -> None:
         if self._codec is not None:
-            data, headers = self._codec.seal(
-                self.settings.topic, key, data, headers or []
-            )
+            data, headers = self._codec.seal(self.settings.topic, key, data, headers or [])
         size = len(data)
         # Bound memory: wait for acknowledgements before putting more bytes in flight.
         while (

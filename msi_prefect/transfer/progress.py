@@ -424,6 +424,36 @@ class ProgressStore(SqliteStore):
         with self._transaction() as conn:
             return self._supersede(conn, topic, file_id, below_generation)
 
+    def restart_file(
+        self, topic: str, file_id: str, generation: int, staging_path: str | Path
+    ) -> FileProgress | None:
+        """Forget the chunks recorded for a RECEIVING generation; use a new staging file.
+
+        For a staging file that is gone although chunks were recorded in it (a crash after
+        its delivery, before that was recorded). The new path, in the same transaction as
+        the reset, keeps the rule that every recorded chunk is in the file the row names.
+
+        Returns:
+            The updated row, or ``None`` if the generation is not RECEIVING.
+        """
+        with self._transaction() as conn:
+            existing = self._select(conn, topic, file_id, generation)
+            if existing is None or existing.state is not ProgressState.RECEIVING:
+                return None
+            conn.execute(
+                "UPDATE progress SET received = ?, received_count = 0, sha256 = NULL,"
+                f" staging_path = ?, updated_at = ? WHERE {_KEY_WHERE}",
+                (
+                    Bitmap(existing.chunk_count).to_bytes(),
+                    str(staging_path),
+                    self._clock(),
+                    topic,
+                    file_id,
+                    generation,
+                ),
+            )
+            return self._select(conn, topic, file_id, generation)
+
     def record_chunks(self, receipts: Iterable[ChunkReceipt]) -> list[FileProgress]:
         """Mark many chunks as durably written, in one transaction.
 

@@ -19,12 +19,15 @@ broker feature beyond plain offset commits (Tansu, for one, does not keep commit
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -432,11 +435,14 @@ class Reassembler:
 
         try:
             self._handle_batch(messages)
-        except OSError as exc:
+        except (OSError, sqlite3.OperationalError) as exc:
+            # sqlite3.OperationalError: the progress store (under DEST/.msi-state by default)
+            # shares the destination's disk, and reports a full disk in its own way.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             logger.error(
                 "writing to %s failed (%s); nothing was committed, retrying in %.0f s",
                 self.settings.destination,
-                exc.strerror or exc,
+                reason,
                 LOCAL_ERROR_BACKOFF_S,
             )
             for key in list(self._open):
@@ -459,7 +465,10 @@ class Reassembler:
         commit_to: dict[int, int] = {}
         with self.progress.batch():
             self._handle_messages(messages, commit_to)
-            self.sink.flush()
+            try:
+                self.sink.flush()
+            except SinkError as exc:  # a local I/O error: the batch is retried
+                raise OSError(str(exc)) from exc
         self._commit(commit_to)
 
     def _handle_messages(self, messages: list[Any], commit_to: dict[int, int]) -> None:
@@ -540,7 +549,11 @@ class Reassembler:
             if opened.outcome in (OpenOutcome.FINISHED, OpenOutcome.STALE):
                 return None  # a replay after a crash, or an outdated generation
             assert opened.progress is not None
-            staging = self._open_staging(opened.progress, fresh=opened.outcome is OpenOutcome.NEW)
+            progress, fresh = opened.progress, opened.outcome is OpenOutcome.NEW
+            if not fresh and progress.received_count and not Path(progress.staging_path).exists():
+                progress = self._restart_file(progress)
+                fresh = True
+            staging = self._open_staging(progress, fresh=fresh)
         self._open.move_to_end(key)
         ledger = self._ledgers.setdefault(partition, _Ledger())
         mark = ledger.open_files.setdefault(key, _OpenFileMark(offset, time.monotonic()))
@@ -548,7 +561,7 @@ class Reassembler:
         if staging.progress.has_chunk(header.index):
             return staging  # durable before this process opened the file: a replay
         data = chunk.data
-        os.pwrite(staging.fd, data, header.offset)
+        _pwrite_all(staging.fd, data, header.offset)
         if staging.hasher is not None:
             if header.index == staging.next_index:
                 staging.hasher.update(data)
@@ -558,6 +571,28 @@ class Reassembler:
         self.stats.chunks_written += 1
         self.stats.bytes_written += len(data)
         return staging
+
+    def _restart_file(self, progress: FileProgress) -> FileProgress:
+        """Rebuild a file whose staging file vanished although chunks were recorded in it.
+
+        This happens when a crash falls after the file was renamed into the destination and
+        before that was recorded: the replay starts at the file's first chunk (offsets never
+        pass an unfinished file), so every chunk comes again and is written anew.
+        """
+        logger.warning(
+            "staging file of %r is gone (delivered before a crash?): rebuilding it from "
+            "the replayed chunks",
+            progress.relpath,
+        )
+        path = (
+            self.staging_dir
+            / f"{progress.file_id}.{progress.generation}.{uuid.uuid4().hex[:8]}.part"
+        )
+        restarted = self.progress.restart_file(
+            self.settings.topic, progress.file_id, progress.generation, path
+        )
+        assert restarted is not None  # RESUMED: the row is RECEIVING, under our lock
+        return restarted
 
     def _open_staging(self, progress: FileProgress, fresh: bool) -> _OpenStaging:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -642,7 +677,7 @@ class Reassembler:
                     with self.progress.batch():
                         self._finish(progress, None)
                         self.sink.flush()
-                except OSError as exc:
+                except (OSError, sqlite3.OperationalError) as exc:
                     logger.error("cannot deliver %r yet: %s", progress.relpath, exc)
 
     def _abort(self, notice: AbortNotice) -> None:
@@ -741,6 +776,22 @@ class Reassembler:
             safe = ledger.commit_offset(next_offset, now, self.settings.abandon_after_s)
             offsets.append(TopicPartition(self.settings.topic, partition, safe))
         self._consumer.commit(offsets=offsets, asynchronous=False)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``.
+
+    A write that runs out of space part-way returns a short count rather than an error
+    (tmpfs and ext4 do); ignoring it would record a chunk whose tail was never written, and
+    the file would fail verification. The next write of the rest raises ENOSPC instead.
+    """
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+        offset += written
 
 
 def _header_text(headers: Any, name: str) -> str | None:

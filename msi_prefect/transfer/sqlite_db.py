@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -91,7 +92,15 @@ class SqliteDatabase:
                 raise
             finally:
                 self._depth = 0
-            self.connection.execute("COMMIT")
+            try:
+                self.connection.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full, I/O error) may leave the transaction open;
+                # end it, or every later BEGIN would fail.
+                if self.connection.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.connection.execute("ROLLBACK")
+                raise
             if self._durable_commit_requested:
                 self._durable_commit_requested = False
                 self._sync_wal()
