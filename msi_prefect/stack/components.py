@@ -26,6 +26,10 @@ from msi_prefect.stack.processes import LOOPBACK, ProcessSpec, port_is_listening
 TANSU_BIN_ENV = "MSI_TANSU_BIN"
 WEED_BIN_ENV = "MSI_WEED_BIN"
 HTTP_TIMEOUT_S = 2.0
+# The worker and the flow-run processes it starts (each a fresh Python process, seconds of
+# CPU to start) run at a lower priority, so on a small machine the Prefect server, which
+# turns events into runs, stays responsive while runs start.
+WORKER_NICENESS = 10
 # A worker heartbeat older than this means the worker is gone.
 WORKER_STALE_AFTER_S = 60
 # The Prefect server runs `python -c PREFECT_SERVER_MAIN server start ...`.
@@ -194,7 +198,12 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
         f"msi-worker-{ports['prefect']}",
     ]
     return ProcessSpec(
-        name=component.value, argv=argv, env=prefect_env(config, state), ports={}, cwd=data_dir
+        name=component.value,
+        argv=argv,
+        env=prefect_env(config, state),
+        ports={},
+        cwd=data_dir,
+        niceness=WORKER_NICENESS,
     )
 
 

@@ -52,6 +52,8 @@ class ProcessSpec:
         env: Extra environment variables on top of the caller's environment.
         ports: Loopback TCP ports the process will listen on (checked free before start).
         cwd: Working directory of the process.
+        niceness: Added to the process's nice value (lower CPU priority); its children
+            inherit it.
     """
 
     name: str
@@ -59,6 +61,16 @@ class ProcessSpec:
     env: Mapping[str, str]
     ports: Mapping[str, int]
     cwd: Path
+    niceness: int = 0
+
+
+def _lower_priority(niceness: int) -> Callable[[], None]:
+    """A `preexec_fn` that raises the child's nice value before it runs its program."""
+
+    def lower() -> None:
+        os.nice(niceness)
+
+    return lower
 
 
 @dataclass(frozen=True)
@@ -235,6 +247,7 @@ class ManagedProcess:
                 env=env,
                 cwd=self.spec.cwd,
                 start_new_session=True,  # own process group: survives us, stops as a whole
+                preexec_fn=_lower_priority(self.spec.niceness) if self.spec.niceness else None,
             )
         pid_data = {"pid": proc.pid, "executable": executable, "started_at": time.time()}
         tmp = self.pid_file.with_suffix(".tmp")
