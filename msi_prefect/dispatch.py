@@ -15,79 +15,25 @@ gets it twice. Memory holds only a count and a time; the files themselves stay o
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from msi_prefect.events import FileFacts
-from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
+from msi_prefect.transfer.sqlite_db import DurableQueue
 
 BATCH_OUTBOX_FILE = "dispatch-outbox.sqlite"
-SCHEMA_VERSION = 1
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS pending (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        topic TEXT NOT NULL,
-        file_id TEXT NOT NULL,
-        generation INTEGER NOT NULL,
-        facts TEXT NOT NULL,
-        UNIQUE (topic, file_id, generation)
-    )
-    """,
-)
 
 
-class BatchOutbox(SqliteStore):
-    """Durable queue of rebuilt files waiting for their batch event.
+def batch_outbox(path: str | Path) -> DurableQueue:
+    """The durable queue of rebuilt files waiting for their batch event."""
+    return DurableQueue(path, name="dispatch outbox")
 
-    Args:
-        path: Database file.
-    """
 
-    def __init__(self, path: str | Path) -> None:
-        # FULL: a file recorded here must survive a power cut once its offsets are committed.
-        super().__init__(
-            SqliteDatabase(path, _SCHEMA, SCHEMA_VERSION, Durability.FULL, name="dispatch outbox")
-        )
-
-    def add(self, facts: FileFacts) -> bool:
-        """Queue a file; False if this generation of it is queued already (a replay)."""
-        record = {
-            "topic": facts.topic,
-            "file_id": facts.file_id,
-            "relpath": facts.relpath,
-            "generation": facts.generation,
-            "size": facts.size,
-            "sha256": facts.sha256,
-            "url": facts.url,
-        }
-        with self._db.transaction() as conn:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO pending (topic, file_id, generation, facts) "
-                "VALUES (?, ?, ?, ?)",
-                (facts.topic, facts.file_id, facts.generation or 0, json.dumps(record)),
-            )
-            return cursor.rowcount == 1
-
-    def oldest(self, limit: int) -> list[tuple[int, FileFacts]]:
-        """Up to ``limit`` queued files, oldest first, with their queue positions."""
-        with self._db.reading() as conn:
-            rows = conn.execute(
-                "SELECT seq, facts FROM pending ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
-        return [(row["seq"], FileFacts(**json.loads(row["facts"]))) for row in rows]
-
-    def count(self) -> int:
-        """How many files are queued."""
-        with self._db.reading() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0])
-
-    def remove_through(self, seq: int) -> None:
-        """Forget every queued file up to and including position ``seq``."""
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM pending WHERE seq <= ?", (seq,))
+def _queue_key(facts: FileFacts) -> str:
+    # One entry per generation of a file: a replayed file is not queued twice.
+    return f"{facts.topic}/{facts.file_id}/{facts.generation or 0}"
 
 
 class FileBatcher:
@@ -106,7 +52,7 @@ class FileBatcher:
 
     def __init__(
         self,
-        outbox: BatchOutbox,
+        outbox: DurableQueue,
         max_files: int,
         max_wait_s: float,
         send: Callable[[list[FileFacts]], None],
@@ -132,7 +78,7 @@ class FileBatcher:
 
     def add(self, facts: FileFacts) -> None:
         """Queue one rebuilt file; send a batch if it is full."""
-        if not self._outbox.add(facts):
+        if not self._outbox.add(_queue_key(facts), dataclasses.asdict(facts)):
             return
         self._waiting += 1
         if self._oldest_at is None:
@@ -156,7 +102,7 @@ class FileBatcher:
             if not batch:  # the count drifted (cannot happen in one process): resync
                 self._waiting = 0
                 break
-            self._send([facts for _, facts in batch])
+            self._send([FileFacts(**record) for _, record in batch])
             # Removed only after sending: a crash in between sends the same batch again.
             self._outbox.remove_through(batch[-1][0])
             self._waiting = max(0, self._waiting - len(batch))

@@ -18,7 +18,6 @@ lives on disk.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -28,12 +27,11 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 from msi_prefect.events import FileEventSpec
-from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
+from msi_prefect.transfer.sqlite_db import DurableQueue
 
 logger = logging.getLogger(__name__)
 
 EVENT_OUTBOX_FILE = "event-outbox.sqlite"
-SCHEMA_VERSION = 1
 DEFAULT_BATCH_SIZE = 100
 # The sender looks at the outbox at least this often, even without a wake-up.
 IDLE_CHECK_S = 1.0
@@ -41,59 +39,14 @@ FIRST_RETRY_PAUSE_S = 1.0
 MAX_RETRY_PAUSE_S = 30.0
 # How long `close()` keeps trying to deliver what is left before leaving it for next time.
 DEFAULT_DRAIN_S = 10.0
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        event_id TEXT NOT NULL UNIQUE,
-        body TEXT NOT NULL
-    )
-    """,
-)
 
 #: Posts a batch of events (JSON objects); raises if the server did not accept them.
 PostEvents = Callable[[list[dict[str, Any]]], None]
 
 
-class EventOutbox(SqliteStore):
-    """Events waiting to be delivered, on disk.
-
-    Args:
-        path: Database file.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        # FULL: an event recorded here must survive a power cut once offsets are committed.
-        super().__init__(
-            SqliteDatabase(path, _SCHEMA, SCHEMA_VERSION, Durability.FULL, name="event outbox")
-        )
-
-    def add(self, event_id: str, body: dict[str, Any]) -> bool:
-        """Queue one event; False if an event with this id is queued already."""
-        with self._db.transaction() as conn:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO events (event_id, body) VALUES (?, ?)",
-                (event_id, json.dumps(body)),
-            )
-            return cursor.rowcount == 1
-
-    def oldest(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
-        """Up to ``limit`` queued events, oldest first, with their queue positions."""
-        with self._db.reading() as conn:
-            rows = conn.execute(
-                "SELECT seq, body FROM events ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
-        return [(row["seq"], json.loads(row["body"])) for row in rows]
-
-    def count(self) -> int:
-        """How many events wait."""
-        with self._db.reading() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-
-    def remove_through(self, seq: int) -> None:
-        """Forget every event up to and including queue position ``seq``."""
-        with self._db.transaction() as conn:
-            conn.execute("DELETE FROM events WHERE seq <= ?", (seq,))
+def event_outbox(path: str | Path) -> DurableQueue:
+    """The durable queue of events waiting to be delivered, keyed by event id."""
+    return DurableQueue(path, name="event outbox")
 
 
 class EventSender:
@@ -107,7 +60,7 @@ class EventSender:
 
     def __init__(
         self,
-        outbox: EventOutbox,
+        outbox: DurableQueue,
         post: PostEvents,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
@@ -298,13 +251,13 @@ class EventChannel:
             post = self._poster
         self._post = post
         self._run_related = run_related
-        self._outbox: EventOutbox | None = None
+        self._outbox: DurableQueue | None = None
         self._sender: EventSender | None = None
 
     def __enter__(self) -> Self:
         if self._run_related is None:
             self._run_related = run_related_resources()
-        self._outbox = EventOutbox(self._path)
+        self._outbox = event_outbox(self._path)
         self._sender = EventSender(self._outbox, self._post)
         self._sender.start()
         return self

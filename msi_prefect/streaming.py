@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
-from msi_prefect.dispatch import BATCH_OUTBOX_FILE, BatchOutbox, FileBatcher
+from msi_prefect.dispatch import BATCH_OUTBOX_FILE, FileBatcher, batch_outbox
 from msi_prefect.errors import MsiError
 from msi_prefect.event_outbox import EVENT_OUTBOX_FILE, EventChannel
 from msi_prefect.events import (
@@ -225,7 +225,7 @@ def run_reconstruct_files(
             raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
         events = cleanup.enter_context(EventChannel(reassembler.work_dir / EVENT_OUTBOX_FILE))
         if dispatch is DownstreamDispatch.BATCH:
-            outbox = cleanup.enter_context(BatchOutbox(reassembler.work_dir / BATCH_OUTBOX_FILE))
+            outbox = cleanup.enter_context(batch_outbox(reassembler.work_dir / BATCH_OUTBOX_FILE))
             batcher = FileBatcher(
                 outbox, transfer.batch_max_files, transfer.batch_max_wait_s, send_batch
             )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from msi_prefect.dispatch import BatchOutbox, FileBatcher
+from msi_prefect.dispatch import FileBatcher, batch_outbox
 from msi_prefect.events import (
     DISPATCH_LABEL,
     DownstreamDispatch,
@@ -17,6 +17,7 @@ from msi_prefect.events import (
     from_reassembler,
 )
 from msi_prefect.transfer.reassembler import FileEvent, FileEventKind
+from msi_prefect.transfer.sqlite_db import DurableQueue
 from msi_prefect.transfer.wire import file_id_for
 
 TOPIC = "lab.raw"
@@ -51,11 +52,11 @@ class Recorder:
 
 
 @pytest.fixture
-def outbox(tmp_path: Path) -> BatchOutbox:
-    return BatchOutbox(tmp_path / "outbox.sqlite")
+def outbox(tmp_path: Path) -> DurableQueue:
+    return batch_outbox(tmp_path / "outbox.sqlite")
 
 
-def test_a_full_batch_goes_at_once_and_the_rest_waits(outbox: BatchOutbox) -> None:
+def test_a_full_batch_goes_at_once_and_the_rest_waits(outbox: DurableQueue) -> None:
     sent, clock = Recorder(), FakeClock()
     batcher = FileBatcher(outbox, max_files=2, max_wait_s=5, send=sent, clock=clock)
     for name in ("a", "b", "c"):
@@ -70,7 +71,7 @@ def test_a_full_batch_goes_at_once_and_the_rest_waits(outbox: BatchOutbox) -> No
     assert batcher.waiting == 0 and outbox.count() == 0
 
 
-def test_force_sends_everything_in_batches_of_max_files(outbox: BatchOutbox) -> None:
+def test_force_sends_everything_in_batches_of_max_files(outbox: DurableQueue) -> None:
     sent = Recorder()
     batcher = FileBatcher(outbox, max_files=3, max_wait_s=60, send=sent, clock=FakeClock())
     for name in "abcde":
@@ -79,7 +80,7 @@ def test_force_sends_everything_in_batches_of_max_files(outbox: BatchOutbox) -> 
     assert sent.batches == [["a", "b", "c"], ["d", "e"]]
 
 
-def test_the_same_generation_is_queued_once_and_a_new_one_again(outbox: BatchOutbox) -> None:
+def test_the_same_generation_is_queued_once_and_a_new_one_again(outbox: DurableQueue) -> None:
     sent = Recorder()
     batcher = FileBatcher(outbox, max_files=10, max_wait_s=1, send=sent, clock=FakeClock())
     batcher.add(facts("a", 1))
@@ -97,14 +98,14 @@ def test_leftovers_of_a_crash_go_first_as_the_same_batch(tmp_path: Path) -> None
         emitted.append(batch_event(TOPIC, files).event_id)
         raise RuntimeError("killed after sending, before forgetting")
 
-    with BatchOutbox(path) as first_outbox:
+    with batch_outbox(path) as first_outbox:
         batcher = FileBatcher(first_outbox, max_files=5, max_wait_s=60, send=crash)
         batcher.add(facts("x"))
         batcher.add(facts("y"))
         with pytest.raises(RuntimeError):
             batcher.send_due(force=True)
 
-    with BatchOutbox(path) as second_outbox:
+    with batch_outbox(path) as second_outbox:
 
         def record(files: list[FileFacts]) -> None:
             emitted.append(batch_event(TOPIC, files).event_id)
@@ -119,7 +120,7 @@ def test_leftovers_of_a_crash_go_first_as_the_same_batch(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(("max_files", "max_wait_s"), [(0, 1.0), (5, 0.0), (5, -1.0)])
 def test_nonsense_limits_are_refused(
-    outbox: BatchOutbox, max_files: int, max_wait_s: float
+    outbox: DurableQueue, max_files: int, max_wait_s: float
 ) -> None:
     with pytest.raises(ValueError, match="must be"):
         FileBatcher(outbox, max_files, max_wait_s, send=Recorder())

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.event_outbox import EventChannel, EventOutbox, EventSender, event_body
+from msi_prefect.event_outbox import EventChannel, EventSender, event_body, event_outbox
 from msi_prefect.events import EventName, FileFacts, file_event
 from msi_prefect.transfer.wire import file_id_for
 
@@ -54,7 +54,7 @@ def test_events_wait_on_disk_through_an_outage_and_arrive_in_order(tmp_path: Pat
         wait_until(lambda: len(server.received) == len(names))
     assert [event["payload"]["path"] for event in server.received] == names
     assert server.posts >= 3  # two refused, then delivered
-    with EventOutbox(tmp_path / "outbox.sqlite") as outbox:
+    with event_outbox(tmp_path / "outbox.sqlite") as outbox:
         assert outbox.count() == 0
 
 
@@ -72,7 +72,7 @@ def test_undelivered_events_survive_a_restart(tmp_path: Path) -> None:
 
 def test_close_delivers_what_is_left(tmp_path: Path) -> None:
     server = FlakyServer()
-    with EventOutbox(tmp_path / "outbox.sqlite") as outbox:
+    with event_outbox(tmp_path / "outbox.sqlite") as outbox:
         for name in ("x", "y"):
             outbox.add(str(uuid.uuid4()), {"payload": {"path": name}})
         sender = EventSender(outbox, server, batch_size=1)  # never started: close() drains

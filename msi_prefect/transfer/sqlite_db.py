@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
@@ -11,7 +12,7 @@ from contextlib import AbstractContextManager, contextmanager
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 # Waiting this long for a lock held by another process beats failing at once.
 BUSY_TIMEOUT_S = 5.0
@@ -171,3 +172,60 @@ class SqliteStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_QUEUE_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS items (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        item_key TEXT NOT NULL UNIQUE,
+        body TEXT NOT NULL
+    )
+    """,
+)
+QUEUE_SCHEMA_VERSION = 1
+
+
+class DurableQueue(SqliteStore):
+    """A first-in first-out queue of JSON objects on disk, each with a unique key.
+
+    Every commit is durable (`synchronous=FULL`): an item added before a Kafka offset
+    commit survives a power cut. Readers take a bounded number of items at a time, so
+    memory stays flat however long the queue grows.
+
+    Args:
+        path: Database file.
+        name: What the queue is, for error messages.
+    """
+
+    def __init__(self, path: str | Path, name: str) -> None:
+        super().__init__(
+            SqliteDatabase(path, _QUEUE_SCHEMA, QUEUE_SCHEMA_VERSION, Durability.FULL, name)
+        )
+
+    def add(self, key: str, body: dict[str, Any]) -> bool:
+        """Queue one item; False if an item with this key is queued already."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO items (item_key, body) VALUES (?, ?)",
+                (key, json.dumps(body)),
+            )
+            return cursor.rowcount == 1
+
+    def oldest(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Up to ``limit`` items, oldest first, with their queue positions."""
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                "SELECT seq, body FROM items ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [(row["seq"], json.loads(row["body"])) for row in rows]
+
+    def count(self) -> int:
+        """How many items wait."""
+        with self._db.reading() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def remove_through(self, seq: int) -> None:
+        """Forget every item up to and including queue position ``seq``."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM items WHERE seq <= ?", (seq,))
