@@ -534,17 +534,11 @@ class KafkaCryptoSettings(Block):
         Returns:
             The codec; the caller closes it.
         """
-        from msi_prefect.transfer.crypto import CryptoCodec, CryptoNode
+        from msi_prefect.transfer.crypto import CryptoCodec
 
-        node = CryptoNode(self.ensure_provisioned(), connection)
-        codec = CryptoCodec(node, key_wait_s=self.key_wait_timeout_s)
-        try:
-            for topic in topics:
-                codec.prepare_topic(topic)
-        except BaseException:
-            codec.close()
-            raise
-        return codec
+        return CryptoCodec.for_node(
+            self.ensure_provisioned(), connection, self.key_wait_timeout_s, topics
+        )
 
 
 class BackupStorage(Block):

@@ -479,7 +479,18 @@ class CryptoCodec:
             key_wait_s: How long a consumer waits for a missing key.
             topics: Data topics whose key-exchange topics are created now.
         """
-        codec = cls(CryptoNode(NodeFiles.from_config_path(config), connection), key_wait_s)
+        return cls.for_node(NodeFiles.from_config_path(config), connection, key_wait_s, topics)
+
+    @classmethod
+    def for_node(
+        cls,
+        files: NodeFiles,
+        connection: KafkaConnection,
+        key_wait_s: float = DEFAULT_KEY_WAIT_S,
+        topics: Sequence[str] = (),
+    ) -> CryptoCodec:
+        """Open a provisioned node (see :meth:`open`); the caller closes the codec."""
+        codec = cls(CryptoNode(files, connection), key_wait_s)
         try:
             for topic in topics:
                 codec.prepare_topic(topic)
