@@ -136,7 +136,8 @@ def wait_for_brokers(connection: KafkaConnection, timeout_s: float = ADMIN_TIMEO
     from confluent_kafka.admin import AdminClient
 
     errors: list[Any] = []
-    admin = AdminClient({**connection.client_config(), "error_cb": errors.append})
+    config: dict[str, Any] = {**connection.client_config(), "error_cb": errors.append}
+    admin = AdminClient(config)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
