@@ -22,6 +22,7 @@ from msi_prefect.stack.config import StateDir
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, port_is_free
 from tests.conftest import RunningStack, free_port_map
+from tests.listening import not_on_loopback
 
 pytestmark = pytest.mark.stack
 
@@ -116,6 +117,44 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def _api_pages(api: str, path: str, body: dict[str, Any]) -> list[str]:
+    """Every page (as text) of a Prefect `filter` endpoint."""
+    pages, offset = [], 0
+    while True:
+        response = httpx.post(
+            f"{api}/{path}", json={**body, "limit": 200, "offset": offset}, timeout=API_TIMEOUT_S
+        )
+        assert response.status_code == 200, (path, response.text)
+        items = response.json()
+        pages.append(response.text)
+        if len(items) < 200:
+            return pages
+        offset += 200
+
+
+def _assert_secret_nowhere(api: str, secret: str) -> None:
+    """No run, task run, log, artifact, event or block the server holds shows `secret`."""
+    outputs = {
+        "flow runs (parameters, states)": _api_pages(api, "flow_runs/filter", {}),
+        "task runs (states, messages)": _api_pages(api, "task_runs/filter", {}),
+        "logs": _api_pages(api, "logs/filter", {}),
+        "artifacts": _api_pages(api, "artifacts/filter", {}),
+        "deployments": _api_pages(api, "deployments/filter", {}),
+        "block documents (as read)": _api_pages(api, "block_documents/filter", {}),
+    }
+    events = httpx.post(f"{api}/events/filter", json={"limit": 50}, timeout=API_TIMEOUT_S)
+    assert events.status_code == 200
+    page, outputs["events"] = events.json(), [events.text]
+    while page.get("next_page"):
+        following = httpx.get(page["next_page"], timeout=API_TIMEOUT_S)
+        outputs["events"].append(following.text)
+        page = following.json()
+    assert "dropped.dat" in "".join(outputs["flow runs (parameters, states)"])
+    assert "dropped.dat" in "".join(outputs["logs"])
+    leaks = [what for what, texts in outputs.items() if any(secret in t for t in texts)]
+    assert leaks == []
+
+
 def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     ports = free_port_map()
     port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
@@ -159,15 +198,13 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
             assert _wait_for_run(api, run_name) == "COMPLETED", run_name
 
-        # The S3 secret reached the flows (the backup worked) but no log, event or run shows it.
+        # Every server of the stack, and every flow run it started, listens on loopback only.
+        stack_pids = set(pids.values()) | set(flow_run_processes(api))
+        assert not_on_loopback(stack_pids) == []
+
+        # The S3 secret reached the flows (the backup worked) but no output shows it.
         secret = json.loads((state_dir / "credentials.json").read_text())["secret_access_key"]
-        for log in (state_dir / "logs").glob("*.log"):
-            assert secret not in log.read_text(errors="replace"), log.name
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, timeout=API_TIMEOUT_S)
-        events = httpx.post(f"{api}/events/filter", json={"limit": 50}, timeout=API_TIMEOUT_S)
-        for response in (runs, events):
-            assert response.status_code == 200 and "dropped.dat" in response.text
-            assert secret not in response.text
+        _assert_secret_nowhere(api, secret)
 
         # A downstream failure is retried and then succeeds: the backup store is down when
         # the next file arrives, and back before the backup task's retries run out.
@@ -231,8 +268,14 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         assert emitted.returncode == 0, emitted.stderr
         for verb in ("backup", "metadata of", "analyze"):
             assert _wait_for_run(api, f"{verb} 1 file: dropped.dat") == "COMPLETED", verb
+
+        # After an outage, retries, a re-run and batch runs, still no output shows the secret.
+        _assert_secret_nowhere(api, secret)
     finally:
         down = _cli(state_dir, "down")
+    for path in state_dir.rglob("*"):
+        if path.is_file() and (path.suffix == ".log" or "log" in path.parent.name):
+            assert secret not in path.read_text(errors="replace"), path
     assert down.returncode == 0, down.stderr
     assert "stopped: worker, prefect, broker, s3" in down.stdout
     assert not [name for name, pid in pids.items() if _pid_alive(pid)]
