@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,8 +34,8 @@ CLI_TIMEOUT_S = 120
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 # The embedded server on SQLite answers slowly while the worker starts flow runs.
 API_TIMEOUT_S = 30
-# From the backup run's start: its first attempt fails within about 5 s (botocore's own
-# retries included); its first retry comes 10 s after that, when the store is back.
+# The store stays down at least this long, and until the backup's first attempt failed;
+# its first retry comes 10 s after that failure, when the store is back.
 OUTAGE_S = 12
 # The browser check: the Prefect UI is a single-page app; give it time to render.
 BROWSER_WINDOW = "1400,1000"
@@ -79,6 +80,22 @@ def _wait_for_state(
             return str(state)
         time.sleep(1)
     return state
+
+
+def _wait_for_retry(api: str, flow_run_id: str) -> bool:
+    """Wait until a task run of the flow run has failed an attempt and awaits its retry."""
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            task_runs = httpx.post(
+                f"{api}/task_runs/filter",
+                json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
+                timeout=API_TIMEOUT_S,
+            ).json()
+            if any(t["state"]["name"] in ("AwaitingRetry", "Retrying") for t in task_runs):
+                return True
+        time.sleep(1)
+    return False
 
 
 def _wait_for_run(api: str, name: str) -> str | None:
@@ -213,7 +230,11 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         (tmp_path / "inbox" / "during-outage.dat").write_bytes(b"x" * 1000)
         outage_run = lambda: _flow_run(api, "backup during-outage.dat")  # noqa: E731
         assert _wait_for_state(outage_run, ("RUNNING", *FINAL_STATES)) == "RUNNING"
-        time.sleep(OUTAGE_S)
+        # The store comes back only once the first attempt has failed: on a busy machine
+        # the run's process may take longer than the outage to reach its task.
+        outage_started = time.monotonic()
+        assert _wait_for_retry(api, outage_run()["id"])  # type: ignore[index]
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - outage_started)))
         manager.up([Component.S3])
         assert _wait_for_run(api, "backup during-outage.dat") == "COMPLETED"
         backup_run = _flow_run(api, "backup during-outage.dat")
