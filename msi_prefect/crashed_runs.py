@@ -12,6 +12,12 @@ same deployment with the same parameters. It is idempotent (a second call for th
 crashed run finds the first re-run by its tag) and bounded (a run whose re-runs keep
 crashing, a real fault, is re-run at most :data:`MAX_RERUNS` times in a row).
 
+The trigger alone is not enough: a crash recorded just after a server restart follows a
+state event the restarted server has not seen (Prefect keeps that bookkeeping in
+memory), and Prefect holds such an event back for up to 15 minutes before its triggers
+see it. So the same deployment also runs on a schedule and sweeps every crashed run of
+the downstream deployments (:func:`rerun_all_crashed`).
+
 The downstream flows are safe to run twice: a backup verifies the copy it would make,
 and events carry deterministic ids.
 """
@@ -23,7 +29,14 @@ import uuid
 
 from msi_prefect.errors import MsiError
 
-__all__ = ["MAX_RERUNS", "RERUN_OF_TAG", "RERUN_TAG", "rerun_crashed"]
+__all__ = [
+    "DOWNSTREAM_DEPLOYMENTS",
+    "MAX_RERUNS",
+    "RERUN_OF_TAG",
+    "RERUN_TAG",
+    "rerun_all_crashed",
+    "rerun_crashed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +47,19 @@ RERUN_TAG = "msi.rerun"
 #: Tag naming the crashed run a re-run replaces: ``msi.rerun-of:<flow run id>``.
 RERUN_OF_TAG = "msi.rerun-of"
 _RESOURCE_PREFIX = "prefect.flow-run."
+#: The deployments whose crashed runs are re-run (the long-running ones are not: `msi-prefect
+#: up` restarts them, and two of them must not run at once).
+DOWNSTREAM_DEPLOYMENTS = (
+    "backup-file",
+    "extract-metadata",
+    "analyze-file",
+    "backup-batch",
+    "extract-metadata-batch",
+    "analyze-batch",
+    "audit-backups",
+)
+#: How far back the sweep looks for crashed runs.
+SWEEP_LOOKBACK_HOURS = 24.0
 
 
 def _generation(tags: list[str]) -> int:
@@ -93,3 +119,38 @@ def rerun_crashed(flow_run: str) -> str | None:
         )
         logger.info("flow run %s crashed; started %s with the same parameters", run_id, rerun.id)
         return str(rerun.id)
+
+
+def rerun_all_crashed(
+    deployments: tuple[str, ...] = DOWNSTREAM_DEPLOYMENTS,
+    lookback_hours: float = SWEEP_LOOKBACK_HOURS,
+) -> list[str]:
+    """Re-run every crashed run of `deployments` that started in the last `lookback_hours`.
+
+    Returns:
+        The ids of the re-runs started (or found) for them.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    since = datetime.now(UTC) - timedelta(hours=lookback_hours)
+    with get_client(sync_client=True) as client:
+        crashed = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+                expected_start_time=FlowRunFilterExpectedStartTime(after_=since),  # type: ignore[arg-type]
+            ),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(deployments))),
+        )
+    reruns = [rerun_crashed(str(run.id)) for run in crashed]
+    return [rerun for rerun in reruns if rerun is not None]
