@@ -12,7 +12,9 @@ flat however long the flow runs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -50,36 +52,66 @@ from msi_prefect.transfer.wire import DecodeLimits
 logger = logging.getLogger(__name__)
 
 ARTIFACT_INTERVAL_S = 60.0
+# How long the end of a run waits for its last progress artifact.
+FINAL_PUBLISH_WAIT_S = 15.0
 REGISTRY_FILE = "producer-registry.sqlite"
 
 
 @dataclass
 class RunCounts:
-    """Counts of one long-running flow run, published as an artifact now and then."""
+    """Counts of one long-running flow run, published as an artifact now and then.
+
+    Publishing happens in a thread of its own: while the Prefect server is away, Prefect's
+    client retries for about a minute, and the transfer must not wait for it.
+    """
 
     title: str
     artifact_key: str
     counts: Counter[str] = field(default_factory=Counter)
     last_file: str | None = None
     _published_at: float = 0.0
+    _publisher: threading.Thread | None = None
 
     def add(self, outcome: str, relpath: str | None) -> None:
         """Count one file outcome; publish the counts if the last publication is old."""
         self.counts[outcome] += 1
         self.last_file = relpath
         if time.monotonic() - self._published_at > ARTIFACT_INTERVAL_S:
-            self.publish()
+            self.publish(wait=False)
 
-    def publish(self) -> None:
-        """Create a markdown artifact with the counts so far (a new version of the key)."""
-        from prefect.artifacts import create_markdown_artifact
+    def publish(self, wait: bool = True) -> None:
+        """Create a markdown artifact with the counts so far (a new version of the key).
 
+        Args:
+            wait: Wait (at most :data:`FINAL_PUBLISH_WAIT_S`) until it is published, as at
+                the end of a run; otherwise return at once, and skip this publication if
+                the previous one is still under way.
+        """
+        if self._publisher is not None and self._publisher.is_alive():
+            if not wait:
+                return
+            self._publisher.join(FINAL_PUBLISH_WAIT_S)
         self._published_at = time.monotonic()
         rows = "\n".join(f"| {outcome} | {n} |" for outcome, n in sorted(self.counts.items()))
         markdown = (
             f"## {self.title}\n\n| outcome | files |\n| --- | --- |\n{rows}\n\n"
             f"Last file: `{self.last_file or '-'}`\n"
         )
+        # The copied context carries the flow run, so the artifact is attached to it.
+        context = contextvars.copy_context()
+        self._publisher = threading.Thread(
+            target=context.run,
+            args=(self._create, markdown),
+            name=f"publish-{self.artifact_key}",
+            daemon=True,
+        )
+        self._publisher.start()
+        if wait:
+            self._publisher.join(FINAL_PUBLISH_WAIT_S)
+
+    def _create(self, markdown: str) -> None:
+        from prefect.artifacts import create_markdown_artifact
+
         try:
             create_markdown_artifact(markdown=markdown, key=self.artifact_key)
         except Exception:  # progress reporting must never stop a transfer

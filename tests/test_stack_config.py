@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import pytest
 
 from msi_prefect.cli import main
 from msi_prefect.errors import MsiError
+from msi_prefect.stack.components import LEASE_STORAGE, Component, build_spec
 from msi_prefect.stack.config import (
     DEFAULT_PORTS,
     StackConfig,
@@ -195,3 +197,18 @@ def test_cli_status_of_a_stack_that_never_ran(
     report = json.loads(capsys.readouterr().out)
     assert {c["health"] for c in report["components"]} == {"stopped"}
     assert report["healthy"] is False
+
+
+def test_every_server_is_pinned_to_loopback_and_prefect_keeps_leases_on_disk(
+    tmp_path: Path,
+) -> None:
+    config, state = StackConfig(), StateDir(tmp_path)
+    broker = build_spec(Component.BROKER, config, state).argv
+    assert broker[broker.index("--listener-url") + 1] == f"tcp://127.0.0.1:{config.ports['broker']}"
+    s3 = build_spec(Component.S3, config, state).argv
+    assert "-ip.bind=127.0.0.1" in s3 and "-ip=127.0.0.1" in s3
+    prefect = build_spec(Component.PREFECT, config, state)
+    assert prefect.argv[prefect.argv.index("--host") + 1] == "127.0.0.1"
+    # A server restart must not forget the long-running runs' concurrency leases.
+    assert prefect.env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == LEASE_STORAGE
+    assert hasattr(importlib.import_module(LEASE_STORAGE), "ConcurrencyLeaseStorage")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from msi_prefect.blocks import KafkaCluster, TransferSettings
 from msi_prefect.events import DownstreamDispatch, EventName, FileFacts, file_event
+from msi_prefect.streaming import RunCounts
 from msi_prefect.transfer.producer import FileProducer, ProducerSettings
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.wire import file_id_for
@@ -88,6 +91,34 @@ def test_watch_then_rebuild_announces_every_file_once(
     assert payload["sha256"] == digests["run1/a.tif"]
     assert payload["url"] == (dest / "run1" / "a.tif").as_uri()
     assert rebuilt[0].related[0]["prefect.resource.id"] == f"msi.topic.{topic}"
+    # The progress artifact, published from a thread of its own, belongs to the flow run.
+    artifacts = httpx.post(
+        f"{os.environ['PREFECT_API_URL']}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["reconstruct-files"]}}},
+        timeout=30,
+    ).json()
+    assert artifacts and all(artifact["flow_run_id"] for artifact in artifacts)
+
+
+def test_progress_artifact_does_not_hold_up_the_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the server is away, Prefect's client retries for a minute: not in our thread."""
+    import prefect.artifacts
+
+    published: list[str] = []
+
+    def slow(markdown: str, key: str) -> None:
+        time.sleep(1.5)
+        published.append(markdown)
+
+    monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", slow)
+    counts = RunCounts("Rebuilding", "reconstruct-files")
+    started = time.monotonic()
+    counts.add("reconstructed", "a.dat")  # due: published in the background
+    counts._published_at = 0.0  # due again while the first is still under way: skipped
+    counts.add("reconstructed", "b.dat")
+    assert time.monotonic() - started < 1.0
+    counts.publish()  # the end of a run waits for its last publication
+    assert len(published) == 2 and "| reconstructed | 2 |" in published[-1]
 
 
 def test_batch_dispatch_announces_every_file_in_exactly_one_batch(

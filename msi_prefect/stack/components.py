@@ -38,6 +38,9 @@ PREFECT_SERVER_MAIN = (
 )
 
 
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+
+
 class Component(StrEnum):
     """The processes of the stack, in start order."""
 
@@ -86,6 +89,11 @@ def prefect_env(config: StackConfig, state: StateDir) -> dict[str, str]:
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_API_HOST": LOOPBACK,
         "PREFECT_SERVER_API_PORT": str(config.ports["prefect"]),
+        # Deployment concurrency leases (the long-running deployments have a limit of 1)
+        # in files under PREFECT_HOME, not in the server's memory: a server restart would
+        # otherwise forget them, and each long-running flow run would stop itself at its
+        # next lease renewal ("410 Gone", "Terminating execution to prevent over-allocation").
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
     }
 
 

@@ -7,6 +7,7 @@ settings whether a Prefect server is involved or not.
 from __future__ import annotations
 
 import logging
+import time
 from enum import StrEnum
 from typing import Any
 
@@ -19,6 +20,9 @@ logger = logging.getLogger(__name__)
 # librdkafka log levels are syslog levels; 3 = errors only (its warnings go to our logger).
 LIBRDKAFKA_LOG_LEVEL_ERRORS = 3
 ADMIN_TIMEOUT_S = 30.0
+# One metadata attempt while `ensure_topic` waits for the brokers; between attempts the
+# errors librdkafka reported are looked at, so a refused login fails within seconds.
+METADATA_PROBE_S = 2.0
 
 
 class SecurityProtocol(StrEnum):
@@ -86,6 +90,69 @@ class KafkaConnection(BaseModel):
         return config
 
 
+def _refusal(connection: KafkaConnection, errors: list[Any]) -> str | None:
+    """A clear sentence for an authentication or TLS failure among librdkafka's errors.
+
+    Never includes the password: librdkafka's error strings do not carry it, and only the
+    user name and mechanism are added.
+    """
+    from confluent_kafka import KafkaError
+
+    for error in errors:
+        code = error.code()
+        if code in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            who = (
+                f"user {connection.sasl_username!r} with {connection.sasl_mechanism}"
+                if connection.sasl_username
+                else "these credentials"
+            )
+            return (
+                f"authentication to the Kafka brokers at {connection.bootstrap_servers} failed "
+                f"for {who} ({error.str()}); check the user name and password (sasl_username, "
+                "sasl_password) and the mechanism of the KafkaCluster block"
+            )
+        if code == KafkaError._SSL:
+            return (
+                f"the TLS handshake with the Kafka brokers at {connection.bootstrap_servers} "
+                f"failed ({error.str()}); check ssl_ca_location (the CA that signed the "
+                "brokers' certificates) and the security protocol of the KafkaCluster block"
+            )
+    return None
+
+
+def wait_for_brokers(connection: KafkaConnection, timeout_s: float = ADMIN_TIMEOUT_S) -> Any:
+    """Connect to the cluster and return its metadata.
+
+    A wrong password or an untrusted certificate fails at once with a sentence naming it,
+    instead of librdkafka's retries until the timeout and a bare "transport failure".
+
+    Returns:
+        The cluster metadata (``confluent_kafka.admin.ClusterMetadata``).
+
+    Raises:
+        MsiError: authentication or TLS failed, or no broker answered within `timeout_s`.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    errors: list[Any] = []
+    config: dict[str, Any] = {**connection.client_config(), "error_cb": errors.append}
+    admin = AdminClient(config)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return admin.list_topics(timeout=min(METADATA_PROBE_S, timeout_s))
+        except KafkaException as exc:
+            last: KafkaException = exc
+        admin.poll(0)  # serves error_cb
+        if refusal := _refusal(connection, errors):
+            raise MsiError(refusal) from last
+        if time.monotonic() >= deadline:
+            raise MsiError(
+                f"cannot reach the Kafka brokers at {connection.bootstrap_servers}: {last}"
+            ) from last
+
+
 def ensure_topic(
     connection: KafkaConnection, topic: str, partitions: int = 4, replication_factor: int = 1
 ) -> bool:
@@ -98,18 +165,14 @@ def ensure_topic(
         True if the topic was created, False if it existed already.
 
     Raises:
-        MsiError: the broker cannot be reached or refuses to create the topic.
+        MsiError: the broker cannot be reached, refuses the credentials or the TLS
+            handshake (within seconds, naming which), or refuses to create the topic.
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    metadata = wait_for_brokers(connection)
     admin = AdminClient(connection.client_config())
-    try:
-        metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S)
-    except KafkaException as exc:
-        raise MsiError(
-            f"cannot reach the Kafka brokers at {connection.bootstrap_servers}: {exc}"
-        ) from exc
     if topic in metadata.topics:
         return False
     futures = admin.create_topics(
