@@ -33,10 +33,12 @@ from msi_prefect.events import (
     from_reassembler,
     from_upload,
 )
+from msi_prefect.transfer.commands import GOOD_OUTCOMES as UPLOADED_OUTCOMES
+from msi_prefect.transfer.commands import iter_upload_files
 from msi_prefect.transfer.crypto import CryptoCodec
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
-from msi_prefect.transfer.producer import UploadResult
+from msi_prefect.transfer.producer import FileProducer, UploadResult
 from msi_prefect.transfer.reassembler import (
     FileEvent,
     FileEventKind,
@@ -45,7 +47,7 @@ from msi_prefect.transfer.reassembler import (
 )
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
-from msi_prefect.transfer.watch_loop import watch_and_send
+from msi_prefect.transfer.watch_loop import UploadTally, watch_and_send
 from msi_prefect.transfer.watcher import WatchSettings
 from msi_prefect.transfer.wire import DecodeLimits
 
@@ -187,6 +189,57 @@ def run_watch_directory(
             codec=codec,
         )
     counts.publish()
+    return {outcome.value: n for outcome, n in tally.outcomes.items()}
+
+
+def run_upload_files(
+    paths: list[Path],
+    root: Path | None,
+    kafka: KafkaCluster,
+    transfer: TransferSettings,
+    registry_path: Path,
+) -> dict[str, int]:
+    """Send files and folders once (no watching); emit `msi.file.uploaded` per file sent.
+
+    A file already sent unchanged is not sent again (`already-sent`); a changed one goes
+    as a new generation.
+
+    Args:
+        paths: Files and folders (sub-folders are kept).
+        root: Relative paths are taken below it; default: each path's parent folder.
+        kafka: The cluster.
+        transfer: Topic, chunking, compression, wire format.
+        registry_path: The producer registry (remembers what was sent).
+
+    Returns:
+        Files per outcome.
+
+    Raises:
+        MsiError: a path does not exist or lies outside ``root``, or some files could not
+            be sent (the message names them).
+    """
+    files = list(iter_upload_files(paths, root))
+    connection = kafka.to_connection()
+    ensure_topic(connection, transfer.topic)
+    with (
+        EventChannel(registry_path.parent / EVENT_OUTBOX_FILE) as events,
+        Registry(registry_path) as registry,
+    ):
+
+        def on_result(result: UploadResult) -> None:
+            spec = from_upload(transfer.topic, result)
+            if spec is not None:
+                events.emit(spec)
+
+        producer = FileProducer(connection, transfer.producer_settings(), registry, on_result)
+        results = producer.upload_all(files)
+    tally = UploadTally()
+    for result in results:
+        tally.add(result)
+    failed = [r for r in results if r.outcome not in UPLOADED_OUTCOMES]
+    if failed:
+        named = "; ".join(f"{r.relpath}: {r.outcome.value} ({r.reason})" for r in failed[:10])
+        raise MsiError(f"{len(failed)} of {len(results)} files were not sent: {named}")
     return {outcome.value: n for outcome, n in tally.outcomes.items()}
 
 

@@ -121,6 +121,27 @@ def test_progress_artifact_does_not_hold_up_the_transfer(monkeypatch: pytest.Mon
     assert len(published) == 2 and "| reconstructed | 2 |" in published[-1]
 
 
+def test_upload_flow_sends_once_and_names_what_it_cannot_send(
+    blocks: tuple[str, str], topic: str, tmp_path: Path
+) -> None:
+    kafka_name, transfer_name = blocks
+    folder = tmp_path / "run7"
+    (folder / "raw").mkdir(parents=True)
+    (folder / "raw" / "a.tif").write_bytes(os.urandom(3000))
+    (folder / "notes.txt").write_text("sample 7")
+    upload = load_flow("flows/upload_file.py:upload_file_flow")
+    args = {"kafka_block": kafka_name, "transfer_block": transfer_name}
+
+    assert upload(paths=[str(folder)], **args) == {"sent": 2}
+    assert upload(paths=[str(folder)], **args) == {"already-sent": 2}  # the registry remembers
+    resource = f"msi.file.{topic}.{file_id_for('run7/raw/a.tif')}"
+    assert len(read_events(EventName.UPLOADED, resource)) == 1
+
+    state = upload(paths=[str(tmp_path / "nowhere")], **args, return_state=True)
+    assert state.is_failed()
+    assert "no such file or folder" in str(state.result(raise_on_failure=False))
+
+
 def test_batch_dispatch_announces_every_file_in_exactly_one_batch(
     prefect_api: str, kafka_stack: RunningStack, topic: str, tmp_path: Path
 ) -> None:
