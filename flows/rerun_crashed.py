@@ -2,7 +2,7 @@
 
 Triggered by ``prefect.flow-run.Crashed`` of the downstream deployments (see prefect.yaml),
 typically after a Prefect server outage caught runs that were starting or finishing, and
-scheduled every 10 minutes without a run id to sweep up crashes whose event came late.
+scheduled hourly without a run id to sweep up crashes whose event was lost.
 """
 
 from __future__ import annotations

@@ -12,14 +12,11 @@ same deployment with the same parameters. It is idempotent (a second call for th
 crashed run finds the first re-run by its tag) and bounded (a run whose re-runs keep
 crashing, a real fault, is re-run at most :data:`MAX_RERUNS` times in a row).
 
-The trigger alone is not enough: a crash recorded just after a server restart follows a
-state event the restarted server has not seen (Prefect keeps that bookkeeping in
-memory), and Prefect holds such an event back for up to 15 minutes before its triggers
-see it. So the same deployment also runs on a schedule and sweeps every crashed run of
+A crash recorded just after a server restart follows a state event the restarted server
+has not seen (Prefect keeps that bookkeeping in memory), and Prefect holds such an event
+back from triggers for 15 minutes before evaluating it anyway; a second restart in that
+time loses it. So the same deployment also runs hourly and sweeps every crashed run of
 the downstream deployments (:func:`rerun_all_crashed`).
-
-The downstream flows are safe to run twice: a backup verifies the copy it would make,
-and events carry deterministic ids.
 """
 
 from __future__ import annotations
