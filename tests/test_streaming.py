@@ -6,11 +6,13 @@ every file is announced by an event with a deterministic id that the server keep
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,20 +31,30 @@ pytestmark = pytest.mark.stack
 FILES = {"run1/a.tif": 70_000, "run1/b.csv": 10, "c.json": 0}
 
 
+@contextlib.contextmanager
+def saved_blocks(kafka_stack: RunningStack, **transfer: Any) -> Iterator[tuple[str, str]]:
+    """Save a Kafka cluster block for the stack and transfer settings; delete them after."""
+    kafka_name, transfer_name = unique_name("kafka"), unique_name("transfer")
+    KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).save(kafka_name)
+    TransferSettings(**transfer).save(transfer_name)
+    try:
+        yield kafka_name, transfer_name
+    finally:
+        delete_block(KafkaCluster, kafka_name)
+        delete_block(TransferSettings, transfer_name)
+
+
 @pytest.fixture
 def blocks(prefect_api: str, kafka_stack: RunningStack, topic: str) -> Iterator[tuple[str, str]]:
     """A Kafka cluster block for the stack and transfer settings for the test's topic."""
-    kafka_name, transfer_name = unique_name("kafka"), unique_name("transfer")
-    KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).save(kafka_name)
-    TransferSettings(
+    with saved_blocks(
+        kafka_stack,
         topic=topic,
         stability_window_s=0.5,
         upload_existing=True,
         consumer_group=f"flows-{topic}",
-    ).save(transfer_name)
-    yield kafka_name, transfer_name
-    delete_block(KafkaCluster, kafka_name)
-    delete_block(TransferSettings, transfer_name)
+    ) as names:
+        yield names
 
 
 def test_watch_then_rebuild_announces_every_file_once(
@@ -145,16 +157,14 @@ def test_upload_flow_sends_once_and_names_what_it_cannot_send(
 def test_batch_dispatch_announces_every_file_in_exactly_one_batch(
     prefect_api: str, kafka_stack: RunningStack, topic: str, tmp_path: Path
 ) -> None:
-    kafka_name, transfer_name = unique_name("kafka"), unique_name("transfer")
-    KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).save(kafka_name)
-    TransferSettings(
+    with saved_blocks(
+        kafka_stack,
         topic=topic,
         consumer_group=f"batch-{topic}",
         downstream_dispatch=DownstreamDispatch.BATCH,
         batch_max_files=2,
         batch_max_wait_s=1.0,
-    ).save(transfer_name)
-    try:
+    ) as (kafka_name, transfer_name):
         connection = KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).to_connection()
         source, dest = tmp_path / "instrument", tmp_path / "dest"
         source.mkdir()
@@ -175,9 +185,6 @@ def test_batch_dispatch_announces_every_file_in_exactly_one_batch(
             idle_timeout_s=60,
         )
         assert counts["reconstructed"] == len(FILES)
-    finally:
-        delete_block(KafkaCluster, kafka_name)
-        delete_block(TransferSettings, transfer_name)
 
     batches = read_events(
         EventName.BATCH_READY, f"msi.batch.{topic}.*", until_found=lambda found: sum(
@@ -219,16 +226,14 @@ def test_openmsistream_format_through_the_flows(
     parameter; the rebuilt files are announced like native ones."""
     from msi_prefect.transfer.openmsistream_format import omsi_file_id
 
-    kafka_name, transfer_name = unique_name("kafka"), unique_name("transfer")
-    KafkaCluster(bootstrap_servers=kafka_stack.bootstrap_servers).save(kafka_name)
-    TransferSettings(
+    with saved_blocks(
+        kafka_stack,
         topic=topic,
         stability_window_s=0.5,
         upload_existing=True,
         consumer_group=f"flows-omsi-{topic}",
         wire_format="openmsistream",
-    ).save(transfer_name)
-    try:
+    ) as (kafka_name, transfer_name):
         source, dest = tmp_path / "instrument", tmp_path / "dest"
         data = os.urandom(300_000)
         (source / "run1").mkdir(parents=True)
@@ -261,6 +266,3 @@ def test_openmsistream_format_through_the_flows(
         assert len(rebuilt) == 1
         assert rebuilt[0].payload["sha256"] == hashlib.sha256(data).hexdigest()
         assert rebuilt[0].payload["size"] == len(data)
-    finally:
-        delete_block(KafkaCluster, kafka_name)
-        delete_block(TransferSettings, transfer_name)
