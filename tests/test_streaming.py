@@ -44,6 +44,21 @@ def saved_blocks(kafka_stack: RunningStack, **transfer: Any) -> Iterator[tuple[s
         delete_block(TransferSettings, transfer_name)
 
 
+def rebuild(dest: Path, blocks: tuple[str, str], files: int, **extra: Any) -> dict[str, int]:
+    """Run the reconstruct-files flow until `files` files are done (or 60 s idle)."""
+    kafka_name, transfer_name = blocks
+    flow = load_flow("flows/reconstruct_files.py:reconstruct_files_flow")
+    counts: dict[str, int] = flow(
+        destination=str(dest),
+        kafka_block=kafka_name,
+        transfer_block=transfer_name,
+        stop_after_files=files,
+        idle_timeout_s=60,
+        **extra,
+    )
+    return counts
+
+
 @pytest.fixture
 def blocks(prefect_api: str, kafka_stack: RunningStack, topic: str) -> Iterator[tuple[str, str]]:
     """A Kafka cluster block for the stack and transfer settings for the test's topic."""
@@ -80,14 +95,7 @@ def test_watch_then_rebuild_announces_every_file_once(
     )
     assert sent == {"sent": len(FILES)}
 
-    rebuild = load_flow("flows/reconstruct_files.py:reconstruct_files_flow")
-    counts = rebuild(
-        destination=str(dest),
-        kafka_block=kafka_name,
-        transfer_block=transfer_name,
-        stop_after_files=len(FILES),
-        idle_timeout_s=60,
-    )
+    counts = rebuild(dest, blocks, len(FILES))
     assert counts["reconstructed"] == len(FILES)
     assert counts["rejected"] == 0
     for relpath, digest in digests.items():
@@ -176,14 +184,7 @@ def test_batch_dispatch_announces_every_file_in_exactly_one_batch(
                 producer.submit(path, path.name)
             producer.flush()
 
-        rebuild = load_flow("flows/reconstruct_files.py:reconstruct_files_flow")
-        counts = rebuild(
-            destination=str(dest),
-            kafka_block=kafka_name,
-            transfer_block=transfer_name,
-            stop_after_files=len(FILES),
-            idle_timeout_s=60,
-        )
+        counts = rebuild(dest, (kafka_name, transfer_name), len(FILES))
         assert counts["reconstructed"] == len(FILES)
 
     batches = read_events(
@@ -248,15 +249,7 @@ def test_openmsistream_format_through_the_flows(
             idle_timeout_s=60,
         )
         assert sent == {"sent": 1}
-        rebuild = load_flow("flows/reconstruct_files.py:reconstruct_files_flow")
-        counts = rebuild(
-            destination=str(dest),
-            kafka_block=kafka_name,
-            transfer_block=transfer_name,
-            stop_after_files=1,
-            idle_timeout_s=60,
-            wire_format="openmsistream",
-        )
+        counts = rebuild(dest, (kafka_name, transfer_name), 1, wire_format="openmsistream")
         assert counts["reconstructed"] == 1 and counts["rejected"] == 0
         assert (dest / "run1" / "a.tif").read_bytes() == data
         file_id = omsi_file_id("run1/a.tif", hashlib.sha512(data).hexdigest())
