@@ -278,7 +278,7 @@ def test_producer_settings() -> None:
     assert producer.topic == "lab-files"
     assert producer.chunk_size == 256 * 1024
     assert producer.compression is Compression.ZSTD
-    assert producer.max_inflight_bytes >= producer.chunk_size
+    assert producer.inflight_limit >= producer.chunk_size
 
 
 def test_file_filter() -> None:
