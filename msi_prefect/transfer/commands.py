@@ -323,7 +323,6 @@ def _upload(args: argparse.Namespace) -> int:
         Registry(_registry_path(args)) as registry,
         codec_from_args(args, connection, [args.topic]) as codec,
     ):
-        # Made first: the idempotent producer's start-up (about 0.5 s) overlaps the rest.
         producer = FileProducer(connection, _producer_settings(args), registry, codec=codec)
         files = list(iter_upload_files(args.paths, args.root))
         ensure_topic(connection, args.topic)
