@@ -52,15 +52,20 @@ def test_two_reassemblers_in_one_group_each_rebuild_whole_files(
             batch_messages=3,  # small batches: the rebalance lands while files are open
         )
         members.append(Reassembler(connection, settings))
-    threads = [
-        threading.Thread(target=m.run, args=(None, StopConditions(idle_timeout_s=12)))
-        for m in members
-    ]
+    stop = threading.Event()
+    threads = [threading.Thread(target=m.run, args=(stop, StopConditions())) for m in members]
     threads[0].start()
     time.sleep(1.0)  # let the first one start alone, so the second joins mid-stream
     threads[1].start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not set(expected) <= (
+        _delivered(tmp_path / "a") | _delivered(tmp_path / "b")
+    ):
+        time.sleep(0.2)
+    stop.set()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=30)
+        assert not thread.is_alive()
 
     found_a, found_b = tree_digests(tmp_path / "a"), tree_digests(tmp_path / "b")
     # Every file arrived somewhere, and every file that arrived anywhere is whole and right.
@@ -68,6 +73,15 @@ def test_two_reassemblers_in_one_group_each_rebuild_whole_files(
     for found in (found_a, found_b):
         assert all(found[rel] == expected[rel] for rel in found)
     assert sum(m.stats.files_rejected for m in members) == 0
+
+
+def _delivered(root: Path) -> set[str]:
+    """Files renamed into place below root (staging and state excluded)."""
+    return {
+        path.relative_to(root).as_posix()
+        for path in root.glob("batch/*")
+        if path.is_file()
+    }
 
 
 def test_partition_handed_over_mid_file_is_rebuilt_from_the_file_start(
