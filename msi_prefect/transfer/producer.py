@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -78,6 +79,31 @@ class UploadResult:
     sha256: str | None = None
     file_id: str | None = None
     reason: str | None = None
+
+
+# Outcomes after which a file needs nothing more from this run.
+SETTLED_OUTCOMES = frozenset(
+    {UploadOutcome.SENT, UploadOutcome.ALREADY_SENT, UploadOutcome.FAILED, UploadOutcome.UNREADABLE}
+)
+
+
+@dataclass
+class UploadTally:
+    """Counts of one run's outcomes (constant memory, however many files go by)."""
+
+    outcomes: Counter[UploadOutcome] = field(default_factory=Counter)
+    bytes_sent: int = 0
+
+    def add(self, result: UploadResult) -> None:
+        """Count one file's outcome."""
+        self.outcomes[result.outcome] += 1
+        if result.outcome is UploadOutcome.SENT:
+            self.bytes_sent += result.size
+
+    @property
+    def settled(self) -> int:
+        """Files this run is done with."""
+        return sum(n for outcome, n in self.outcomes.items() if outcome in SETTLED_OUTCOMES)
 
 
 def default_producer_id() -> str:
