@@ -27,7 +27,6 @@ from msi_prefect.transfer.kafka import Compression, KafkaConnection
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.wire import (
     DEFAULT_CHUNK_SIZE,
-    MIB,
     AbortNotice,
     ChunkHeader,
     ChunkHeaderEncoder,
@@ -248,9 +247,7 @@ class FileProducer:
                     self.settings.chunk_size + HEADER_ALLOWANCE_BYTES,
                 ),
                 # librdkafka's own queue is bounded too; our in-flight limit is the tighter one.
-                "queue.buffering.max.kbytes": max(
-                    1024, 2 * self.settings.inflight_limit // 1024
-                ),
+                "queue.buffering.max.kbytes": max(1024, 2 * self.settings.inflight_limit // 1024),
             }
         )
         return config
@@ -421,9 +418,7 @@ class FileProducer:
             data, headers = self._codec.seal(self.settings.topic, key, data, headers or [])
         size = len(data)
         # Bound memory: wait for acknowledgements before putting more bytes in flight.
-        while (
-            self._inflight_bytes and self._inflight_bytes + size > self.settings.inflight_limit
-        ):
+        while self._inflight_bytes and self._inflight_bytes + size > self.settings.inflight_limit:
             self._serve_deliveries(BACKPRESSURE_POLL_S)
         self._inflight_bytes += size
 
