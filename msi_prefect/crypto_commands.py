@@ -15,19 +15,18 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
 from msi_prefect.errors import MsiError
-from msi_prefect.transfer.crypto import (
-    DEFAULT_KEY_WAIT_S,
-    CryptoCodec,
-    NodeFiles,
-    NodeRole,
-    ProvisioningSecrets,
-    provision_node,
-)
+from msi_prefect.transfer.crypto_settings import DEFAULT_KEY_WAIT_S, NodeRole
 from msi_prefect.transfer.kafka import KafkaConnection
+
+# The KafkaCrypto layer is imported on use (provisioning, or a transfer given
+# --crypto-config): keeps `msi-prefect upload` start-up short.
+if TYPE_CHECKING:
+    from msi_prefect.transfer.crypto import CryptoCodec, ProvisioningSecrets
 
 ROT_PASSWORD_ENV = "MSI_CRYPTO_ROT_PASSWORD"
 PROVISIONING_PASSWORD_ENV = "MSI_CRYPTO_PROVISIONING_PASSWORD"
@@ -69,6 +68,8 @@ def secrets_from_env(interactive: bool | None = None) -> ProvisioningSecrets:
     Raises:
         MsiError: a password is missing (and there is no terminal) or too short.
     """
+    from msi_prefect.transfer.crypto import ProvisioningSecrets
+
     if interactive is None:
         interactive = sys.stdin.isatty()
     values = []
@@ -86,6 +87,8 @@ def secrets_from_env(interactive: bool | None = None) -> ProvisioningSecrets:
 
 
 def _provision(args: argparse.Namespace) -> int:
+    from msi_prefect.transfer.crypto import NodeFiles, provision_node
+
     files = NodeFiles(args.config_dir, args.node)
     provision_node(files, NodeRole(args.role), secrets_from_env(), topics=args.topic or None)
     print(f"provisioned {args.role} node {args.node}: {files.config}")
@@ -133,6 +136,8 @@ def codec_from_args(
     if config is None:
         yield None
         return
+    from msi_prefect.transfer.crypto import CryptoCodec
+
     codec = CryptoCodec.open(
         config,
         connection,

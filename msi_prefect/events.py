@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from msi_prefect.dispatch_mode import DownstreamDispatch
 from msi_prefect.transfer.producer import UploadOutcome, UploadResult
 from msi_prefect.transfer.reassembler import FileEvent, FileEventKind
 
@@ -38,17 +39,6 @@ class EventName(StrEnum):
     ANALYZED = "msi.file.analyzed"
     BACKUP_MISSING = "msi.backup.missing"
     BATCH_READY = "msi.files.batch-ready"
-
-
-class DownstreamDispatch(StrEnum):
-    """How rebuilt files start their downstream deployments (the ``msi.dispatch`` label).
-
-    The per-file triggers of ``prefect.yaml`` match ``per-file``; in ``batch`` mode the
-    per-file events are still emitted (for the record) but only the batch events start work.
-    """
-
-    PER_FILE = "per-file"
-    BATCH = "batch"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from msi_prefect.transfer.commands import iter_upload_files
 from msi_prefect.transfer.crypto import CryptoCodec
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
-from msi_prefect.transfer.producer import FileProducer, UploadResult
+from msi_prefect.transfer.producer import FileProducer, UploadResult, UploadTally
 from msi_prefect.transfer.reassembler import (
     FileEvent,
     FileEventKind,
@@ -47,7 +47,7 @@ from msi_prefect.transfer.reassembler import (
 )
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
-from msi_prefect.transfer.watch_loop import UploadTally, watch_and_send
+from msi_prefect.transfer.watch_loop import watch_and_send
 from msi_prefect.transfer.watcher import WatchSettings
 from msi_prefect.transfer.wire import DecodeLimits
 

@@ -6,15 +6,24 @@ import argparse
 import json
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from msi_prefect.dispatch_mode import DownstreamDispatch
 from msi_prefect.errors import MsiError
-from msi_prefect.events import DownstreamDispatch
-from msi_prefect.stack.components import Component
-from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir, parse_port_overrides
-from msi_prefect.stack.deploy import deploy_flows
-from msi_prefect.stack.manager import ALL_COMPONENTS, Health, StackManager
+from msi_prefect.stack.config import (
+    BrokerStorage,
+    Component,
+    StackConfig,
+    StateDir,
+    parse_port_overrides,
+)
+
+# The stack manager and the deployment (process handling, health checks, KafkaCrypto
+# provisioning) are imported on use: keeps `msi-prefect upload` start-up short.
+if TYPE_CHECKING:
+    from msi_prefect.stack.manager import StackManager
 
 EXIT_OK = 0
 EXIT_UNHEALTHY = 1
@@ -91,10 +100,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _manager(args: argparse.Namespace) -> StackManager:
+    from msi_prefect.stack.manager import StackManager
+
     return StackManager.open(StateDir.from_env(args.state_dir))
 
 
 def _up(args: argparse.Namespace) -> int:
+    from msi_prefect.stack.deploy import deploy_flows
+    from msi_prefect.stack.manager import ALL_COMPONENTS, StackManager
+
     state = StateDir.from_env(args.state_dir)
     state.ensure_writable()
     manager = StackManager.open(state)
@@ -151,6 +165,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _print_status(manager: StackManager, as_json: bool) -> int:
+    from msi_prefect.stack.manager import Health
+
     status = manager.status()
     if as_json:
         print(json.dumps(status.to_json_dict(), indent=2))

@@ -7,21 +7,21 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 
 from msi_prefect.stack.config import (
     BACKUP_BUCKET,
     BROKER_BUCKET,
     BrokerStorage,
+    Component,
     S3Credentials,
     StackConfig,
     StateDir,
 )
 from msi_prefect.stack.processes import LOOPBACK, ProcessSpec, port_is_listening
 
-# The health checks import httpx (and confluent-kafka) inside the functions: every CLI
-# command loads this module, and most never probe anything.
+# The health checks import httpx (and confluent-kafka) inside the functions: every stack
+# command loads this module, and `down` and `env` never probe anything.
 
 TANSU_BIN_ENV = "MSI_TANSU_BIN"
 WEED_BIN_ENV = "MSI_WEED_BIN"
@@ -39,15 +39,6 @@ PREFECT_SERVER_MAIN = (
 
 
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-
-
-class Component(StrEnum):
-    """The processes of the stack, in start order."""
-
-    S3 = "s3"
-    BROKER = "broker"
-    PREFECT = "prefect"
-    WORKER = "worker"
 
 
 # How long each part may take to answer its health check after start.

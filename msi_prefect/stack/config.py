@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
+from msi_prefect.dispatch_mode import DownstreamDispatch
 from msi_prefect.errors import MsiError
-from msi_prefect.events import DownstreamDispatch
 from msi_prefect.stack.processes import LOOPBACK
 
 DEFAULT_STATE_DIR = Path(".msi")
@@ -46,6 +46,15 @@ class BrokerStorage(StrEnum):
 
     S3 = "s3"  # in the stack's SeaweedFS bucket: survives a broker restart
     MEMORY = "memory"  # in RAM: fastest, lost on restart, never freed until a topic is deleted
+
+
+class Component(StrEnum):
+    """The processes of the stack, in start order."""
+
+    S3 = "s3"
+    BROKER = "broker"
+    PREFECT = "prefect"
+    WORKER = "worker"
 
 
 class S3Credentials(BaseModel):

@@ -12,14 +12,13 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from msi_prefect.crypto_commands import add_crypto_options, codec_from_args
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.config import StateDir
-from msi_prefect.transfer.filters import FileFilter
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, ensure_topic
 from msi_prefect.transfer.paths import UnsafePathError, relative_posix
@@ -28,18 +27,16 @@ from msi_prefect.transfer.producer import (
     ProducerSettings,
     UploadOutcome,
     UploadResult,
-)
-from msi_prefect.transfer.reassembler import (
-    FileEvent,
-    FileEventKind,
-    Reassembler,
-    ReassemblerSettings,
+    UploadTally,
 )
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
-from msi_prefect.transfer.watch_loop import UploadTally, watch_and_send
-from msi_prefect.transfer.watcher import WatchSettings
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, DecodeLimits
+
+# What only `watch` (watchdog) and `reconstruct` (fsspec, the reassembler) use is imported
+# on use: keeps `msi-prefect upload` start-up short.
+if TYPE_CHECKING:
+    from msi_prefect.transfer.reassembler import FileEvent
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +354,10 @@ def _summarise(results: list[UploadResult], tally: UploadTally) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    from msi_prefect.transfer.filters import FileFilter
+    from msi_prefect.transfer.watch_loop import watch_and_send
+    from msi_prefect.transfer.watcher import WatchSettings
+
     root: Path = args.directory
     if not root.is_dir():
         raise MsiError(f"not a folder: {root}")
@@ -416,6 +417,8 @@ def storage_options_from_env(destination: str) -> dict[str, Any]:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
+    from msi_prefect.transfer.reassembler import FileEventKind, Reassembler, ReassemblerSettings
+
     connection = connection_from_args(args)
     ensure_topic(connection, args.topic)
     limits = (
@@ -472,6 +475,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _print_event(event: FileEvent) -> None:
+    from msi_prefect.transfer.reassembler import FileEventKind
+
     if event.kind is FileEventKind.RECONSTRUCTED:
         print(f"reconstructed {event.relpath} ({event.size} bytes) -> {event.url}", flush=True)
     else:

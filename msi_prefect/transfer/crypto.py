@@ -28,13 +28,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
 from msi_prefect.errors import MsiError
+from msi_prefect.transfer.crypto_settings import DEFAULT_KEY_WAIT_S, NodeRole
 from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
 from msi_prefect.transfer.wire import (
     FORMAT_VERSION,
@@ -48,8 +48,6 @@ from msi_prefect.transfer.wire import (
 
 logger = logging.getLogger(__name__)
 
-#: Default seconds a consumer waits for the key of an encrypted message before rejecting it.
-DEFAULT_KEY_WAIT_S = 30.0
 #: How often a waiting consumer retries the decryption while keys are exchanged.
 KEY_RETRY_INTERVAL_S = 0.2
 #: Lifetime of a provisioned node's signed chain (KafkaCrypto's own default: 10 years).
@@ -65,14 +63,6 @@ _MIN_ROT_PASSWORD = 12
 _MIN_PROVISIONING_PASSWORD = 6
 # KafkaCrypto's signing key type 1 is Ed25519 (type 4 adds SLH-DSA, needing pyspx).
 _KEYTYPE_ED25519 = 1
-
-
-class NodeRole(StrEnum):
-    """What a provisioned node may do (KafkaCrypto's chain "usages")."""
-
-    PRODUCER = "producer"
-    CONSUMER = "consumer"
-    PRODCON = "prodcon"
 
 
 _USAGES: dict[NodeRole, list[str]] = {

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,7 +27,6 @@ from msi_prefect.transfer.kafka import Compression, KafkaConnection
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.wire import (
     DEFAULT_CHUNK_SIZE,
-    MIB,
     AbortNotice,
     ChunkHeader,
     ChunkHeaderEncoder,
@@ -78,6 +78,31 @@ class UploadResult:
     sha256: str | None = None
     file_id: str | None = None
     reason: str | None = None
+
+
+# Outcomes after which a file needs nothing more from this run.
+SETTLED_OUTCOMES = frozenset(
+    {UploadOutcome.SENT, UploadOutcome.ALREADY_SENT, UploadOutcome.FAILED, UploadOutcome.UNREADABLE}
+)
+
+
+@dataclass
+class UploadTally:
+    """Counts of one run's outcomes (constant memory, however many files go by)."""
+
+    outcomes: Counter[UploadOutcome] = field(default_factory=Counter)
+    bytes_sent: int = 0
+
+    def add(self, result: UploadResult) -> None:
+        """Count one file's outcome."""
+        self.outcomes[result.outcome] += 1
+        if result.outcome is UploadOutcome.SENT:
+            self.bytes_sent += result.size
+
+    @property
+    def settled(self) -> int:
+        """Files this run is done with."""
+        return sum(n for outcome, n in self.outcomes.items() if outcome in SETTLED_OUTCOMES)
 
 
 def default_producer_id() -> str:
@@ -222,9 +247,7 @@ class FileProducer:
                     self.settings.chunk_size + HEADER_ALLOWANCE_BYTES,
                 ),
                 # librdkafka's own queue is bounded too; our in-flight limit is the tighter one.
-                "queue.buffering.max.kbytes": max(
-                    1024, 2 * self.settings.inflight_limit // 1024
-                ),
+                "queue.buffering.max.kbytes": max(1024, 2 * self.settings.inflight_limit // 1024),
             }
         )
         return config
@@ -395,9 +418,7 @@ class FileProducer:
             data, headers = self._codec.seal(self.settings.topic, key, data, headers or [])
         size = len(data)
         # Bound memory: wait for acknowledgements before putting more bytes in flight.
-        while (
-            self._inflight_bytes and self._inflight_bytes + size > self.settings.inflight_limit
-        ):
+        while self._inflight_bytes and self._inflight_bytes + size > self.settings.inflight_limit:
             self._serve_deliveries(BACKPRESSURE_POLL_S)
         self._inflight_bytes += size
 

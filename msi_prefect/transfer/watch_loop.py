@@ -5,9 +5,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from msi_prefect.errors import MsiError
 from msi_prefect.transfer.kafka import KafkaConnection
@@ -15,41 +14,18 @@ from msi_prefect.transfer.producer import (
     FileProducer,
     MessageSealer,
     ProducerSettings,
-    UploadOutcome,
     UploadResult,
+    UploadTally,
 )
 from msi_prefect.transfer.registry import FileState, Registry
 from msi_prefect.transfer.stopping import StopConditions
 from msi_prefect.transfer.watcher import DirectoryWatcher, FileStat, ReadyFile, WatchSettings
 
-# Outcomes after which a file needs nothing more from this run.
-SETTLED_OUTCOMES = frozenset(
-    {UploadOutcome.SENT, UploadOutcome.ALREADY_SENT, UploadOutcome.FAILED, UploadOutcome.UNREADABLE}
-)
 # Ready files waiting for the producer; the watcher blocks when it is full.
 READY_QUEUE_SIZE = 10_000
 LOOP_TICK_S = 0.2
 PENDING_TICK_S = 0.01
 TIMESTAMP_SLACK_NS = 1_000_000_000
-
-
-@dataclass
-class UploadTally:
-    """Counts of one run's outcomes (constant memory, however many files go by)."""
-
-    outcomes: Counter[UploadOutcome] = field(default_factory=Counter)
-    bytes_sent: int = 0
-
-    def add(self, result: UploadResult) -> None:
-        """Count one file's outcome."""
-        self.outcomes[result.outcome] += 1
-        if result.outcome is UploadOutcome.SENT:
-            self.bytes_sent += result.size
-
-    @property
-    def settled(self) -> int:
-        """Files this run is done with."""
-        return sum(n for outcome, n in self.outcomes.items() if outcome in SETTLED_OUTCOMES)
 
 
 def registry_wants(

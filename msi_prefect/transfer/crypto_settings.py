@@ -1,0 +1,20 @@
+"""Settings of end-to-end encryption that the command line offers: node roles, key wait.
+
+A module of its own, without imports, so that `msi-prefect` can build its options without
+importing :mod:`msi_prefect.transfer.crypto`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+#: Default seconds a consumer waits for the key of an encrypted message before rejecting it.
+DEFAULT_KEY_WAIT_S = 30.0
+
+
+class NodeRole(StrEnum):
+    """What a provisioned node may do (KafkaCrypto's chain "usages")."""
+
+    PRODUCER = "producer"
+    CONSUMER = "consumer"
+    PRODCON = "prodcon"
