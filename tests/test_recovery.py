@@ -77,11 +77,7 @@ def test_two_reassemblers_in_one_group_each_rebuild_whole_files(
 
 def _delivered(root: Path) -> set[str]:
     """Files renamed into place below root (staging and state excluded)."""
-    return {
-        path.relative_to(root).as_posix()
-        for path in root.glob("batch/*")
-        if path.is_file()
-    }
+    return {path.relative_to(root).as_posix() for path in root.glob("batch/*") if path.is_file()}
 
 
 def test_partition_handed_over_mid_file_is_rebuilt_from_the_file_start(
