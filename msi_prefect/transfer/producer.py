@@ -265,6 +265,11 @@ class FileProducer:
                 return  # unreachable: the first produce reports it, as it would anyway
 
     @property
+    def inflight_bytes(self) -> int:
+        """Chunk bytes produced and not yet acknowledged (at most `inflight_limit`)."""
+        return self._inflight_bytes
+
+    @property
     def pending_files(self) -> int:
         """Files with chunks still awaiting acknowledgement."""
         return len(self._pending)

@@ -1,0 +1,61 @@
+"""The producer's in-flight bound: pure settings logic, and the bound held on a real send."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from msi_prefect.errors import MsiError
+from msi_prefect.transfer.kafka import KafkaConnection
+from msi_prefect.transfer.producer import (
+    HEADER_ALLOWANCE_BYTES,
+    IDEMPOTENT_INFLIGHT_MESSAGES,
+    FileProducer,
+    ProducerSettings,
+    UploadOutcome,
+)
+from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE
+from tests.conftest import RunningStack
+from tests.test_roundtrip import make_tree
+
+CHUNK = 64 * 1024
+
+
+def test_default_limit_is_librdkafkas_idempotent_window_of_chunks() -> None:
+    settings = ProducerSettings(topic="t")
+    window = IDEMPOTENT_INFLIGHT_MESSAGES
+    # Five default chunks fit even when sealing makes each a little larger; a sixth does not.
+    assert settings.inflight_limit >= window * (DEFAULT_CHUNK_SIZE + HEADER_ALLOWANCE_BYTES // 2)
+    assert settings.inflight_limit < (window + 1) * DEFAULT_CHUNK_SIZE
+    assert ProducerSettings(topic="t", chunk_size=CHUNK).inflight_limit < settings.inflight_limit
+
+
+def test_an_explicit_limit_wins_and_must_hold_one_chunk() -> None:
+    assert (
+        ProducerSettings(topic="t", chunk_size=CHUNK, max_inflight_bytes=CHUNK).inflight_limit
+        == CHUNK
+    )
+    with pytest.raises(MsiError, match="at least one chunk"):
+        ProducerSettings(topic="t", chunk_size=CHUNK, max_inflight_bytes=CHUNK - 1)
+
+
+@pytest.mark.stack
+def test_unacknowledged_bytes_never_exceed_the_limit(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path
+) -> None:
+    make_tree(tmp_path / "src", {"big.bin": 40 * CHUNK + 7, "small.txt": 100})
+    settings = ProducerSettings(topic=topic, chunk_size=CHUNK)
+    connection = KafkaConnection(bootstrap_servers=kafka_stack.bootstrap_servers)
+    peaks: list[int] = []
+    with Registry(tmp_path / "registry.sqlite") as registry:
+        producer = FileProducer(connection, settings, registry)
+        results = producer.upload_all(
+            [(tmp_path / "src" / name, name) for name in ("big.bin", "small.txt")],
+            on_progress=lambda _rel, _done, _size: peaks.append(producer.inflight_bytes),
+        )
+    assert {r.outcome for r in results} == {UploadOutcome.SENT}
+    assert len(peaks) == 42  # called after every chunk
+    assert max(peaks) <= settings.inflight_limit
+    assert producer.inflight_bytes == 0  # everything acknowledged after the flush
