@@ -149,6 +149,11 @@ class _Seen:
     since: float
 
 
+# Seconds before a file whose (size, mtime) has not changed since it failed to match is
+# hashed again.
+RECHECK_S = 1.0
+
+
 class CompletionWatcher:
     """Decide when every source file exists, complete and byte-identical, under a destination.
 
@@ -169,7 +174,7 @@ class CompletionWatcher:
         self._expected = {f.rel: f.size for f in files}
         self._pending = set(self._expected)
         self._seen: dict[str, _Seen] = {}
-        self._rejected: dict[str, tuple[int, int]] = {}
+        self._rejected: dict[str, tuple[tuple[int, int], float]] = {}
         self._src_digest: dict[str, str] = {}
         self.done_at: dict[str, float] = {}
 
@@ -196,7 +201,11 @@ class CompletionWatcher:
         for rel in ready:
             seen = self._seen[rel]
             key = (seen.size, seen.mtime_ns)
-            if self._rejected.get(rel) == key:
+            rejected = self._rejected.get(rel)
+            # OpenMSIStream writes chunks out of order, so a file can reach its full size
+            # before it is whole. If its last write fell in the same mtime tick as a
+            # rejected look, the key never changes again: look again after a while.
+            if rejected is not None and rejected[0] == key and now - rejected[1] < RECHECK_S:
                 continue
             target = self._dst / rel
             matches = sha256_file(target) == self._source_digest(rel)
@@ -205,7 +214,7 @@ class CompletionWatcher:
                 self.done_at[rel] = seen.since
                 self._pending.discard(rel)
             else:
-                self._rejected[rel] = key
+                self._rejected[rel] = (key, now)
         return not self._pending
 
     def last_completion(self) -> float:
