@@ -358,6 +358,23 @@ class ProgressStore(SqliteStore):
             ).fetchone()[0]
             if newest is not None and newest > header.generation:
                 return OpenedFile(OpenOutcome.STALE, None)
+            created = FileProgress(
+                topic=topic,
+                file_id=header.file_id,
+                generation=header.generation,
+                relpath=header.relpath,
+                size=header.size,
+                chunk_count=header.count,
+                chunk_size=header.chunk_size,
+                mtime_ns=header.mtime_ns,
+                sha256=None,
+                received=Bitmap(header.count).to_bytes(),
+                received_count=0,
+                staging_path=str(staging_path),
+                state=ProgressState.RECEIVING,
+                reason=None,
+                updated_at=self._clock(),
+            )
             conn.execute(
                 f"INSERT INTO progress ({_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, NULL, ?)",
@@ -370,14 +387,18 @@ class ProgressStore(SqliteStore):
                     header.count,
                     header.chunk_size,
                     header.mtime_ns,
-                    Bitmap(header.count).to_bytes(),
-                    str(staging_path),
-                    ProgressState.RECEIVING.value,
-                    self._clock(),
+                    created.received,
+                    created.staging_path,
+                    created.state.value,
+                    created.updated_at,
                 ),
             )
-            superseded = self._supersede(conn, topic, header.file_id, header.generation)
-            created = self._select(conn, topic, header.file_id, header.generation)
+            # Most files have one generation: only look for older ones when there are any.
+            superseded = (
+                ()
+                if newest is None
+                else self._supersede(conn, topic, header.file_id, header.generation)
+            )
         return OpenedFile(OpenOutcome.NEW, created, superseded)
 
     def _supersede(
@@ -504,12 +525,19 @@ class ProgressStore(SqliteStore):
                 if key in skipped:
                     results.append(self._select(conn, *key))
                     continue
+                updated = replace(
+                    touched[key][0],
+                    received=bitmap.to_bytes(),
+                    received_count=bitmap.count(),
+                    sha256=digests.get(key),
+                    updated_at=now,
+                )
                 conn.execute(
                     "UPDATE progress SET received = ?, received_count = ?, sha256 = ?,"
                     f" updated_at = ? WHERE {_KEY_WHERE}",
-                    (bitmap.to_bytes(), bitmap.count(), digests.get(key), now, *key),
+                    (updated.received, updated.received_count, updated.sha256, now, *key),
                 )
-                results.append(self._select(conn, *key))
+                results.append(updated)
         return [progress for progress in results if progress is not None]
 
     def _set_state(
@@ -518,13 +546,21 @@ class ProgressStore(SqliteStore):
         key: tuple[str, str, int],
         state: ProgressState,
         reason: str | None,
+        current: FileProgress | None = None,
     ) -> FileProgress | None:
+        """Move a RECEIVING row to `state`; `current` (the row as read in this transaction)
+        spares reading it back."""
+        now = self._clock()
         cursor = conn.execute(
             f"UPDATE progress SET state = ?, reason = ?, updated_at = ? WHERE {_KEY_WHERE}"
             " AND state = ?",
-            (state.value, reason, self._clock(), *key, ProgressState.RECEIVING.value),
+            (state.value, reason, now, *key, ProgressState.RECEIVING.value),
         )
-        return self._select(conn, *key) if cursor.rowcount == 1 else None
+        if cursor.rowcount != 1:
+            return None
+        if current is None:
+            return self._select(conn, *key)
+        return replace(current, state=state, reason=reason, updated_at=now)
 
     def get(self, topic: str, file_id: str, generation: int) -> FileProgress | None:
         """Return the row of one generation, or ``None``."""
@@ -612,7 +648,10 @@ class ProgressStore(SqliteStore):
                     f"UPDATE progress SET size = ?, sha256 = ? WHERE {_KEY_WHERE}",
                     (verified[0], verified[1], topic, file_id, generation),
                 )
-            return self._set_state(conn, (topic, file_id, generation), ProgressState.COMPLETE, None)
+                progress = replace(progress, size=verified[0], sha256=verified[1])
+            return self._set_state(
+                conn, (topic, file_id, generation), ProgressState.COMPLETE, None, progress
+            )
 
     def mark_rejected(
         self, topic: str, file_id: str, generation: int, reason: str
