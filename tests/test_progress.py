@@ -414,3 +414,12 @@ def test_completed_lists_the_delivered_generation_of_each_path(
         "run/c.tif",
     ]
     assert store.completed("no.such.topic") == []
+
+
+def test_row_values_follow_the_column_order() -> None:
+    # New rows are inserted from the dataclass's fields: they must list the columns in order.
+    from dataclasses import fields
+
+    from msi_prefect.transfer.progress import _COLUMNS, FileProgress
+
+    assert [f.name for f in fields(FileProgress)] == [c.strip() for c in _COLUMNS.split(",")]

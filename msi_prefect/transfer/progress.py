@@ -22,7 +22,7 @@ import enum
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
@@ -56,6 +56,7 @@ _COLUMNS = (
     "topic, file_id, generation, relpath, size, chunk_count, chunk_size, mtime_ns, sha256,"
     " received, received_count, staging_path, state, reason, updated_at"
 )
+_COLUMN_COUNT = _COLUMNS.count(",") + 1
 _KEY_WHERE = "topic = ? AND file_id = ? AND generation = ?"
 
 
@@ -287,6 +288,12 @@ def _progress(row: sqlite3.Row) -> FileProgress:
     )
 
 
+def _row_values(progress: FileProgress) -> tuple[object, ...]:
+    """A row's values in `_COLUMNS` order (the dataclass declares its fields in that order)."""
+    values = [getattr(progress, field.name) for field in fields(progress)]
+    return tuple(value.value if isinstance(value, ProgressState) else value for value in values)
+
+
 def _same_file(progress: FileProgress, header: ChunkHeader) -> bool:
     """Whether a chunk header describes the same file version as an existing row."""
     return (
@@ -376,22 +383,8 @@ class ProgressStore(SqliteStore):
                 updated_at=self._clock(),
             )
             conn.execute(
-                f"INSERT INTO progress ({_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, 0, ?, ?, NULL, ?)",
-                (
-                    topic,
-                    header.file_id,
-                    header.generation,
-                    header.relpath,
-                    header.size,
-                    header.count,
-                    header.chunk_size,
-                    header.mtime_ns,
-                    created.received,
-                    created.staging_path,
-                    created.state.value,
-                    created.updated_at,
-                ),
+                f"INSERT INTO progress ({_COLUMNS}) VALUES ({', '.join('?' * _COLUMN_COUNT)})",
+                _row_values(created),
             )
             # Most files have one generation: only look for older ones when there are any.
             superseded = (
