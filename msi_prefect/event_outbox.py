@@ -18,6 +18,7 @@ lives on disk.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -76,7 +77,12 @@ class EventSender:
 
     def start(self) -> None:
         """Start the sender thread."""
-        self._thread = threading.Thread(target=self._run, name="msi-event-sender", daemon=True)
+        # In the caller's context: Prefect's settings (the API URL) live in context
+        # variables, which a new thread would not see.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="msi-event-sender", daemon=True
+        )
         self._thread.start()
 
     def wake(self) -> None:

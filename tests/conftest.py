@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
+# A Prefect call that misses the test server's address must fail, not start a temporary
+# server of its own (a process no test would stop). Set before Prefect is first imported.
+os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+
 from msi_prefect.stack.components import Component, s3_env
 from msi_prefect.stack.config import DEFAULT_PORTS, BrokerStorage, StackConfig, StateDir
 from msi_prefect.stack.manager import StackManager

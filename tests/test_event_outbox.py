@@ -96,3 +96,22 @@ def test_a_malformed_event_is_refused_before_it_is_queued() -> None:
     broken = type(bad)(bad.name, {"no": "resource id"}, [], {}, bad.event_id)
     with pytest.raises(ValueError, match=re.escape("prefect.resource.id")):
         event_body(broken, [])
+
+
+def test_the_sender_thread_sees_the_callers_prefect_settings(tmp_path: Path) -> None:
+    # Prefect keeps its settings (the API URL) in context variables; a sender thread that
+    # did not inherit them would post to a temporary server of its own instead.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    seen: list[str | None] = []
+
+    def post(events: list[dict[str, Any]]) -> None:
+        seen.append(PREFECT_API_URL.value())
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}),
+        EventChannel(tmp_path / "outbox.sqlite", post=post, run_related=[]) as channel,
+    ):
+        channel.emit(spec("a.bin"))
+        wait_until(lambda: bool(seen))
+    assert seen == ["http://127.0.0.1:9/api"]
