@@ -58,20 +58,15 @@ from bench.trigger_latency import (
     port_args,
     stack_ready,
 )
+from msi_prefect.crashed_runs import DOWNSTREAM_DEPLOYMENTS
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPORT_PATH = BENCH_DIR / "FILE_RATE.md"
 COMMAND = "cd /work/main && .venv/bin/python -m bench.file_rate"
 KIB = 1024
 DONE_EVENTS = ("msi.file.backed-up", "msi.file.metadata-extracted", "msi.file.analyzed")
-DOWNSTREAM_FLOWS = (
-    "backup-file",
-    "extract-metadata",
-    "analyze-file",
-    "backup-batch",
-    "extract-metadata-batch",
-    "analyze-batch",
-)
+# The per-file and batch actions (the audit is scheduled, not triggered by files).
+DOWNSTREAM_FLOWS = tuple(name for name in DOWNSTREAM_DEPLOYMENTS if name != "audit-backups")
 EVENT_POLL_S = 3.0
 
 

@@ -23,6 +23,7 @@ from msi_prefect.stack.config import StateDir
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, port_is_free
 from tests.conftest import RunningStack, free_port_map
+from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
 
 pytestmark = pytest.mark.stack
@@ -355,16 +356,7 @@ def test_broker_and_s3_answer(kafka_stack: RunningStack, topic: str) -> None:
     finally:
         consumer.close()
 
-    import boto3
-
-    env = kafka_stack.s3_env()
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+    s3 = s3_client(kafka_stack.s3_env())
     s3.put_object(Bucket="msi-backup", Key="probe.txt", Body=b"ok")
     assert s3.get_object(Bucket="msi-backup", Key="probe.txt")["Body"].read() == b"ok"
     s3.delete_object(Bucket="msi-backup", Key="probe.txt")

@@ -25,6 +25,7 @@ from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes
 from msi_prefect.streaming import ARTIFACT_INTERVAL_S
 from tests.conftest import free_port_map
+from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
 from tests.test_stack import API_TIMEOUT_S, FINAL_STATES, _cli, _flow_run
 
@@ -173,16 +174,7 @@ def test_s3_down_for_a_minute_during_backups(stack: tuple[Path, StackManager]) -
     print(f"S3 outage {OUTAGE_S:.0f} s; backups done {time.monotonic() - restored_at:.0f} s after")
     assert {n: _state(api, f"backup {n}") for n in names} == dict.fromkeys(names, "COMPLETED")
     # Every file announced as backed up is in the bucket with the right bytes.
-    import boto3
-
-    env = manager.client_env()
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+    s3 = s3_client(manager.client_env())
     announced = [e for e in _events(api, "msi.file.backed-up") if e["payload"]["path"] in names]
     assert Counter(e["payload"]["path"] for e in announced) == Counter(names)
     for i, name in enumerate(names):
