@@ -66,3 +66,34 @@ def test_upload_start_up_imports_nothing_it_does_not_use() -> None:
         if any(name == heavy or name.startswith(heavy + ".") for heavy in NOT_FOR_UPLOAD)
     )
     assert unwanted == []
+
+
+def test_upload_lists_files_like_rglob_without_entering_linked_folders(tmp_path: Path) -> None:
+    from msi_prefect.transfer.commands import iter_upload_files
+
+    src = tmp_path / "run"
+    (src / "a").mkdir(parents=True)
+    (src / "a-b").mkdir()
+    (src / "a" / "z.tif").write_bytes(b"1")
+    (src / "a-b" / "y.tif").write_bytes(b"2")
+    (src / ".hidden.csv").write_bytes(b"3")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"4")
+    (src / "linked-folder").symlink_to(outside, target_is_directory=True)
+    (src / "linked-file.txt").symlink_to(outside / "secret.txt")
+    (src / "dangling").symlink_to(tmp_path / "missing")
+
+    listed = [relpath for _, relpath in iter_upload_files([src], None)]
+
+    expected = sorted(
+        (p for p in src.rglob("*") if p.is_file()), key=lambda p: p.relative_to(src).parts
+    )
+    assert listed == [f"run/{p.relative_to(src).as_posix()}" for p in expected]
+    # Sorted by components: "a/z.tif" before "a-b/y.tif" although "-" < "/" as characters.
+    assert listed == [
+        "run/.hidden.csv",
+        "run/a/z.tif",
+        "run/a-b/y.tif",
+        "run/linked-file.txt",
+    ]

@@ -20,6 +20,7 @@ Deliberately allowed (documented so nobody "fixes" them by accident):
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import re
 import stat
@@ -31,6 +32,9 @@ MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
 #: First segments that belong to our own bookkeeping inside a destination directory.
 RESERVED_TOP_LEVEL_NAMES = frozenset({".msi-staging", ".msi-state"})
+# Paths whose validation is remembered: a file's path is checked by the decoder, the sink and
+# resolve_inside. At most 1024 x MAX_PATH_BYTES = 4 MiB; refusals are never cached.
+_VALIDATED_PATHS_CACHED = 1024
 
 # C0 controls and DEL: they break terminals, logs and some filesystems.
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -75,6 +79,7 @@ class UnsafePathError(ValueError):
         super().__init__(f"Unsafe path {shown!r}: {detail}.")
 
 
+@functools.lru_cache(maxsize=_VALIDATED_PATHS_CACHED)
 def validate_relative_path(raw: str) -> PurePosixPath:
     """Check an untrusted relative POSIX path and return it as a ``PurePosixPath``.
 
@@ -187,26 +192,26 @@ def resolve_inside(root: Path, rel: PurePosixPath) -> Path:
         UnsafePathError: If ``rel`` is unsafe, a component below ``root`` is a symlink, or
             the result resolves outside ``root``.
     """
-    validate_relative_path(rel.as_posix())
-    # Plain strings, not Path objects: this runs for every delivered file.
-    real_root = os.path.realpath(root)
-    current = real_root
-    for part in rel.parts:
+    raw = rel.as_posix()
+    validate_relative_path(raw)
+    # Plain strings, not Path objects: this runs for every delivered file. lstat() of
+    # root/a follows a symlinked root and looks at "a" itself, which is the rule above.
+    parts = raw.split("/")  # validated: no empty, '.' or '..' segments
+    current = os.fspath(root)
+    for depth, part in enumerate(parts, start=1):
         current = os.path.join(current, part)
         try:
             mode = os.lstat(current).st_mode
         except FileNotFoundError:
             break  # nothing below a missing component can be a symlink yet
         if stat.S_ISLNK(mode):
-            inside = os.path.relpath(current, real_root).replace(os.sep, "/")
+            inside = "/".join(parts[:depth])
             raise UnsafePathError(
-                rel.as_posix(),
-                PathProblem.SYMLINK,
-                f"{inside!r} inside the destination is a symlink",
+                raw, PathProblem.SYMLINK, f"{inside!r} inside the destination is a symlink"
             )
     # No realpath() of the result is needed: the path has no '.' or '..' segments and no
     # existing component below the root is a symlink, so it cannot resolve elsewhere.
-    return root.joinpath(*rel.parts)
+    return Path(os.path.join(root, raw))
 
 
 def relative_posix(root: Path, file: Path) -> str:
@@ -226,16 +231,16 @@ def relative_posix(root: Path, file: Path) -> str:
     Raises:
         UnsafePathError: If ``file`` is not below ``root`` or its relative path is unsafe.
     """
-    root_abs = Path(os.path.abspath(root))
-    file_abs = Path(os.path.abspath(file))
-    try:
-        rel = file_abs.relative_to(root_abs)
-    except ValueError:
+    # Strings, not Path.relative_to: an upload of many small files calls this for each.
+    root_abs = os.path.abspath(root)
+    file_abs = os.path.abspath(file)
+    if file_abs == root_abs:
+        raise UnsafePathError(str(file), PathProblem.EMPTY, "the file is the watched directory")
+    prefix = root_abs if root_abs.endswith(os.sep) else root_abs + os.sep
+    if not file_abs.startswith(prefix):
         raise UnsafePathError(
             str(file), PathProblem.OUTSIDE_ROOT, f"the file is not below {str(root)!r}"
-        ) from None
-    posix = rel.as_posix()
-    if posix == ".":
-        raise UnsafePathError(str(file), PathProblem.EMPTY, "the file is the watched directory")
+        )
+    posix = file_abs[len(prefix) :].replace(os.sep, "/")
     validate_relative_path(posix)
     return posix

@@ -9,13 +9,14 @@ of its chunks (the delivery reports drive the registry).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 from msi_prefect.errors import MsiError
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection
-from msi_prefect.transfer.registry import Registry
+from msi_prefect.transfer.registry import Claim, Registry
 from msi_prefect.transfer.wire import (
     DEFAULT_CHUNK_SIZE,
     AbortNotice,
@@ -54,6 +55,9 @@ FLUSH_TIMEOUT_S = 120.0
 # Two metadata requests at once get the id in about 50 ms instead (bench/RESULTS.md).
 PRODUCER_ID_METADATA_REQUESTS = 2
 PRODUCER_ID_METADATA_TIMEOUT_S = 1.0
+# upload_all opens this many files at a time and claims them in one registry commit:
+# one commit per small file cost more than reading and sending it (bench/RESULTS.md).
+CLAIM_BATCH_FILES = 64
 
 
 class UploadOutcome(StrEnum):
@@ -176,6 +180,15 @@ class _PendingFile:
         )
 
 
+@dataclass(frozen=True)
+class _OpenSource:
+    """A file opened for sending, with its identity taken from the open handle."""
+
+    relpath: str
+    handle: Any
+    before: os.stat_result
+
+
 ResultCallback = Callable[[UploadResult], None]
 KafkaHeaders = list[tuple[str, str | bytes | None]]
 
@@ -284,6 +297,53 @@ class FileProducer:
             unreadable, changed while read); None when its chunks are in flight (the result
             then comes through `on_result` from `poll` or `flush`).
         """
+        return self.submit_many([(path, relpath)], on_progress)[0]
+
+    def submit_many(
+        self, files: Sequence[tuple[Path, str]], on_progress: ProgressCallback | None = None
+    ) -> list[UploadResult | None]:
+        """Open several files, claim them in one registry commit, then send each.
+
+        Every claim is committed before any chunk is produced, as for a single file, so a
+        crash leaves the claimed files SENDING and the next start retries each with the same
+        generation (or a new one if it changed meanwhile).
+
+        Args:
+            files: (path on disk, relative POSIX path) pairs; each is held open until sent.
+            on_progress: Called after each chunk with (relpath, bytes read, size).
+
+        Returns:
+            One entry per file, as :meth:`submit` returns it.
+        """
+        results: list[UploadResult | None] = [None] * len(files)
+        with contextlib.ExitStack() as open_files:
+            sources: list[tuple[int, _OpenSource]] = []
+            for position, (path, relpath) in enumerate(files):
+                opened = self._open_source(path, relpath)
+                if isinstance(opened, UploadResult):
+                    results[position] = opened
+                else:
+                    open_files.callback(opened.handle.close)
+                    sources.append((position, opened))
+            topic = self.settings.topic
+            with self.registry.batch():
+                claims = [
+                    self.registry.begin(
+                        topic,
+                        source.relpath,
+                        source.before.st_size,
+                        source.before.st_mtime_ns,
+                        source.before.st_ino,
+                    )
+                    for _, source in sources
+                ]
+            for (position, source), claim in zip(sources, claims, strict=True):
+                results[position] = self._send_claimed(source, claim, on_progress)
+                source.handle.close()  # now, not at the end of the window
+        return results
+
+    def _open_source(self, path: Path, relpath: str) -> _OpenSource | UploadResult:
+        """Open a file and take its identity, or report why it cannot be sent."""
         try:
             handle = path.open("rb")
         except FileNotFoundError:
@@ -291,29 +351,34 @@ class FileProducer:
         except OSError as exc:
             reason = f"cannot open: {exc.strerror or exc}"
             return self._report(UploadResult(relpath, UploadOutcome.UNREADABLE, reason=reason))
-        with handle:
-            before = os.fstat(handle.fileno())
-            claim = self.registry.begin(
-                self.settings.topic, relpath, before.st_size, before.st_mtime_ns, before.st_ino
-            )
-            if claim is None:
-                record = self.registry.get(self.settings.topic, relpath)
-                return self._report(
-                    UploadResult(
-                        relpath,
-                        UploadOutcome.ALREADY_SENT,
-                        size=before.st_size,
-                        generation=record.generation if record else None,
-                        sha256=record.sha256 if record else None,
-                    )
+        try:
+            return _OpenSource(relpath, handle, os.fstat(handle.fileno()))
+        except BaseException:
+            handle.close()
+            raise
+
+    def _send_claimed(
+        self, source: _OpenSource, claim: Claim | None, on_progress: ProgressCallback | None
+    ) -> UploadResult | None:
+        relpath, before = source.relpath, source.before
+        if claim is None:
+            record = self.registry.get(self.settings.topic, relpath)
+            return self._report(
+                UploadResult(
+                    relpath,
+                    UploadOutcome.ALREADY_SENT,
+                    size=before.st_size,
+                    generation=record.generation if record else None,
+                    sha256=record.sha256 if record else None,
                 )
-            try:
-                return self._send(handle, before, relpath, claim.generation, on_progress)
-            except OSError as exc:
-                reason = f"read error: {exc.strerror or exc}"
-                self._abort(relpath, claim.generation)
-                self.registry.mark_failed(self.settings.topic, relpath, claim.generation, reason)
-                return self._report(UploadResult(relpath, UploadOutcome.UNREADABLE, reason=reason))
+            )
+        try:
+            return self._send(source.handle, before, relpath, claim.generation, on_progress)
+        except OSError as exc:
+            reason = f"read error: {exc.strerror or exc}"
+            self._abort(relpath, claim.generation)
+            self.registry.mark_failed(self.settings.topic, relpath, claim.generation, reason)
+            return self._report(UploadResult(relpath, UploadOutcome.UNREADABLE, reason=reason))
 
     def _send(
         self,
@@ -343,9 +408,12 @@ class FileProducer:
         key = message_key(first.file_id)
         last = first.count - 1
         for index in range(first.count):
-            data = handle.read(chunk_size)
             offset = index * chunk_size
-            if len(data) != min(chunk_size, size - offset):
+            expected = min(chunk_size, size - offset)
+            # Never more than the file holds: read(chunk_size) would allocate a whole
+            # chunk's buffer for every small file.
+            data = handle.read(expected)
+            if len(data) != expected:
                 return self._changed(pending, "it shrank while being read")
             if index == last:
                 digest.update(data)
@@ -542,8 +610,13 @@ class FileProducer:
 
         self._on_result = collect
         try:
-            for path, relpath in files:
-                self.submit(path, relpath, on_progress)
+            window: list[tuple[Path, str]] = []
+            for item in files:
+                window.append(item)
+                if len(window) == CLAIM_BATCH_FILES:
+                    self.submit_many(window, on_progress)
+                    window.clear()
+            self.submit_many(window, on_progress)
             self.flush()
         finally:
             self._on_result = outer

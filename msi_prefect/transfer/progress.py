@@ -352,18 +352,20 @@ class ProgressStore(SqliteStore):
             The outcome, the row (except for STALE) and the superseded generations.
         """
         with self._transaction() as conn:
-            existing = self._select(conn, topic, header.file_id, header.generation)
-            if existing is not None:
-                if not _same_file(existing, header):
-                    return OpenedFile(OpenOutcome.CONFLICT, existing)
-                if existing.state in FINISHED_STATES:
-                    return OpenedFile(OpenOutcome.FINISHED, existing)
-                return OpenedFile(OpenOutcome.RESUMED, existing)
-            newest = conn.execute(
-                "SELECT MAX(generation) FROM progress WHERE topic = ? AND file_id = ?",
-                (topic, header.file_id),
-            ).fetchone()[0]
-            if newest is not None and newest > header.generation:
+            # One query: this generation's row if there is one, else the file's newest.
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM progress WHERE topic = ? AND file_id = ?"
+                " ORDER BY generation = ? DESC, generation DESC LIMIT 1",
+                (topic, header.file_id, header.generation),
+            ).fetchone()
+            nearest = None if row is None else _progress(row)
+            if nearest is not None and nearest.generation == header.generation:
+                if not _same_file(nearest, header):
+                    return OpenedFile(OpenOutcome.CONFLICT, nearest)
+                if nearest.state in FINISHED_STATES:
+                    return OpenedFile(OpenOutcome.FINISHED, nearest)
+                return OpenedFile(OpenOutcome.RESUMED, nearest)
+            if nearest is not None and nearest.generation > header.generation:
                 return OpenedFile(OpenOutcome.STALE, None)
             created = FileProgress(
                 topic=topic,
@@ -389,7 +391,7 @@ class ProgressStore(SqliteStore):
             # Most files have one generation: only look for older ones when there are any.
             superseded = (
                 ()
-                if newest is None
+                if nearest is None
                 else self._supersede(conn, topic, header.file_id, header.generation)
             )
         return OpenedFile(OpenOutcome.NEW, created, superseded)
@@ -627,24 +629,33 @@ class ProgressStore(SqliteStore):
         Raises:
             ValueError: If not every chunk was recorded.
         """
+        size, sha256 = verified if verified is not None else (None, None)
         with self._transaction() as conn:
-            progress = self._select(conn, topic, file_id, generation)
-            if progress is None or progress.state is not ProgressState.RECEIVING:
-                return None
-            if not progress.is_complete:
-                raise ValueError(
-                    f"{progress.relpath!r} generation {generation} has "
-                    f"{progress.received_count} of {progress.chunk_count} chunks"
-                )
-            if verified is not None:
-                conn.execute(
-                    f"UPDATE progress SET size = ?, sha256 = ? WHERE {_KEY_WHERE}",
-                    (verified[0], verified[1], topic, file_id, generation),
-                )
-                progress = replace(progress, size=verified[0], sha256=verified[1])
-            return self._set_state(
-                conn, (topic, file_id, generation), ProgressState.COMPLETE, None, progress
+            # One guarded UPDATE, then the row as it now is.
+            cursor = conn.execute(
+                "UPDATE progress SET state = ?, reason = NULL, updated_at = ?,"
+                " size = COALESCE(?, size), sha256 = COALESCE(?, sha256)"
+                f" WHERE {_KEY_WHERE} AND state = ? AND received_count = chunk_count",
+                (
+                    ProgressState.COMPLETE.value,
+                    self._clock(),
+                    size,
+                    sha256,
+                    topic,
+                    file_id,
+                    generation,
+                    ProgressState.RECEIVING.value,
+                ),
             )
+            progress = self._select(conn, topic, file_id, generation)
+        if cursor.rowcount == 1:
+            return progress
+        if progress is None or progress.state is not ProgressState.RECEIVING:
+            return None
+        raise ValueError(
+            f"{progress.relpath!r} generation {generation} has "
+            f"{progress.received_count} of {progress.chunk_count} chunks"
+        )
 
     def mark_rejected(
         self, topic: str, file_id: str, generation: int, reason: str

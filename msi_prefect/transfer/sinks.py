@@ -269,9 +269,8 @@ class LocalDirectorySink:
         Raises:
             SinkError: If the path is unsafe (absolute, ``..``, symlink on the way...).
         """
-        _check_relpath(relpath)
         try:
-            return resolve_inside(self.root, relpath)
+            return resolve_inside(self.root, relpath)  # validates relpath too
         except UnsafePathError as exc:
             raise SinkError(f"Refusing to deliver {relpath.as_posix()!r}: {exc}") from exc
 

@@ -13,6 +13,7 @@ single implementation of its rules, used by producers (encode) and consumers (de
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import uuid
 from collections.abc import Sequence
@@ -39,6 +40,9 @@ DEFAULT_CHUNK_SIZE = 896 * KIB
 
 #: Namespace of the uuid5 file ids. Never change it: every file id ever sent depends on it.
 FILE_ID_NAMESPACE = uuid.UUID("e41b4f65-352b-4505-8173-5536922b3d81")
+# Recent paths' ids are remembered: every chunk of a file checks its id, and the producer
+# needs it twice per file.
+_FILE_IDS_CACHED = 1024
 
 #: Largest integer any header may carry; it also fits SQLite's signed 64-bit INTEGER.
 MAX_HEADER_INT = 2**63 - 1
@@ -109,7 +113,7 @@ _CHUNK_ONLY_HEADERS = (
     HeaderName.OFFSET,
     HeaderName.MTIME,
 )
-_KNOWN_HEADERS = frozenset(HeaderName)
+_HEADER_BY_NAME = {header.value: header for header in HeaderName}
 
 
 class RejectReason(enum.StrEnum):
@@ -196,6 +200,7 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
+@functools.lru_cache(maxsize=_FILE_IDS_CACHED)
 def file_id_for(relpath: str) -> str:
     """Return the stable file id of a relative POSIX path.
 
@@ -623,9 +628,9 @@ def _collect_headers(headers: object) -> dict[HeaderName, bytes | None]:
         name, value = entry
         if not isinstance(name, str):
             raise WireFormatError(RejectReason.MALFORMED_MESSAGE, "a header name is not text")
-        if name not in _KNOWN_HEADERS:
+        key = _HEADER_BY_NAME.get(name)
+        if key is None:
             continue  # foreign or newer-minor headers are ignored by design
-        key = HeaderName(name)
         if key in found:
             raise WireFormatError(RejectReason.DUPLICATE_HEADER, f"{name} appears twice")
         if value is not None:
