@@ -32,7 +32,7 @@ from typing import Any
 from bench.common import BenchResult, TansuBroker, unique_suffix
 from bench.datasets import PRESETS, make_dataset
 from bench.msi_runner import run_msi
-from bench.openmsistream_baseline import OMSI_PYTHON_ENV, run_openmsistream
+from bench.openmsistream_baseline import OMSI_PYTHON_ENV, PipelineStalled, run_openmsistream
 from bench.openmsistream_venv import ensure_openmsistream_python
 from bench.raw_pipeline import run_raw
 
@@ -68,8 +68,19 @@ def median_of(results: list[BenchResult], field: str) -> float:
     return float(statistics.median(getattr(r, field) for r in results))
 
 
-def markdown_table(data_set: str, by_pipeline: dict[str, list[BenchResult]]) -> str:
-    """A results table: medians per pipeline and the ratios of msi to the others."""
+def markdown_table(
+    data_set: str,
+    by_pipeline: dict[str, list[BenchResult]],
+    stalled: dict[str, int] | None = None,
+) -> str:
+    """A results table: medians per pipeline and the ratios of msi to the others.
+
+    Args:
+        data_set: Name of the data set.
+        by_pipeline: The verified rounds of each series.
+        stalled: Rounds per series that stalled (not in the medians).
+    """
+    stalled = stalled or {}
     lines = [
         f"### {data_set}",
         "",
@@ -77,17 +88,21 @@ def markdown_table(data_set: str, by_pipeline: dict[str, list[BenchResult]]) -> 
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for label, results in by_pipeline.items():
+        failed = f" (+{stalled[label]} stalled)" if stalled.get(label) else ""
+        if not results:
+            lines.append(f"| {label} | 0{failed} | n/a | n/a | n/a | n/a |")
+            continue
         rss = statistics.median(r.peak_rss_mb or 0 for r in results)
         shown = results[0].name if label in PIPELINES else label
         lines.append(
-            f"| {shown} | {len(results)} | {median_of(results, 'seconds'):.2f} | "
+            f"| {shown} | {len(results)}{failed} | {median_of(results, 'seconds'):.2f} | "
             f"{median_of(results, 'mb_per_s'):.1f} | {median_of(results, 'files_per_s'):.1f} | "
             f"{rss:.0f} |"
         )
-    if "msi" in by_pipeline:
+    if by_pipeline.get("msi"):
         ours = median_of(by_pipeline["msi"], "seconds")
         for other in ("raw", "omsi"):
-            if other in by_pipeline:
+            if by_pipeline.get(other):
                 ratio = median_of(by_pipeline[other], "seconds") / ours
                 lines.append(f"\nmsi-prefect speed / {other}: **{ratio:.2f}x** (ratio of medians)")
     return "\n".join(lines) + "\n"
@@ -125,10 +140,18 @@ def main(argv: list[str] | None = None) -> int:
                         for size in args.chunk_sizes
                     ]
                 by_series: dict[str, list[BenchResult]] = {label: [] for label, _ in series}
+                stalled: dict[str, int] = {}
                 for _ in range(args.rounds):
                     for label, options in series:
                         pipeline = label.split("@")[0]
-                        result = run_round(pipeline, broker.bootstrap, src, scratch, **options)
+                        try:
+                            result = run_round(pipeline, broker.bootstrap, src, scratch, **options)
+                        except PipelineStalled as exc:
+                            # A baseline's own fault: reported, left out of the medians.
+                            stalled[label] = stalled.get(label, 0) + 1
+                            failure = {"set": data_set, "series": label, "stalled": str(exc)}
+                            print(json.dumps(failure), flush=True)
+                            continue
                         if not result.ok:
                             raise SystemExit(f"{label} did not verify: {result.mismatched[:5]}")
                         by_series[label].append(result)
@@ -137,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         if args.json:
                             with args.json.open("a") as out:
                                 out.write(json.dumps(record) + "\n")
-                print(markdown_table(data_set, by_series), flush=True)
+                print(markdown_table(data_set, by_series, stalled), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

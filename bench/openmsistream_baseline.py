@@ -152,6 +152,13 @@ class _Seen:
 # Seconds before a file whose (size, mtime) has not changed since it failed to match is
 # hashed again.
 RECHECK_S = 1.0
+# No file changed and none completed for this long: the run is stuck. OpenMSIStream was seen
+# leaving a 64 MiB file at full size with wrong content and never rewriting it.
+STALL_TIMEOUT_S = 120.0
+
+
+class PipelineStalled(RuntimeError):
+    """A baseline run stopped making progress; the round is reported as failed."""
 
 
 class CompletionWatcher:
@@ -177,6 +184,8 @@ class CompletionWatcher:
         self._rejected: dict[str, tuple[tuple[int, int], float]] = {}
         self._src_digest: dict[str, str] = {}
         self.done_at: dict[str, float] = {}
+        #: When a file last changed or completed (``time.time()`` scale).
+        self.last_progress_at = time.time()
 
     @property
     def pending(self) -> int:
@@ -213,6 +222,7 @@ class CompletionWatcher:
             if matches and (stat.st_size, stat.st_mtime_ns) == key:
                 self.done_at[rel] = seen.since
                 self._pending.discard(rel)
+                self.last_progress_at = now
             else:
                 self._rejected[rel] = (key, now)
         return not self._pending
@@ -247,6 +257,20 @@ class CompletionWatcher:
                 seen = self._seen.get(rel)
                 if seen is None or (seen.size, seen.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
                     self._seen[rel] = _Seen(stat.st_size, stat.st_mtime_ns, now)
+                    self.last_progress_at = now
+
+    def stuck_files(self) -> list[str]:
+        """The pending files, each with what is wrong with it (for error messages)."""
+        described = []
+        for rel in sorted(self._pending):
+            seen = self._seen.get(rel)
+            if seen is None:
+                described.append(f"{rel}: missing")
+            elif seen.size != self._expected[rel]:
+                described.append(f"{rel}: {seen.size} of {self._expected[rel]} bytes")
+            else:
+                described.append(f"{rel}: full size, wrong content")
+        return described
 
 
 # --------------------------------------------------------------------------- processes
@@ -316,6 +340,7 @@ def run_openmsistream(
     n_threads: int = 2,
     manage_topic: bool = True,
     timeout: float = 3600.0,
+    stall_timeout: float = STALL_TIMEOUT_S,
     join_timeout: float = 60.0,
     join_margin: float = 1.0,
     poll_interval: float = 0.1,
@@ -334,6 +359,7 @@ def run_openmsistream(
         n_threads: ``--n_threads`` for both programs (OpenMSIStream's default is 2).
         manage_topic: Create the topic before and delete it after the run.
         timeout: Seconds allowed for the transfer.
+        stall_timeout: Give up once no file changed or completed for this long.
         join_timeout: Seconds to wait for the download directory's consumer group.
         join_margin: Extra seconds after the group is STABLE before the upload starts.
         poll_interval: Seconds between destination scans.
@@ -344,6 +370,7 @@ def run_openmsistream(
 
     Raises:
         ValueError: If ``dst_dir`` is not empty.
+        PipelineStalled: If the transfer stopped making progress.
         RuntimeError: If a program dies or the transfer does not finish in time.
     """
     src_dir, dst_dir = Path(src_dir).resolve(), Path(dst_dir).resolve()
@@ -412,6 +439,12 @@ def run_openmsistream(
                 for role, proc in (("download", downloader), ("upload", uploader)):
                     if proc.poll() is not None:
                         raise RuntimeError(f"{role} program exited with {proc.returncode}")
+                if time.time() - watcher.last_progress_at > stall_timeout:
+                    stuck = watcher.stuck_files()
+                    raise PipelineStalled(
+                        f"no progress for {stall_timeout:.0f} s; {len(stuck)} of {len(files)} "
+                        f"files incomplete: {'; '.join(stuck[:5])}"
+                    )
                 if time.monotonic() > deadline:
                     where = _locate(dst_dir, Path(files[0].rel).name) if files else []
                     raise RuntimeError(
