@@ -35,6 +35,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+BENCH_DIR = Path(__file__).resolve().parent
+"""This folder: data sets default to ``BENCH_DIR / "data"``, reports are written here."""
+
 MB = 1_000_000
 """Bytes in one (decimal) megabyte, the unit of every ``MB/s`` figure."""
 

@@ -29,14 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchResult, TansuBroker, unique_suffix
+from bench.common import BENCH_DIR, BenchResult, TansuBroker, unique_suffix
 from bench.datasets import PRESETS, make_dataset
 from bench.msi_runner import run_msi
 from bench.openmsistream_baseline import OMSI_PYTHON_ENV, PipelineStalled, run_openmsistream
 from bench.openmsistream_venv import ensure_openmsistream_python
 from bench.raw_pipeline import run_raw
 
-BENCH_DIR = Path(__file__).resolve().parent
 Runner = Callable[..., BenchResult]
 PIPELINES: dict[str, Runner] = {
     "msi": run_msi,
@@ -51,16 +50,17 @@ def ensure_openmsistream() -> None:
 
 
 def run_round(
-    pipeline: str, bootstrap: str, src: Path, scratch: Path, **options: Any
+    pipeline: str, bootstrap: str, src: Path, destinations: Path, **options: Any
 ) -> BenchResult:
-    """One verified run of one pipeline into a fresh destination (removed afterwards)."""
-    dst = scratch / f"dst-{pipeline}-{unique_suffix()}"
-    try:
-        return PIPELINES[pipeline](
-            bootstrap, src, dst, f"bench-{pipeline}-{unique_suffix()}", **options
-        )
-    finally:
-        shutil.rmtree(dst, ignore_errors=True)
+    """One verified run of one pipeline into a fresh destination under ``destinations``.
+
+    The destination is kept: the caller removes them all after the data set's last round.
+    Removing thousands of files just before a round slows that round's file creation down
+    (ext4 passes over recently freed inodes when it allocates new ones).
+    """
+    dst = destinations / f"dst-{pipeline}-{unique_suffix()}"
+    topic = f"bench-{pipeline}-{unique_suffix()}"
+    return PIPELINES[pipeline](bootstrap, src, dst, topic, **options)
 
 
 def median_of(results: list[BenchResult], field: str) -> float:
@@ -141,11 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                 by_series: dict[str, list[BenchResult]] = {label: [] for label, _ in series}
                 stalled: dict[str, int] = {}
+                destinations = scratch / f"{data_set}-destinations"
+                destinations.mkdir()
                 for _ in range(args.rounds):
                     for label, options in series:
                         pipeline = label.split("@")[0]
                         try:
-                            result = run_round(pipeline, broker.bootstrap, src, scratch, **options)
+                            result = run_round(
+                                pipeline, broker.bootstrap, src, destinations, **options
+                            )
                         except PipelineStalled as exc:
                             # A baseline's own fault: reported, left out of the medians.
                             stalled[label] = stalled.get(label, 0) + 1
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                             with args.json.open("a") as out:
                                 out.write(json.dumps(record) + "\n")
                 print(markdown_table(data_set, by_series, stalled), flush=True)
+                shutil.rmtree(destinations, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -45,7 +45,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import fmt_seconds, format_load, p90, write_replace
+from bench.common import BENCH_DIR, fmt_seconds, format_load, p90, write_replace
 from bench.trigger_latency import (
     DEFAULT_GROUP,
     DOWN_TIMEOUT_S,
@@ -60,7 +60,6 @@ from bench.trigger_latency import (
 )
 from msi_prefect.crashed_runs import DOWNSTREAM_DEPLOYMENTS
 
-BENCH_DIR = Path(__file__).resolve().parent
 REPORT_PATH = BENCH_DIR / "FILE_RATE.md"
 COMMAND = "cd /work/main && .venv/bin/python -m bench.file_rate"
 KIB = 1024

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench.common import (
+    BENCH_DIR,
     KAFKA_SESSION_TIMEOUT_MS,
     TansuBroker,
     cpu_model,
@@ -74,7 +75,6 @@ from bench.common import (
     write_replace,
 )
 
-BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 REPORT_PATH = BENCH_DIR / "LATENCY.md"
 COMMAND = "cd /work/main && .venv/bin/python -m bench.latency"

@@ -70,6 +70,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
+    BENCH_DIR,
     cpu_model,
     fmt_seconds,
     format_load,
@@ -80,7 +81,6 @@ from bench.common import (
     write_replace,
 )
 
-BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 REPORT_PATH = BENCH_DIR / "TRIGGER_LATENCY.md"
 COMMAND = "cd /work/main && .venv/bin/python -m bench.trigger_latency"

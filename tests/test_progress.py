@@ -213,6 +213,26 @@ def test_mark_complete_needs_every_chunk(store: ProgressStore) -> None:
     assert store.mark_complete(TOPIC, h.file_id, 1) is None  # only once
 
 
+def test_mark_complete_keeps_the_announced_digest_or_stores_the_verified_one(
+    store: ProgressStore,
+) -> None:
+    announced, unannounced = header("a.dat", size=5), header("b.dat", size=5)
+    for h in (announced, unannounced):
+        store.open_file(TOPIC, h, "s")
+        store.record_chunks(receipts(h, 0))
+    kept = store.mark_complete(TOPIC, announced.file_id, 1)
+    assert kept is not None and (kept.size, kept.sha256) == (5, DIGEST)
+    # Formats without a size or SHA-256 in their chunks (OpenMSIStream's) store the verified.
+    verified = store.mark_complete(TOPIC, unannounced.file_id, 1, verified=(4, "ab" * 32))
+    assert verified is not None
+    assert (verified.size, verified.sha256, verified.state) == (
+        4,
+        "ab" * 32,
+        ProgressState.COMPLETE,
+    )
+    assert store.get(TOPIC, unannounced.file_id, 1) == verified
+
+
 def test_empty_file_is_one_chunk(store: ProgressStore) -> None:
     h = header(size=0)
     assert h.count == 1
