@@ -109,3 +109,45 @@ def test_a_crash_between_delivery_and_commit_does_not_reject_the_file(
     ]
     assert tree_digests(dest) == expected
     assert reassembler.stats.files_rejected == 0
+
+
+@pytest.mark.stack
+def test_one_chunk_files_delivered_by_a_batch_that_never_committed_come_again_once(
+    kafka_stack: RunningStack, topic: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-chunk file has no progress row until its batch records it as delivered.
+
+    The process dies after the renames and before the batch commits: nothing is recorded,
+    so the replay writes and delivers those files again, and each ends with one row.
+    """
+    sizes = {f"f{i}.txt": 10 + i for i in range(6)}
+    expected = make_tree(tmp_path / "src", sizes)
+    send(kafka_stack, topic, tmp_path / "src", tmp_path / "reg.sqlite", sorted(expected))
+    dest = tmp_path / "dest"
+    real_flush = LocalDirectorySink.flush
+
+    def crash_after_deliveries(self: LocalDirectorySink) -> None:
+        if self._unsynced_dirs:
+            raise _Crash
+        real_flush(self)
+
+    monkeypatch.setattr(LocalDirectorySink, "flush", crash_after_deliveries)
+    with pytest.raises(_Crash):
+        rebuild(kafka_stack, topic, dest, files=len(sizes))
+    assert any(path.is_file() for path in dest.iterdir())  # renamed into place already
+    with ProgressStore(dest / ".msi-state" / "progress.sqlite") as store:
+        assert store.completed(topic) == []  # ... but never recorded
+    monkeypatch.setattr(LocalDirectorySink, "flush", real_flush)
+
+    events, reassembler = rebuild(kafka_stack, topic, dest, files=len(sizes))
+    assert sorted((e.kind.value, e.relpath) for e in events) == [
+        ("reconstructed", name) for name in sorted(sizes)
+    ]
+    assert tree_digests(dest) == expected
+    assert reassembler.stats.files_rejected == 0
+    with ProgressStore(dest / ".msi-state" / "progress.sqlite") as store:
+        rows = store.completed(topic)
+    assert [(row.relpath, row.received_count, row.sha256 is not None) for row in rows] == [
+        (name, 1, True) for name in sorted(sizes)
+    ]
+    assert list((dest / ".msi-staging").iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -443,3 +444,43 @@ def test_row_values_follow_the_column_order() -> None:
     from msi_prefect.transfer.progress import _COLUMNS, FileProgress
 
     assert [f.name for f in fields(FileProgress)] == [c.strip() for c in _COLUMNS.split(",")]
+
+
+# --- files recorded once finished ---
+
+
+def test_a_new_file_can_be_opened_without_a_row_and_recorded_once_finished(
+    store: ProgressStore,
+) -> None:
+    h = header(size=5)
+    opened = store.open_file(TOPIC, h, "s", record_new=False)
+    assert opened.outcome is OpenOutcome.NEW and opened.progress is not None
+    assert store.get(TOPIC, h.file_id, 1) is None  # nothing to resume after a crash
+    assert store.record_chunks(receipts(h, 0)) == []  # and no chunk bookkeeping
+    done = replace(opened.progress.fully_received(DIGEST), state=ProgressState.COMPLETE)
+    stored = store.record_finished(done)
+    assert store.get(TOPIC, h.file_id, 1) == stored
+    assert (stored.state, stored.received_count, stored.sha256) == (
+        ProgressState.COMPLETE,
+        1,
+        DIGEST,
+    )
+    # A replay of the chunk is recognised as finished, like any completed file.
+    assert store.open_file(TOPIC, h, "s", record_new=False).outcome is OpenOutcome.FINISHED
+
+
+def test_an_unrecorded_new_generation_still_supersedes_older_ones(store: ProgressStore) -> None:
+    store.open_file(TOPIC, header(generation=1), "s1")
+    opened = store.open_file(TOPIC, header(generation=2, size=5), "s2", record_new=False)
+    assert [(p.generation, p.state) for p in opened.superseded] == [(1, ProgressState.ABORTED)]
+
+
+def test_only_finished_states_are_recorded_at_once(store: ProgressStore) -> None:
+    opened = store.open_file(TOPIC, header(size=5), "s", record_new=False)
+    assert opened.progress is not None
+    with pytest.raises(ValueError, match="receiving is not a finished state"):
+        store.record_finished(opened.progress)
+    rejected = replace(opened.progress, state=ProgressState.REJECTED, reason="bad checksum")
+    store.record_finished(rejected)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.record_finished(rejected)  # a generation has one row

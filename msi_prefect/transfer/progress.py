@@ -221,6 +221,15 @@ class FileProgress:
         """Return a fresh :class:`Bitmap` of the received chunks."""
         return Bitmap.from_bytes(self.chunk_count, self.received)
 
+    def fully_received(self, sha256: str | None) -> FileProgress:
+        """This generation with every chunk received and the given whole-file digest."""
+        bitmap = Bitmap(self.chunk_count)
+        for index in range(self.chunk_count):
+            bitmap.set(index)
+        return replace(
+            self, received=bitmap.to_bytes(), received_count=self.chunk_count, sha256=sha256
+        )
+
 
 @dataclass(frozen=True)
 class OpenedFile:
@@ -335,7 +344,14 @@ class ProgressStore(SqliteStore):
         ).fetchone()
         return None if row is None else _progress(row)
 
-    def open_file(self, topic: str, header: ChunkHeader, staging_path: str | Path) -> OpenedFile:
+    def open_file(
+        self,
+        topic: str,
+        header: ChunkHeader,
+        staging_path: str | Path,
+        *,
+        record_new: bool = True,
+    ) -> OpenedFile:
         """Create or load the row of a chunk's generation.
 
         When a new generation is created, older generations of the same file that are
@@ -347,6 +363,9 @@ class ProgressStore(SqliteStore):
             header: The decoded chunk header.
             staging_path: Where this generation's chunks are written (stored for a new
                 row; an existing row keeps its own).
+            record_new: Insert a new generation's row now. ``False`` for a file written in
+                one go and recorded once finished (:meth:`record_finished`): the outcome is
+                still NEW, with the row that would have been inserted.
 
         Returns:
             The outcome, the row (except for STALE) and the superseded generations.
@@ -384,10 +403,8 @@ class ProgressStore(SqliteStore):
                 reason=None,
                 updated_at=self._clock(),
             )
-            conn.execute(
-                f"INSERT INTO progress ({_COLUMNS}) VALUES ({', '.join('?' * _COLUMN_COUNT)})",
-                _row_values(created),
-            )
+            if record_new:
+                self._insert(conn, created)
             # Most files have one generation: only look for older ones when there are any.
             superseded = (
                 ()
@@ -395,6 +412,37 @@ class ProgressStore(SqliteStore):
                 else self._supersede(conn, topic, header.file_id, header.generation)
             )
         return OpenedFile(OpenOutcome.NEW, created, superseded)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, progress: FileProgress) -> None:
+        conn.execute(
+            f"INSERT INTO progress ({_COLUMNS}) VALUES ({', '.join('?' * _COLUMN_COUNT)})",
+            _row_values(progress),
+        )
+
+    def record_finished(self, progress: FileProgress) -> FileProgress:
+        """Insert the row of a generation that was never recorded and is now finished.
+
+        For a file written in one go (see ``record_new`` of :meth:`open_file`): its only
+        row says how it ended, written in the same transaction as the batch that delivered
+        or rejected it.
+
+        Args:
+            progress: The generation, in a finished state (COMPLETE, REJECTED, ABORTED).
+
+        Returns:
+            The row as stored (``updated_at`` set now).
+
+        Raises:
+            ValueError: If the state is not a finished one.
+            sqlite3.IntegrityError: If the generation already has a row.
+        """
+        if progress.state not in FINISHED_STATES:
+            raise ValueError(f"{progress.state.value} is not a finished state")
+        stored = replace(progress, updated_at=self._clock())
+        with self._transaction() as conn:
+            self._insert(conn, stored)
+        return stored
 
     def _supersede(
         self, conn: sqlite3.Connection, topic: str, file_id: str, below_generation: int

@@ -31,7 +31,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -172,12 +172,19 @@ class ReassemblerSettings:
 
 @dataclass
 class _OpenStaging:
-    """A staging file kept open across batches, with its in-order running hash."""
+    """A staging file kept open across batches, with its in-order running hash.
+
+    ``recorded`` is False for a one-chunk file of the native format: it gets no progress
+    row while it is written, only one when it is finished (delivered or rejected), in the
+    same batch. A crash before that batch commits replays the chunk, which rewrites the
+    same bytes; so such a file costs one SQL statement to find and one to record.
+    """
 
     progress: FileProgress
     fd: int
     hasher: Any | None
     next_index: int = 0
+    recorded: bool = True
 
 
 @dataclass
@@ -215,16 +222,25 @@ class _PendingWrites:
     receipts: list[ChunkReceipt] = field(default_factory=list)
     touched: dict[tuple[str, int], _OpenStaging] = field(default_factory=dict)
     generations: dict[str, int] = field(default_factory=dict)
+    # Unrecorded one-chunk files (see _OpenStaging.recorded) with their receipt.
+    unrecorded: dict[tuple[str, int], tuple[_OpenStaging, ChunkReceipt]] = field(
+        default_factory=dict
+    )
 
     def add(self, receipt: ChunkReceipt, staging: _OpenStaging) -> None:
-        self.receipts.append(receipt)
-        self.touched[(receipt.file_id, receipt.generation)] = staging
+        key = (receipt.file_id, receipt.generation)
+        if staging.recorded:
+            self.receipts.append(receipt)
+        else:
+            self.unrecorded[key] = (staging, receipt)
+        self.touched[key] = staging
         self.generations[receipt.file_id] = receipt.generation
 
     def clear(self) -> None:
         self.receipts.clear()
         self.touched.clear()
         self.generations.clear()
+        self.unrecorded.clear()
 
 
 EventCallback = Callable[[FileEvent], None]
@@ -523,6 +539,8 @@ class Reassembler:
                 self._reject_file(progress, progress.reason or "rejected")
             elif progress.is_complete:
                 self._finish(progress, self._open.get(key))
+        for staging, receipt in pending.unrecorded.values():
+            self._finish(staging.progress.fully_received(receipt.sha256), staging)
         pending.clear()
 
     # ------------------------------------------------------------------ chunk handling
@@ -535,7 +553,10 @@ class Reassembler:
         staging = self._open.get(key)
         if staging is None:
             path = self.staging_dir / f"{header.file_id}.{header.generation}.part"
-            opened = self.progress.open_file(self.settings.topic, header, path)
+            record_now = header.count > 1 or self.settings.wire_format is not WireFormat.NATIVE
+            opened = self.progress.open_file(
+                self.settings.topic, header, path, record_new=record_now
+            )
             for old in opened.superseded:
                 self._discard(old)
             if opened.outcome is OpenOutcome.CONFLICT:
@@ -554,6 +575,7 @@ class Reassembler:
                 progress = self._restart_file(progress)
                 fresh = True
             staging = self._open_staging(progress, fresh=fresh)
+            staging.recorded = record_now or opened.outcome is not OpenOutcome.NEW
         self._open.move_to_end(key)
         ledger = self._ledgers.setdefault(partition, _Ledger())
         mark = ledger.open_files.setdefault(key, _OpenFileMark(offset, time.monotonic()))
@@ -622,6 +644,7 @@ class Reassembler:
         """Verify a fully received file and deliver it to the sink."""
         key = (progress.file_id, progress.generation)
         path = Path(progress.staging_path)
+        recorded = staging is None or staging.recorded
         running = None
         if (
             staging is not None
@@ -633,10 +656,11 @@ class Reassembler:
         try:
             verified = self._format.verify(progress, path, running)
         except OSError as exc:
-            self._reject_file(progress, f"staging file unreadable: {exc.strerror or exc}")
+            reason = f"staging file unreadable: {exc.strerror or exc}"
+            self._reject_file(progress, reason, recorded=recorded)
             return
         except VerificationError as exc:
-            self._reject_file(progress, exc.reason)
+            self._reject_file(progress, exc.reason, recorded=recorded)
             return
         try:
             result = self.sink.deliver(
@@ -644,16 +668,28 @@ class Reassembler:
             )
         except SinkError as exc:
             if isinstance(exc.__cause__, UnsafePathError):  # e.g. a symlink planted inside
-                self._reject_file(progress, str(exc.__cause__), code=RejectReason.UNSAFE_PATH)
+                self._reject_file(
+                    progress, str(exc.__cause__), code=RejectReason.UNSAFE_PATH, recorded=recorded
+                )
                 return
             # Not the file's fault: leave it RECEIVING-complete so the next batch retries.
             raise OSError(f"delivery to {self.sink.describe()} failed: {exc}") from exc
-        self.progress.mark_complete(
-            self.settings.topic,
-            progress.file_id,
-            progress.generation,
-            verified=(verified.size, verified.sha256),
-        )
+        if recorded:
+            self.progress.mark_complete(
+                self.settings.topic,
+                progress.file_id,
+                progress.generation,
+                verified=(verified.size, verified.sha256),
+            )
+        else:
+            self.progress.record_finished(
+                replace(
+                    progress,
+                    size=verified.size,
+                    sha256=verified.sha256,
+                    state=ProgressState.COMPLETE,
+                )
+            )
         self._forget(key)
         self.stats.files_reconstructed += 1
         self._emit(
@@ -700,7 +736,12 @@ class Reassembler:
     # ----------------------------------------------------------------------- rejections
 
     def _reject_file(
-        self, progress: FileProgress, reason: str, code: str = VERIFICATION_FAILED
+        self,
+        progress: FileProgress,
+        reason: str,
+        code: str = VERIFICATION_FAILED,
+        *,
+        recorded: bool = True,
     ) -> None:
         key = (progress.file_id, progress.generation)
         self._close_staging(key)
@@ -709,9 +750,14 @@ class Reassembler:
             target = self.quarantine_dir / f"{progress.file_id}.{progress.generation}"
             with contextlib.suppress(OSError):
                 shutil.move(str(staged), target)
-        self.progress.mark_rejected(
-            self.settings.topic, progress.file_id, progress.generation, reason
-        )
+        if recorded:
+            self.progress.mark_rejected(
+                self.settings.topic, progress.file_id, progress.generation, reason
+            )
+        else:
+            self.progress.record_finished(
+                replace(progress, state=ProgressState.REJECTED, reason=reason)
+            )
         self._forget(key)
         logger.warning("rejected %r: %s", progress.relpath, reason)
         self._rejected(
