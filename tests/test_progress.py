@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -437,13 +437,36 @@ def test_completed_lists_the_delivered_generation_of_each_path(
     assert store.completed("no.such.topic") == []
 
 
-def test_row_values_follow_the_column_order() -> None:
-    # New rows are inserted from the dataclass's fields: they must list the columns in order.
-    from dataclasses import fields
+def test_row_values_follow_the_column_order(store: ProgressStore) -> None:
+    # New rows are inserted from _row_values: it must list the columns in order.
+    from msi_prefect.transfer.progress import _COLUMNS, _row_values
 
-    from msi_prefect.transfer.progress import _COLUMNS, FileProgress
+    opened = store.open_file(TOPIC, header(), "s")
+    assert opened.progress is not None
+    progress = opened.progress.updated(sha256=DIGEST, reason="why")
+    by_field = {f.name: getattr(progress, f.name) for f in fields(progress)}
+    by_field["state"] = progress.state.value
+    assert _row_values(progress) == tuple(by_field[c.strip()] for c in _COLUMNS.split(","))
 
-    assert [f.name for f in fields(FileProgress)] == [c.strip() for c in _COLUMNS.split(",")]
+
+def test_updated_copies_like_dataclasses_replace(store: ProgressStore) -> None:
+    opened = store.open_file(TOPIC, header(), "s")
+    assert opened.progress is not None
+    original = opened.progress
+    changed = original.updated(state=ProgressState.COMPLETE, sha256=DIGEST)
+    assert changed == replace(original, state=ProgressState.COMPLETE, sha256=DIGEST)
+    assert original.state is ProgressState.RECEIVING  # the original is left as it was
+    with pytest.raises(TypeError, match="no field colour"):
+        original.updated(colour="red")
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 16, 17])
+def test_fully_received_sets_every_bit(store: ProgressStore, count: int) -> None:
+    opened = store.open_file(TOPIC, header(size=count * 10), "s")
+    assert opened.progress is not None
+    full = opened.progress.fully_received(DIGEST)
+    assert full.bitmap().all_set() and full.bitmap().size == count
+    assert (full.received_count, full.sha256, full.is_complete) == (count, DIGEST, True)
 
 
 # --- files recorded once finished ---

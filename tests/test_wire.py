@@ -108,6 +108,15 @@ def test_file_id_is_stable_hex_and_path_specific() -> None:
 
 
 @pytest.mark.parametrize(
+    "relpath", ["a", "run 1/ünï;'q\"/img\n.tif", "日本/データ.csv", "x" * 4000, "z/🧪.bin"]
+)
+def test_file_id_is_the_uuid5_of_the_path(relpath: str) -> None:
+    # file_id_for computes uuid5 itself (faster); it must never drift from the standard.
+    assert file_id_for(relpath) == uuid.uuid5(FILE_ID_NAMESPACE, relpath).hex
+    assert uuid.UUID(file_id_for(relpath)).version == 5
+
+
+@pytest.mark.parametrize(
     ("size", "chunk_size", "count"),
     [(0, 10, 1), (1, 10, 1), (10, 10, 1), (11, 10, 2), (20, 10, 2), (21, 10, 3), (5, 1, 5)],
 )

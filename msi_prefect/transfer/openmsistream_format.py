@@ -52,7 +52,7 @@ from msi_prefect.transfer.formats import (
     VerifiedFile,
     WireFormat,
 )
-from msi_prefect.transfer.paths import UnsafePathError, validate_relative_path
+from msi_prefect.transfer.paths import UnsafePathError, check_relative_path
 from msi_prefect.transfer.progress import FileProgress
 from msi_prefect.transfer.wire import (
     MAX_HEADER_INT,
@@ -160,7 +160,7 @@ def _relpath(subdir: str, filename: str, append: str) -> str:
         name = f"{pure.stem}{append}{pure.suffix}"
     relpath = f"{subdir}/{name}" if subdir else name
     try:
-        validate_relative_path(relpath)
+        check_relative_path(relpath)
     except UnsafePathError as exc:
         raise WireFormatError(RejectReason.UNSAFE_PATH, exc.detail) from None
     return relpath

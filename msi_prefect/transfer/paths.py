@@ -79,9 +79,20 @@ class UnsafePathError(ValueError):
         super().__init__(f"Unsafe path {shown!r}: {detail}.")
 
 
-@functools.lru_cache(maxsize=_VALIDATED_PATHS_CACHED)
 def validate_relative_path(raw: str) -> PurePosixPath:
     """Check an untrusted relative POSIX path and return it as a ``PurePosixPath``.
+
+    See :func:`check_relative_path` for the rules.
+
+    Raises:
+        UnsafePathError: If the path is unsafe.
+    """
+    return PurePosixPath(check_relative_path(raw))
+
+
+@functools.lru_cache(maxsize=_VALIDATED_PATHS_CACHED)
+def check_relative_path(raw: str) -> str:
+    """Check an untrusted relative POSIX path; return it unchanged.
 
     The raw string is checked, not a normalised form: ``PurePosixPath`` silently turns
     ``a//b`` into ``a/b`` and ``./a`` into ``a``, and such spellings are refused so that one
@@ -91,7 +102,7 @@ def validate_relative_path(raw: str) -> PurePosixPath:
         raw: The path as it arrived, with ``/`` separators.
 
     Returns:
-        The same path as a ``PurePosixPath``.
+        ``raw`` (no ``PurePosixPath`` is built: this runs for every file received).
 
     Raises:
         UnsafePathError: If the path is empty, too long, absolute, contains ``..``, ``.`` or
@@ -142,7 +153,7 @@ def validate_relative_path(raw: str) -> PurePosixPath:
             PathProblem.RESERVED_NAME,
             f"the first segment {segments[0]!r} is reserved for msi_prefect's own state",
         )
-    return PurePosixPath(raw)
+    return raw
 
 
 def _check_segment(raw: str, segment: str) -> None:
@@ -192,8 +203,7 @@ def resolve_inside(root: Path, rel: PurePosixPath) -> Path:
         UnsafePathError: If ``rel`` is unsafe, a component below ``root`` is a symlink, or
             the result resolves outside ``root``.
     """
-    raw = rel.as_posix()
-    validate_relative_path(raw)
+    raw = check_relative_path(rel.as_posix())
     # Plain strings, not Path objects: this runs for every delivered file. lstat() of
     # root/a follows a symlinked root and looks at "a" itself, which is the rule above.
     parts = raw.split("/")  # validated: no empty, '.' or '..' segments
@@ -242,5 +252,4 @@ def relative_posix(root: Path, file: Path) -> str:
             str(file), PathProblem.OUTSIDE_ROOT, f"the file is not below {str(root)!r}"
         )
     posix = file_abs[len(prefix) :].replace(os.sep, "/")
-    validate_relative_path(posix)
-    return posix
+    return check_relative_path(posix)

@@ -22,7 +22,7 @@ import enum
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
@@ -58,6 +58,13 @@ _COLUMNS = (
 )
 _COLUMN_COUNT = _COLUMNS.count(",") + 1
 _KEY_WHERE = "topic = ? AND file_id = ? AND generation = ?"
+# Built once: the statements below run for every file received.
+_INSERT_ROW = f"INSERT INTO progress ({_COLUMNS}) VALUES ({', '.join('?' * _COLUMN_COUNT)})"
+# This generation's row if there is one, else the file's newest.
+_SELECT_GENERATION_OR_NEWEST = (
+    f"SELECT {_COLUMNS} FROM progress WHERE topic = ? AND file_id = ?"
+    " ORDER BY generation = ? DESC, generation DESC LIMIT 1"
+)
 
 
 class Bitmap:
@@ -223,12 +230,25 @@ class FileProgress:
 
     def fully_received(self, sha256: str | None) -> FileProgress:
         """This generation with every chunk received and the given whole-file digest."""
-        bitmap = Bitmap(self.chunk_count)
-        for index in range(self.chunk_count):
-            bitmap.set(index)
-        return replace(
-            self, received=bitmap.to_bytes(), received_count=self.chunk_count, sha256=sha256
-        )
+        whole_bytes, spare_bits = divmod(self.chunk_count, 8)
+        received = b"\xff" * whole_bytes + (bytes([(1 << spare_bits) - 1]) if spare_bits else b"")
+        return self.updated(received=received, received_count=self.chunk_count, sha256=sha256)
+
+    def updated(self, **changes: object) -> FileProgress:
+        """A copy with some fields changed, like ``dataclasses.replace``.
+
+        Without replace's per-call field introspection: the reassembler makes several
+        copies for every file it delivers.
+
+        Raises:
+            TypeError: If a name is not a field.
+        """
+        unknown = changes.keys() - self.__dict__.keys()
+        if unknown:
+            raise TypeError(f"FileProgress has no field {', '.join(sorted(unknown))}")
+        copy = object.__new__(FileProgress)
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
 
 
 @dataclass(frozen=True)
@@ -298,9 +318,24 @@ def _progress(row: sqlite3.Row) -> FileProgress:
 
 
 def _row_values(progress: FileProgress) -> tuple[object, ...]:
-    """A row's values in `_COLUMNS` order (the dataclass declares its fields in that order)."""
-    values = [getattr(progress, field.name) for field in fields(progress)]
-    return tuple(value.value if isinstance(value, ProgressState) else value for value in values)
+    """A row's values in `_COLUMNS` order (tests check that the two orders agree)."""
+    return (
+        progress.topic,
+        progress.file_id,
+        progress.generation,
+        progress.relpath,
+        progress.size,
+        progress.chunk_count,
+        progress.chunk_size,
+        progress.mtime_ns,
+        progress.sha256,
+        progress.received,
+        progress.received_count,
+        progress.staging_path,
+        progress.state.value,
+        progress.reason,
+        progress.updated_at,
+    )
 
 
 def _same_file(progress: FileProgress, header: ChunkHeader) -> bool:
@@ -371,11 +406,8 @@ class ProgressStore(SqliteStore):
             The outcome, the row (except for STALE) and the superseded generations.
         """
         with self._transaction() as conn:
-            # One query: this generation's row if there is one, else the file's newest.
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM progress WHERE topic = ? AND file_id = ?"
-                " ORDER BY generation = ? DESC, generation DESC LIMIT 1",
-                (topic, header.file_id, header.generation),
+                _SELECT_GENERATION_OR_NEWEST, (topic, header.file_id, header.generation)
             ).fetchone()
             nearest = None if row is None else _progress(row)
             if nearest is not None and nearest.generation == header.generation:
@@ -415,10 +447,7 @@ class ProgressStore(SqliteStore):
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, progress: FileProgress) -> None:
-        conn.execute(
-            f"INSERT INTO progress ({_COLUMNS}) VALUES ({', '.join('?' * _COLUMN_COUNT)})",
-            _row_values(progress),
-        )
+        conn.execute(_INSERT_ROW, _row_values(progress))
 
     def record_finished(self, progress: FileProgress) -> FileProgress:
         """Insert the row of a generation that was never recorded and is now finished.
@@ -439,7 +468,7 @@ class ProgressStore(SqliteStore):
         """
         if progress.state not in FINISHED_STATES:
             raise ValueError(f"{progress.state.value} is not a finished state")
-        stored = replace(progress, updated_at=self._clock())
+        stored = progress.updated(updated_at=self._clock())
         with self._transaction() as conn:
             self._insert(conn, stored)
         return stored
@@ -470,7 +499,7 @@ class ProgressStore(SqliteStore):
             ),
         )
         return tuple(
-            replace(_progress(row), state=ProgressState.ABORTED, reason=reason, updated_at=now)
+            _progress(row).updated(state=ProgressState.ABORTED, reason=reason, updated_at=now)
             for row in rows
         )
 
@@ -568,8 +597,7 @@ class ProgressStore(SqliteStore):
                 if key in skipped:
                     results.append(self._select(conn, *key))
                     continue
-                updated = replace(
-                    touched[key][0],
+                updated = touched[key][0].updated(
                     received=bitmap.to_bytes(),
                     received_count=bitmap.count(),
                     sha256=digests.get(key),
@@ -603,7 +631,7 @@ class ProgressStore(SqliteStore):
             return None
         if current is None:
             return self._select(conn, *key)
-        return replace(current, state=state, reason=reason, updated_at=now)
+        return current.updated(state=state, reason=reason, updated_at=now)
 
     def get(self, topic: str, file_id: str, generation: int) -> FileProgress | None:
         """Return the row of one generation, or ``None``."""

@@ -281,8 +281,9 @@ class LocalDirectorySink:
         """
         _check_source(staged, size)
         target = self.target_path(relpath)
+        parent = target.parent
         try:
-            created = self._make_parents(target.parent)
+            created = self._make_parents(parent)
             if created:
                 # Re-check: the directories we just created are ours, but a concurrent
                 # writer could have swapped a component for a symlink in the meantime.
@@ -294,7 +295,7 @@ class LocalDirectorySink:
                     raise
                 self._copy_into_place(staged, target)
                 staged.unlink()
-            self._unsynced_dirs.add(target.parent)
+            self._unsynced_dirs.add(parent)
             self._unsynced_dirs.update(directory.parent for directory in created)
         except OSError as exc:
             raise SinkError(
@@ -376,6 +377,8 @@ class LocalDirectorySink:
             if current == current.parent:
                 break
             current = current.parent
+        if not missing:
+            return []  # the usual case: no mkdir call (and no EEXIST) per delivered file
         directory.mkdir(parents=True, exist_ok=True)
         return list(reversed(missing))
 
