@@ -141,6 +141,7 @@ def test_new_file_then_resume(store: ProgressStore, tmp_path: Path) -> None:
     assert (progress.relpath, progress.size, progress.chunk_count) == ("run/a.tif", 25, 3)
     assert progress.staging_path == str(tmp_path / "staging" / "a.part")
     assert progress.received_count == 0
+    assert not any(progress.has_chunk(index) for index in range(-1, 4))
     again = store.open_file(TOPIC, header(index=1), "ignored")
     assert again.outcome is OpenOutcome.RESUMED
     assert again.progress is not None

@@ -222,6 +222,8 @@ class FileProgress:
 
     def has_chunk(self, index: int) -> bool:
         """Whether chunk ``index`` is durably written."""
+        if not self.received_count:
+            return False  # a new file, the usual case: no bitmap to build
         return index in self.bitmap()
 
     def bitmap(self) -> Bitmap:

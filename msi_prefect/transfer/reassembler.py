@@ -295,6 +295,7 @@ class Reassembler:
             if isinstance(self.sink, LocalDirectorySink)
             else work_dir / "staging"
         )
+        self._staging_dir_text = os.fspath(self.staging_dir)
         self.quarantine_dir = work_dir / "quarantine"
         for directory in (self.work_dir, self.staging_dir, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -554,7 +555,10 @@ class Reassembler:
         key = (header.file_id, header.generation)
         staging = self._open.get(key)
         if staging is None:
-            path = self.staging_dir / f"{header.file_id}.{header.generation}.part"
+            # A string, not a Path: this runs for every file.
+            path = os.path.join(
+                self._staging_dir_text, f"{header.file_id}.{header.generation}.part"
+            )
             record_now = header.count > 1 or self.settings.wire_format is not WireFormat.NATIVE
             opened = self.progress.open_file(
                 self.settings.topic, header, path, record_new=record_now

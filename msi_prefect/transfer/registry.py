@@ -54,6 +54,8 @@ _SCHEMA = (
 )
 
 _COLUMNS = "topic, relpath, size, mtime_ns, inode, sha256, generation, state, reason, updated_at"
+# Built once: it runs for every file sent.
+_SELECT_FILE = f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?"
 
 
 class FileState(enum.StrEnum):
@@ -190,10 +192,7 @@ class Registry(SqliteStore):
         """
         identity = FileIdentity(size=size, mtime_ns=mtime_ns, inode=inode)
         with self._transaction() as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?",
-                (topic, relpath),
-            ).fetchone()
+            row = conn.execute(_SELECT_FILE, (topic, relpath)).fetchone()
             if row is None:
                 generation = 1
             else:
@@ -294,10 +293,7 @@ class Registry(SqliteStore):
     def get(self, topic: str, relpath: str) -> FileRecord | None:
         """Return the row of one file, or ``None`` if it was never claimed."""
         with self._db.reading() as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?",
-                (topic, relpath),
-            ).fetchone()
+            row = conn.execute(_SELECT_FILE, (topic, relpath)).fetchone()
         return None if row is None else _record(row)
 
     def unfinished(self, topic: str) -> list[FileRecord]:

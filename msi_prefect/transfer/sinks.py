@@ -301,7 +301,7 @@ class LocalDirectorySink:
             raise SinkError(
                 f"Cannot deliver {relpath.as_posix()!r} into {self.root}: {exc}"
             ) from exc
-        logger.debug("Delivered %s to %s", relpath.as_posix(), target)
+        logger.debug("Delivered %s to %s", relpath, target)
         return SinkResult(url=target.as_uri(), size=size, sha256=sha256)
 
     def store_copy(
@@ -518,7 +518,7 @@ class FsspecSink:
             raise SinkError(
                 f"Uploaded {url} but cannot remove staged file {staged}: {exc}"
             ) from exc
-        logger.debug("Delivered %s to %s", relpath.as_posix(), url)
+        logger.debug("Delivered %s to %s", relpath, url)
         return SinkResult(url=url, size=size, sha256=sha256)
 
     def store_copy(
