@@ -95,6 +95,15 @@ def test_bitmap_set_count_and_membership() -> None:
     assert repr(bitmap) == "Bitmap(size=10, set=10)"
 
 
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 16, 17])
+def test_a_full_bitmap_equals_one_with_every_bit_set(size: int) -> None:
+    by_hand = Bitmap(size)
+    for index in range(size):
+        by_hand.set(index)
+    assert Bitmap.full(size) == by_hand
+    assert Bitmap.from_bytes(size, Bitmap.full(size).to_bytes()).all_set()
+
+
 def test_bitmap_layout_and_round_trip() -> None:
     bitmap = Bitmap(12)
     bitmap.set(0)

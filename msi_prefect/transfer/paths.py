@@ -32,8 +32,9 @@ MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
 #: First segments that belong to our own bookkeeping inside a destination directory.
 RESERVED_TOP_LEVEL_NAMES = frozenset({".msi-staging", ".msi-state"})
-# Paths whose validation is remembered: a file's path is checked by the decoder, the sink and
-# resolve_inside. At most 1024 x MAX_PATH_BYTES = 4 MiB; refusals are never cached.
+# Paths whose validation is remembered: a file's path is checked by the decoder and again by
+# resolve_inside when it is delivered. At most 1024 x MAX_PATH_BYTES = 4 MiB; refusals are
+# never cached.
 _VALIDATED_PATHS_CACHED = 1024
 
 # C0 controls and DEL: they break terminals, logs and some filesystems.

@@ -83,6 +83,16 @@ class Bitmap:
         self._bits = bytearray((size + 7) // 8)
 
     @classmethod
+    def full(cls, size: int) -> Bitmap:
+        """A bitmap of ``size`` bits, every one set."""
+        bitmap = cls(size)
+        whole_bytes, spare_bits = divmod(size, 8)
+        bitmap._bits[:whole_bytes] = b"\xff" * whole_bytes
+        if spare_bits:
+            bitmap._bits[whole_bytes] = (1 << spare_bits) - 1
+        return bitmap
+
+    @classmethod
     def from_bytes(cls, size: int, data: bytes) -> Bitmap:
         """Rebuild a bitmap saved with :meth:`to_bytes`.
 
@@ -232,9 +242,11 @@ class FileProgress:
 
     def fully_received(self, sha256: str | None) -> FileProgress:
         """This generation with every chunk received and the given whole-file digest."""
-        whole_bytes, spare_bits = divmod(self.chunk_count, 8)
-        received = b"\xff" * whole_bytes + (bytes([(1 << spare_bits) - 1]) if spare_bits else b"")
-        return self.updated(received=received, received_count=self.chunk_count, sha256=sha256)
+        return self.updated(
+            received=Bitmap.full(self.chunk_count).to_bytes(),
+            received_count=self.chunk_count,
+            sha256=sha256,
+        )
 
     def updated(self, **changes: object) -> FileProgress:
         """A copy with some fields changed, like ``dataclasses.replace``.
