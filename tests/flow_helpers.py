@@ -133,8 +133,10 @@ def read_events(
     count: int = 1,
     since: datetime | None = None,
     until_found: Callable[[list[Any]], bool] | None = None,
+    timeout_s: float = EVENT_TIMEOUT_S,
 ) -> list[Any]:
-    """Events ``name`` about ``resource_id`` from the server, polled until ``count`` arrived.
+    """Events ``name`` about ``resource_id`` from the server, polled until ``count`` arrived
+    (or ``timeout_s`` passed).
 
     A ``resource_id`` ending in ``*`` matches every resource id with that prefix.
     """
@@ -147,7 +149,7 @@ def read_events(
     )
 
     start = since or datetime.now(UTC) - timedelta(hours=1)
-    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     events: list[Any] = []
     while True:
         event_filter = EventFilter(
