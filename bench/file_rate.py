@@ -67,6 +67,9 @@ DONE_EVENTS = ("msi.file.backed-up", "msi.file.metadata-extracted", "msi.file.an
 # The per-file and batch actions (the audit is scheduled, not triggered by files).
 DOWNSTREAM_FLOWS = tuple(name for name in DOWNSTREAM_DEPLOYMENTS if name != "audit-backups")
 EVENT_POLL_S = 3.0
+RUNS_PAGE = 200
+RSS_SAMPLE_S = 0.5
+RSS_KEYS = ("server", "worker", "flow runs")
 
 
 @dataclass
@@ -82,6 +85,11 @@ class ModeResult:
     done_at: dict[str, float] = field(default_factory=dict)
     per_event: dict[str, int] = field(default_factory=dict)
     flow_runs: dict[str, int] = field(default_factory=dict)
+    # created -> running of every downstream flow run, seconds.
+    run_starts: list[float] = field(default_factory=list)
+    # Peak resident memory in MB: the Prefect server, the worker (with its warm server),
+    # and all flow-run processes together.
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,6 +139,69 @@ def _count_runs(client: httpx.Client) -> dict[str, int]:
     return counts
 
 
+def _run_starts(client: httpx.Client) -> list[float]:
+    """created -> running (s) of every downstream flow run that started."""
+    starts = []
+    for offset in range(0, 10_000, RUNS_PAGE):
+        response = client.post(
+            "/flow_runs/filter",
+            json={
+                "flows": {"name": {"any_": list(DOWNSTREAM_FLOWS)}},
+                "limit": RUNS_PAGE,
+                "offset": offset,
+            },
+        )
+        response.raise_for_status()
+        page = response.json()
+        starts += [
+            _epoch(run["start_time"]) - _epoch(run["created"])
+            for run in page
+            if run.get("start_time")
+        ]
+        if len(page) < RUNS_PAGE:
+            break
+    return starts
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _sample_rss(api_url: str, server_pid: int, worker_pid: int, peaks: dict[str, float]) -> None:
+    """Update the peak RSS of the server, the worker (+ warm server) and the flow runs."""
+    wanted = f"PREFECT_API_URL={api_url}".encode()
+    worker = _rss_mb(worker_pid)
+    flow_runs = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in (server_pid, worker_pid):
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if wanted not in environ:
+            continue
+        if parent == worker_pid and not any(
+            v.startswith(b"PREFECT__FLOW_RUN_ID=") for v in environ
+        ):
+            worker += _rss_mb(int(entry.name))  # the warm server
+        else:
+            flow_runs += _rss_mb(int(entry.name))
+    for key, value in (
+        ("server", _rss_mb(server_pid)),
+        ("worker", worker),
+        ("flow runs", flow_runs),
+    ):
+        peaks[key] = round(max(peaks.get(key, 0.0), value), 1)
+
+
 def run_mode(mode: str, opts: argparse.Namespace) -> ModeResult:
     """Bring a stack up with one dispatch mode, push the files through, bring it down."""
     result = ModeResult(mode=mode, files=opts.files, offered_rate=opts.rate)
@@ -150,6 +221,8 @@ def run_mode(mode: str, opts: argparse.Namespace) -> ModeResult:
             raise RuntimeError(f"up failed (exit {up.returncode}), see {log}")
         result.notes["up_s"] = round(time.monotonic() - started, 1)
         status = json.loads(cli(state, ["status", "--json"], log, STATUS_TIMEOUT_S).stdout)
+        pids = {row["name"]: row["pid"] for row in status["components"]}
+        api_url = status["prefect_api_url"]
         with httpx.Client(base_url=status["prefect_api_url"], timeout=HTTP_TIMEOUT_S) as client:
             stack_ready(client, status["bootstrap_servers"], DEFAULT_GROUP, result.notes, deadline)
             tag = time.strftime("%H%M%S")
@@ -167,7 +240,10 @@ def run_mode(mode: str, opts: argparse.Namespace) -> ModeResult:
             limit = time.monotonic() + opts.drain_timeout
             wanted = set(names)
             while time.monotonic() < limit and not deadline.passed():
-                time.sleep(EVENT_POLL_S)
+                sample_until = time.monotonic() + EVENT_POLL_S
+                while time.monotonic() < sample_until:
+                    _sample_rss(api_url, pids["prefect"], pids["worker"], result.peak_rss_mb)
+                    time.sleep(RSS_SAMPLE_S)
                 try:
                     events = fetch_events(client, result.first_drop - 60, DONE_EVENTS)
                 except httpx.HTTPError as exc:
@@ -179,6 +255,7 @@ def run_mode(mode: str, opts: argparse.Namespace) -> ModeResult:
                     break
             try:
                 result.flow_runs = _count_runs(client)
+                result.run_starts = _run_starts(client)
             except httpx.HTTPError as exc:
                 result.notes["run_count_error"] = repr(exc)
     finally:
@@ -211,8 +288,9 @@ def report(
         "(50 files or 5 s).",
         "",
         "| dispatch | files done | sustained files/s (done / first drop -> last done) "
-        "| drop -> done median (s) | p90 (s) | downstream flow runs created |",
-        "|---|---|---|---|---|---|",
+        "| drop -> done median (s) | p90 (s) | max (s) | run created -> running median (s) "
+        "| peak RSS MB (server / worker / flow runs) | downstream flow runs created |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         latencies = result.latencies()
@@ -222,7 +300,10 @@ def report(
             f"| {result.mode} | {result.done}/{result.files} "
             f"| {'-' if rate is None else f'{rate:.2f}'} "
             f"| {fmt_seconds(statistics.median(latencies) if latencies else None)} "
-            f"| {fmt_seconds(p90(latencies) if latencies else None)} | {runs} |"
+            f"| {fmt_seconds(p90(latencies) if latencies else None)} "
+            f"| {fmt_seconds(max(latencies) if latencies else None)} "
+            f"| {fmt_seconds(statistics.median(result.run_starts) if result.run_starts else None)} "
+            f"| {' / '.join(str(result.peak_rss_mb.get(k, '-')) for k in RSS_KEYS)} | {runs} |"
         )
     by_mode = {r.mode: r.sustained_rate for r in results}
     if by_mode.get("per-file") and by_mode.get("batch"):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -305,6 +306,24 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
 
         # After an outage, retries, a re-run and batch runs, still no output shows the secret.
         _assert_secret_nowhere(api, secret)
+
+        # `down` then `up`: the transfers were cancelled through Prefect, start again, and a
+        # file dropped afterwards is sent, rebuilt and processed.
+        old_transfers = _transfer_runs(api)
+        assert _cli(state_dir, "down").returncode == 0
+        _assert_restarted(state_dir, tmp_path, api, "after-restart.dat")
+        assert {_run_state(api, run_id) for run_id in old_transfers} == {"CANCELLED"}
+
+        # A power cut: every process of the stack killed at once; `up` finds the transfers
+        # still "Running" with no process, marks them crashed and starts them again.
+        old_transfers = _transfer_runs(api)
+        _kill_everything(state_dir, api)
+        _assert_restarted(state_dir, tmp_path, api, "after-power-cut.dat")
+        assert {_run_state(api, run_id) for run_id in old_transfers} == {"CRASHED"}
+        pids = {
+            c["name"]: c["pid"]
+            for c in json.loads(_cli(state_dir, "status", "--json").stdout)["components"]
+        }
     finally:
         down = _cli(state_dir, "down")
     for path in state_dir.rglob("*"):
@@ -316,6 +335,59 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     assert flow_run_processes(f"http://127.0.0.1:{ports['prefect']}/api") == []
     assert not [name for name, port in ports.items() if not port_is_free(port)]
     assert list((state_dir / "run").glob("*.pid")) == []
+
+
+def _transfer_runs(api: str) -> list[str]:
+    """Ids of the active runs of the two long-running deployments."""
+    runs = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={
+            "flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}},
+            "deployments": {"name": {"any_": ["watch-directory", "reconstruct-files"]}},
+        },
+        timeout=API_TIMEOUT_S,
+    ).json()
+    assert len(runs) == 2, [r["name"] for r in runs]
+    return [run["id"] for run in runs]
+
+
+def _run_state(api: str, run_id: str) -> str:
+    return str(httpx.get(f"{api}/flow_runs/{run_id}", timeout=API_TIMEOUT_S).json()["state_type"])
+
+
+def _kill_everything(state_dir: Path, api: str) -> None:
+    """SIGKILL every process of the stack at once, as a power cut would.
+
+    That is the servers, the worker with its warm server, and every flow-run process: the
+    launchers and the children forked for them, all of which carry the stack's API URL.
+    """
+    manager = StackManager.open(StateDir(state_dir))
+    victims = {record.pid for c in Component if (record := manager.process(c).read_pid())}
+    wanted = f"PREFECT_API_URL={api}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    victims.add(int(entry.name))
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(_pid_alive(pid) for pid in victims) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _assert_restarted(state_dir: Path, tmp_path: Path, api: str, name: str) -> None:
+    """`up` starts both transfers again, and a file dropped then gets its three runs."""
+    up = _cli(state_dir, "up")
+    assert up.returncode == 0, up.stderr
+    assert "started: watch-directory/watch-directory, reconstruct-files/reconstruct-files" in (
+        up.stdout
+    )
+    (tmp_path / "inbox" / name).write_bytes(name.encode() * 100)
+    for verb in ("backup", "metadata of", "analyze"):
+        assert _wait_for_run(api, f"{verb} {name}") == "COMPLETED", verb
+    assert (tmp_path / "received" / name).read_bytes() == name.encode() * 100
 
 
 def test_second_stack_on_a_taken_port_is_refused(kafka_stack: RunningStack, tmp_path: Path) -> None:

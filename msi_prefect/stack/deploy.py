@@ -22,14 +22,19 @@ from msi_prefect.stack.crypto import (
     provision_embedded_nodes,
 )
 from msi_prefect.stack.manager import StackManager
+from msi_prefect.stack.runs import (
+    ACTIVE_STATES,
+    TRANSFER_DEPLOYMENTS,
+    RunState,
+    crash_orphaned_runs,
+)
 
 # The checkout this package was installed from (editable install), holding prefect.yaml.
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-LONG_RUNNING_DEPLOYMENTS = (
-    "watch-directory/watch-directory",
-    "reconstruct-files/reconstruct-files",
-)
-ACTIVE_STATES = ("RUNNING", "PENDING", "SCHEDULED", "CANCELLING")
+# `flow name/deployment name`: each long-running flow has one deployment of its name.
+LONG_RUNNING_DEPLOYMENTS = tuple(f"{name}/{name}" for name in TRANSFER_DEPLOYMENTS)
+# A deployment with a run in one of these has its transfer running or about to.
+STARTING_OR_ACTIVE = (RunState.SCHEDULED.value, *(state.value for state in ACTIVE_STATES))
 DEPLOY_TIMEOUT_S = 300
 
 
@@ -38,8 +43,15 @@ def project_dir() -> Path | None:
     return PROJECT_DIR if (PROJECT_DIR / "prefect.yaml").is_file() else None
 
 
-def deploy_flows(manager: StackManager) -> list[str]:
+def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
     """Create the blocks, deploy every flow, and start the long-running deployments.
+
+    Runs left active by a stack that died (their processes are gone) are marked crashed
+    first, so their transfers start again (see `msi_prefect.stack.runs`).
+
+    Args:
+        manager: The stack, every part healthy.
+        worker_just_started: This `up` started the worker (it was not running).
 
     Returns:
         The long-running deployments this call started (those already running are kept).
@@ -80,6 +92,7 @@ def deploy_flows(manager: StackManager) -> list[str]:
         project,
         "deploying the flows",
     )
+    crash_orphaned_runs(config, worker_just_started)
     started = []
     for deployment in LONG_RUNNING_DEPLOYMENTS:
         if not _has_active_run(manager, deployment):
@@ -123,7 +136,7 @@ def _has_active_run(manager: StackManager, deployment: str) -> bool:
         f"{api}/flow_runs/filter",
         json={
             "deployments": {"id": {"any_": [found.json()["id"]]}},
-            "flow_runs": {"state": {"type": {"any_": list(ACTIVE_STATES)}}},
+            "flow_runs": {"state": {"type": {"any_": list(STARTING_OR_ACTIVE)}}},
             "limit": 1,
         },
         timeout=10,

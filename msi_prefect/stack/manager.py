@@ -6,11 +6,12 @@ import contextlib
 import fcntl
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from msi_prefect.stack import runs
 from msi_prefect.stack.components import (
     HEALTH_CHECKS,
     START_TIMEOUT_S,
@@ -155,13 +156,27 @@ class StackManager:
         """
         stopped = []
         with self._exclusive():
+            server_up = self.process(Component.PREFECT).state() is ProcessState.RUNNING
+            if server_up and self.process(Component.WORKER).state() is ProcessState.RUNNING:
+                self._settle_runs(runs.cancel_transfers, "cancel the transfers")
             for component in reversed(ALL_COMPONENTS):
+                if component is Component.PREFECT and server_up:
+                    self._settle_runs(runs.settle_after_stop, "settle the stopped runs")
                 if self.process(component).stop():
                     stopped.append(component)
                 if component is Component.WORKER:
                     # The worker's flow runs live in sessions of their own.
                     terminate(flow_run_processes(self.config.prefect_api_url))
         return stopped
+
+    def _settle_runs(
+        self, step: Callable[[StackConfig, tuple[str, ...]], object], what: str
+    ) -> None:
+        """One run-bookkeeping step of `down`; a server that does not answer only warns."""
+        try:
+            step(self.config, runs.TRANSFER_DEPLOYMENTS)
+        except Exception as exc:  # `down` must stop the processes whatever the API says
+            logger.warning("could not %s through the Prefect API: %s", what, exc)
 
     def status(self) -> StackStatus:
         """Health, PID and address of every component."""

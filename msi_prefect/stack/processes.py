@@ -148,8 +148,19 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def flow_run_processes(api_url: str) -> list[int]:
-    """PIDs of Prefect flow-run processes that talk to the Prefect API at `api_url`.
+@dataclass(frozen=True)
+class FlowRunProcess:
+    """A live process of a Prefect flow run (or its warm-start launcher)."""
+
+    pid: int
+    flow_run_id: str
+
+
+_FLOW_RUN_ID_VAR = b"PREFECT__FLOW_RUN_ID="
+
+
+def live_flow_runs(api_url: str) -> list[FlowRunProcess]:
+    """The flow-run processes on this machine that talk to the Prefect API at `api_url`.
 
     A process worker starts each flow run in a session of its own, so stopping the
     worker's process group does not reach them. They are recognised by the environment
@@ -164,9 +175,17 @@ def flow_run_processes(api_url: str) -> list[int]:
             environ = Path(entry.path, "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if wanted in environ and any(v.startswith(b"PREFECT__FLOW_RUN_ID=") for v in environ):
-            found.append(int(entry.name))
+        if wanted not in environ:
+            continue
+        run_ids = [v[len(_FLOW_RUN_ID_VAR) :] for v in environ if v.startswith(_FLOW_RUN_ID_VAR)]
+        if run_ids and _pid_alive(int(entry.name)):
+            found.append(FlowRunProcess(int(entry.name), run_ids[0].decode(errors="replace")))
     return found
+
+
+def flow_run_processes(api_url: str) -> list[int]:
+    """PIDs of the flow-run processes that talk to `api_url` (see :func:`live_flow_runs`)."""
+    return [process.pid for process in live_flow_runs(api_url)]
 
 
 def terminate(pids: list[int], timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:

@@ -1,0 +1,206 @@
+"""Warm start: the launcher, the warm server and the forked flow-run child, without a stack.
+
+The child runs the real ``prefect.engine``; given a flow-run id it cannot load (no server
+answers), it fails or waits the way ``python -m prefect.engine`` would, which is enough to
+check what the worker relies on: exit codes, streams, signals and a killed child.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from msi_prefect.warm_start import LAUNCH_MODULE, SOCKET_ENV
+from msi_prefect.warm_start.launch import LOST_CHILD_EXIT
+from msi_prefect.warm_start.protocol import LaunchRequest, Message, Verb, parse_message
+from msi_prefect.warm_start.worker import SOCKET_NAME, start_server
+
+RUN_TIMEOUT_S = 60
+READY_TIMEOUT_S = 60
+
+
+def test_a_launch_request_round_trips() -> None:
+    request = LaunchRequest(argv=["x"], env={"A": "b"}, cwd="/tmp")
+    assert LaunchRequest.decode(request.encode()) == request
+
+
+@pytest.mark.parametrize(
+    ("raw", "complaint"),
+    [
+        (b"[]", "JSON object"),
+        (b'{"argv": [1], "env": {}, "cwd": "/"}', "argv"),
+        (b'{"argv": [], "env": {"A": 1}, "cwd": "/"}', "env"),
+        (b'{"argv": [], "env": {}, "cwd": null}', "cwd"),
+    ],
+)
+def test_a_malformed_launch_request_is_refused_with_its_reason(raw: bytes, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        LaunchRequest.decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("packet", "message"),
+    [
+        (b"pid 42", Message(Verb.PID, 42)),
+        (b"exit 3", Message(Verb.EXIT, 3)),
+        (b"exit three", None),
+        (b"hello 1", None),
+        (b"", None),
+    ],
+)
+def test_child_messages_parse(packet: bytes, message: Message | None) -> None:
+    assert parse_message(packet) == message
+
+
+@pytest.fixture(scope="module")
+def warm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int]]:
+    """A real warm server (Prefect preloaded) on a socket in a private folder."""
+    folder = Path(os.path.realpath("/tmp")) / f"msi-warm-test-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(mode=0o700)
+    path = folder / SOCKET_NAME
+    server = start_server(path)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert path.exists(), "the warm server did not come up"
+        yield path, server.pid
+    finally:
+        server.terminate()
+        server.wait(RUN_TIMEOUT_S)
+        path.unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def _launch(socket_path: Path | str, *args: str, api_port: int) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        SOCKET_ENV: str(socket_path),
+        # Nothing answers there: the engine waits for its flow run, or fails.
+        "PREFECT_API_URL": f"http://127.0.0.1:{api_port}/api",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", LAUNCH_MODULE, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(p) for p in (task / "children").read_text().split())
+    return found
+
+
+def _wait_for_child(server_pid: int, before: set[int]) -> int:
+    """The child the server forks after `before` (its children until then) was taken."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        new = _children(server_pid) - before
+        if new:
+            return new.pop()
+        time.sleep(0.05)
+    raise AssertionError("the warm server forked no child")
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (its SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    return False
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.fixture
+def api_port() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers: the engine waits."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        yield silent.getsockname()[1]
+
+
+def test_without_a_warm_server_the_launcher_becomes_the_engine(
+    tmp_path: Path, api_port: int
+) -> None:
+    launcher = _launch(tmp_path / "nothing-here.sock", "not-a-flow-run-id", api_port=api_port)
+    _, stderr = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    assert launcher.returncode == 1
+    assert "Invalid flow run id" in stderr
+
+
+def test_a_warm_child_gets_the_launchers_streams_and_exit_code(
+    warm_server: tuple[Path, int], api_port: int
+) -> None:
+    socket_path, _ = warm_server
+    launcher = _launch(socket_path, "not-a-flow-run-id", api_port=api_port)
+    _, stderr = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    assert launcher.returncode == 1
+    assert "Invalid flow run id" in stderr
+    assert "not-a-flow-run-id" in stderr  # the launcher's arguments reached the engine
+
+
+def test_a_killed_child_makes_its_launcher_exit_non_zero(
+    warm_server: tuple[Path, int], api_port: int
+) -> None:
+    socket_path, server_pid = warm_server
+    before = _children(server_pid)
+    launcher = _launch(socket_path, str(uuid.uuid4()), api_port=api_port)
+    child = _wait_for_child(server_pid, before)
+    assert child != launcher.pid
+    os.kill(child, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    assert launcher.returncode == LOST_CHILD_EXIT
+    assert "ended without an exit code" in stderr
+
+
+def test_a_signal_to_the_launcher_reaches_the_child(
+    warm_server: tuple[Path, int], api_port: int
+) -> None:
+    socket_path, server_pid = warm_server
+    before = _children(server_pid)
+    launcher = _launch(socket_path, str(uuid.uuid4()), api_port=api_port)
+    child = _wait_for_child(server_pid, before)
+    deadline = time.monotonic() + RUN_TIMEOUT_S  # it forwards once it knows the child
+    while not _catches(launcher.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.communicate(timeout=RUN_TIMEOUT_S)
+    assert launcher.returncode != 0
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child)
+
+
+def test_a_child_whose_launcher_was_killed_stops(
+    warm_server: tuple[Path, int], api_port: int
+) -> None:
+    socket_path, server_pid = warm_server
+    before = _children(server_pid)
+    launcher = _launch(socket_path, str(uuid.uuid4()), api_port=api_port)
+    child = _wait_for_child(server_pid, before)
+    launcher.kill()
+    launcher.communicate(timeout=RUN_TIMEOUT_S)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child)
