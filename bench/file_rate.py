@@ -1,31 +1,47 @@
-"""Sustained file rate of the Prefect layer: per-file against batch dispatch, side by side.
+"""What a user waits for: from a file settling in the watched folder to its downstream work done.
 
-Question: how many files per second does the embedded stack carry all the way through,
-i.e. rebuilt AND backed up AND described AND analysed, when files keep arriving?
+Question: once a file is in the instrument's folder, how long until it is rebuilt AND backed
+up AND described AND analysed, for one file into an idle stack, for a burst of files
+dropped at once, and while files keep arriving at a steady rate? And how many files per
+second does the stack carry all the way through?
 
-Method, once per dispatch mode (``per-file``, then ``batch``), in one run:
+Scenarios (``--scenarios``; each runs once per dispatch mode in ``--modes``):
+
+- ``idle``: 5 files, one every 10 s, so each meets an idle stack;
+- ``burst``: 200 files dropped at once;
+- ``sustained``: 10 files/s for 60 s (600 files);
+- ``custom``: ``--files`` files at ``--rate`` files/s.
+
+Method, per scenario and mode, in one run:
 
 1. A private embedded stack is started with the project CLI, as a user does:
    ``python -m msi_prefect.cli --state-dir STATE up --storage memory --dispatch MODE
    --watch-dir W --destination-dir D --port NAME=PORT ...`` on free loopback ports, in a
-   temporary directory; ``down`` always runs at the end.
-2. Once the long-running runs are RUNNING and the consumer group is STABLE, ``--files``
-   files of ``--size-kib`` KiB are dropped into W at ``--rate`` files per second (written
-   outside W, then ``os.replace``-d in).
-3. The harness reads the server's ``msi.file.backed-up``, ``msi.file.metadata-extracted``
-   and ``msi.file.analyzed`` events every few seconds. A file is *done* when it has all
-   three. It waits until every file is done or ``--drain-timeout`` seconds have passed
-   since the last drop.
-4. Figures: files done; the sustained rate = files done / (time of the last done file's
-   last event - time of the first drop); the median and p90 of drop -> done; how many
-   downstream flow runs the server created.
+   temporary directory; ``down`` always runs at the end. A mode written ``MODE@DIR`` runs
+   the stack from another checkout (``PYTHONPATH=DIR`` for the CLI and everything it
+   starts), to measure older code side by side with the same harness in the same run.
+2. Once the long-running runs are RUNNING and the consumer group is STABLE, the files (16
+   KiB of random bytes each) are dropped into W at the scenario's rate (written outside W,
+   then ``os.replace``-d in).
+3. The harness reads the server's events every few seconds. A file is *done* when its
+   ``msi.file.backed-up``, ``msi.file.metadata-extracted`` and ``msi.file.analyzed`` events
+   are all there; its latency is from its ``msi.file.uploaded`` event (the watcher sends a
+   file as soon as it is stable, so this is "stable -> done"; "drop -> done" adds the
+   2 s stability window and is reported too) to the last of the three.
+4. Figures: files done; median, p90 and max latency; the sustained rate (files done /
+   (last done - first drop)); created -> running of every downstream flow run; peak RSS of
+   the Prefect server, the worker (with its warm server) and all flow-run processes
+   together; and how many downstream runs the server created.
 
 Usage::
 
-    .venv/bin/python -m bench.file_rate
-    .venv/bin/python -m bench.file_rate --files 20 --rate 1 --modes batch --no-write
+    .venv/bin/python -m bench.file_rate                      # every scenario, adaptive
+    .venv/bin/python -m bench.file_rate --modes adaptive per-file batch
+    git worktree add --detach /tmp/before HEAD~3      # older code, in the same run:
+    .venv/bin/python -m bench.file_rate --modes per-file@/tmp/before batch@/tmp/before \
+        adaptive --report /tmp/compare.md
 
-Results go to stdout and to ``bench/FILE_RATE.md``.
+Results go to stdout and to ``bench/FILE_RATE.md`` (or ``--report``).
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,15 +75,39 @@ from bench.trigger_latency import (
     port_args,
     stack_ready,
 )
-from msi_prefect.crashed_runs import DOWNSTREAM_DEPLOYMENTS
+from msi_prefect.dispatch import FILE_FLOWS
 
 REPORT_PATH = BENCH_DIR / "FILE_RATE.md"
 COMMAND = "cd /work/main && .venv/bin/python -m bench.file_rate"
 KIB = 1024
+SENT_EVENT = "msi.file.uploaded"
 DONE_EVENTS = ("msi.file.backed-up", "msi.file.metadata-extracted", "msi.file.analyzed")
 # The per-file and batch actions (the audit is scheduled, not triggered by files).
-DOWNSTREAM_FLOWS = tuple(name for name in DOWNSTREAM_DEPLOYMENTS if name != "audit-backups")
+DOWNSTREAM_FLOWS = FILE_FLOWS
+FILE_KIB = 16
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """How files arrive: ``files`` files at ``rate`` files/s, then a drain time."""
+
+    name: str
+    files: int
+    rate: float
+    drain_timeout_s: float
+
+
+SCENARIOS = {
+    "idle": Scenario("idle", files=5, rate=0.1, drain_timeout_s=60.0),
+    "burst": Scenario("burst", files=200, rate=10_000.0, drain_timeout_s=240.0),
+    "sustained": Scenario("sustained", files=600, rate=10.0, drain_timeout_s=240.0),
+    # Is memory flat in the number of files? (Not in the default set: 17 minutes.)
+    "soak": Scenario("soak", files=10_000, rate=10.0, drain_timeout_s=300.0),
+}
+DEFAULT_SCENARIOS = ("idle", "burst", "sustained")
 EVENT_POLL_S = 3.0
+# Each read of the events starts this long before the newest one seen (late arrivals).
+EVENT_OVERLAP_S = 30.0
 RUNS_PAGE = 200
 RSS_SAMPLE_S = 0.5
 RSS_KEYS = ("server", "worker", "flow runs")
@@ -74,14 +115,16 @@ RSS_KEYS = ("server", "worker", "flow runs")
 
 @dataclass
 class ModeResult:
-    """What one dispatch mode achieved."""
+    """What one dispatch mode achieved in one scenario."""
 
+    scenario: str
     mode: str
     files: int
     offered_rate: float
     first_drop: float = 0.0
     last_drop: float = 0.0
     dropped_at: dict[str, float] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
     done_at: dict[str, float] = field(default_factory=dict)
     per_event: dict[str, int] = field(default_factory=dict)
     flow_runs: dict[str, int] = field(default_factory=dict)
@@ -90,6 +133,8 @@ class ModeResult:
     # Peak resident memory in MB: the Prefect server, the worker (with its warm server),
     # and all flow-run processes together.
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    # (files done, server MB, worker MB) over the run: is memory flat in the file count?
+    rss_timeline: list[tuple[int, float, float]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,25 +147,56 @@ class ModeResult:
             return None
         return self.done / max(1e-6, max(self.done_at.values()) - self.first_drop)
 
-    def latencies(self) -> list[float]:
+    def drop_latencies(self) -> list[float]:
+        """Drop -> done of every done file."""
         return [self.done_at[name] - self.dropped_at[name] for name in self.done_at]
 
+    def latencies(self) -> list[float]:
+        """Stable (its ``uploaded`` event) -> done of every done file."""
+        return [
+            self.done_at[name] - self.sent_at[name] for name in self.done_at if name in self.sent_at
+        ]
 
-def _done_times(events: list[dict[str, Any]], names: set[str]) -> tuple[dict[str, float], Any]:
-    """Per file (by path): when its last downstream event occurred, if it has all three."""
-    seen: dict[str, dict[str, float]] = {}
-    counts: dict[str, int] = dict.fromkeys(DONE_EVENTS, 0)
-    for event in events:
-        path = (event.get("payload") or {}).get("path")
-        if path not in names:
-            continue
-        occurred = _epoch(event["occurred"])
-        kinds = seen.setdefault(path, {})
-        if event["event"] not in kinds:
-            counts[event["event"]] += 1
-        kinds[event["event"]] = occurred
-    done = {path: max(k.values()) for path, k in seen.items() if len(k) == len(DONE_EVENTS)}
-    return done, counts
+
+class EventTally:
+    """The events of the dropped files, read a page at a time as they come.
+
+    Attributes:
+        sent: When each file's ``uploaded`` event occurred.
+        steps: Per file, when each of its downstream events occurred.
+        newest: The newest ``occurred`` seen (the next read starts a little before it).
+    """
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+        self.sent: dict[str, float] = {}
+        self.steps: dict[str, dict[str, float]] = {}
+        self.newest = 0.0
+
+    def add(self, events: list[dict[str, Any]]) -> None:
+        """Take in events (a re-read one changes nothing)."""
+        for event in events:
+            path = (event.get("payload") or {}).get("path")
+            if path not in self.names:
+                continue
+            occurred = _epoch(event["occurred"])
+            self.newest = max(self.newest, occurred)
+            if event["event"] == SENT_EVENT:
+                self.sent.setdefault(path, occurred)
+            else:
+                self.steps.setdefault(path, {}).setdefault(event["event"], occurred)
+
+    def done_at(self) -> dict[str, float]:
+        """Per done file: when the last of its three downstream events occurred."""
+        return {
+            path: max(kinds.values())
+            for path, kinds in self.steps.items()
+            if len(kinds) == len(DONE_EVENTS)
+        }
+
+    def per_event(self) -> dict[str, int]:
+        """How many files have each downstream event."""
+        return {name: sum(name in k for k in self.steps.values()) for name in DONE_EVENTS}
 
 
 def _epoch(text: str) -> float:
@@ -173,8 +249,8 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _sample_rss(api_url: str, server_pid: int, worker_pid: int, peaks: dict[str, float]) -> None:
-    """Update the peak RSS of the server, the worker (+ warm server) and the flow runs."""
+def _sample_rss(api_url: str, server_pid: int, worker_pid: int, result: ModeResult) -> None:
+    """Record the RSS of the server, the worker (+ warm server) and the flow runs."""
     wanted = f"PREFECT_API_URL={api_url}".encode()
     worker = _rss_mb(worker_pid)
     flow_runs = 0.0
@@ -194,19 +270,30 @@ def _sample_rss(api_url: str, server_pid: int, worker_pid: int, peaks: dict[str,
             worker += _rss_mb(int(entry.name))  # the warm server
         else:
             flow_runs += _rss_mb(int(entry.name))
-    for key, value in (
-        ("server", _rss_mb(server_pid)),
-        ("worker", worker),
-        ("flow runs", flow_runs),
-    ):
-        peaks[key] = round(max(peaks.get(key, 0.0), value), 1)
+    server = _rss_mb(server_pid)
+    for key, value in (("server", server), ("worker", worker), ("flow runs", flow_runs)):
+        result.peak_rss_mb[key] = round(max(result.peak_rss_mb.get(key, 0.0), value), 1)
+    result.rss_timeline.append((result.done, round(server, 1), round(worker, 1)))
 
 
-def run_mode(mode: str, opts: argparse.Namespace) -> ModeResult:
+def _drop(
+    scenario: Scenario, names: list[str], watch: Path, staging: Path, result: ModeResult
+) -> None:
+    """Drop the files into the watched folder at the scenario's rate."""
+    next_at = time.monotonic()
+    for name in names:
+        time.sleep(max(0.0, next_at - time.monotonic()))
+        next_at += 1.0 / scenario.rate
+        result.dropped_at[name] = write_replace(watch, staging, name, os.urandom(FILE_KIB * KIB))
+
+
+def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeResult:
     """Bring a stack up with one dispatch mode, push the files through, bring it down."""
-    result = ModeResult(mode=mode, files=opts.files, offered_rate=opts.rate)
+    result = ModeResult(scenario.name, mode, files=scenario.files, offered_rate=scenario.rate)
+    mode, _, code = mode.partition("@")
     deadline = Deadline(opts.timeout)
-    work = Path(tempfile.mkdtemp(prefix=f"msi-file-rate-{mode}-"))
+    extra_env = {"PYTHONPATH": code} if code else None
+    work = Path(tempfile.mkdtemp(prefix=f"msi-file-rate-{scenario.name}-{mode}-"))
     state, watch, dest, staging = (work / n for n in ("state", "inbox", "received", "staging"))
     staging.mkdir()
     log = work / "cli.log"
@@ -214,57 +301,83 @@ def run_mode(mode: str, opts: argparse.Namespace) -> ModeResult:
     try:
         up_args = ["up", "--storage", "memory", "--dispatch", mode, "--watch-dir", str(watch)]
         up_args += ["--destination-dir", str(dest), *port_args()]
-        print(f"[{mode}] msi-prefect up ...", flush=True)
+        tag = f"{scenario.name}/{mode}"
+        print(f"[{tag}] msi-prefect up ...", flush=True)
         started = time.monotonic()
-        up = cli(state, up_args, log, UP_TIMEOUT_S)
+        up = cli(state, up_args, log, UP_TIMEOUT_S, extra_env)
         if up.returncode != 0:
             raise RuntimeError(f"up failed (exit {up.returncode}), see {log}")
         result.notes["up_s"] = round(time.monotonic() - started, 1)
-        status = json.loads(cli(state, ["status", "--json"], log, STATUS_TIMEOUT_S).stdout)
+        status = json.loads(
+            cli(state, ["status", "--json"], log, STATUS_TIMEOUT_S, extra_env).stdout
+        )
         pids = {row["name"]: row["pid"] for row in status["components"]}
         api_url = status["prefect_api_url"]
         with httpx.Client(base_url=status["prefect_api_url"], timeout=HTTP_TIMEOUT_S) as client:
             stack_ready(client, status["bootstrap_servers"], DEFAULT_GROUP, result.notes, deadline)
-            tag = time.strftime("%H%M%S")
-            names = [f"rate-{mode}-{tag}-{i:04d}.bin" for i in range(opts.files)]
-            next_at = time.monotonic()
-            for name in names:
-                time.sleep(max(0.0, next_at - time.monotonic()))
-                next_at += 1.0 / opts.rate
-                result.dropped_at[name] = write_replace(
-                    watch, staging, name, os.urandom(opts.size_kib * KIB)
-                )
-            result.first_drop = min(result.dropped_at.values())
-            result.last_drop = max(result.dropped_at.values())
-            print(f"[{mode}] dropped {len(names)} files", flush=True)
-            limit = time.monotonic() + opts.drain_timeout
-            wanted = set(names)
+            stamp = time.strftime("%H%M%S")
+            names = [f"rate-{mode}-{stamp}-{i:04d}.bin" for i in range(scenario.files)]
+            # The files are dropped by a thread while this one watches memory and events.
+            dropper = threading.Thread(
+                target=_drop, args=(scenario, names, watch, staging, result), daemon=True
+            )
+            dropper.start()
+            tally = EventTally(set(names))
+            limit = float("inf")
             while time.monotonic() < limit and not deadline.passed():
                 sample_until = time.monotonic() + EVENT_POLL_S
                 while time.monotonic() < sample_until:
-                    _sample_rss(api_url, pids["prefect"], pids["worker"], result.peak_rss_mb)
+                    _sample_rss(api_url, pids["prefect"], pids["worker"], result)
                     time.sleep(RSS_SAMPLE_S)
-                try:
-                    events = fetch_events(client, result.first_drop - 60, DONE_EVENTS)
-                except httpx.HTTPError as exc:
-                    print(f"[{mode}] event read failed: {exc!r}", flush=True)
+                if not dropper.is_alive() and limit == float("inf"):
+                    print(f"[{tag}] dropped {len(names)} files", flush=True)
+                    limit = time.monotonic() + scenario.drain_timeout_s
+                if not result.dropped_at:
                     continue
-                result.done_at, result.per_event = _done_times(events, wanted)
-                print(f"[{mode}] done {result.done}/{len(names)} {result.per_event}", flush=True)
+                since = max(min(result.dropped_at.values()) - 60, tally.newest - EVENT_OVERLAP_S)
+                try:
+                    tally.add(fetch_events(client, since, (SENT_EVENT, *DONE_EVENTS)))
+                except httpx.HTTPError as exc:
+                    print(f"[{tag}] event read failed: {exc!r}", flush=True)
+                    continue
+                result.done_at, result.sent_at = tally.done_at(), tally.sent
+                result.per_event = tally.per_event()
+                print(f"[{tag}] done {result.done}/{len(names)} {result.per_event}", flush=True)
                 if result.done == len(names):
                     break
+            dropper.join()
+            result.first_drop = min(result.dropped_at.values())
+            result.last_drop = max(result.dropped_at.values())
             try:
                 result.flow_runs = _count_runs(client)
                 result.run_starts = _run_starts(client)
             except httpx.HTTPError as exc:
                 result.notes["run_count_error"] = repr(exc)
     finally:
-        print(f"[{mode}] msi-prefect down ...", flush=True)
+        print(f"[{scenario.name}/{mode}] msi-prefect down ...", flush=True)
         try:
-            result.notes["down_exit"] = cli(state, ["down"], log, DOWN_TIMEOUT_S).returncode
+            down = cli(state, ["down"], log, DOWN_TIMEOUT_S, extra_env)
+            result.notes["down_exit"] = down.returncode
         except subprocess.TimeoutExpired:
             result.notes["down_exit"] = "timeout"
     return result
+
+
+def _row(result: ModeResult) -> str:
+    latencies, drops = result.latencies(), result.drop_latencies()
+    rate = result.sustained_rate
+    runs = ", ".join(f"{name} {n}" for name, n in result.flow_runs.items()) or "-"
+    starts = result.run_starts
+    return (
+        f"| {result.scenario} | {result.mode} | {result.done}/{result.files} "
+        f"| {fmt_seconds(statistics.median(latencies) if latencies else None)} "
+        f"| {fmt_seconds(p90(latencies) if latencies else None)} "
+        f"| {fmt_seconds(max(latencies) if latencies else None)} "
+        f"| {fmt_seconds(statistics.median(drops) if drops else None)} "
+        f"| {'-' if rate is None else f'{rate:.2f}'} "
+        f"| {fmt_seconds(statistics.median(starts) if starts else None)} "
+        f"| {' / '.join(str(result.peak_rss_mb.get(k, '-')) for k in RSS_KEYS)} | {runs} |"
+    )
 
 
 def report(
@@ -273,66 +386,88 @@ def report(
     """The markdown report of one run."""
     argv = " ".join(sys.argv[1:])
     lines = [
-        "# Sustained file rate of the Prefect layer: per-file against batch dispatch",
+        "# What a user waits for: a stable file to its backup, metadata and analysis",
         "",
         f"- Command: `{COMMAND}{(' ' + argv) if argv else ''}`",
+        "- Code under test: this checkout, or DIR for a mode written `MODE@DIR`.",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         f"- {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()};"
         " a shared machine that may be busy.",
         f"- Load average at start: {format_load(load)}; at end: {format_load(os.getloadavg())}.",
-        f"- Per mode: a fresh embedded stack (`up --storage memory --dispatch MODE`), "
-        f"{opts.files} files of {opts.size_kib} KiB dropped at {opts.rate} files/s, then up to "
-        f"{opts.drain_timeout:.0f} s for the downstream work. A file is done when its "
-        "`msi.file.backed-up`, `msi.file.metadata-extracted` and `msi.file.analyzed` "
-        "events are all on the server. Batch settings: the TransferSettings defaults "
-        "(50 files or 5 s).",
+        "- Per scenario and mode: a fresh embedded stack (`up --storage memory --dispatch "
+        f"MODE`), files of {FILE_KIB} KiB. A file is done when its `msi.file.backed-up`, "
+        "`msi.file.metadata-extracted` and `msi.file.analyzed` events are all on the "
+        "server; latency is from its `msi.file.uploaded` event (sent once stable) to the "
+        "last of them. Scenarios: "
+        + "; ".join(f"{s.name} = {s.files} files at {s.rate:g}/s" for s in _scenarios(opts))
+        + ".",
         "",
-        "| dispatch | files done | sustained files/s (done / first drop -> last done) "
-        "| drop -> done median (s) | p90 (s) | max (s) | run created -> running median (s) "
+        "| scenario | dispatch | files done | stable -> done median (s) | p90 (s) | max (s) "
+        "| drop -> done median (s) | files/s done | run created -> running median (s) "
         "| peak RSS MB (server / worker / flow runs) | downstream flow runs created |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_row(result) for result in results),
+        "",
+        "Events counted (distinct files) and notes:",
+        "",
     ]
-    for result in results:
-        latencies = result.latencies()
-        rate = result.sustained_rate
-        runs = ", ".join(f"{name} {n}" for name, n in result.flow_runs.items()) or "-"
-        lines.append(
-            f"| {result.mode} | {result.done}/{result.files} "
-            f"| {'-' if rate is None else f'{rate:.2f}'} "
-            f"| {fmt_seconds(statistics.median(latencies) if latencies else None)} "
-            f"| {fmt_seconds(p90(latencies) if latencies else None)} "
-            f"| {fmt_seconds(max(latencies) if latencies else None)} "
-            f"| {fmt_seconds(statistics.median(result.run_starts) if result.run_starts else None)} "
-            f"| {' / '.join(str(result.peak_rss_mb.get(k, '-')) for k in RSS_KEYS)} | {runs} |"
-        )
-    by_mode = {r.mode: r.sustained_rate for r in results}
-    if by_mode.get("per-file") and by_mode.get("batch"):
-        ratio = by_mode["batch"] / by_mode["per-file"]  # type: ignore[operator]
-        lines += ["", f"Batch / per-file sustained rate: **{ratio:.1f}x**."]
-    lines += ["", "Events counted per mode (distinct files):", ""]
-    lines += [f"- {r.mode}: {r.per_event}; notes: {r.notes}" for r in results]
+    lines += [f"- {r.scenario}/{r.mode}: {r.per_event}; {r.notes}" for r in results]
+    lines += ["", "Memory in the number of files (server / worker RSS, MB):", ""]
+    lines += [f"- {r.scenario}/{r.mode}: {_memory_trend(r)}" for r in results]
     return "\n".join(lines) + "\n"
 
 
+def _memory_trend(result: ModeResult) -> str:
+    """RSS once a tenth of the files were done (after warm-up) against at the end."""
+    timeline = result.rss_timeline
+    if not timeline or not result.done:
+        return "n/a"
+    warm = next((row for row in timeline if row[0] >= result.done / 10), timeline[0])
+    end = timeline[-1]
+    return (
+        f"{warm[1]} / {warm[2]} with {warm[0]} files done -> {end[1]} / {end[2]} with {end[0]} done"
+    )
+
+
+def _scenarios(opts: argparse.Namespace) -> list[Scenario]:
+    chosen = []
+    for name in opts.scenarios:
+        if name == "custom":
+            chosen.append(Scenario("custom", opts.files, opts.rate, opts.drain_timeout))
+        else:
+            chosen.append(SCENARIOS[name])
+    return chosen
+
+
 def main() -> int:
-    """Run the modes one after the other and report them side by side."""
+    """Run every scenario in every mode, one after the other, and report them side by side."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--files", type=int, default=60, help="files per mode")
-    parser.add_argument("--rate", type=float, default=2.0, help="files dropped per second")
-    parser.add_argument("--size-kib", type=int, default=16, help="KiB per file")
-    parser.add_argument("--modes", nargs="+", default=["per-file", "batch"])
-    parser.add_argument("--drain-timeout", type=float, default=240.0, help="s after dropping")
-    parser.add_argument("--timeout", type=float, default=600.0, help="overall s per mode")
+    parser.add_argument(
+        "--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), choices=[*SCENARIOS, "custom"]
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["adaptive"],
+        help="dispatch modes; MODE@DIR runs that mode from the checkout DIR",
+    )
+    parser.add_argument("--files", type=int, default=60, help="custom: files")
+    parser.add_argument("--rate", type=float, default=2.0, help="custom: files dropped per s")
+    parser.add_argument("--drain-timeout", type=float, default=240.0, help="custom: s to drain")
+    parser.add_argument("--timeout", type=float, default=900.0, help="overall s per run")
+    parser.add_argument("--report", type=Path, default=REPORT_PATH, help="markdown report")
     parser.add_argument("--no-write", action="store_true", help="do not write the report")
     opts = parser.parse_args()
     if opts.files < 1 or opts.rate <= 0:
         parser.error("--files must be >= 1 and --rate > 0")
     load = os.getloadavg()
-    results = [run_mode(mode, opts) for mode in opts.modes]
+    results = [
+        run_mode(scenario, mode, opts) for scenario in _scenarios(opts) for mode in opts.modes
+    ]
     text = report(results, opts, load)
     print(text)
     if not opts.no_write:
-        REPORT_PATH.write_text(text, encoding="utf-8")
+        opts.report.write_text(text, encoding="utf-8")
     return 0
 
 

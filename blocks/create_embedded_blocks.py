@@ -7,7 +7,7 @@ earlier versions:
 
 * ``msi-kafka-cluster/embedded``: the embedded broker (PLAINTEXT on loopback);
 * ``msi-transfer-settings/embedded``: topic ``lab-files`` with the default settings and
-  the stack's downstream dispatch (``per-file`` or ``batch``, from the status);
+  the stack's downstream dispatch (``adaptive``, ``per-file`` or ``batch``, from the status);
 * ``msi-backup-storage/embedded``: ``s3://<backup bucket>/backups`` on the embedded S3 store;
 * with ``$MSI_CRYPTO_DIR`` set (``msi-prefect up --encrypted`` sets it):
   ``msi-kafkacrypto/embedded-producer`` and ``msi-kafkacrypto/embedded-consumer``, the
@@ -77,7 +77,7 @@ def build_embedded_blocks(
     transfer = TransferSettings(
         topic=TOPIC,
         upload_existing=True,
-        downstream_dispatch=status.get("downstream_dispatch") or DownstreamDispatch.PER_FILE,
+        downstream_dispatch=status.get("downstream_dispatch") or DownstreamDispatch.ADAPTIVE,
     )
     backup = BackupStorage(
         url=f"s3://{bucket}/{BACKUP_PREFIX}",

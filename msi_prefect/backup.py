@@ -42,6 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from msi_prefect.blocks import BackupStorage
 from msi_prefect.events import EventName, file_event
 from msi_prefect.flow_inputs import RebuiltFile, retry_unless_input_error
+from msi_prefect.transfer.sinks import ChecksumMismatchError
 
 __all__ = ["BACKUP_RETRIES", "BACKUP_RETRY_DELAYS_S", "BackupResult", "backup_file"]
 
@@ -98,10 +99,18 @@ def backup_file(
         SinkError: The copy could not be stored or verified (retried).
     """
     logger = get_run_logger()
-    file.check_unchanged(hash_content=True)
+    file.check_unchanged(hash_content=False)
     sink = storage.sink()
     logger.info("Backing up %s (%d bytes) to %s", file.relpath, file.size, sink.describe())
-    result = sink.store_copy(file.local_path, file.relpath, file.size, file.sha256)
+    try:
+        # One read of the file: the copy is hashed as it is written and checked against the
+        # event's SHA-256 before it is kept.
+        result = sink.store_copy(file.local_path, file.relpath, file.size, file.sha256)
+    except ChecksumMismatchError:
+        # Only now hash the source, to tell a file changed since it was rebuilt (no retry)
+        # from a copy that went wrong on the way (retried).
+        file.check_unchanged(hash_content=True)
+        raise
     sink.flush()
     logger.info("Backed up %s to %s (SHA-256 verified)", file.relpath, result.url)
     facts = file.facts(backup_url=result.url, backup=sink.describe())

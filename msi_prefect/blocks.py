@@ -343,27 +343,31 @@ class TransferSettings(Block):
         "share the topic's partitions.",
     )
     downstream_dispatch: DownstreamDispatch = Field(
-        default=DownstreamDispatch.PER_FILE,
+        default=DownstreamDispatch.ADAPTIVE,
         title="Downstream Dispatch",
-        description="per-file: every rebuilt file starts its own backup, metadata and "
-        "analysis runs (lowest latency). batch: rebuilt files are grouped and each group "
-        "starts one run of each batch deployment (for high file rates; every file still "
-        "gets its events and a task run named after it).",
+        description="adaptive (default): a rebuilt file starts its own backup, metadata and "
+        "analysis runs while the downstream runs keep up, and files that arrive faster are "
+        "grouped into batches sized by the backlog. per-file: every rebuilt file starts its "
+        "own runs. batch: rebuilt files are always grouped, and each group starts one run "
+        "of each batch deployment. Every file gets its events and a run or task run named "
+        "after it in every mode.",
     )
     batch_max_files: int = Field(
         default=DEFAULT_BATCH_MAX_FILES,
         ge=1,
         le=MAX_BATCH_FILES,
         title="Batch Size (files)",
-        description="batch dispatch: a batch is sent as soon as it has this many files.",
+        description="batch and adaptive dispatch: a batch is sent as soon as it has this "
+        "many files.",
     )
     batch_max_wait_s: float = Field(
         default=DEFAULT_BATCH_MAX_WAIT_S,
         gt=0,
         le=MAX_BATCH_WAIT_S,
         title="Batch Wait (seconds)",
-        description="batch dispatch: a batch that is not full is sent this long after its "
-        "first file was rebuilt.",
+        description="batch and adaptive dispatch: a batch that is not full is sent at the "
+        "latest this long after its first file was rebuilt (adaptive dispatch sends it "
+        "sooner, as soon as the downstream runs before it have started).",
     )
     wire_format: WireFormat = Field(
         default=WireFormat.NATIVE,

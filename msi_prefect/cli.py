@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from msi_prefect import __version__, crypto_commands
+from msi_prefect import __version__, crypto_commands, rerun
 from msi_prefect.errors import MsiError
 from msi_prefect.stack import commands as stack_commands
 from msi_prefect.transfer import commands as transfer_commands
@@ -26,6 +26,7 @@ COMMAND_GROUPS: tuple[Registrar, ...] = (
     stack_commands.register,
     transfer_commands.register,
     crypto_commands.register,
+    rerun.register,
 )
 
 
@@ -41,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=None,
-        help="where the embedded stack keeps state, logs and PID files "
-        "(default: $MSI_STATE_DIR or ./.msi)",
+        help="where the embedded stack keeps state, logs and PID files (default: "
+        "$MSI_STATE_DIR, else ./.msi for up/down/status/env; upload/watch/reconstruct use "
+        "the .msi of the stack whose project folder they run in, else "
+        "$XDG_STATE_HOME/msi-prefect)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -1,10 +1,18 @@
-"""Batch dispatch: group rebuilt files into one ``msi.files.batch-ready`` event per batch.
+"""Batch and adaptive dispatch: group rebuilt files into ``msi.files.batch-ready`` events.
 
-A process worker needs seconds to start each flow run, so one run per file and per
-downstream deployment cannot keep up with a fast instrument. In batch mode the reconstruct
-flow collects rebuilt files and emits one batch event per ``max_files`` files or
-``max_wait_s`` seconds (whichever comes first); the batch deployments of ``prefect.yaml``
-then run once per batch, with a task run and the usual per-file event for each file.
+A process worker needs about a second to start each flow run, so one run per file and per
+downstream deployment cannot keep up with a fast instrument. The reconstruct flow therefore
+groups rebuilt files and emits one batch event per group; the batch deployments of
+``prefect.yaml`` then run once per batch, with a task run and the usual per-file event for
+each file.
+
+``batch`` mode sends a batch per ``max_files`` files or ``max_wait_s`` seconds. ``adaptive``
+mode (the default) sends a file on its own while the downstream runs keep up, and lets files
+gather while they do not (:class:`AdaptiveGate`): a file rebuilt when the last dispatch is
+at least ``min_gap_s`` old and the Prefect server holds no downstream run that has not
+started yet goes alone (lowest latency); otherwise it waits, and everything waiting goes as
+one batch as soon as the runs have started (or when the batch is full, or its oldest file
+has waited ``max_wait_s``). The batch size follows the backlog with no setting to tune.
 
 Files waiting for their batch are kept in a small SQLite outbox next to the reassembler's
 progress store, written before the file's offsets are committed. After a crash the
@@ -15,15 +23,45 @@ gets it twice. Memory holds only a count and a time; the files themselves stay o
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import logging
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from msi_prefect.events import FileFacts
 from msi_prefect.transfer.sqlite_db import DurableQueue
 
+logger = logging.getLogger(__name__)
+
 BATCH_OUTBOX_FILE = "dispatch-outbox.sqlite"
+#: The flows a rebuilt file starts (per file or per batch): the runs the gate waits for.
+FILE_FLOWS = (
+    "backup-file",
+    "extract-metadata",
+    "analyze-file",
+    "backup-batch",
+    "extract-metadata-batch",
+    "analyze-batch",
+)
+#: After a dispatch, the next waits at least this long: the server needs a moment to turn
+#: the event into runs, and until then its run counts do not show them.
+DEFAULT_MIN_GAP_S = 1.0
+#: A reading of the run counts taken sooner than this after a dispatch may predate its runs.
+TRIGGER_LAG_S = 0.5
+#: Downstream runs running at once beyond which files wait (3 runs per dispatch, 2 cores).
+DEFAULT_MAX_RUNNING = 6
+#: How often the run counts are read while files are moving.
+BACKLOG_POLL_S = 0.5
+#: The poller rests after this long without a dispatch or a waiting file.
+BACKLOG_ACTIVE_S = 30.0
+#: A reading older than this is no view of the server (it is unreachable or slow): the
+#: gate then spaces dispatches by time alone.
+BACKLOG_STALE_S = 5.0
 
 
 def batch_outbox(path: str | Path) -> DurableQueue:
@@ -36,11 +74,175 @@ def _queue_key(facts: FileFacts) -> str:
     return f"{facts.topic}/{facts.file_id}/{facts.generation or 0}"
 
 
+@dataclass(frozen=True)
+class RunBacklogReading:
+    """The downstream runs the Prefect server held at one moment.
+
+    Attributes:
+        waiting: Runs created but not started yet (Scheduled, Pending).
+        running: Runs running.
+        taken_at: When it was read (monotonic seconds).
+    """
+
+    waiting: int
+    running: int
+    taken_at: float
+
+
+class RunBacklog(Protocol):
+    """A source of :class:`RunBacklogReading` (the server, or a fake in tests)."""
+
+    def latest(self) -> RunBacklogReading | None:
+        """The newest reading, or None before the first."""
+
+    def wake(self) -> None:
+        """Files are moving: read often for a while."""
+
+
+def count_file_runs() -> tuple[int, int]:
+    """(waiting, running) downstream runs on the Prefect server the context points at."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    flows = FlowFilter(name=FlowFilterName(any_=list(FILE_FLOWS)))
+
+    def count(*types: StateType) -> int:
+        state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types)))
+        with get_client(sync_client=True) as client:
+            return int(
+                client.count_flow_runs(
+                    flow_filter=flows, flow_run_filter=FlowRunFilter(state=state)
+                )
+            )
+
+    return count(StateType.SCHEDULED, StateType.PENDING), count(StateType.RUNNING)
+
+
+class ServerRunBacklog:
+    """Reads the downstream run counts from the Prefect server, in a thread of its own.
+
+    The thread runs in the caller's context (the flow run's Prefect settings), reads every
+    :data:`BACKLOG_POLL_S` while files move and rests otherwise, so an idle transfer puts
+    no load on the server. A failed read keeps the previous reading (which then grows
+    stale); the transfer never waits for the server.
+
+    Args:
+        count: Returns (waiting, running); :func:`count_file_runs` by default.
+        clock: Monotonic time source.
+    """
+
+    def __init__(
+        self,
+        count: Callable[[], tuple[int, int]] = count_file_runs,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._count = count
+        self._clock = clock
+        self._reading: RunBacklogReading | None = None
+        self._active_until = 0.0
+        self._wakeup = threading.Event()
+        self._closing = False
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._loop,), name="msi-run-backlog", daemon=True
+        )
+        self._thread.start()
+
+    def latest(self) -> RunBacklogReading | None:
+        """The newest reading, or None before the first."""
+        return self._reading
+
+    def wake(self) -> None:
+        """Read often for the next :data:`BACKLOG_ACTIVE_S` seconds."""
+        resting = self._clock() >= self._active_until
+        self._active_until = self._clock() + BACKLOG_ACTIVE_S
+        if resting:  # a poller already at work keeps its pace
+            self._wakeup.set()
+
+    def close(self) -> None:
+        """Stop the thread (it ends within one read)."""
+        self._closing = True
+        self._wakeup.set()
+        self._thread.join(BACKLOG_STALE_S)
+
+    def _loop(self) -> None:
+        while not self._closing:
+            if self._clock() >= self._active_until:
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                waiting, running = self._count()
+                self._reading = RunBacklogReading(waiting, running, self._clock())
+            except Exception as exc:  # the server is away: the reading grows stale
+                logger.debug("could not read the downstream run counts: %r", exc)
+            self._wakeup.wait(BACKLOG_POLL_S)
+            self._wakeup.clear()
+
+
+class AdaptiveGate:
+    """Tells whether a file may start its downstream work now, or should join a batch.
+
+    Quiet means: the last dispatch is at least ``min_gap_s`` old, and a reading of the
+    server taken after its runs could show shows no run waiting to start and fewer than
+    ``max_running`` running. Without a fresh reading (the server is unreachable or slow)
+    only the time gap counts.
+
+    Args:
+        backlog: Where the run counts come from.
+        min_gap_s: Shortest time between two dispatches.
+        max_running: Running downstream runs at which files wait.
+        clock: Monotonic time source (the backlog's).
+    """
+
+    def __init__(
+        self,
+        backlog: RunBacklog,
+        min_gap_s: float = DEFAULT_MIN_GAP_S,
+        max_running: int = DEFAULT_MAX_RUNNING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backlog = backlog
+        self._min_gap_s = min_gap_s
+        self._max_running = max_running
+        self._clock = clock
+        self._last_dispatch = float("-inf")
+
+    def is_quiet(self) -> bool:
+        """Whether a dispatch now would find the downstream runs keeping up."""
+        now = self._clock()
+        if now - self._last_dispatch < self._min_gap_s:
+            return False
+        reading = self._backlog.latest()
+        if reading is None or now - reading.taken_at > BACKLOG_STALE_S:
+            return True
+        if reading.taken_at < self._last_dispatch + TRIGGER_LAG_S:
+            return False  # taken before the last dispatch's runs existed
+        return reading.waiting == 0 and reading.running < self._max_running
+
+    def dispatched(self) -> None:
+        """A file or a batch was just dispatched."""
+        self._last_dispatch = self._clock()
+        self._backlog.wake()
+
+    def holding(self) -> None:
+        """Files are waiting for the gate: keep the readings coming."""
+        self._backlog.wake()
+
+
 class FileBatcher:
     """Groups rebuilt files into batches of at most ``max_files``.
 
     A batch goes out when it is full, or ``max_wait_s`` after its first file arrived (for
-    the files left over after a full batch: after the batch before them was sent).
+    the files left over after a full batch: after the batch before them was sent), or,
+    with a ``gate``, as soon as the gate is quiet.
 
     Args:
         outbox: Where waiting files are kept.
@@ -48,6 +250,8 @@ class FileBatcher:
         max_wait_s: ...or when its oldest file has waited this long.
         send: Emits one batch (called with 1..max_files files, in arrival order).
         clock: Monotonic time source (tests inject a fake).
+        gate: Adaptive dispatch: waiting files go as soon as it is quiet, and it is told
+            of every batch sent.
     """
 
     def __init__(
@@ -57,6 +261,7 @@ class FileBatcher:
         max_wait_s: float,
         send: Callable[[list[FileFacts]], None],
         clock: Callable[[], float] = time.monotonic,
+        gate: AdaptiveGate | None = None,
     ) -> None:
         if max_files < 1:
             raise ValueError(f"max_files must be at least 1, not {max_files}")
@@ -67,6 +272,7 @@ class FileBatcher:
         self._max_wait_s = max_wait_s
         self._send = send
         self._clock = clock
+        self._gate = gate
         self._waiting = outbox.count()
         # Leftovers of an earlier run are due at once.
         self._oldest_at: float | None = clock() - max_wait_s if self._waiting else None
@@ -86,18 +292,36 @@ class FileBatcher:
         if self._waiting >= self._max_files:
             self.send_due()
 
+    def dispatch_alone(self) -> bool:
+        """Adaptive dispatch: whether a file rebuilt now should go on its own.
+
+        True (and the gate is told of the dispatch) when nothing waits for a batch and the
+        gate is quiet; False when the file should be :meth:`add`-ed to the next batch.
+        """
+        if self._gate is None or self._waiting or not self._gate.is_quiet():
+            return False
+        self._gate.dispatched()
+        return True
+
+    def _due(self) -> bool:
+        if self._waiting >= self._max_files:
+            return True
+        if self._oldest_at is not None and self._clock() - self._oldest_at >= self._max_wait_s:
+            return True
+        if self._gate is not None:
+            if self._gate.is_quiet():
+                return True
+            self._gate.holding()
+        return False
+
     def send_due(self, force: bool = False) -> int:
-        """Send the batches that are full or old enough (every waiting file if ``force``).
+        """Send the batches that are due (every waiting file if ``force``).
 
         Returns:
             How many batches were sent.
         """
         sent = 0
-        while self._waiting and (
-            force
-            or self._waiting >= self._max_files
-            or (self._oldest_at is not None and self._clock() - self._oldest_at >= self._max_wait_s)
-        ):
+        while self._waiting and (force or self._due()):
             batch = self._outbox.oldest(self._max_files)
             if not batch:  # the count drifted (cannot happen in one process): resync
                 self._waiting = 0
@@ -107,6 +331,8 @@ class FileBatcher:
             self._outbox.remove_through(batch[-1][0])
             self._waiting = max(0, self._waiting - len(batch))
             sent += 1
+            if self._gate is not None:
+                self._gate.dispatched()
         if not self._waiting:
             self._oldest_at = None
         elif sent:

@@ -11,11 +11,17 @@ from enum import StrEnum
 
 
 class DownstreamDispatch(StrEnum):
-    """How rebuilt files start their downstream deployments (the ``msi.dispatch`` label).
+    """How rebuilt files start their downstream deployments.
 
-    The per-file triggers of ``prefect.yaml`` match ``per-file``; in ``batch`` mode the
-    per-file events are still emitted (for the record) but only the batch events start work.
+    The per-file triggers of ``prefect.yaml`` match events labelled ``msi.dispatch:
+    per-file``; in ``batch`` mode the per-file events are still emitted (labelled ``batch``,
+    for the record) but only the batch events start work. ``adaptive`` (the default)
+    chooses per file: a file rebuilt while the downstream runs keep up is dispatched on its
+    own (labelled ``per-file``); one rebuilt while runs are still waiting to start joins
+    the next batch (labelled ``batch``), so batches grow with the backlog. ``adaptive`` is
+    a mode, never a label.
     """
 
+    ADAPTIVE = "adaptive"
     PER_FILE = "per-file"
     BATCH = "batch"

@@ -6,3 +6,14 @@ class MsiError(Exception):
 
     The CLI prints these without a traceback and exits with a non-zero status.
     """
+
+
+class EventDeliveryError(OSError):
+    """A file's outcome could not be recorded by its event consumer (e.g. a full disk).
+
+    Raised by the reassembler when its event callback fails on storage (``OSError`` or
+    ``sqlite3.OperationalError``, such as SQLite's "database or disk is full" from the
+    durable event outbox). It is an ``OSError`` on purpose: the consumer's local-error path
+    treats it like a full destination disk. The batch is not committed; it is rewound and
+    retried after a pause, so the file's event is durable before its offsets are committed.
+    """

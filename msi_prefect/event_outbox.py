@@ -269,7 +269,17 @@ class EventChannel:
         return self
 
     def emit(self, spec: FileEventSpec) -> None:
-        """Record an event for delivery (durably) and wake the sender."""
+        """Record an event for delivery (durably) and wake the sender.
+
+        An event whose id is queued already is kept once (ids are deterministic, so a
+        replayed batch re-emits the same ids); the server keeps an id once too.
+
+        Raises:
+            sqlite3.OperationalError: The outbox could not be written (e.g. "database or
+                disk is full"): the event is not queued, and the caller must not commit
+                what it announces. The reassembler turns this into ``EventDeliveryError``
+                and retries its batch.
+        """
         assert self._outbox is not None and self._sender is not None, "not entered"
         self._outbox.add(str(spec.event_id), event_body(spec, self._run_related or []))
         self._sender.wake()

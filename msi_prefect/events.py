@@ -146,7 +146,12 @@ def from_reassembler(
     Args:
         event: The outcome.
         dispatch: Labels a `reconstructed` event for the per-file or the batch triggers.
+
+    Raises:
+        ValueError: ``dispatch`` is ``adaptive``, a mode that decides the label per file.
     """
+    if dispatch is DownstreamDispatch.ADAPTIVE:
+        raise ValueError("adaptive dispatch is not a label: label the event per-file or batch")
     if event.kind is FileEventKind.RECONSTRUCTED:
         name = EventName.RECONSTRUCTED
         extra: dict[str, Any] = {}

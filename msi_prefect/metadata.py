@@ -1241,6 +1241,16 @@ def _hash_pass(path: Path, md5: bool) -> tuple[os.stat_result, int, str, str | N
     return st, total, sha.hexdigest(), md.hexdigest() if md else None, bytes(head)
 
 
+def _head_pass(path: Path) -> tuple[os.stat_result, bytes]:
+    """The file's status and its first :data:`HEAD_SIZE` bytes (no hashing)."""
+    with path.open("rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        head = bytearray()
+        while len(head) < HEAD_SIZE and (block := f.read(HEAD_SIZE - len(head))):
+            head += block
+    return st, bytes(head)
+
+
 def _select(
     candidates: Sequence[Extractor], path: Path, head: bytes, mime: str, warnings: list[str]
 ) -> Extractor:
@@ -1259,6 +1269,7 @@ def extract_metadata(
     *,
     compute_md5: bool = True,
     extractors: Sequence[Extractor] | None = None,
+    known_sha256: str | None = None,
 ) -> FileMetadata:
     """Generic facts and type-specific details of one file.
 
@@ -1269,6 +1280,9 @@ def extract_metadata(
         compute_md5: Also compute the MD5 in the hashing pass.
         extractors: Candidates in priority order; defaults to :data:`EXTRACTORS` (entry
             point plugins loaded on first use).
+        known_sha256: The content's SHA-256 as already verified by the caller (e.g. the
+            rebuilt file's, checked by the reassembler): no hashing pass, only the head of
+            the file is read, and ``md5`` is None.
 
     Returns:
         The metadata; problems with the content are in its ``warnings``.
@@ -1281,7 +1295,11 @@ def extract_metadata(
     if not stat.S_ISREG(path.stat().st_mode):
         raise ValueError(f"not a regular file: {path}")
     warnings: list[str] = []
-    st, size, sha256, md5, head = _hash_pass(path, compute_md5)
+    if known_sha256 is None:
+        st, size, sha256, md5, head = _hash_pass(path, compute_md5)
+    else:
+        st, head = _head_pass(path)
+        size, sha256, md5 = st.st_size, known_sha256, None
     if size != st.st_size:
         warnings.append(f"file size changed while hashing ({st.st_size} -> {size} bytes)")
     name = relpath if relpath is not None else path.name

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,16 +148,58 @@ def extract_file_metadata(file: RebuiltFile) -> FileMetadata:
     return metadata
 
 
+class _MetadataProducers:
+    """One producer per cluster and per process, and the topics known to exist.
+
+    A batch run publishes the metadata of up to a thousand files; a new Producer (and two
+    admin clients for the topic check) per file cost more than the message. The process is
+    a flow run's, so the clients live as long as the run.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._producers: dict[tuple[tuple[str, str], ...], Any] = {}
+        self._topics: set[tuple[tuple[tuple[str, str], ...], str]] = set()
+
+    @staticmethod
+    def _key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((name, repr(value)) for name, value in config.items()))
+
+    def producer(self, kafka: KafkaCluster) -> Any:
+        """The cluster's idempotent producer (created on first use)."""
+        from confluent_kafka import Producer
+
+        config = {**kafka.to_connection().client_config(), "enable.idempotence": True}
+        config["acks"] = "all"
+        key = self._key(config)
+        with self._lock:
+            if key not in self._producers:
+                self._producers[key] = Producer(config)
+            return self._producers[key]
+
+    def forget(self, kafka: KafkaCluster) -> None:
+        """Drop the cluster's producer after a failure; the next publication makes anew."""
+        config = {**kafka.to_connection().client_config(), "enable.idempotence": True}
+        config["acks"] = "all"
+        with self._lock:
+            self._producers.pop(self._key(config), None)
+
+    def ensure_topic(self, kafka: KafkaCluster, topic: str) -> None:
+        """Create ``topic`` if missing, once per cluster and process."""
+        connection = kafka.to_connection()
+        key = (self._key(connection.client_config()), topic)
+        if key in self._topics:
+            return
+        ensure_topic(connection, topic)
+        self._topics.add(key)
+
+
+_PRODUCERS = _MetadataProducers()
+
+
 def _produce(kafka: KafkaCluster, topic: str, key: str, value: bytes, generation: int) -> Any:
     """Produce one message and wait for its delivery report; return the delivered message."""
-    from confluent_kafka import Producer
-
-    config = {
-        **kafka.to_connection().client_config(),
-        "enable.idempotence": True,
-        "acks": "all",
-    }
-    producer = Producer(config)
+    producer = _PRODUCERS.producer(kafka)
     reports: list[tuple[Any, Any]] = []
     producer.produce(
         topic,
@@ -171,12 +214,14 @@ def _produce(kafka: KafkaCluster, topic: str, key: str, value: bytes, generation
     )
     remaining = producer.flush(DELIVERY_TIMEOUT_S)
     if remaining or not reports:
+        _PRODUCERS.forget(kafka)
         raise MetadataPublishError(
             f"the broker at {kafka.bootstrap_servers} did not confirm the metadata message "
             f"to {topic!r} within {DELIVERY_TIMEOUT_S:.0f} s"
         )
     error, message = reports[0]
     if error is not None:
+        _PRODUCERS.forget(kafka)
         raise MetadataPublishError(f"the metadata message to {topic!r} was not delivered: {error}")
     return message
 
@@ -207,7 +252,7 @@ def publish_file_metadata(
         MsiError: The broker is unreachable or refuses to create the topic (retried).
     """
     topic = metadata_topic(file.topic)
-    ensure_topic(kafka.to_connection(), topic)
+    _PRODUCERS.ensure_topic(kafka, topic)
     value = json.dumps(metadata.to_json_dict(), ensure_ascii=False).encode("utf-8")
     message = _produce(kafka, topic, file.file_id, value, file.generation)
     published = PublishedMetadata(

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
-from msi_prefect.dispatch import BATCH_OUTBOX_FILE, FileBatcher, batch_outbox
+from msi_prefect.dispatch import (
+    BATCH_OUTBOX_FILE,
+    AdaptiveGate,
+    FileBatcher,
+    ServerRunBacklog,
+    batch_outbox,
+)
 from msi_prefect.errors import MsiError
 from msi_prefect.event_outbox import EVENT_OUTBOX_FILE, EventChannel
 from msi_prefect.events import (
@@ -285,11 +291,18 @@ def run_reconstruct_files(
     events: EventChannel | None = None
 
     def on_event(event: FileEvent) -> None:
-        counts.add(event.kind.value, event.relpath)
-        spec = from_reassembler(event, dispatch)
+        rebuilt = event.kind is FileEventKind.RECONSTRUCTED
+        label = dispatch
+        if dispatch is DownstreamDispatch.ADAPTIVE:
+            alone = rebuilt and batcher is not None and batcher.dispatch_alone()
+            label = DownstreamDispatch.PER_FILE if alone else DownstreamDispatch.BATCH
+        spec = from_reassembler(event, label)
         assert events is not None, "events are open while the reassembler runs"
         events.emit(spec)
-        if batcher is not None and event.kind is FileEventKind.RECONSTRUCTED:
+        # Counted once the event is on disk: a failed write retries the batch, which would
+        # otherwise count the file twice.
+        counts.add(event.kind.value, event.relpath)
+        if batcher is not None and rebuilt and label is DownstreamDispatch.BATCH:
             batcher.add(facts_of(spec))
 
     def send_batch(files: list[FileFacts]) -> None:
@@ -309,10 +322,19 @@ def run_reconstruct_files(
         except OSError as exc:
             raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
         events = cleanup.enter_context(EventChannel(reassembler.work_dir / EVENT_OUTBOX_FILE))
-        if dispatch is DownstreamDispatch.BATCH:
+        if dispatch is not DownstreamDispatch.PER_FILE:
             outbox = cleanup.enter_context(batch_outbox(reassembler.work_dir / BATCH_OUTBOX_FILE))
+            gate = None
+            if dispatch is DownstreamDispatch.ADAPTIVE:
+                backlog = ServerRunBacklog()
+                cleanup.callback(backlog.close)
+                gate = AdaptiveGate(backlog)
             batcher = FileBatcher(
-                outbox, transfer.batch_max_files, transfer.batch_max_wait_s, send_batch
+                outbox,
+                transfer.batch_max_files,
+                transfer.batch_max_wait_s,
+                send_batch,
+                gate=gate,
             )
             batcher.send_due()  # leftovers of a crashed run first, as the same batches
         with StopOnSignal() as stop:
@@ -323,5 +345,6 @@ def run_reconstruct_files(
     return {
         "reconstructed": stats.files_reconstructed,
         "rejected": stats.files_rejected,
+        "rejected_messages": stats.messages_rejected,
         "bytes_written": stats.bytes_written,
     }

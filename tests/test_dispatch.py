@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from msi_prefect.dispatch import FileBatcher, batch_outbox
+from msi_prefect.dispatch import (
+    BACKLOG_STALE_S,
+    TRIGGER_LAG_S,
+    AdaptiveGate,
+    FileBatcher,
+    RunBacklogReading,
+    ServerRunBacklog,
+    batch_outbox,
+)
 from msi_prefect.events import (
     DISPATCH_LABEL,
     DownstreamDispatch,
@@ -118,6 +128,141 @@ def test_leftovers_of_a_crash_go_first_as_the_same_batch(tmp_path: Path) -> None
     assert len(emitted) == 2 and emitted[0] == emitted[1]
 
 
+class FakeBacklog:
+    """Run counts as a test sets them, read 'now' on the shared clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.reading: RunBacklogReading | None = None
+        self.wakes = 0
+
+    def set(self, waiting: int, running: int = 0) -> None:
+        self.reading = RunBacklogReading(waiting, running, self.clock.now)
+
+    def latest(self) -> RunBacklogReading | None:
+        return self.reading
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+@dataclass
+class AdaptiveRig:
+    """An adaptive batcher with its fake clock, run counts and recorded batches."""
+
+    batcher: FileBatcher
+    backlog: FakeBacklog
+    clock: FakeClock
+    sent: Recorder
+
+
+def adaptive(outbox: DurableQueue, max_files: int = 50, max_wait_s: float = 5.0) -> AdaptiveRig:
+    clock = FakeClock()
+    backlog = FakeBacklog(clock)
+    sent = Recorder()
+    gate = AdaptiveGate(backlog, min_gap_s=1.0, max_running=6, clock=clock)
+    batcher = FileBatcher(outbox, max_files, max_wait_s, sent, clock=clock, gate=gate)
+    return AdaptiveRig(batcher, backlog, clock, sent)
+
+
+def test_adaptive_sends_a_file_alone_when_quiet_and_batches_the_rest(
+    outbox: DurableQueue,
+) -> None:
+    rig = adaptive(outbox)
+    rig.backlog.set(waiting=0)
+    assert rig.batcher.dispatch_alone()  # an idle stack: the first file goes on its own
+    # Files rebuilt right after it wait: its runs are not even visible on the server yet.
+    for name in "abc":
+        rig.clock.now += 0.1
+        assert not rig.batcher.dispatch_alone()
+        rig.batcher.add(facts(name))
+    rig.clock.now += 1.0
+    rig.backlog.set(waiting=3)  # the first file's three runs wait for the worker
+    assert rig.batcher.send_due() == 0
+    rig.clock.now += 1.0
+    rig.backlog.set(waiting=0, running=3)  # ...and have started: everything waiting goes
+    assert rig.batcher.send_due() == 1
+    assert rig.sent.batches == [["a", "b", "c"]]
+    assert not rig.batcher.dispatch_alone()  # the batch was a dispatch too
+    assert rig.backlog.wakes >= 2
+
+
+def test_adaptive_waits_for_a_reading_taken_after_the_dispatch(outbox: DurableQueue) -> None:
+    rig = adaptive(outbox)
+    assert rig.batcher.dispatch_alone()  # no reading at all yet: time alone decides
+    rig.batcher.add(facts("a"))
+    rig.clock.now += TRIGGER_LAG_S / 2
+    rig.backlog.set(waiting=0)  # too soon after the dispatch to show its runs
+    rig.clock.now += 1.0
+    assert rig.batcher.send_due() == 0
+    rig.backlog.set(waiting=0)  # taken well after the dispatch: its runs have started
+    assert rig.batcher.send_due() == 1
+
+
+def test_adaptive_holds_while_too_many_runs_run_and_honours_the_longest_wait(
+    outbox: DurableQueue,
+) -> None:
+    rig = adaptive(outbox, max_wait_s=5.0)
+    rig.backlog.set(waiting=0, running=6)
+    rig.clock.now += 2
+    rig.backlog.set(waiting=0, running=6)
+    assert not rig.batcher.dispatch_alone()
+    rig.batcher.add(facts("a"))
+    rig.clock.now += 4.9
+    rig.backlog.set(waiting=0, running=6)
+    assert rig.batcher.send_due() == 0
+    rig.clock.now += 0.2  # the oldest file has waited max_wait_s: it goes anyway
+    rig.backlog.set(waiting=0, running=6)
+    assert rig.batcher.send_due() == 1
+
+
+def test_adaptive_full_batches_go_at_once_whatever_the_backlog(outbox: DurableQueue) -> None:
+    rig = adaptive(outbox, max_files=2)
+    rig.backlog.set(waiting=10)
+    rig.clock.now += 2
+    for name in "abcde":
+        assert not rig.batcher.dispatch_alone()
+        rig.batcher.add(facts(name))
+    assert rig.sent.batches == [["a", "b"], ["c", "d"]]
+    assert rig.batcher.waiting == 1
+
+
+def test_adaptive_without_a_fresh_reading_spaces_dispatches_by_time(
+    outbox: DurableQueue,
+) -> None:
+    rig = adaptive(outbox)
+    rig.backlog.set(waiting=99)  # then the server stops answering
+    rig.clock.now += BACKLOG_STALE_S + 0.1
+    assert rig.batcher.dispatch_alone()
+    rig.clock.now += 0.5
+    assert not rig.batcher.dispatch_alone()
+    rig.clock.now += 0.5
+    assert rig.batcher.dispatch_alone()
+
+
+def test_server_backlog_reads_in_its_thread_only_while_files_move() -> None:
+    calls: list[float] = []
+
+    def count() -> tuple[int, int]:
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            raise OSError("server away")  # a failed read keeps the previous one
+        return (len(calls), 0)
+
+    backlog = ServerRunBacklog(count)
+    try:
+        time.sleep(0.3)
+        assert calls == [] and backlog.latest() is None  # nothing moves: no load
+        backlog.wake()
+        deadline = time.monotonic() + 5
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reading = backlog.latest()
+        assert reading is not None and reading.waiting in (1, 3)
+    finally:
+        backlog.close()
+
+
 @pytest.mark.parametrize(("max_files", "max_wait_s"), [(0, 1.0), (5, 0.0), (5, -1.0)])
 def test_nonsense_limits_are_refused(
     outbox: DurableQueue, max_files: int, max_wait_s: float
@@ -149,7 +294,7 @@ def test_batch_event_lists_every_file_with_its_flow_parameters() -> None:
         batch_event(TOPIC, [])
 
 
-@pytest.mark.parametrize("dispatch", list(DownstreamDispatch))
+@pytest.mark.parametrize("dispatch", [DownstreamDispatch.PER_FILE, DownstreamDispatch.BATCH])
 def test_reconstructed_events_carry_the_dispatch_label(dispatch: DownstreamDispatch) -> None:
     event = FileEvent(
         kind=FileEventKind.RECONSTRUCTED,
@@ -168,3 +313,11 @@ def test_reconstructed_events_carry_the_dispatch_label(dispatch: DownstreamDispa
         kind=FileEventKind.REJECTED, topic=TOPIC, file_id=None, relpath=None, reason="bad"
     )
     assert DISPATCH_LABEL not in from_reassembler(rejected, dispatch).resource
+
+
+def test_adaptive_is_a_mode_not_a_label() -> None:
+    event = FileEvent(
+        kind=FileEventKind.RECONSTRUCTED, topic=TOPIC, file_id=file_id_for("a"), relpath="a"
+    )
+    with pytest.raises(ValueError, match="not a label"):
+        from_reassembler(event, DownstreamDispatch.ADAPTIVE)

@@ -7,15 +7,23 @@ the topic would. After them, a valid file must still arrive: the consumer keeps 
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 
-from msi_prefect.transfer.reassembler import FileEventKind
+from msi_prefect.transfer.kafka import KafkaConnection
+from msi_prefect.transfer.reassembler import (
+    FileEvent,
+    FileEventKind,
+    Reassembler,
+    ReassemblerSettings,
+)
+from msi_prefect.transfer.stopping import StopConditions
 from msi_prefect.transfer.wire import FORMAT_VERSION, DecodeLimits, file_id_for
-from tests.conftest import RunningStack
-from tests.test_roundtrip import make_tree, rebuild, send
+from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
+from tests.test_roundtrip import make_tree, send
 
 pytestmark = pytest.mark.stack
 
@@ -146,9 +154,28 @@ def test_hostile_messages_are_rejected_and_the_consumer_keeps_going(
     expected = make_tree(src, {"good/after.txt": 1000})
     send(kafka_stack, topic, src, tmp_path / "reg.sqlite", ["good/after.txt"])
 
-    events, reassembler = rebuild(
-        kafka_stack, topic, dest, len(hostile) + 1, limits=DecodeLimits(max_file_size=MAX_FILE_SIZE)
+    # Every outcome, not a number of files: the not-msi message names no file, so it is a
+    # rejected message, not a file, and --stop-after-files would not wait for it.
+    events: list[FileEvent] = []
+    stop = threading.Event()
+
+    def on_event(event: FileEvent) -> None:
+        events.append(event)
+        if len(events) == len(hostile) + 1:
+            stop.set()
+
+    reassembler = Reassembler(
+        KafkaConnection(bootstrap_servers=kafka_stack.bootstrap_servers),
+        ReassemblerSettings(
+            topic=topic,
+            destination=str(dest),
+            group_id=f"hostile-{topic}",
+            session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+            limits=DecodeLimits(max_file_size=MAX_FILE_SIZE),
+        ),
+        on_event,
     )
+    reassembler.run(stop, StopConditions(idle_timeout_s=60))
 
     rejected = [e for e in events if e.kind is FileEventKind.REJECTED]
     rebuilt = [e for e in events if e.kind is FileEventKind.RECONSTRUCTED]
@@ -162,7 +189,8 @@ def test_hostile_messages_are_rejected_and_the_consumer_keeps_going(
     assert sorted(e.reason_code or "" for e in rejected) == sorted(code for code, _ in hostile)
     # Nothing was written outside the destination, nor through the planted symlink.
     assert list(outside.iterdir()) == []
-    assert reassembler.stats.files_rejected == len(hostile)
+    assert reassembler.stats.files_rejected == len(hostile) - 1
+    assert reassembler.stats.messages_rejected == 1
     # The wrong-hash file is quarantined, not delivered.
     assert not (dest / "hash.bin").exists()
     assert list((dest / ".msi-state" / "quarantine").iterdir())

@@ -18,11 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from msi_prefect.events import FileFacts, batch_event
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import StateDir
 from msi_prefect.stack.manager import StackManager
-from msi_prefect.stack.processes import flow_run_processes, port_is_free
+from msi_prefect.stack.processes import flow_run_processes, live_flow_runs, port_is_free
 from tests.conftest import RunningStack, free_port_map
 from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
@@ -44,6 +43,12 @@ BROWSER_WINDOW = "1400,1000"
 RENDER_BUDGET_MS = 15000
 BROWSER_ATTEMPTS = 3
 SCREENSHOT = Path(__file__).resolve().parent.parent / "test-artifacts" / "prefect-ui-runs.png"
+# Files dropped at once: adaptive dispatch groups them into batch runs.
+BURST_FILES = 12
+DONE_EVENTS = ("msi.file.backed-up", "msi.file.metadata-extracted", "msi.file.analyzed")
+BACKUP_FLOWS = ["backup-file", "backup-batch"]
+BATCH_FLOWS = {"backup-batch": "backup", "extract-metadata-batch": "metadata of",
+               "analyze-batch": "analyze"}  # fmt: skip
 
 
 def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -104,6 +109,95 @@ def _wait_for_retry(api: str, flow_run_id: str) -> bool:
 def _wait_for_run(api: str, name: str) -> str | None:
     """The final state type of the flow run called `name`."""
     return _wait_for_state(lambda: _flow_run(api, name))
+
+
+def _backup_run_of(api: str, filename: str) -> dict[str, Any] | None:
+    """The (first) backup run whose name names `filename`: a per-file or a batch run."""
+    with contextlib.suppress(httpx.HTTPError):
+        runs = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={
+                "flows": {"name": {"any_": BACKUP_FLOWS}},
+                "flow_runs": {"name": {"like_": filename}},
+                "sort": "EXPECTED_START_TIME_ASC",
+                "limit": 1,
+            },
+            timeout=API_TIMEOUT_S,
+        ).json()
+        return runs[0] if runs else None
+    return None
+
+
+def _tagged_run(api: str, tag: str) -> dict[str, Any] | None:
+    """The flow run carrying `tag`, or None."""
+    with contextlib.suppress(httpx.HTTPError):
+        runs = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={"flow_runs": {"tags": {"all_": [tag]}}, "limit": 1},
+            timeout=API_TIMEOUT_S,
+        ).json()
+        return runs[0] if runs else None
+    return None
+
+
+def _events_of(api: str, name: str, path: str) -> list[dict[str, Any]]:
+    """The events called `name` about the file at `path` (at most 50)."""
+    with contextlib.suppress(httpx.HTTPError):
+        return list(
+            httpx.post(
+                f"{api}/events/filter",
+                json={
+                    "filter": {
+                        "event": {"name": [name]},
+                        "resource": {"labels": {"msi.path": [path]}},
+                        "occurred": {"since": "2000-01-01T00:00:00Z"},
+                    },
+                    "limit": 50,
+                },
+                timeout=API_TIMEOUT_S,
+            ).json()["events"]
+        )
+    return []
+
+
+def _wait_for_count(count: Callable[[], int], wanted: int) -> bool:
+    """Poll `count` until it reaches `wanted` (True) or the arrival timeout passes."""
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+    while count() < wanted and time.monotonic() < deadline:
+        time.sleep(1)
+    return count() == wanted
+
+
+def _files_done(api: str, names: list[str]) -> set[str]:
+    """The files among `names` whose backup, metadata and analysis events are all there."""
+    seen: dict[str, set[str]] = {}
+    body: dict[str, Any] = {
+        "filter": {
+            "event": {"name": list(DONE_EVENTS)},
+            "occurred": {"since": "2000-01-01T00:00:00Z"},
+        },
+        "limit": 50,
+    }
+    response = httpx.post(f"{api}/events/filter", json=body, timeout=API_TIMEOUT_S)
+    while True:
+        response.raise_for_status()
+        page = response.json()
+        for event in page["events"]:
+            seen.setdefault(event["payload"].get("path"), set()).add(event["event"])
+        if not page.get("next_page"):
+            break
+        response = httpx.get(page["next_page"], timeout=API_TIMEOUT_S)
+    return {name for name in names if seen.get(name) == set(DONE_EVENTS)}
+
+
+def _wait_for_files_done(api: str, names: list[str]) -> set[str]:
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+    done: set[str] = set()
+    while time.monotonic() < deadline and done != set(names):
+        time.sleep(1)
+        with contextlib.suppress(httpx.HTTPError):
+            done = _files_done(api, names)
+    return done
 
 
 def _look_at_prefect_ui(url: str, screenshot: Path, expected: tuple[str, ...]) -> str:
@@ -185,6 +279,8 @@ def _assert_secret_nowhere(api: str, secret: str) -> None:
     assert leaks == []
 
 
+# The whole user journey: about 3 minutes on a quiet machine, up to twice that when busy.
+@pytest.mark.timeout(600)
 def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     ports = free_port_map()
     port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
@@ -228,6 +324,39 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
             assert _wait_for_run(api, run_name) == "COMPLETED", run_name
 
+        # A burst: files dropped at once. Adaptive dispatch sends the first on its own and
+        # groups the others into batch runs while runs start, and every file still gets its
+        # backup, metadata and analysis, each announced by its own event.
+        burst = [f"burst-{i:02d}.dat" for i in range(BURST_FILES)]
+        for name in burst:
+            (tmp_path / "inbox" / name).write_bytes(name.encode() * 50)
+        assert _wait_for_files_done(api, burst) == set(burst)
+        # ...through the batch deployments' triggers: one run of each per batch, named
+        # after its files, with a task run per file inside.
+        for flow, verb in BATCH_FLOWS.items():
+            batch_runs = httpx.post(
+                f"{api}/flow_runs/filter",
+                json={"flows": {"name": {"any_": [flow]}}, "limit": 50},
+                timeout=API_TIMEOUT_S,
+            ).json()
+            assert batch_runs, f"a burst is grouped into {flow} runs"
+            assert all(run["state_type"] == "COMPLETED" for run in batch_runs), flow
+            assert all(run["name"].startswith(f"{verb} ") for run in batch_runs), flow
+            assert any("burst-" in run["name"] for run in batch_runs), flow
+
+        # One file's backup, run again by hand whatever the dispatch: a run of backup-file
+        # with the parameters of its rebuilt event, announced by a new backed-up event.
+        again = _cli(state_dir, "rerun", "backup", burst[-1])
+        assert again.returncode == 0, again.stderr
+        assert f"started the backup of {burst[-1]} (generation 1): flow run " in again.stdout
+        manual_url = f"{api}/flow_runs/{again.stdout.split('flow run ')[1].split()[0]}"
+        manual_run = lambda: httpx.get(manual_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
+        assert _wait_for_state(manual_run) == "COMPLETED"
+        assert manual_run()["name"] == f"backup {burst[-1]}"
+        # Its own backed-up event beside the first backup's (events arrive a moment after
+        # the run's final state).
+        assert _wait_for_count(lambda: len(_events_of(api, "msi.file.backed-up", burst[-1])), 2)
+
         # Every server of the stack, and every flow run it started, listens on loopback only.
         stack_pids = set(pids.values()) | set(flow_run_processes(api))
         assert not_on_loopback(stack_pids) == []
@@ -240,8 +369,24 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         # the next file arrives, and back before the backup task's retries run out.
         manager = StackManager.open(StateDir(state_dir))
         manager.process(Component.S3).stop()
+        # First, a flow-run process killed (SIGKILL) while its backup waits for the store:
+        # the worker marks the run Crashed, and rerun-crashed starts it again, which
+        # completes once the store is back.
+        (tmp_path / "inbox" / "killed.dat").write_bytes(b"k" * 1000)
+        killed_run = lambda: _backup_run_of(api, "killed.dat")  # noqa: E731
+        assert _wait_for_state(killed_run, ("RUNNING", *FINAL_STATES)) == "RUNNING"
+        killed_id = killed_run()["id"]  # type: ignore[index]
+        assert _wait_for_retry(api, killed_id)
+        victims = [p.pid for p in live_flow_runs(api) if p.flow_run_id == killed_id]
+        assert victims, "the backup run has a process of its own"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        killed_url = f"{api}/flow_runs/{killed_id}"
+        killed_state = lambda: httpx.get(killed_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
+        assert _wait_for_state(killed_state) == "CRASHED"
+
         (tmp_path / "inbox" / "during-outage.dat").write_bytes(b"x" * 1000)
-        outage_run = lambda: _flow_run(api, "backup during-outage.dat")  # noqa: E731
+        outage_run = lambda: _backup_run_of(api, "during-outage.dat")  # noqa: E731
         assert _wait_for_state(outage_run, ("RUNNING", *FINAL_STATES)) == "RUNNING"
         # The store comes back only once the first attempt has failed: on a busy machine
         # the run's process may take longer than the outage to reach its task.
@@ -249,14 +394,18 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         assert _wait_for_retry(api, outage_run()["id"])  # type: ignore[index]
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - outage_started)))
         manager.up([Component.S3])
-        assert _wait_for_run(api, "backup during-outage.dat") == "COMPLETED"
-        backup_run = _flow_run(api, "backup during-outage.dat")
+        assert _wait_for_state(outage_run) == "COMPLETED"
+        backup_run = outage_run()
+        assert backup_run is not None
         task_runs = httpx.post(
             f"{api}/task_runs/filter",
             json={"flow_runs": {"id": {"any_": [backup_run["id"]]}}},
             timeout=API_TIMEOUT_S,
         ).json()
         assert max(task["run_count"] for task in task_runs) >= 2  # it was retried
+        rerun_of_killed = lambda: _tagged_run(api, f"msi.rerun-of:{killed_id}")  # noqa: E731
+        assert _wait_for_state(rerun_of_killed) == "COMPLETED"
+        assert _wait_for_files_done(api, ["killed.dat"]) == {"killed.dat"}
 
         # A completed run can be run again from the API, with the same parameters.
         rerun = httpx.post(
@@ -274,35 +423,6 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         dom = _look_at_prefect_ui(report["prefect_ui_url"] + "/runs", SCREENSHOT, file_runs)
         for run_name in file_runs:
             assert run_name in dom, run_name
-
-        # The batch deployments' triggers: a `msi.files.batch-ready` event (as the reconstruct
-        # flow emits with batch dispatch) starts one run of each, with the files rendered
-        # from the event into a list parameter.
-        rebuilt_events = httpx.post(
-            f"{api}/events/filter",
-            json={"filter": {"event": {"name": ["msi.file.reconstructed"]}}, "limit": 10},
-            timeout=API_TIMEOUT_S,
-        ).json()["events"]
-        rebuilt = next(
-            e["payload"] for e in rebuilt_events if e["payload"]["path"] == "dropped.dat"
-        )
-        facts = FileFacts(
-            topic=rebuilt["topic"], file_id=rebuilt["file_id"], relpath=rebuilt["path"],
-            generation=rebuilt["generation"], size=rebuilt["size"], sha256=rebuilt["sha256"],
-            url=rebuilt["url"],
-        )  # fmt: skip
-        batch = batch_event(facts.topic, [facts])
-        emitted = subprocess.run(
-            [
-                sys.executable, "-m", "prefect", "event", "emit", batch.name.value,
-                "--resource", json.dumps(batch.resource), "--payload", json.dumps(batch.payload),
-            ],
-            env={**os.environ, "PREFECT_API_URL": api}, capture_output=True, text=True,
-            timeout=CLI_TIMEOUT_S, check=False,
-        )  # fmt: skip
-        assert emitted.returncode == 0, emitted.stderr
-        for verb in ("backup", "metadata of", "analyze"):
-            assert _wait_for_run(api, f"{verb} 1 file: dropped.dat") == "COMPLETED", verb
 
         # After an outage, retries, a re-run and batch runs, still no output shows the secret.
         _assert_secret_nowhere(api, secret)

@@ -70,8 +70,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--dispatch",
         choices=[d.value for d in DownstreamDispatch],
         default=None,
-        help="how rebuilt files start their downstream runs: per-file (default, lowest "
-        "latency) or batch (one run per batch of files, for high file rates)",
+        help="how rebuilt files start their downstream runs: adaptive (default: a run per "
+        "file while the runs keep up, batches sized by the backlog when files come faster), "
+        "per-file (always a run per file) or batch (always one run per batch of files)",
     )
     up.add_argument(
         "--encrypted",

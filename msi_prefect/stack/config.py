@@ -16,6 +16,9 @@ from msi_prefect.stack.processes import LOOPBACK
 
 DEFAULT_STATE_DIR = Path(".msi")
 STATE_DIR_ENV = "MSI_STATE_DIR"
+# Where the transfer commands keep their state outside a stack's project folder.
+XDG_STATE_ENV = "XDG_STATE_HOME"
+USER_STATE_SUBDIR = "msi-prefect"
 CONFIG_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.json"
 DEFAULT_WORK_POOL = "msi-process"
@@ -88,7 +91,7 @@ class StackConfig(BaseModel):
         default=None, description="Folder the rebuilder deployment writes."
     )
     downstream_dispatch: DownstreamDispatch = Field(
-        default=DownstreamDispatch.PER_FILE,
+        default=DownstreamDispatch.ADAPTIVE,
         description="How rebuilt files start their backup, metadata and analysis runs.",
     )
     encrypted: bool = Field(
@@ -134,6 +137,17 @@ class StackConfig(BaseModel):
         return f"http://{LOOPBACK}:{self.ports['s3']}"
 
 
+def user_state_dir() -> Path:
+    """The user's state directory for msi-prefect: ``$XDG_STATE_HOME/msi-prefect``.
+
+    ``~/.local/state/msi-prefect`` when ``$XDG_STATE_HOME`` is unset, empty or relative
+    (the XDG base directory specification says to ignore a relative one).
+    """
+    base = os.environ.get(XDG_STATE_ENV, "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / USER_STATE_SUBDIR
+
+
 def parse_port_overrides(items: list[str]) -> dict[str, int]:
     """Turn `["broker=19092", ...]` into a dict, with clear errors for bad items."""
     overrides: dict[str, int] = {}
@@ -160,6 +174,43 @@ class StateDir:
             return cls(explicit)
         return cls(Path(os.environ.get(STATE_DIR_ENV, str(DEFAULT_STATE_DIR))))
 
+    @classmethod
+    def for_transfers(cls, explicit: Path | None = None, cwd: Path | None = None) -> StateDir:
+        """Where ``upload``, ``watch`` and ``reconstruct`` keep their state (the registry).
+
+        The state dir named on the command line, else ``$MSI_STATE_DIR``, else the state
+        dir of the stack whose project folder holds ``cwd`` (see :meth:`find_stack`), else
+        the user's state directory (:func:`user_state_dir`). Never ``./.msi`` by default:
+        these commands are often run inside a data folder, which must stay as it was.
+
+        Args:
+            explicit: ``--state-dir``, if given.
+            cwd: Where to start looking for a project folder (default: the current one).
+        """
+        if explicit is not None:
+            return cls(explicit)
+        named = os.environ.get(STATE_DIR_ENV)
+        if named:
+            return cls(Path(named))
+        return cls.find_stack(cwd) or cls(user_state_dir())
+
+    @classmethod
+    def find_stack(cls, start: Path | None = None) -> StateDir | None:
+        """The stack state dir (``.msi`` with its config file) in ``start`` or a parent.
+
+        ``msi-prefect up`` saves the config file in its state dir, so a ``.msi`` without one
+        (left by an older version of a transfer command, say) is not taken for a stack.
+
+        Args:
+            start: The folder to start in (default: the current one).
+        """
+        here = (start or Path.cwd()).absolute()
+        for folder in (here, *here.parents):
+            candidate = folder / DEFAULT_STATE_DIR
+            if (candidate / CONFIG_FILE).is_file():
+                return cls(candidate)
+        return None
+
     @property
     def run_dir(self) -> Path:
         """PID files."""
@@ -174,10 +225,16 @@ class StateDir:
         """Data directory of one component."""
         return self.root / name
 
-    def ensure_writable(self) -> None:
-        """Create the layout, or fail with a clear message if the directory is not writable."""
+    def ensure_writable(self, *, stack_layout: bool = True) -> None:
+        """Create the layout, or fail with a clear message if the directory is not writable.
+
+        Args:
+            stack_layout: Also create the stack's ``run`` and ``logs`` folders (not wanted
+                for a transfer command's state in the user's state directory).
+        """
+        folders = (self.root, self.run_dir, self.log_dir) if stack_layout else (self.root,)
         try:
-            for path in (self.root, self.run_dir, self.log_dir):
+            for path in folders:
                 path.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-test"
             probe.write_text("ok")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -18,7 +20,7 @@ from pydantic import ValidationError
 
 from msi_prefect.crypto_commands import add_crypto_options, codec_from_args
 from msi_prefect.errors import MsiError
-from msi_prefect.stack.config import StateDir
+from msi_prefect.stack.config import StateDir, user_state_dir
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, ensure_topic
 from msi_prefect.transfer.paths import UnsafePathError, relative_posix
@@ -185,7 +187,9 @@ def _add_producer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registry",
         type=Path,
-        help="producer registry file (default: STATE_DIR/" + REGISTRY_FILE + ")",
+        help="producer registry file (default: STATE_DIR/" + REGISTRY_FILE + "; STATE_DIR is "
+        "--state-dir, $MSI_STATE_DIR, the .msi of the stack whose project folder you are "
+        "in, else $XDG_STATE_HOME/msi-prefect or ~/.local/state/msi-prefect)",
     )
 
 
@@ -212,7 +216,8 @@ def _add_stop_options(parser: argparse.ArgumentParser) -> None:
         "--stop-after-files",
         type=_positive_int,
         metavar="N",
-        help="exit after N files (for scripts)",
+        help="exit after N files finished, sent or rebuilt or rejected (for scripts); "
+        "rejected messages that name no file are not files and do not count",
     )
     parser.add_argument(
         "--idle-timeout",
@@ -244,16 +249,56 @@ def connection_from_args(args: argparse.Namespace) -> KafkaConnection:
 
 
 def _stack_bootstrap(args: argparse.Namespace) -> str:
-    config = StateDir.from_env(args.state_dir).load_config()
+    config = StateDir.for_transfers(args.state_dir).load_config()
     return config.bootstrap_servers if config else FALLBACK_BOOTSTRAP
 
 
 def _registry_path(args: argparse.Namespace) -> Path:
+    """The producer registry: --registry, else in the transfer state dir.
+
+    The state dir is never the current folder by default (``StateDir.for_transfers``): a
+    data folder the command runs in must not gain a ``.msi`` of ours.
+    """
     if args.registry is not None:
         return Path(args.registry)
-    state = StateDir.from_env(args.state_dir)
-    state.ensure_writable()
+    state = StateDir.for_transfers(args.state_dir)
+    # A stack's state dir gets the stack's layout; the user's state dir only the registry.
+    state.ensure_writable(stack_layout=state.root != StateDir(user_state_dir()).root)
     return state.root / REGISTRY_FILE
+
+
+def own_state_excludes(root: Path, registry: Path, state_dir: Path | None) -> tuple[str, ...]:
+    """Exclude regexes for our own state files that lie below a watched folder.
+
+    The watcher must never send the files that record what it sent: the registry, with
+    SQLite's ``-wal``, ``-shm`` and ``-journal`` files beside it, and the whole state dir
+    (a stack's ``.msi`` holds its logs, databases and S3 data too).
+
+    Args:
+        root: The watched folder.
+        registry: The producer registry file.
+        state_dir: The state dir in use, or None when ``--registry`` named the registry.
+
+    Returns:
+        Regexes matching the whole relative path (``FileFilter.exclude_regex``).
+    """
+    base = root.resolve()
+    excludes: list[str] = []
+    if state_dir is not None:
+        with contextlib.suppress(ValueError):
+            state_rel = state_dir.resolve().relative_to(base).as_posix()
+            # "." would be the watched folder itself: then only the files below are ours.
+            if state_rel != ".":
+                excludes.append(re.escape(state_rel) + "/.*")
+    with contextlib.suppress(ValueError):
+        registry_rel = (registry.parent.resolve() / registry.name).relative_to(base).as_posix()
+        excludes.append(re.escape(registry_rel) + "(?:-wal|-shm|-journal)?")
+    return tuple(excludes)
+
+
+def _transfer_state_dir(args: argparse.Namespace) -> Path | None:
+    """The state dir holding the registry; None when --registry names the registry."""
+    return None if args.registry is not None else StateDir.for_transfers(args.state_dir).root
 
 
 def _producer_settings(args: argparse.Namespace) -> ProducerSettings:
@@ -380,8 +425,13 @@ def _watch(args: argparse.Namespace) -> int:
     root: Path = args.directory
     if not root.is_dir():
         raise MsiError(f"not a folder: {root}")
+    registry_path = _registry_path(args)
     try:
-        file_filter = FileFilter(include=tuple(args.include), exclude=tuple(args.exclude))
+        file_filter = FileFilter(
+            include=tuple(args.include),
+            exclude=tuple(args.exclude),
+            exclude_regex=own_state_excludes(root, registry_path, _transfer_state_dir(args)),
+        )
         watch_settings = WatchSettings(
             root=root,
             filter=file_filter,
@@ -396,7 +446,7 @@ def _watch(args: argparse.Namespace) -> int:
     started = time.time()
     conditions = StopConditions(args.stop_after_files, args.idle_timeout)
     with (
-        Registry(_registry_path(args)) as registry,
+        Registry(registry_path) as registry,
         codec_from_args(args, connection, [args.topic]) as codec,
         StopOnSignal() as stop,
     ):
@@ -461,7 +511,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
         if event.kind is FileEventKind.RECONSTRUCTED:
             completion_times.setdefault("first", time.time())
             completion_times["last"] = time.time()
-        _print_event(event)
+        try:
+            _print_event(event)
+        except BrokenPipeError as exc:
+            # Not a full disk (an OSError the reassembler would retry forever): stop, with
+            # the batch uncommitted, as a program whose output is gone does.
+            raise MsiError("the standard output was closed; stopping") from exc
 
     conditions = StopConditions(
         stop_after_files=args.stop_after_files, idle_timeout_s=args.idle_timeout
@@ -475,7 +530,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
             stats = reassembler.run(stop, conditions)
     print(
         f"{stats.files_reconstructed} reconstructed, {stats.files_rejected} rejected, "
-        f"{stats.bytes_written} bytes written",
+        f"{stats.messages_rejected} rejected messages, {stats.bytes_written} bytes written",
         flush=True,
     )
     write_summary(
@@ -483,6 +538,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
         {
             "reconstructed": stats.files_reconstructed,
             "rejected": stats.files_rejected,
+            # Messages that name no file (garbage, other applications): not files.
+            "rejected_messages": stats.messages_rejected,
             "rejected_by_reason": dict(stats.rejected_by_reason),
             "bytes_written": stats.bytes_written,
             "started_at": started,
@@ -494,9 +551,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _print_event(event: FileEvent) -> None:
+    """One line per file outcome.
+
+    A rejected message that names no file is not printed: the reassembler's log line
+    already reports it once, with its partition and offset.
+    """
     from msi_prefect.transfer.reassembler import FileEventKind
 
     if event.kind is FileEventKind.RECONSTRUCTED:
         print(f"reconstructed {event.relpath} ({event.size} bytes) -> {event.url}", flush=True)
-    else:
-        print(f"rejected {event.relpath!r}: {event.reason}", flush=True)
+    elif event.names_file:
+        print(f"rejected {event.where()}: {event.reason}", flush=True)

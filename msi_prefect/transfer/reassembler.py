@@ -4,8 +4,19 @@ Per batch of messages: every chunk is written with a positional write into its
 generation's staging file; the touched staging files are fsynced; the chunks are recorded
 in the progress store in one transaction; files whose last chunk is in are verified
 (SHA-256, size) and handed to the sink (an atomic rename into the destination, or an upload);
-only then are the batch's offsets committed. A crash at any point therefore loses nothing
-and repeats at most one batch, whose chunks are recognised as already written.
+the outcome of every finished file is handed to the event callback (which makes it durable,
+e.g. in an event outbox); only then is the progress transaction committed, and then the
+batch's offsets. A crash at any point therefore loses nothing and repeats at most one batch,
+whose chunks are recognised as already written.
+
+Events are part of that commit order. A callback that fails on storage (an ``OSError`` or
+``sqlite3.OperationalError``, such as a full disk under the event outbox) raises
+``EventDeliveryError``: the batch is neither recorded nor committed, it is rewound and
+retried after a pause like any local write error, and the replay delivers its files again
+with the same events. Events the callback already took before the failure are not handed
+to it again. Any other exception from the callback is a bug, not a state of the disk: it
+stops the consumer with the batch uncommitted (the next start replays it) rather than
+retrying forever or committing a file whose event was lost.
 
 Several reassemblers may share a consumer group, and a partition can move to another
 member while a file is half received. So the offset committed for a partition never passes
@@ -36,7 +47,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from msi_prefect.errors import MsiError
+from msi_prefect.errors import EventDeliveryError, MsiError
 from msi_prefect.transfer.formats import VerificationError, WireFormat, codec_for
 from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.paths import UnsafePathError
@@ -85,6 +96,9 @@ STATE_DIR_NAME = ".msi-state"
 # Added to twice the session timeout: how long a partial assignment is tolerated in a format
 # whose files span partitions.
 PARTIAL_ASSIGNMENT_MARGIN_S = 5.0
+# Identities of recently rejected messages: a file whose every chunk is rejected counts as
+# one rejected file, not one per chunk.
+REJECTED_IDENTITIES_KEPT = 1024
 
 
 class FileEventKind(StrEnum):
@@ -126,17 +140,68 @@ class FileEvent:
     partition: int | None = None
     offset: int | None = None
 
+    @property
+    def names_file(self) -> bool:
+        """Whether the outcome is about a file: it has a path or a file id.
+
+        A rejected message that names neither (garbage, another application's message on
+        the topic) is not a file: it is counted apart and reported by partition and offset.
+        """
+        return self.relpath is not None or self.file_id is not None
+
+    def where(self) -> str:
+        """The file's path, or for a message that names no file its partition and offset."""
+        if self.relpath is not None:
+            return repr(self.relpath)
+        if self.file_id is not None:
+            return f"file id {self.file_id}"
+        return f"message at partition {self.partition} offset {self.offset}"
+
 
 @dataclass
 class ReassemblerStats:
-    """Counters of one reassembler run."""
+    """Counters of one reassembler run.
+
+    The outcome counters count each outcome once: those of a batch that is retried after
+    a local error count only when the retry commits. ``messages``, ``chunks_written`` and
+    ``bytes_written`` count the work done, retries included.
+
+    Attributes:
+        messages: Messages read.
+        chunks_written: Chunks written into staging files.
+        bytes_written: Bytes written into staging files.
+        files_reconstructed: Files verified and delivered.
+        files_rejected: Rejected files: files that failed verification, and rejected
+            messages that name a file (by path or file id; once per file however many of
+            its chunks were rejected).
+        messages_rejected: Rejected messages that name no file (garbage, another
+            application's messages); not files, so not in ``files_rejected``.
+        rejected_by_reason: Rejections (of files and of messages) by reason code.
+    """
 
     messages: int = 0
     chunks_written: int = 0
     bytes_written: int = 0
     files_reconstructed: int = 0
     files_rejected: int = 0
+    messages_rejected: int = 0
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def files_done(self) -> int:
+        """Files finished either way (what ``--stop-after-files`` counts)."""
+        return self.files_reconstructed + self.files_rejected
+
+
+@dataclass(frozen=True)
+class _OutcomeSnapshot:
+    """The outcome counters before a batch, restored if the batch is rolled back."""
+
+    files_reconstructed: int
+    files_rejected: int
+    messages_rejected: int
+    rejected_by_reason: Counter[str]
+    rejected_identities: OrderedDict[tuple[str | None, ...], None]
 
 
 @dataclass(frozen=True)
@@ -244,6 +309,19 @@ class _PendingWrites:
 
 
 EventCallback = Callable[[FileEvent], None]
+# What tells one event from another: the outcome, the file generation, or the message.
+_EventKey = tuple[str, str | None, int | None, str | None, int | None, int | None]
+
+
+def _event_key(event: FileEvent) -> _EventKey:
+    return (
+        event.kind.value,
+        event.file_id,
+        event.generation,
+        event.relpath,
+        event.partition,
+        event.offset,
+    )
 
 
 class MessageOpener(Protocol):
@@ -262,7 +340,13 @@ class Reassembler:
     Args:
         connection: The Kafka cluster.
         settings: Topic, destination, group and limits.
-        on_event: Called for every reconstructed or rejected file, in the consumer thread.
+        on_event: Called for every reconstructed or rejected file (or rejected message), in
+            the consumer thread, once the batch's deliveries are durable and before its
+            progress and offsets are committed. It must make the outcome durable before it
+            returns. It may raise ``OSError`` or ``sqlite3.OperationalError`` when its
+            storage fails (a full disk): the batch is then retried after a pause, and
+            events it already took are not handed to it again. Any other exception stops
+            the consumer with the batch uncommitted.
         on_tick: Called in the consumer thread after every poll of the broker (at least
             every 0.1 s), for work that is due on time rather than on a file.
         codec: Optional opener applied to every message before it is decoded (end-to-end
@@ -312,6 +396,13 @@ class Reassembler:
         # Set while this member owns only some partitions in a format that needs them all.
         self._partial_assignment: tuple[float, str] | None = None
         self._fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="msi-fsync")
+        # Outcomes of the batch in hand, handed to on_event once its deliveries are durable.
+        self._pending_events: list[FileEvent] = []
+        # Events on_event took whose batch has not committed (it failed and is retried):
+        # the retry does not hand them over again. Emptied as their batch commits.
+        self._recorded_events: set[_EventKey] = set()
+        self._batch_event_keys: list[_EventKey] = []
+        self._rejected_identities: OrderedDict[tuple[str | None, ...], None] = OrderedDict()
 
     # ----------------------------------------------------------------- consumer set-up
 
@@ -422,8 +513,10 @@ class Reassembler:
                     break
                 if self._on_tick is not None:
                     self._on_tick()
-                done = self.stats.files_reconstructed + self.stats.files_rejected
-                if conditions.stop_after_files is not None and done >= conditions.stop_after_files:
+                if (
+                    conditions.stop_after_files is not None
+                    and self.stats.files_done >= conditions.stop_after_files
+                ):
                     break
         finally:
             self.close()
@@ -447,18 +540,29 @@ class Reassembler:
         self._fsync_pool.shutdown()
 
     def _handle_batch_with_retry(self, messages: list[Any], stop: threading.Event) -> None:
-        """Handle a batch; on a local error (disk full) rewind and retry it later."""
+        """Handle a batch; on a local error (disk full) rewind and retry it later.
+
+        A local error is an ``OSError`` (the staging files, the sink, or an event that could
+        not be recorded: ``EventDeliveryError``) or a ``sqlite3.OperationalError`` (the
+        progress store, under DEST/.msi-state by default, shares the destination's disk
+        and reports a full disk in its own way).
+        """
         from confluent_kafka import TopicPartition
 
+        before = self._outcome_snapshot()
         try:
             self._handle_batch(messages)
         except (OSError, sqlite3.OperationalError) as exc:
-            # sqlite3.OperationalError: the progress store (under DEST/.msi-state by default)
-            # shares the destination's disk, and reports a full disk in its own way.
+            self._roll_back_outcomes(before)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            what = (
+                "recording file events"
+                if isinstance(exc, EventDeliveryError)
+                else f"writing to {self.settings.destination}"
+            )
             logger.error(
-                "writing to %s failed (%s); nothing was committed, retrying in %.0f s",
-                self.settings.destination,
+                "%s failed (%s); nothing was committed, retrying in %g s",
+                what,
                 reason,
                 LOCAL_ERROR_BACKOFF_S,
             )
@@ -474,10 +578,12 @@ class Reassembler:
                     self._consumer.seek(TopicPartition(self.settings.topic, partition, offset))
 
     def _handle_batch(self, messages: list[Any]) -> None:
-        """Write, sync, record and deliver a batch; then commit its offsets.
+        """Write, sync, record and deliver a batch; record its events; commit its offsets.
 
         The progress updates of the whole batch are one transaction, committed after the
-        sink made its deliveries durable and before the Kafka offsets are committed.
+        sink made its deliveries durable and the event callback recorded their outcomes,
+        and before the Kafka offsets are committed. A failure at any step before the
+        offset commit rolls the transaction back, so the batch comes again whole.
         """
         commit_to: dict[int, int] = {}
         with self.progress.batch():
@@ -486,7 +592,9 @@ class Reassembler:
                 self.sink.flush()
             except SinkError as exc:  # a local I/O error: the batch is retried
                 raise OSError(str(exc)) from exc
+            self._deliver_events()
         self._commit(commit_to)
+        self._events_committed()
 
     def _handle_messages(self, messages: list[Any], commit_to: dict[int, int]) -> None:
         pending = _PendingWrites()
@@ -718,12 +826,17 @@ class Reassembler:
         """Files fully received before a crash but not delivered yet: deliver them now."""
         for progress in self.progress.receiving(self.settings.topic):
             if progress.is_complete:
+                before = self._outcome_snapshot()
                 try:
                     with self.progress.batch():
                         self._finish(progress, None)
                         self.sink.flush()
+                        self._deliver_events()
                 except (OSError, sqlite3.OperationalError) as exc:
+                    self._roll_back_outcomes(before)
                     logger.error("cannot deliver %r yet: %s", progress.relpath, exc)
+                else:
+                    self._events_committed()
 
     def _abort(self, notice: AbortNotice) -> None:
         progress = self.progress.mark_aborted(
@@ -790,32 +903,110 @@ class Reassembler:
             message.offset(),
             reason,
         )
-        self._rejected(
-            FileEvent(
-                kind=FileEventKind.REJECTED,
-                topic=self.settings.topic,
-                relpath=self._format.relpath_hint(message.key(), message.headers()),
-                file_id=_header_text(message.headers(), "msi.fid"),
-                reason=reason,
-                reason_code=code,
-                partition=message.partition(),
-                offset=message.offset(),
-            )
+        headers = message.headers()
+        event = FileEvent(
+            kind=FileEventKind.REJECTED,
+            topic=self.settings.topic,
+            relpath=self._format.relpath_hint(message.key(), headers),
+            file_id=_header_text(headers, "msi.fid"),
+            reason=reason,
+            reason_code=code,
+            partition=message.partition(),
+            offset=message.offset(),
         )
+        # The chunks of one file share path, file id and generation: count the file once.
+        identity = (event.file_id, event.relpath, _header_text(headers, "msi.gen"))
+        self._rejected(event, new_file=event.names_file and self._first_rejection_of(identity))
 
-    def _rejected(self, event: FileEvent) -> None:
-        """Count a rejected file or message by its reason code and report it."""
-        self.stats.files_rejected += 1
+    def _first_rejection_of(self, identity: tuple[str | None, ...]) -> bool:
+        """Whether no recent rejected message named this file (path, file id, generation)."""
+        if identity in self._rejected_identities:
+            self._rejected_identities.move_to_end(identity)
+            return False
+        self._rejected_identities[identity] = None
+        if len(self._rejected_identities) > REJECTED_IDENTITIES_KEPT:
+            self._rejected_identities.popitem(last=False)
+        return True
+
+    def _rejected(self, event: FileEvent, new_file: bool = True) -> None:
+        """Count a rejected file or message by its reason code and report it.
+
+        Args:
+            event: The rejection.
+            new_file: False for a further rejected chunk of a file already counted.
+        """
+        if not event.names_file:
+            self.stats.messages_rejected += 1
+        elif new_file:
+            self.stats.files_rejected += 1
         self.stats.rejected_by_reason[event.reason_code or "unknown"] += 1
         self._emit(event)
 
+    # ------------------------------------------------------------------------ events
+
     def _emit(self, event: FileEvent) -> None:
-        if self._on_event is None:
-            return
+        """Queue an outcome; the callback gets it once the batch's deliveries are durable."""
+        if self._on_event is not None:
+            self._pending_events.append(event)
+
+    def _deliver_events(self) -> None:
+        """Hand the batch's outcomes to the callback, before the batch commits.
+
+        Raises:
+            EventDeliveryError: The callback could not record an event (its storage
+                failed); the batch must not commit.
+        """
+        events, self._pending_events = self._pending_events, []
+        for event in events:
+            key = _event_key(event)
+            self._batch_event_keys.append(key)
+            if key in self._recorded_events:
+                continue  # recorded by an earlier try of this batch, which did not commit
+            self._record_event(event)
+            self._recorded_events.add(key)
+
+    def _record_event(self, event: FileEvent) -> None:
+        assert self._on_event is not None
         try:
             self._on_event(event)
-        except Exception:  # an event consumer must never stop the transfer
-            logger.exception("event callback failed for %s", event.relpath)
+        except EventDeliveryError:
+            raise
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise EventDeliveryError(
+                f"the {event.kind.value} event of {event.where()} could not be recorded: {exc}"
+            ) from exc
+        except Exception:
+            # A bug, not a full disk: retrying would loop, committing would lose the event.
+            logger.error(
+                "the event callback failed for %s: stopping with the batch uncommitted",
+                event.where(),
+            )
+            raise
+
+    def _events_committed(self) -> None:
+        """The batch committed: its events will not come again."""
+        self._recorded_events.difference_update(self._batch_event_keys)
+        self._batch_event_keys.clear()
+
+    def _outcome_snapshot(self) -> _OutcomeSnapshot:
+        stats = self.stats
+        return _OutcomeSnapshot(
+            stats.files_reconstructed,
+            stats.files_rejected,
+            stats.messages_rejected,
+            Counter(stats.rejected_by_reason),
+            OrderedDict(self._rejected_identities),
+        )
+
+    def _roll_back_outcomes(self, snapshot: _OutcomeSnapshot) -> None:
+        """Forget the outcomes of a batch that did not commit (its retry counts them)."""
+        self.stats.files_reconstructed = snapshot.files_reconstructed
+        self.stats.files_rejected = snapshot.files_rejected
+        self.stats.messages_rejected = snapshot.messages_rejected
+        self.stats.rejected_by_reason = snapshot.rejected_by_reason
+        self._rejected_identities = snapshot.rejected_identities
+        self._pending_events.clear()
+        self._batch_event_keys.clear()
 
     # ------------------------------------------------------------------------- commits
 

@@ -16,7 +16,9 @@ class StopConditions:
     """When a run ends by itself (besides the stop event).
 
     Attributes:
-        stop_after_files: End after this many files were finished (sent, rebuilt, rejected).
+        stop_after_files: End after this many files were finished (sent, rebuilt, or
+            rejected). Only files count: a rejected message that names no file (no path,
+            no file id: garbage, another application's message) is counted apart.
         idle_timeout_s: End after this long with nothing to do.
     """
 
