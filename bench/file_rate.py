@@ -19,7 +19,10 @@ Method, per scenario and mode, in one run:
    --watch-dir W --destination-dir D --port NAME=PORT ...`` on free loopback ports, in a
    temporary directory; ``down`` always runs at the end. A mode written ``MODE@DIR`` runs
    the stack from another checkout (``PYTHONPATH=DIR`` for the CLI and everything it
-   starts), to measure older code side by side with the same harness in the same run.
+   starts), to measure older code side by side with the same harness in the same run;
+   ``MODE+NAME=VALUE`` (repeatable) sets an environment variable for the stack, to
+   compare a setting with its default (the stack's tuning yields to the caller's
+   environment).
 2. Once the long-running runs are RUNNING and the consumer group is STABLE, the files (16
    KiB of random bytes each) are dropped into W at the scenario's rate (written outside W,
    then ``os.replace``-d in).
@@ -290,9 +293,12 @@ def _drop(
 def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeResult:
     """Bring a stack up with one dispatch mode, push the files through, bring it down."""
     result = ModeResult(scenario.name, mode, files=scenario.files, offered_rate=scenario.rate)
+    mode, *assignments = mode.split("+")
     mode, _, code = mode.partition("@")
     deadline = Deadline(opts.timeout)
-    extra_env = {"PYTHONPATH": code} if code else None
+    extra_env: dict[str, str] = dict(a.split("=", 1) for a in assignments)
+    if code:
+        extra_env["PYTHONPATH"] = code
     work = Path(tempfile.mkdtemp(prefix=f"msi-file-rate-{scenario.name}-{mode}-"))
     state, watch, dest, staging = (work / n for n in ("state", "inbox", "received", "staging"))
     staging.mkdir()
@@ -346,6 +352,7 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
                 if result.done == len(names):
                     break
             dropper.join()
+            _sample_rss(api_url, pids["prefect"], pids["worker"], result)  # with the final count
             result.first_drop = min(result.dropped_at.values())
             result.last_drop = max(result.dropped_at.values())
             try:
@@ -449,7 +456,8 @@ def main() -> int:
         "--modes",
         nargs="+",
         default=["adaptive"],
-        help="dispatch modes; MODE@DIR runs that mode from the checkout DIR",
+        help="dispatch modes; MODE@DIR runs that mode from the checkout DIR, "
+        "MODE+NAME=VALUE with an environment variable set for the stack",
     )
     parser.add_argument("--files", type=int, default=60, help="custom: files")
     parser.add_argument("--rate", type=float, default=2.0, help="custom: files dropped per s")

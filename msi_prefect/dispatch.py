@@ -23,6 +23,7 @@ gets it twice. Memory holds only a count and a time; the files themselves stay o
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from msi_prefect.events import FileFacts
 from msi_prefect.transfer.sqlite_db import DurableQueue
@@ -79,13 +80,11 @@ class RunBacklogReading:
     """The downstream runs the Prefect server held at one moment.
 
     Attributes:
-        waiting: Runs created but not started yet (Scheduled, Pending).
-        running: Runs running.
+        counts: Runs created but not started yet (Scheduled, Pending), and running.
         taken_at: When it was read (monotonic seconds).
     """
 
-    waiting: int
-    running: int
+    counts: DownstreamRunCounts
     taken_at: float
 
 
@@ -99,30 +98,65 @@ class RunBacklog(Protocol):
         """Files are moving: read often for a while."""
 
 
-def count_file_runs() -> tuple[int, int]:
-    """(waiting, running) downstream runs on the Prefect server the context points at."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
+@dataclass(frozen=True)
+class DownstreamRunCounts:
+    """How many downstream runs wait to start, and how many run."""
 
-    flows = FlowFilter(name=FlowFilterName(any_=list(FILE_FLOWS)))
+    waiting: int
+    running: int
 
-    def count(*types: StateType) -> int:
-        state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types)))
-        with get_client(sync_client=True) as client:
-            return int(
-                client.count_flow_runs(
-                    flow_filter=flows, flow_run_filter=FlowRunFilter(state=state)
-                )
+
+class PrefectRunCounter:
+    """Counts the downstream runs on the Prefect server the context points at.
+
+    One client is kept for the reading thread's life (a client costs a TLS context and a
+    connection); it is replaced after a failure.
+    """
+
+    def __init__(self) -> None:
+        self._client: Any = None
+
+    def __call__(self) -> DownstreamRunCounts:
+        """Two ``flow_runs/count`` queries: Scheduled or Pending, and Running.
+
+        Raises:
+            Exception: The server did not answer (the client is then dropped).
+        """
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowFilter,
+            FlowFilterName,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        if self._client is None:
+            self._client = get_client(sync_client=True)
+            self._client.__enter__()
+        flows = FlowFilter(name=FlowFilterName(any_=list(FILE_FLOWS)))
+
+        def count(*types: StateType) -> int:
+            state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types)))
+            runs = FlowRunFilter(state=state)
+            return int(self._client.count_flow_runs(flow_filter=flows, flow_run_filter=runs))
+
+        try:
+            return DownstreamRunCounts(
+                waiting=count(StateType.SCHEDULED, StateType.PENDING),
+                running=count(StateType.RUNNING),
             )
+        except Exception:
+            self.close()
+            raise
 
-    return count(StateType.SCHEDULED, StateType.PENDING), count(StateType.RUNNING)
+    def close(self) -> None:
+        """Close the client (the next count opens a new one)."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.__exit__(None, None, None)
 
 
 class ServerRunBacklog:
@@ -134,16 +168,19 @@ class ServerRunBacklog:
     stale); the transfer never waits for the server.
 
     Args:
-        count: Returns (waiting, running); :func:`count_file_runs` by default.
+        count: Reads the counts; a :class:`PrefectRunCounter` by default.
         clock: Monotonic time source.
     """
 
     def __init__(
         self,
-        count: Callable[[], tuple[int, int]] = count_file_runs,
+        count: Callable[[], DownstreamRunCounts] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._count = count
+        self._counter = PrefectRunCounter() if count is None else None
+        self._count: Callable[[], DownstreamRunCounts] = count or cast(
+            PrefectRunCounter, self._counter
+        )
         self._clock = clock
         self._reading: RunBacklogReading | None = None
         self._active_until = 0.0
@@ -171,6 +208,8 @@ class ServerRunBacklog:
         self._closing = True
         self._wakeup.set()
         self._thread.join(BACKLOG_STALE_S)
+        if self._counter is not None:
+            self._counter.close()
 
     def _loop(self) -> None:
         while not self._closing:
@@ -179,8 +218,7 @@ class ServerRunBacklog:
                 self._wakeup.clear()
                 continue
             try:
-                waiting, running = self._count()
-                self._reading = RunBacklogReading(waiting, running, self._clock())
+                self._reading = RunBacklogReading(self._count(), self._clock())
             except Exception as exc:  # the server is away: the reading grows stale
                 logger.debug("could not read the downstream run counts: %r", exc)
             self._wakeup.wait(BACKLOG_POLL_S)
@@ -225,7 +263,7 @@ class AdaptiveGate:
             return True
         if reading.taken_at < self._last_dispatch + TRIGGER_LAG_S:
             return False  # taken before the last dispatch's runs existed
-        return reading.waiting == 0 and reading.running < self._max_running
+        return reading.counts.waiting == 0 and reading.counts.running < self._max_running
 
     def dispatched(self) -> None:
         """A file or a batch was just dispatched."""

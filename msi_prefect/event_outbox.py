@@ -11,6 +11,19 @@ server is unreachable the sender retries with a growing pause (up to
 delivered. Event ids are deterministic (``msi_prefect.events``), so an event posted twice
 (accepted, then the process died before deleting it) is kept once by the server.
 
+A server that accepted an event can still lose it: Prefect's server keeps accepted
+events in memory queues until its services (the persister, the triggers) take them, so a
+server that dies (a power cut) loses what it had not processed, and an overloaded one
+drops events once a queue is full (10,000 messages, fixed in Prefect's code). So a posted
+event moves to a second outbox, the *unconfirmed* one, and the sender asks the server
+(``POST /api/events/filter`` by id) whether it stored it: a stored event is forgotten, one
+still missing :data:`RESEND_AFTER_S` after it was posted is posted again. The server's
+triggers skip an id they have seen (for 15 minutes), so a re-sent event that did start
+its work is not acted on twice; only an event lost in the second between the triggers and
+the persister, on a server that then died, can start its work twice. The unconfirmed
+outbox lives on disk too, so the next run of the flow goes on confirming what this one
+posted.
+
 Memory stays flat: the sender reads at most ``batch_size`` rows at a time; the backlog
 lives on disk.
 """
@@ -33,7 +46,22 @@ from msi_prefect.transfer.sqlite_db import DurableQueue
 logger = logging.getLogger(__name__)
 
 EVENT_OUTBOX_FILE = "event-outbox.sqlite"
+#: Beside the outbox: events posted but not yet seen stored by the server.
+UNCONFIRMED_SUFFIX = ".unconfirmed"
 DEFAULT_BATCH_SIZE = 100
+#: A posted event is looked for this long after it was posted (Prefect's persister writes
+#: events within 5 s by default, within 1 s on the embedded stack).
+CONFIRM_AFTER_S = 10.0
+#: ...and posted again if the server has not stored it this long after.
+RESEND_AFTER_S = 30.0
+#: Event ids asked about per query (the server's largest page), and queries per round.
+CONFIRM_BATCH = 50
+CONFIRM_QUERIES_PER_ROUND = 8
+#: How often the sender asks about posted events.
+CONFIRM_INTERVAL_S = 2.0
+# The bounds of the id query's time window: any time.
+EPOCH_ISO = "2000-01-01T00:00:00Z"
+FAR_FUTURE_ISO = "2100-01-01T00:00:00Z"
 # The sender looks at the outbox at least this often, even without a wake-up.
 IDLE_CHECK_S = 1.0
 FIRST_RETRY_PAUSE_S = 1.0
@@ -43,11 +71,19 @@ DEFAULT_DRAIN_S = 10.0
 
 #: Posts a batch of events (JSON objects); raises if the server did not accept them.
 PostEvents = Callable[[list[dict[str, Any]]], None]
+#: Of some event ids, the ones the server has stored; raises if it cannot tell.
+ConfirmEvents = Callable[[list[str]], set[str]]
 
 
 def event_outbox(path: str | Path) -> DurableQueue:
     """The durable queue of events waiting to be delivered, keyed by event id."""
     return DurableQueue(path, name="event outbox")
+
+
+def unconfirmed_outbox(path: str | Path) -> DurableQueue:
+    """The events posted from the outbox at ``path`` that the server has not shown stored."""
+    path = Path(path)
+    return DurableQueue(path.with_name(path.name + UNCONFIRMED_SUFFIX), name="unconfirmed events")
 
 
 class EventSender:
@@ -57,6 +93,10 @@ class EventSender:
         outbox: The events to deliver.
         post: Sends one batch; raises when the server did not take it.
         batch_size: Events per post.
+        unconfirmed: Where posted events wait until the server shows them stored; without
+            it (and ``confirm``) a posted event is forgotten at once.
+        confirm: Asks the server which of some event ids it stored.
+        clock: Wall-clock time source (tests inject a fake).
     """
 
     def __init__(
@@ -64,10 +104,18 @@ class EventSender:
         outbox: DurableQueue,
         post: PostEvents,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        unconfirmed: DurableQueue | None = None,
+        confirm: ConfirmEvents | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._outbox = outbox
         self._post = post
         self._batch_size = batch_size
+        self._unconfirmed = unconfirmed if confirm is not None else None
+        self._confirm = confirm
+        self._clock = clock
+        self._confirmed_at = 0.0
+        self.resent = 0
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,9 +147,59 @@ class EventSender:
         if not batch:
             return False
         self._post([body for _, body in batch])
+        if self._unconfirmed is not None:
+            # Recorded before the outbox forgets them: a crash in between posts them again.
+            posted_at = self._clock()
+            self._unconfirmed.add_many(
+                [(str(body["id"]), {"posted_at": posted_at, "event": body}) for _, body in batch]
+            )
         self._outbox.remove_through(batch[-1][0])
         self.delivered += len(batch)
         return True
+
+    def confirm_once(self) -> int:
+        """Ask the server about the posted events that are due; re-queue the lost ones.
+
+        Returns:
+            How many events were settled (found stored, or queued to be posted again).
+
+        Raises:
+            Exception: Whatever ``confirm`` raised; the events stay unconfirmed.
+        """
+        if self._unconfirmed is None or self._confirm is None:
+            return 0
+        settled = 0
+        for _ in range(CONFIRM_QUERIES_PER_ROUND):
+            now = self._clock()
+            due = [
+                record
+                for _, record in self._unconfirmed.oldest(CONFIRM_BATCH)
+                if now - record["posted_at"] >= CONFIRM_AFTER_S
+            ]
+            if not due:
+                break
+            stored = self._confirm([record["event"]["id"] for record in due])
+            lost = [
+                record
+                for record in due
+                if record["event"]["id"] not in stored
+                and now - record["posted_at"] >= RESEND_AFTER_S
+            ]
+            if lost:
+                logger.warning(
+                    "The Prefect server lost %d of the events it accepted (a restart, or "
+                    "its queues overflowed); posting them again",
+                    len(lost),
+                )
+                self._outbox.add_many([(record["event"]["id"], record["event"]) for record in lost])
+                self.resent += len(lost)
+                self._wakeup.set()
+            done = [*stored, *(record["event"]["id"] for record in lost)]
+            self._unconfirmed.remove_keys(done)
+            settled += len(done)
+            if len(done) < len(due):  # the rest is not due for a verdict yet
+                break
+        return settled
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -111,6 +209,9 @@ class EventSender:
                         logger.warning("Prefect server reachable again; delivering events")
                     self._pause = FIRST_RETRY_PAUSE_S
                     continue
+                if self._clock() - self._confirmed_at >= CONFIRM_INTERVAL_S:
+                    self._confirmed_at = self._clock()
+                    self._confirm_quietly()
             except Exception as exc:  # the server is down or refused: keep the events
                 self.failed_posts += 1
                 if self._pause == FIRST_RETRY_PAUSE_S:
@@ -125,6 +226,14 @@ class EventSender:
                 continue
             self._wakeup.wait(IDLE_CHECK_S)
             self._wakeup.clear()
+
+    def _confirm_quietly(self) -> None:
+        # A server that cannot answer now is asked again in a moment; the posting of new
+        # events must not pause for it.
+        try:
+            self.confirm_once()
+        except Exception as exc:
+            logger.debug("could not ask the Prefect server about posted events: %r", exc)
 
     def close(self, drain_s: float = DEFAULT_DRAIN_S) -> int:
         """Stop the thread, then try to deliver what is left for up to ``drain_s`` seconds.
@@ -175,6 +284,33 @@ class PrefectEventPoster:
         except Exception:
             self.close()
             raise
+
+    def stored(self, event_ids: list[str]) -> set[str]:
+        """Of ``event_ids``, the ones the server has stored (``POST /events/filter``).
+
+        Raises:
+            httpx.HTTPError: The server is unreachable or did not answer.
+        """
+        from prefect.client.orchestration import get_client
+
+        if self._client is None:
+            self._client = get_client(sync_client=True)
+            self._client.__enter__()
+        body = {
+            "filter": {
+                "id": {"id": event_ids},
+                # An event can be old: it may have waited out an outage in the outbox.
+                "occurred": {"since": EPOCH_ISO, "until": FAR_FUTURE_ISO},
+            },
+            "limit": len(event_ids),
+        }
+        try:
+            response = self._client.request("POST", cast(Any, "/events/filter"), json=body)
+            response.raise_for_status()
+        except Exception:
+            self.close()
+            raise
+        return {str(event["id"]) for event in response.json().get("events", [])}
 
     def close(self) -> None:
         """Close the HTTP client (a later post opens a new one)."""
@@ -242,6 +378,9 @@ class EventChannel:
         post: Delivers a batch (default: a :class:`PrefectEventPoster`).
         run_related: Related resources added to every event (default: the current flow
             run's, looked up once).
+        confirm: Asks the server which events it stored (default with the default
+            ``post``: :meth:`PrefectEventPoster.stored`; none with a ``post`` of the
+            caller's unless given).
     """
 
     def __init__(
@@ -249,22 +388,30 @@ class EventChannel:
         path: str | Path,
         post: PostEvents | None = None,
         run_related: list[dict[str, str]] | None = None,
+        confirm: ConfirmEvents | None = None,
     ) -> None:
         self._path = Path(path)
         self._poster: PrefectEventPoster | None = None
         if post is None:
             self._poster = PrefectEventPoster()
             post = self._poster
+            confirm = self._poster.stored
         self._post = post
+        self._confirm = confirm
         self._run_related = run_related
         self._outbox: DurableQueue | None = None
+        self._unconfirmed: DurableQueue | None = None
         self._sender: EventSender | None = None
 
     def __enter__(self) -> Self:
         if self._run_related is None:
             self._run_related = run_related_resources()
         self._outbox = event_outbox(self._path)
-        self._sender = EventSender(self._outbox, self._post)
+        if self._confirm is not None:
+            self._unconfirmed = unconfirmed_outbox(self._path)
+        self._sender = EventSender(
+            self._outbox, self._post, unconfirmed=self._unconfirmed, confirm=self._confirm
+        )
         self._sender.start()
         return self
 
@@ -296,5 +443,7 @@ class EventChannel:
                 logger.warning("%d events wait in %s for the next run", left, self._path)
         if self._outbox is not None:
             self._outbox.close()
+        if self._unconfirmed is not None:
+            self._unconfirmed.close()
         if self._poster is not None:
             self._poster.close()

@@ -12,6 +12,7 @@ from msi_prefect.dispatch import (
     BACKLOG_STALE_S,
     TRIGGER_LAG_S,
     AdaptiveGate,
+    DownstreamRunCounts,
     FileBatcher,
     RunBacklogReading,
     ServerRunBacklog,
@@ -137,7 +138,7 @@ class FakeBacklog:
         self.wakes = 0
 
     def set(self, waiting: int, running: int = 0) -> None:
-        self.reading = RunBacklogReading(waiting, running, self.clock.now)
+        self.reading = RunBacklogReading(DownstreamRunCounts(waiting, running), self.clock.now)
 
     def latest(self) -> RunBacklogReading | None:
         return self.reading
@@ -243,11 +244,11 @@ def test_adaptive_without_a_fresh_reading_spaces_dispatches_by_time(
 def test_server_backlog_reads_in_its_thread_only_while_files_move() -> None:
     calls: list[float] = []
 
-    def count() -> tuple[int, int]:
+    def count() -> DownstreamRunCounts:
         calls.append(time.monotonic())
         if len(calls) == 2:
             raise OSError("server away")  # a failed read keeps the previous one
-        return (len(calls), 0)
+        return DownstreamRunCounts(waiting=len(calls), running=0)
 
     backlog = ServerRunBacklog(count)
     try:
@@ -258,7 +259,7 @@ def test_server_backlog_reads_in_its_thread_only_while_files_move() -> None:
         while len(calls) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         reading = backlog.latest()
-        assert reading is not None and reading.waiting in (1, 3)
+        assert reading is not None and reading.counts.waiting in (1, 3)
     finally:
         backlog.close()
 

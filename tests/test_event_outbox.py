@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.event_outbox import EventChannel, EventSender, event_body, event_outbox
+from msi_prefect.event_outbox import (
+    CONFIRM_AFTER_S,
+    RESEND_AFTER_S,
+    EventChannel,
+    EventSender,
+    event_body,
+    event_outbox,
+    unconfirmed_outbox,
+)
 from msi_prefect.events import EventName, FileFacts, file_event
 from msi_prefect.transfer.wire import file_id_for
 
@@ -115,3 +123,83 @@ def test_the_sender_thread_sees_the_callers_prefect_settings(tmp_path: Path) -> 
         channel.emit(spec("a.bin"))
         wait_until(lambda: bool(seen))
     assert seen == ["http://127.0.0.1:9/api"]
+
+
+class ForgetfulServer(FlakyServer):
+    """Accepts every post, but stores only the events not named in ``loses`` (once)."""
+
+    def __init__(self, loses: set[str]) -> None:
+        super().__init__()
+        self.loses = set(loses)
+        self.asked: list[list[str]] = []
+
+    def __call__(self, events: list[dict[str, Any]]) -> None:
+        self.posts += 1
+        for event in events:
+            if event["id"] in self.loses:
+                self.loses.discard(event["id"])  # lost this time; kept when sent again
+            else:
+                self.received.append(event)
+
+    def stored(self, event_ids: list[str]) -> set[str]:
+        self.asked.append(list(event_ids))
+        return {event["id"] for event in self.received} & set(event_ids)
+
+
+class FakeWallClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_event_the_server_accepted_but_lost_is_posted_again(tmp_path: Path) -> None:
+    specs = [spec(f"run/{i}.dat") for i in range(5)]
+    lost = str(specs[2].event_id)
+    server, clock = ForgetfulServer(loses={lost}), FakeWallClock()
+    with (
+        event_outbox(tmp_path / "outbox.sqlite") as outbox,
+        unconfirmed_outbox(tmp_path / "outbox.sqlite") as unconfirmed,
+    ):
+        for one in specs:
+            outbox.add(str(one.event_id), event_body(one, []))
+        sender = EventSender(outbox, server, unconfirmed=unconfirmed, confirm=server.stored,
+                             clock=clock)  # fmt: skip
+        assert sender.deliver_once()
+        assert outbox.count() == 0 and unconfirmed.count() == 5
+        assert sender.confirm_once() == 0  # too soon to ask
+        clock.now += CONFIRM_AFTER_S
+        # Four are stored and forgotten; the lost one is not given up on yet.
+        assert sender.confirm_once() == 4
+        assert unconfirmed.count() == 1 and outbox.count() == 0
+        clock.now += RESEND_AFTER_S
+        assert sender.confirm_once() == 1  # still missing: queued to be posted again
+        assert outbox.count() == 1 and sender.resent == 1
+        assert sender.deliver_once()
+        clock.now += CONFIRM_AFTER_S
+        assert sender.confirm_once() == 1
+        assert outbox.count() == 0 and unconfirmed.count() == 0
+    assert sorted(event["id"] for event in server.received) == sorted(
+        str(one.event_id) for one in specs
+    )
+
+
+def test_unconfirmed_events_are_confirmed_by_the_next_run(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    server = ForgetfulServer(loses=set())
+    one = spec("a.dat")
+    with EventChannel(path, post=server, run_related=[], confirm=server.stored) as channel:
+        channel.emit(one)
+        wait_until(lambda: server.received)
+    # The run ended before it could ask: the next run asks, and forgets the stored event.
+    with unconfirmed_outbox(path) as unconfirmed:
+        assert unconfirmed.count() == 1
+    clock = FakeWallClock()
+    clock.now = time.time() + CONFIRM_AFTER_S
+    with event_outbox(path) as outbox, unconfirmed_outbox(path) as unconfirmed:
+        sender = EventSender(outbox, server, unconfirmed=unconfirmed, confirm=server.stored,
+                             clock=clock)  # fmt: skip
+        assert sender.confirm_once() == 1
+        assert unconfirmed.count() == 0
+    assert server.asked == [[str(one.event_id)]]

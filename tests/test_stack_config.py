@@ -212,3 +212,17 @@ def test_every_server_is_pinned_to_loopback_and_prefect_keeps_leases_on_disk(
     # A server restart must not forget the long-running runs' concurrency leases.
     assert prefect.env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == LEASE_STORAGE
     assert hasattr(importlib.import_module(LEASE_STORAGE), "ConcurrencyLeaseStorage")
+
+
+def test_the_worker_polls_twice_a_second_and_skips_the_version_check_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFECT_WORKER_QUERY_SECONDS", raising=False)
+    monkeypatch.delenv("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", raising=False)
+    env = build_spec(Component.WORKER, StackConfig(), StateDir(tmp_path)).env
+    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "0.5"
+    assert env["PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"] == "false"
+    assert Path(env["MSI_WARM_START_FLOWS"], "backup_file.py").is_file()
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "5")
+    env = build_spec(Component.WORKER, StackConfig(), StateDir(tmp_path)).env
+    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "5"

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import pytest
 from prefect.settings import get_current_settings
 
 from msi_prefect.blocks import KafkaCluster, TransferSettings
+from msi_prefect.dispatch import DownstreamRunCounts, PrefectRunCounter
+from msi_prefect.event_outbox import PrefectEventPoster, event_body
 from msi_prefect.events import DownstreamDispatch, EventName, FileFacts, file_event
 from msi_prefect.streaming import RunCounts
 from msi_prefect.transfer.producer import FileProducer, ProducerSettings
@@ -221,6 +224,49 @@ def test_an_event_emitted_twice_is_kept_once(prefect_api: str, topic: str) -> No
     flush_s = get_current_settings().server.services.event_persister.flush_interval
     again = read_events(EventName.RECONSTRUCTED, resource, count=2, timeout_s=2 * flush_s)
     assert [event.id for event in again] == [spec.event_id]
+
+
+def test_the_server_tells_which_posted_events_it_stored(prefect_api: str, topic: str) -> None:
+    """What the event outbox's confirmation asks: stored ids are named, unknown ones not."""
+    facts = FileFacts(topic=topic, file_id=file_id_for("y.bin"), relpath="y.bin", generation=1)
+    spec = file_event(EventName.RECONSTRUCTED, facts)
+    poster = PrefectEventPoster()
+    never_posted = str(uuid.uuid4())
+    try:
+        poster([event_body(spec, [])])
+        deadline = time.monotonic() + 15
+        stored: set[str] = set()
+        while str(spec.event_id) not in stored and time.monotonic() < deadline:
+            time.sleep(0.5)
+            stored = poster.stored([str(spec.event_id), never_posted])
+    finally:
+        poster.close()
+    assert stored == {str(spec.event_id)}
+
+
+def test_the_adaptive_gate_counts_the_downstream_runs_waiting_to_start(prefect_api: str) -> None:
+    """What adaptive dispatch reads from the server: runs of the file flows, by state."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    @flow(name="extract-metadata-batch")
+    def stand_in() -> None:
+        """Named like a downstream flow; never run."""
+
+    counter = PrefectRunCounter()
+    try:
+        before = counter()
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run(stand_in, state=Scheduled())
+        try:
+            after = counter()
+        finally:
+            with get_client(sync_client=True) as client:
+                client.delete_flow_run(run.id)
+    finally:
+        counter.close()
+    assert after == DownstreamRunCounts(waiting=before.waiting + 1, running=before.running)
 
 
 def test_openmsistream_format_through_the_flows(

@@ -204,3 +204,52 @@ def test_a_child_whose_launcher_was_killed_stops(
     while not _gone(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(child)
+
+
+def test_prefects_api_clients_share_one_verified_tls_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ssl
+
+    import certifi
+    from prefect.client import orchestration
+
+    from msi_prefect.warm_start.prewarm import share_api_tls_contexts
+
+    monkeypatch.setattr(orchestration, "ssl", ssl)
+    assert share_api_tls_contexts()
+    shared = orchestration.ssl
+    verified = shared.create_default_context(cafile=certifi.where())
+    assert shared.create_default_context(cafile=certifi.where()) is verified
+    assert verified.verify_mode is ssl.CERT_REQUIRED and verified.check_hostname
+    # The insecure context Prefect changes afterwards is a new one each time.
+    assert shared.create_default_context() is not shared.create_default_context()
+    assert shared.CERT_NONE is ssl.CERT_NONE
+
+
+def test_a_preloaded_flow_script_is_a_cache_hit_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.utilities import importtools
+
+    from msi_prefect.warm_start.prewarm import flow_script_folders, preload_flow_scripts
+
+    monkeypatch.setattr(importtools, "load_script_as_module", importtools.load_script_as_module)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    script = folder / f"warm_{uuid.uuid4().hex[:8]}.py"
+    script.write_text("import itertools\nLOADS = next(itertools.count())\nVALUE = 1\n")
+    (folder / "broken.py").write_text("raise RuntimeError('not a flow script')\n")
+    monkeypatch.setenv("MSI_WARM_START_FLOWS", f"{folder}{os.pathsep}{tmp_path / 'missing'}")
+
+    loaded = preload_flow_scripts(flow_script_folders())
+
+    assert list(loaded) == [script.resolve()]  # the broken one is left out, not fatal
+    first = importtools.import_object(f"flows/{script.name}:VALUE")
+    module = importtools.load_script_as_module(f"flows/{script.name}")
+    assert first == 1 and module is loaded[script.resolve()]
+    assert sys.path[:2] == [str(folder.resolve()), str(tmp_path)]
+    script.write_text("VALUE = 2\n")  # changed (size and mtime): loaded afresh
+    assert importtools.import_object(f"flows/{script.name}:VALUE") == 2

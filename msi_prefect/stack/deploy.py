@@ -33,6 +33,8 @@ from msi_prefect.stack.runs import (
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 # `flow name/deployment name`: each long-running flow has one deployment of its name.
 LONG_RUNNING_DEPLOYMENTS = tuple(f"{name}/{name}" for name in TRANSFER_DEPLOYMENTS)
+#: Run without parameters, it re-runs every crashed downstream run of the last day.
+RERUN_SWEEP_DEPLOYMENT = "rerun-crashed/rerun-crashed"
 # A deployment with a run in one of these has its transfer running or about to.
 STARTING_OR_ACTIVE = (RunState.SCHEDULED.value, *(state.value for state in ACTIVE_STATES))
 DEPLOY_TIMEOUT_S = 300
@@ -92,7 +94,17 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         project,
         "deploying the flows",
     )
-    crash_orphaned_runs(config, worker_just_started)
+    orphans = crash_orphaned_runs(config, worker_just_started)
+    if any(run.deployment_name not in TRANSFER_DEPLOYMENTS for run in orphans):
+        # Downstream work cut off by a power cut: their Crashed events follow state events
+        # the restarted server never saw, and Prefect holds such events back from the
+        # triggers for 15 minutes. The sweep re-runs them now.
+        _run(
+            [sys.executable, "-m", "prefect", "deployment", "run", RERUN_SWEEP_DEPLOYMENT],
+            env,
+            project,
+            "re-running the crashed downstream runs",
+        )
     started = []
     for deployment in LONG_RUNNING_DEPLOYMENTS:
         if not _has_active_run(manager, deployment):

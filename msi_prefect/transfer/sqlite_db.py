@@ -212,6 +212,21 @@ class DurableQueue(SqliteStore):
             )
             return cursor.rowcount == 1
 
+    def add_many(self, items: list[tuple[str, dict[str, Any]]]) -> int:
+        """Queue several items in one durable commit; return how many were new."""
+        with self._transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO items (item_key, body) VALUES (?, ?)",
+                [(key, json.dumps(body)) for key, body in items],
+            )
+            return conn.total_changes - before
+
+    def remove_keys(self, keys: list[str]) -> None:
+        """Forget the items with these keys (wherever they are in the queue)."""
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM items WHERE item_key = ?", [(key,) for key in keys])
+
     def oldest(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """Up to ``limit`` items, oldest first, with their queue positions."""
         with self._db.reading() as conn:

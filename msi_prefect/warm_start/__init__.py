@@ -21,3 +21,7 @@ configured, or it is gone), the launcher turns itself into ``python -m prefect.e
 SOCKET_ENV = "MSI_WARM_START_SOCKET"
 #: The launcher, as the work pool's ``command`` runs it (after the Python executable).
 LAUNCH_MODULE = "msi_prefect.warm_start.launch"
+#: Folders (``os.pathsep``-separated) whose ``*.py`` flow scripts the warm server executes
+#: once (:mod:`msi_prefect.warm_start.prewarm`); a run whose entrypoint is one of them,
+#: unchanged, reuses that module.
+FLOWS_ENV = "MSI_WARM_START_FLOWS"

@@ -3,10 +3,13 @@
 ``python -m msi_prefect.warm_start.server --socket PATH`` (started by
 :mod:`msi_prefect.warm_start.worker`). It imports :data:`DEFAULT_PRELOAD` (plus the modules
 named in ``MSI_WARM_START_PRELOAD``, comma-separated, for a lab's own analysis package),
-then listens on a Unix socket that only its own user may use. For each launcher that
-connects it forks; the child takes the launcher's streams, environment and working
-directory, starts a session of its own (as the process worker does for its runs), and runs
-``prefect.engine`` as ``python -m prefect.engine`` would.
+then does once what every run would otherwise repeat (:mod:`msi_prefect.warm_start.prewarm`:
+one TLS context for Prefect's API clients, the flow scripts of ``MSI_WARM_START_FLOWS``
+executed; ``MSI_WARM_START_PREWARM=0`` turns that off), then listens on a Unix socket that
+only its own user may use. For each launcher that connects it forks; the child takes the
+launcher's streams, environment and working directory, starts a session of its own (as the
+process worker does for its runs), and runs ``prefect.engine`` as ``python -m prefect.engine``
+would.
 
 The server itself never starts a thread, an event loop or a client: a fork copies only the
 thread that calls it, so anything running at that moment would be left half-done in the
@@ -35,6 +38,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from msi_prefect.warm_start.prewarm import (
+    PREWARM_ENV,
+    flow_script_folders,
+    preload_flow_scripts,
+    share_api_tls_contexts,
+)
 from msi_prefect.warm_start.protocol import (
     MAX_REQUEST_BYTES,
     STANDARD_FDS,
@@ -86,6 +95,17 @@ def preload(modules: Sequence[str]) -> list[str]:
             logger.exception("warm start: could not preload %s; runs import it themselves", name)
             failed.append(name)
     return failed
+
+
+def prewarm() -> None:
+    """Do once what every run would repeat (see :mod:`msi_prefect.warm_start.prewarm`)."""
+    if os.environ.get(PREWARM_ENV, "1") == "0":
+        return
+    try:
+        share_api_tls_contexts()
+        preload_flow_scripts(flow_script_folders())
+    except Exception:
+        logger.exception("warm start: prewarming failed; runs do that work themselves")
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -194,6 +214,7 @@ def _serve_one(conn: socket.socket, listener: socket.socket) -> None:
 def serve(socket_path: Path, modules: Sequence[str]) -> None:
     """Preload ``modules``, then fork a flow-run child per launcher until SIGTERM."""
     preload(modules)
+    prewarm()
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -1,0 +1,163 @@
+"""Work the warm server does once, before its first fork, so each flow run need not.
+
+Measured in a forked child (``prefect.engine`` from fork to its run accepted as RUNNING,
+backup-file, idle stack, 2 cores), about 360 ms of CPU, of which two parts repeat the same
+work in every run:
+
+- **TLS contexts**: every Prefect API client builds ``ssl.create_default_context(cafile=
+  certifi.where())``, which parses the whole CA bundle (about 16 ms of CPU here). A run makes
+  eight clients before it is RUNNING (the engine's, the flow loader's, the log and event
+  workers'...), about 130 ms, even when the API is plain ``http://`` and the context is never
+  used. :func:`share_api_tls_contexts` gives Prefect's API clients one verified context per
+  CA file, built here once.
+- **The flow script**: ``load_flow_from_entrypoint`` executes ``flows/x.py`` afresh in every
+  run (Prefect keeps no cache): the ``@flow`` decorator builds pydantic models of the
+  parameters, and the script's imports come on top (7-80 ms of CPU). :func:`preload_flow_scripts`
+  executes the scripts of the folders in :data:`FLOWS_ENV` here once; in the child, a script
+  whose file is unchanged (same path, size, modification time and inode) is that module,
+  a cache hit, and any other script loads as before.
+
+Neither starts a thread, so the server stays safe to fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import sys
+import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from msi_prefect.warm_start import FLOWS_ENV
+
+logger = logging.getLogger("msi_prefect.warm_start")
+
+#: ``0`` turns both off (each run then does that work itself, as before).
+PREWARM_ENV = "MSI_WARM_START_PREWARM"
+
+
+class _SharedTlsContexts(types.ModuleType):
+    """Stands in for ``ssl`` in Prefect's client module: one verified context per CA file.
+
+    Only ``create_default_context(cafile=...)`` with nothing else, the call Prefect's API
+    clients make for a verified connection, is answered from the cache; Prefect hands that
+    context to httpx unchanged (``verify=ctx``). Every other call and attribute is ``ssl``'s own,
+    so the insecure context (``PREFECT_API_TLS_INSECURE_SKIP_VERIFY``, which Prefect then
+    changes) is still a new one each time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("ssl")
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(ssl, name)
+
+    def create_default_context(
+        self,
+        purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH,
+        *,
+        cafile: str | None = None,
+        capath: str | None = None,
+        cadata: str | bytes | None = None,
+    ) -> ssl.SSLContext:
+        if cafile is None or capath is not None or cadata is not None:
+            return ssl.create_default_context(purpose, cafile=cafile, capath=capath, cadata=cadata)
+        if purpose is not ssl.Purpose.SERVER_AUTH:
+            return ssl.create_default_context(purpose, cafile=cafile)
+        context = self._contexts.get(cafile)
+        if context is None:
+            context = self._contexts[cafile] = ssl.create_default_context(cafile=cafile)
+        return context
+
+
+def share_api_tls_contexts() -> bool:
+    """Make Prefect's API clients share one TLS context per CA file (Prefect's one built now).
+
+    Returns False (and changes nothing) when Prefect's client module is not as expected.
+    """
+    try:
+        import certifi
+        from prefect.client import orchestration
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE
+    except ImportError:
+        return False
+    if getattr(orchestration, "ssl", None) is not ssl:
+        logger.warning("warm start: prefect.client.orchestration has no ssl; TLS not shared")
+        return False
+    shared = _SharedTlsContexts()
+    # The CA file Prefect picks (PREFECT_API_SSL_CERT_FILE, else certifi's); a run whose
+    # environment names another builds that one once.
+    shared.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+    orchestration.ssl = shared
+    return True
+
+
+@dataclass(frozen=True)
+class _Preloaded:
+    signature: tuple[int, int, int]
+    module: types.ModuleType
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+def flow_script_folders(value: str | None = None) -> list[Path]:
+    """The folders named in :data:`FLOWS_ENV` (or ``value``) that exist."""
+    raw = os.environ.get(FLOWS_ENV, "") if value is None else value
+    return [Path(item) for item in raw.split(os.pathsep) if item.strip() and Path(item).is_dir()]
+
+
+def preload_flow_scripts(folders: Iterable[Path]) -> dict[Path, types.ModuleType]:
+    """Execute every ``*.py`` in ``folders`` as Prefect loads a flow script; cache hits later.
+
+    A script that fails is logged and left out (its runs load it themselves). Installs the
+    cached lookup in :func:`prefect.utilities.importtools.load_script_as_module` and returns
+    the scripts loaded (by resolved path).
+    """
+    from prefect.utilities import importtools
+
+    load = importtools.load_script_as_module
+    original: Callable[[str], types.ModuleType] = getattr(load, "__wrapped__", load)
+    cache: dict[Path, _Preloaded] = {}
+    path_before = list(sys.path)
+    try:
+        for folder in folders:
+            for script in sorted(Path(folder).glob("*.py")):
+                resolved = script.resolve()
+                signature = _signature(resolved)
+                if signature is None or script.name.startswith("_"):
+                    continue
+                try:
+                    module = original(str(resolved))
+                except Exception:
+                    logger.exception("warm start: could not preload flow script %s", script)
+                    continue
+                cache[resolved] = _Preloaded(signature, module)
+    finally:
+        sys.path[:] = path_before  # what the script's loading added is the child's to add
+
+    def load_script_as_module(path: str) -> types.ModuleType:
+        resolved = Path(path).resolve()
+        hit = cache.get(resolved)
+        if hit is None or _signature(resolved) != hit.signature:
+            return original(path)
+        # As the original leaves it: the script's folder and the working directory first.
+        for entry in (os.getcwd(), str(resolved.parent)):
+            sys.path.insert(0, entry)
+        return hit.module
+
+    load_script_as_module.__wrapped__ = original  # type: ignore[attr-defined]
+    load_script_as_module.__doc__ = original.__doc__
+    importtools.load_script_as_module = load_script_as_module
+    logger.info("warm start: preloaded %d flow script(s)", len(cache))
+    return {path: entry.module for path, entry in cache.items()}
