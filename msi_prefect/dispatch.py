@@ -54,8 +54,9 @@ FILE_FLOWS = (
 DEFAULT_MIN_GAP_S = 1.0
 #: A reading of the run counts taken sooner than this after a dispatch may predate its runs.
 TRIGGER_LAG_S = 0.5
-#: Downstream runs running at once beyond which files wait (3 runs per dispatch, 2 cores).
-DEFAULT_MAX_RUNNING = 6
+#: Files wait while this many downstream runs run (a dispatch makes 3): on 2 cores, fewer
+#: and larger batches do more per second than many small ones.
+DEFAULT_MAX_RUNNING = 3
 #: How often the run counts are read while files are moving.
 BACKLOG_POLL_S = 0.5
 #: The poller rests after this long without a dispatch or a waiting file.

@@ -17,7 +17,10 @@ server that dies (a power cut) loses what it had not processed, and an overloade
 drops events once a queue is full (10,000 messages, fixed in Prefect's code). So a posted
 event moves to a second outbox, the *unconfirmed* one, and the sender asks the server
 (``POST /api/events/filter`` by id) whether it stored it: a stored event is forgotten, one
-still missing :data:`RESEND_AFTER_S` after it was posted is posted again. The server's
+still missing :data:`RESEND_AFTER_S` (5 minutes) after it was posted is posted again, and
+one that an earlier run of the flow posted and the server still lacks
+:data:`EARLIER_RUN_GRACE_S` after this run started is posted again at once (a power cut
+takes the server's memory queues with it, and the flow restarts with the server). The server's
 triggers skip an id they have seen (for 15 minutes), so a re-sent event that did start
 its work is not acted on twice; only an event lost in the second between the triggers and
 the persister, on a server that then died, can start its work twice. The unconfirmed
@@ -50,15 +53,22 @@ EVENT_OUTBOX_FILE = "event-outbox.sqlite"
 UNCONFIRMED_SUFFIX = ".unconfirmed"
 DEFAULT_BATCH_SIZE = 100
 #: A posted event is looked for this long after it was posted (Prefect's persister writes
-#: events within 5 s by default, within 1 s on the embedded stack).
-CONFIRM_AFTER_S = 10.0
-#: ...and posted again if the server has not stored it this long after.
-RESEND_AFTER_S = 30.0
+#: events within 5 s by default, within 1 s on the embedded stack, but lags far behind on
+#: an overloaded server).
+CONFIRM_AFTER_S = 60.0
+#: ...and posted again if the server has not stored it this long after. Long: an event
+#: that is late, not lost, and is posted again only adds to an overloaded server's work
+#: (measured: at 10 files/s a 30 s limit re-posted 131 batches and made it worse).
+RESEND_AFTER_S = 300.0
 #: Event ids asked about per query (the server's largest page), and queries per round.
 CONFIRM_BATCH = 50
 CONFIRM_QUERIES_PER_ROUND = 8
 #: How often the sender asks about posted events.
-CONFIRM_INTERVAL_S = 2.0
+CONFIRM_INTERVAL_S = 10.0
+#: Events an earlier run posted and the server still lacks this long after this run
+#: started are posted again at once: the likely story is a server that died with them in
+#: memory (a power cut), and the flow was started again with it.
+EARLIER_RUN_GRACE_S = 10.0
 # The bounds of the id query's time window: any time.
 EPOCH_ISO = "2000-01-01T00:00:00Z"
 FAR_FUTURE_ISO = "2100-01-01T00:00:00Z"
@@ -115,6 +125,7 @@ class EventSender:
         self._confirm = confirm
         self._clock = clock
         self._confirmed_at = 0.0
+        self._started_at = clock()
         self.resent = 0
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -171,10 +182,13 @@ class EventSender:
         settled = 0
         for _ in range(CONFIRM_QUERIES_PER_ROUND):
             now = self._clock()
+            # Posted by an earlier run of the flow: given up on sooner (see above).
+            earlier_due = now - self._started_at >= EARLIER_RUN_GRACE_S
             due = [
                 record
                 for _, record in self._unconfirmed.oldest(CONFIRM_BATCH)
                 if now - record["posted_at"] >= CONFIRM_AFTER_S
+                or (earlier_due and record["posted_at"] < self._started_at)
             ]
             if not due:
                 break
@@ -183,7 +197,10 @@ class EventSender:
                 record
                 for record in due
                 if record["event"]["id"] not in stored
-                and now - record["posted_at"] >= RESEND_AFTER_S
+                and (
+                    now - record["posted_at"] >= RESEND_AFTER_S
+                    or record["posted_at"] < self._started_at
+                )
             ]
             if lost:
                 logger.warning(

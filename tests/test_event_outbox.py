@@ -12,6 +12,7 @@ import pytest
 
 from msi_prefect.event_outbox import (
     CONFIRM_AFTER_S,
+    EARLIER_RUN_GRACE_S,
     RESEND_AFTER_S,
     EventChannel,
     EventSender,
@@ -203,3 +204,24 @@ def test_unconfirmed_events_are_confirmed_by_the_next_run(tmp_path: Path) -> Non
         assert sender.confirm_once() == 1
         assert unconfirmed.count() == 0
     assert server.asked == [[str(one.event_id)]]
+
+
+def test_what_an_earlier_run_posted_and_the_server_lost_goes_again_soon(tmp_path: Path) -> None:
+    # A power cut: the server took the event into memory and died; the flow starts again.
+    path = tmp_path / "outbox.sqlite"
+    one = spec("cut.dat")
+    server, clock = ForgetfulServer(loses={str(one.event_id)}), FakeWallClock()
+    with event_outbox(path) as outbox, unconfirmed_outbox(path) as unconfirmed:
+        outbox.add(str(one.event_id), event_body(one, []))
+        first_run = EventSender(outbox, server, unconfirmed=unconfirmed,
+                                confirm=server.stored, clock=clock)  # fmt: skip
+        assert first_run.deliver_once() and server.received == []
+    clock.now += 30  # the restart
+    with event_outbox(path) as outbox, unconfirmed_outbox(path) as unconfirmed:
+        second_run = EventSender(outbox, server, unconfirmed=unconfirmed,
+                                 confirm=server.stored, clock=clock)  # fmt: skip
+        assert second_run.confirm_once() == 0  # the server gets a moment after the restart
+        clock.now += EARLIER_RUN_GRACE_S
+        assert second_run.confirm_once() == 1
+        assert second_run.resent == 1 and second_run.deliver_once()
+    assert [event["id"] for event in server.received] == [str(one.event_id)]
