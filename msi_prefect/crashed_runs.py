@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from msi_prefect.dispatch_mode import FILE_FLOWS
 from msi_prefect.errors import MsiError
 
 __all__ = [
@@ -46,15 +47,7 @@ RERUN_OF_TAG = "msi.rerun-of"
 _RESOURCE_PREFIX = "prefect.flow-run."
 #: The deployments whose crashed runs are re-run (the long-running ones are not: `msi-prefect
 #: up` restarts them, and two of them must not run at once).
-DOWNSTREAM_DEPLOYMENTS = (
-    "backup-file",
-    "extract-metadata",
-    "analyze-file",
-    "backup-batch",
-    "extract-metadata-batch",
-    "analyze-batch",
-    "audit-backups",
-)
+DOWNSTREAM_DEPLOYMENTS = (*FILE_FLOWS, "audit-backups")
 #: How far back the sweep looks for crashed runs.
 SWEEP_LOOKBACK_HOURS = 24.0
 

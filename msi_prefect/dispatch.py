@@ -34,21 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from msi_prefect.dispatch_mode import FILE_FLOWS
 from msi_prefect.events import FileFacts
 from msi_prefect.transfer.sqlite_db import DurableQueue
 
 logger = logging.getLogger(__name__)
 
 BATCH_OUTBOX_FILE = "dispatch-outbox.sqlite"
-#: The flows a rebuilt file starts (per file or per batch): the runs the gate waits for.
-FILE_FLOWS = (
-    "backup-file",
-    "extract-metadata",
-    "analyze-file",
-    "backup-batch",
-    "extract-metadata-batch",
-    "analyze-batch",
-)
 #: After a dispatch, the next waits at least this long: the server needs a moment to turn
 #: the event into runs, and until then its run counts do not show them.
 DEFAULT_MIN_GAP_S = 1.0

@@ -25,3 +25,15 @@ class DownstreamDispatch(StrEnum):
     ADAPTIVE = "adaptive"
     PER_FILE = "per-file"
     BATCH = "batch"
+
+
+#: The flows a rebuilt file starts, on its own or in a batch (not the audit, which a
+#: schedule starts).
+FILE_FLOWS = (
+    "backup-file",
+    "extract-metadata",
+    "analyze-file",
+    "backup-batch",
+    "extract-metadata-batch",
+    "analyze-batch",
+)

@@ -290,17 +290,7 @@ class PrefectEventPoster:
         Raises:
             httpx.HTTPError: The server is unreachable or did not accept them.
         """
-        from prefect.client.orchestration import get_client
-
-        if self._client is None:
-            self._client = get_client(sync_client=True)
-            self._client.__enter__()
-        try:
-            response = self._client.request("POST", cast(Any, "/events"), json=events)
-            response.raise_for_status()
-        except Exception:
-            self.close()
-            raise
+        self._request("/events", events)
 
     def stored(self, event_ids: list[str]) -> set[str]:
         """Of ``event_ids``, the ones the server has stored (``POST /events/filter``).
@@ -308,11 +298,6 @@ class PrefectEventPoster:
         Raises:
             httpx.HTTPError: The server is unreachable or did not answer.
         """
-        from prefect.client.orchestration import get_client
-
-        if self._client is None:
-            self._client = get_client(sync_client=True)
-            self._client.__enter__()
         body = {
             "filter": {
                 "id": {"id": event_ids},
@@ -321,13 +306,23 @@ class PrefectEventPoster:
             },
             "limit": len(event_ids),
         }
+        response = self._request("/events/filter", body)
+        return {str(event["id"]) for event in response.json().get("events", [])}
+
+    def _request(self, path: str, body: Any) -> Any:
+        """POST ``body`` to ``path`` with the kept client; drop the client on a failure."""
+        from prefect.client.orchestration import get_client
+
+        if self._client is None:
+            self._client = get_client(sync_client=True)
+            self._client.__enter__()
         try:
-            response = self._client.request("POST", cast(Any, "/events/filter"), json=body)
+            response = self._client.request("POST", cast(Any, path), json=body)
             response.raise_for_status()
         except Exception:
             self.close()
             raise
-        return {str(event["id"]) for event in response.json().get("events", [])}
+        return response
 
     def close(self) -> None:
         """Close the HTTP client (a later post opens a new one)."""

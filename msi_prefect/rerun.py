@@ -130,10 +130,14 @@ def rerun_step(client: Any, step: Step, payload: dict[str, Any], ui: str | None)
 
 
 def _api_url(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The Prefect API (and UI) to use: --api-url, $PREFECT_API_URL, or the stack's."""
+    """The Prefect API (and UI) to use.
+
+    In this order: ``--api-url``; the stack named by ``--state-dir``; $PREFECT_API_URL;
+    the stack of $MSI_STATE_DIR or ./.msi.
+    """
     if args.api_url:
         return args.api_url, None
-    if os.environ.get("PREFECT_API_URL"):
+    if args.state_dir is None and os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"], os.environ.get("PREFECT_UI_URL")
     from msi_prefect.stack.config import StateDir
 
@@ -177,5 +181,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("step", choices=[step.value for step in Step])
     parser.add_argument("path", help="the file's path relative to the destination folder")
     parser.add_argument("--topic", help="the topic it came through (if several)")
-    parser.add_argument("--api-url", help="Prefect API (default: $PREFECT_API_URL or the stack)")
+    parser.add_argument(
+        "--api-url",
+        help="Prefect API (default: the stack of --state-dir, else $PREFECT_API_URL, else "
+        "the stack of $MSI_STATE_DIR or ./.msi)",
+    )
     parser.set_defaults(handler=_rerun)
