@@ -42,7 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from msi_prefect.blocks import BackupStorage
 from msi_prefect.events import EventName, file_event
 from msi_prefect.flow_inputs import RebuiltFile, retry_unless_input_error
-from msi_prefect.transfer.sinks import ChecksumMismatchError
+from msi_prefect.transfer.sinks import ChecksumMismatchError, CopyStatus
 
 __all__ = ["BACKUP_RETRIES", "BACKUP_RETRY_DELAYS_S", "BackupResult", "backup_file"]
 
@@ -102,23 +102,31 @@ def backup_file(
     file.check_unchanged(hash_content=False)
     sink = storage.sink()
     logger.info("Backing up %s (%d bytes) to %s", file.relpath, file.size, sink.describe())
-    try:
-        # One read of the file: the copy is hashed as it is written and checked against the
-        # event's SHA-256 before it is kept.
-        result = sink.store_copy(file.local_path, file.relpath, file.size, file.sha256)
-    except ChecksumMismatchError:
-        # Only now hash the source, to tell a file changed since it was rebuilt (no retry)
-        # from a copy that went wrong on the way (retried).
-        file.check_unchanged(hash_content=True)
-        raise
-    sink.flush()
-    logger.info("Backed up %s to %s (SHA-256 verified)", file.relpath, result.url)
-    facts = file.facts(backup_url=result.url, backup=sink.describe())
+    if sink.check(file.relpath, file.size, file.sha256) is CopyStatus.OK:
+        # A re-run (a crashed batch run, a repair, a user's re-run): the verified copy is
+        # kept, not written again.
+        backup_url = sink.url_of(file.relpath)
+        logger.info("%s is backed up already at %s (same size and SHA-256)", file.relpath,
+                    backup_url)  # fmt: skip
+    else:
+        try:
+            # One read of the file: the copy is hashed as it is written and checked against
+            # the event's SHA-256 before it is kept.
+            result = sink.store_copy(file.local_path, file.relpath, file.size, file.sha256)
+        except ChecksumMismatchError:
+            # Only now hash the source, to tell a file changed since it was rebuilt (no
+            # retry) from a copy that went wrong on the way (retried).
+            file.check_unchanged(hash_content=True)
+            raise
+        sink.flush()
+        backup_url = result.url
+        logger.info("Backed up %s to %s (SHA-256 verified)", file.relpath, backup_url)
+    facts = file.facts(backup_url=backup_url, backup=sink.describe())
     file_event(EventName.BACKED_UP, facts, dedup_key).emit()
     return BackupResult(
         relpath=file.relpath.as_posix(),
         source_url=file.url,
-        backup_url=result.url,
-        size=result.size,
-        sha256=result.sha256,
+        backup_url=backup_url,
+        size=file.size,
+        sha256=file.sha256,
     )

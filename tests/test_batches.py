@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,16 +55,25 @@ def test_each_entry_is_validated_like_per_file_parameters(tmp_path: Path) -> Non
 
 # --------------------------------------------------------------------------- flows (stack)
 
+# How long a test waits for task runs to be recorded.
+TASK_RECORD_WAIT_S = 15.0
 
-def _task_run_names(flow_run_id: Any) -> list[str]:
+
+def _task_run_names(flow_run_id: Any, expected: int) -> list[str]:
+    """The task runs' names, once `expected` are recorded (the server records task-run
+    states in batches, a second apart), or what is there after TASK_RECORD_WAIT_S."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return sorted(run.name for run in task_runs)
+    deadline = time.monotonic() + TASK_RECORD_WAIT_S
+    while True:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        if len(task_runs) >= expected or time.monotonic() > deadline:
+            return sorted(run.name for run in task_runs)
+        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -96,7 +106,7 @@ def test_backup_batch_backs_up_every_good_file_and_names_the_bad_one(
     assert backup_storage.object("run/c.tif") is None
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_name(flow_run_id) == "backup 3 files: run/a.tif, ..."
-    assert _task_run_names(flow_run_id) == ["backup run/a.tif", "backup run/b.tif"]
+    assert _task_run_names(flow_run_id, 2) == ["backup run/a.tif", "backup run/b.tif"]
     for params in good:
         events = read_events(EventName.BACKED_UP, f"msi.file.{topic}.{params['file_id']}")
         assert [event.payload["path"] for event in events] == [params["path"]]
@@ -122,7 +132,7 @@ def test_metadata_and_analysis_batches_record_every_file(
         state = metadata_batch(files=files, kafka_block=kafka_name, return_state=True)
         assert state.is_completed(), state.message
         assert [r.outcome.value for r in state.result()] == ["done", "done"]
-        assert _task_run_names(state.state_details.flow_run_id) == [
+        assert _task_run_names(state.state_details.flow_run_id, 4) == [
             "extract metadata of x.csv",
             "extract metadata of y.json",
             "publish metadata of x.csv",
@@ -138,7 +148,10 @@ def test_metadata_and_analysis_batches_record_every_file(
     analyze_batch = load_flow("flows/analyze_batch.py:analyze_batch_flow")
     state = analyze_batch(files=files, return_state=True)
     assert state.is_completed(), state.message
-    assert _task_run_names(state.state_details.flow_run_id) == ["analyze x.csv", "analyze y.json"]
+    assert _task_run_names(state.state_details.flow_run_id, 2) == [
+        "analyze x.csv",
+        "analyze y.json",
+    ]
     for params in files:
         for name in (EventName.METADATA_EXTRACTED, EventName.ANALYZED):
             events = read_events(name, f"msi.file.{topic}.{params['file_id']}")

@@ -186,6 +186,10 @@ class Sink(Protocol):
         """
         ...
 
+    def url_of(self, relpath: PurePosixPath) -> str:
+        """The URL ``relpath`` has below the destination."""
+        ...
+
     def describe(self) -> str:
         """A human description of the destination, free of secrets."""
         ...
@@ -262,6 +266,10 @@ class LocalDirectorySink:
     def describe(self) -> str:
         """Human description of the destination."""
         return f"local directory {self.root}"
+
+    def url_of(self, relpath: PurePosixPath) -> str:
+        """The ``file://`` URL of ``relpath`` below the destination."""
+        return self.target_path(relpath).as_uri()
 
     def target_path(self, relpath: PurePosixPath) -> Path:
         """The final path of ``relpath``, refused if it could leave the root.
