@@ -109,6 +109,7 @@ class StackRun:
     down_s: list[float] = field(default_factory=list)
     next_rebuilt_s: list[float] = field(default_factory=list)
     faults: list[MidFlow] = field(default_factory=list)
+    up_failures: list[str] = field(default_factory=list)
     _transfers: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -135,9 +136,11 @@ class StackRun:
         That is: at least ``min_dropped`` files dropped and ``min_rebuilt`` rebuilt, a
         downstream flow run running, and either a file dropped but not yet rebuilt (or
         more still to come) or, with ``stored`` (low, high), from low to fewer than high
-        files with a copy in the backup store (a burst rebuilt already, its backups
-        under way).
+        files with a copy in the backup store, and more than at the previous look (a
+        burst rebuilt already, a backup run part-way through its files).
         """
+
+        seen_stored: list[int | None] = [None]
 
         def in_flight() -> bool:
             names = set(self.dropper.expected)
@@ -151,8 +154,10 @@ class StackRun:
                 return False
             if stored is None:
                 return True
-            copies = backup_versions(self.stack, names)
-            return stored[0] <= len(copies) < stored[1]
+            # Copies being written right now: a backup run is part-way through its files.
+            copies, before = len(backup_versions(self.stack, names)), seen_stored[0]
+            seen_stored[0] = copies
+            return before is not None and before < copies and stored[0] <= copies < stored[1]
 
         wait_for(_answered(in_flight), "files in flight", MID_FLOW_TIMEOUT_S, POLL_S)
         names = set(self.dropper.expected)
@@ -192,6 +197,9 @@ class StackRun:
     def restart(self, wait_for_files: bool = True) -> float:
         """``msi-prefect up`` (starts what is missing); return its duration.
 
+        A failed ``up`` is recorded in :attr:`up_failures` and run again, as an operator
+        would.
+
         Args:
             wait_for_files: Then wait until a file that was not rebuilt before is rebuilt
                 (if there is one), and record how long that took after the restart;
@@ -200,7 +208,12 @@ class StackRun:
         self.restarts.append(time.time())
         names = set(self.dropper.expected)
         pending = names - rebuilt(self.stack.received, names)
-        took = self.stack.up()
+        try:
+            took = self.stack.up()
+        except AssertionError as failed:
+            # An operator whose `up` failed runs it again; the failure is a finding.
+            self.up_failures.append(str(failed).strip().splitlines()[-1][:300])
+            took = self.stack.up()
         self.up_s.append(took)
         self._transfers = set()
         if pending and wait_for_files:
@@ -257,6 +270,7 @@ class StackRun:
                 last_done - max(self.dropper.dropped_at.values()), 2
             )
         verdict.notes["complete"] = complete
+        verdict.notes["up_failures"] = self.up_failures
         verdict.notes["done_before_first_fault"] = self._done_before_fault(done)
         return verdict, figures
 

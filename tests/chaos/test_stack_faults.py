@@ -120,3 +120,8 @@ def test_server_killed_mid_burst_every_file_done(server_burst: StackVerdict) -> 
 
 def test_server_killed_mid_burst_nothing_backed_up_twice(server_burst: StackVerdict) -> None:
     assert_nothing_twice(server_burst)
+
+
+def test_server_killed_mid_burst_up_starts_the_server(server_burst: StackVerdict) -> None:
+    # The operator's first `up` after the crash brings the server back.
+    assert server_burst.notes["up_failures"] == []
