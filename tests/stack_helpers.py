@@ -20,6 +20,8 @@ import hashlib
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -39,7 +41,6 @@ from msi_prefect.stack.processes import flow_run_processes, live_flow_runs
 from msi_prefect.stack.runs import TRANSFER_DEPLOYMENTS
 from tests.conftest import free_port_map
 from tests.flow_helpers import s3_client
-from tests.test_stack import _cli, _kill_everything, _pid_alive
 
 #: The three downstream steps of a rebuilt file, each announced by its own event.
 DONE_EVENTS = (EventName.BACKED_UP, EventName.METADATA_EXTRACTED, EventName.ANALYZED)
@@ -50,6 +51,47 @@ API_TIMEOUT_S = 30.0
 EVENT_POLL_S = 3.0
 KIB = 1024
 MIB = 1024 * KIB
+
+
+def cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "msi_prefect.cli", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def kill_everything(state_dir: Path, api: str) -> None:
+    """SIGKILL every process of the stack at once, as a power cut would.
+
+    That is the servers, the worker with its warm server, and every flow-run process: the
+    launchers and the children forked for them, all of which carry the stack's API URL.
+    """
+    manager = StackManager.open(StateDir(state_dir))
+    victims = {record.pid for c in Component if (record := manager.process(c).read_pid())}
+    wanted = f"PREFECT_API_URL={api}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    victims.add(int(entry.name))
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in victims) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @dataclass
@@ -95,7 +137,7 @@ class UserStack:
             AssertionError: ``up`` failed (with its output).
         """
         started = time.monotonic()
-        result = _cli(self.state_dir, "up", *args)
+        result = cli(self.state_dir, "up", *args)
         self._log("up", result.stdout + result.stderr)
         assert result.returncode == 0, result.stdout + result.stderr
         return time.monotonic() - started
@@ -107,7 +149,7 @@ class UserStack:
             AssertionError: ``down`` failed (with its output).
         """
         started = time.monotonic()
-        result = _cli(self.state_dir, "down")
+        result = cli(self.state_dir, "down")
         self._log("down", result.stdout + result.stderr)
         assert result.returncode == 0, result.stdout + result.stderr
         return time.monotonic() - started
@@ -124,7 +166,7 @@ class UserStack:
     def pid(self, component: Component) -> int | None:
         """The PID of a part of the stack, or None when it is not running."""
         record = self.manager().process(component).read_pid()
-        return record.pid if record and _pid_alive(record.pid) else None
+        return record.pid if record and pid_alive(record.pid) else None
 
 
 @contextlib.contextmanager
@@ -149,12 +191,12 @@ def user_stack(root: Path, *up_args: str) -> Iterator[UserStack]:
         )
         yield stack
     finally:
-        down = _cli(stack.state_dir, "down")
+        down = cli(stack.state_dir, "down")
         # `down` stops every process it knows by PID; if it could not (a test left the
         # stack half-dead), kill what is left of this stack by PID, as a power cut would.
         leftovers = flow_run_processes(stack.api)
         if down.returncode != 0 or leftovers:
-            _kill_everything(stack.state_dir, stack.api)
+            kill_everything(stack.state_dir, stack.api)
     # Only when the test passed: a failure in it stays the error reported.
     assert down.returncode == 0, down.stdout + down.stderr
     assert leftovers == []
@@ -513,7 +555,7 @@ def kill9(pids: set[int], timeout_s: float = 10) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
-    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -549,4 +591,4 @@ def kill_server(stack: UserStack) -> None:
 
 def power_cut(stack: UserStack) -> None:
     """``kill -9`` every process of the stack at once: servers, worker, every flow run."""
-    _kill_everything(stack.state_dir, stack.api)
+    kill_everything(stack.state_dir, stack.api)

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from msi_prefect.stack.processes import flow_run_processes, live_flow_runs, port
 from tests.conftest import RunningStack, free_port_map
 from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
+from tests.stack_helpers import cli, kill_everything, pid_alive, wait_until_done
 
 pytestmark = pytest.mark.stack
 
@@ -45,20 +45,9 @@ BROWSER_ATTEMPTS = 3
 SCREENSHOT = Path(__file__).resolve().parent.parent / "test-artifacts" / "prefect-ui-runs.png"
 # Files dropped at once: adaptive dispatch groups them into batch runs.
 BURST_FILES = 12
-DONE_EVENTS = ("msi.file.backed-up", "msi.file.metadata-extracted", "msi.file.analyzed")
 BACKUP_FLOWS = ["backup-file", "backup-batch"]
 BATCH_FLOWS = {"backup-batch": "backup", "extract-metadata-batch": "metadata of",
                "analyze-batch": "analyze"}  # fmt: skip
-
-
-def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "msi_prefect.cli", "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def _flow_run(api: str, name: str) -> dict[str, Any] | None:
@@ -168,38 +157,6 @@ def _wait_for_count(count: Callable[[], int], wanted: int) -> bool:
     return count() == wanted
 
 
-def _files_done(api: str, names: list[str]) -> set[str]:
-    """The files among `names` whose backup, metadata and analysis events are all there."""
-    seen: dict[str, set[str]] = {}
-    body: dict[str, Any] = {
-        "filter": {
-            "event": {"name": list(DONE_EVENTS)},
-            "occurred": {"since": "2000-01-01T00:00:00Z"},
-        },
-        "limit": 50,
-    }
-    response = httpx.post(f"{api}/events/filter", json=body, timeout=API_TIMEOUT_S)
-    while True:
-        response.raise_for_status()
-        page = response.json()
-        for event in page["events"]:
-            seen.setdefault(event["payload"].get("path"), set()).add(event["event"])
-        if not page.get("next_page"):
-            break
-        response = httpx.get(page["next_page"], timeout=API_TIMEOUT_S)
-    return {name for name in names if seen.get(name) == set(DONE_EVENTS)}
-
-
-def _wait_for_files_done(api: str, names: list[str]) -> set[str]:
-    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
-    done: set[str] = set()
-    while time.monotonic() < deadline and done != set(names):
-        time.sleep(1)
-        with contextlib.suppress(httpx.HTTPError):
-            done = _files_done(api, names)
-    return done
-
-
 def _look_at_prefect_ui(url: str, screenshot: Path, expected: tuple[str, ...]) -> str:
     """Open `url` in headless Chromium; return its rendered DOM and save a screenshot.
 
@@ -230,15 +187,6 @@ def _look_at_prefect_ui(url: str, screenshot: Path, expected: tuple[str, ...]) -
             capture_output=True, timeout=120, check=True,
         )  # fmt: skip
     return dom
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _api_pages(api: str, path: str, body: dict[str, Any]) -> list[str]:
@@ -286,11 +234,11 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
     state_dir = tmp_path / "state"
     try:
-        first = _cli(state_dir, "up", "--storage", "memory", *port_args)
+        first = cli(state_dir, "up", "--storage", "memory", *port_args)
         assert first.returncode == 0, first.stderr
         assert "started: s3, broker, prefect, worker" in first.stdout
 
-        status = _cli(state_dir, "status", "--json")
+        status = cli(state_dir, "status", "--json")
         assert status.returncode == 0, status.stdout + status.stderr
         report = json.loads(status.stdout)
         assert report["healthy"] is True
@@ -300,10 +248,10 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         pids = {c["name"]: c["pid"] for c in report["components"]}
         assert all(pids.values())
 
-        again = _cli(state_dir, "up")
+        again = cli(state_dir, "up")
         assert again.returncode == 0, again.stderr
         assert "already running: s3, broker, prefect, worker" in again.stdout
-        report_again = json.loads(_cli(state_dir, "status", "--json").stdout)
+        report_again = json.loads(cli(state_dir, "status", "--json").stdout)
         assert {c["name"]: c["pid"] for c in report_again["components"]} == pids
 
         for log in ("s3", "broker", "prefect", "worker"):
@@ -330,7 +278,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         burst = [f"burst-{i:02d}.dat" for i in range(BURST_FILES)]
         for name in burst:
             (tmp_path / "inbox" / name).write_bytes(name.encode() * 50)
-        assert _wait_for_files_done(api, burst) == set(burst)
+        assert wait_until_done(api, 0.0, lambda: set(burst), ARRIVAL_TIMEOUT_S)[0]
         # ...through the batch deployments' triggers: one run of each per batch, named
         # after its files, with a task run per file inside.
         for flow, verb in BATCH_FLOWS.items():
@@ -346,7 +294,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
 
         # One file's backup, run again by hand whatever the dispatch: a run of backup-file
         # with the parameters of its rebuilt event, announced by a new backed-up event.
-        again = _cli(state_dir, "rerun", "backup", burst[-1])
+        again = cli(state_dir, "rerun", "backup", burst[-1])
         assert again.returncode == 0, again.stderr
         assert f"started the backup of {burst[-1]} (generation 1): flow run " in again.stdout
         manual_url = f"{api}/flow_runs/{again.stdout.split('flow run ')[1].split()[0]}"
@@ -410,7 +358,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         assert _wait_for_count(lambda: min(most_attempts(), 2), 2)
         rerun_of_killed = lambda: _tagged_run(api, f"msi.rerun-of:{killed_id}")  # noqa: E731
         assert _wait_for_state(rerun_of_killed) == "COMPLETED"
-        assert _wait_for_files_done(api, ["killed.dat"]) == {"killed.dat"}
+        assert wait_until_done(api, 0.0, lambda: {"killed.dat"}, ARRIVAL_TIMEOUT_S)[0]
 
         # A completed run can be run again from the API, with the same parameters.
         rerun = httpx.post(
@@ -435,28 +383,28 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         # `down` then `up`: the transfers were cancelled through Prefect, start again, and a
         # file dropped afterwards is sent, rebuilt and processed.
         old_transfers = _transfer_runs(api)
-        assert _cli(state_dir, "down").returncode == 0
+        assert cli(state_dir, "down").returncode == 0
         _assert_restarted(state_dir, tmp_path, api, "after-restart.dat")
         assert {_run_state(api, run_id) for run_id in old_transfers} == {"CANCELLED"}
 
         # A power cut: every process of the stack killed at once; `up` finds the transfers
         # still "Running" with no process, marks them crashed and starts them again.
         old_transfers = _transfer_runs(api)
-        _kill_everything(state_dir, api)
+        kill_everything(state_dir, api)
         _assert_restarted(state_dir, tmp_path, api, "after-power-cut.dat")
         assert {_run_state(api, run_id) for run_id in old_transfers} == {"CRASHED"}
         pids = {
             c["name"]: c["pid"]
-            for c in json.loads(_cli(state_dir, "status", "--json").stdout)["components"]
+            for c in json.loads(cli(state_dir, "status", "--json").stdout)["components"]
         }
     finally:
-        down = _cli(state_dir, "down")
+        down = cli(state_dir, "down")
     for path in state_dir.rglob("*"):
         if path.is_file() and (path.suffix == ".log" or "log" in path.parent.name):
             assert secret not in path.read_text(errors="replace"), path
     assert down.returncode == 0, down.stderr
     assert "stopped: worker, prefect, broker, s3" in down.stdout
-    assert not [name for name, pid in pids.items() if _pid_alive(pid)]
+    assert not [name for name, pid in pids.items() if pid_alive(pid)]
     assert flow_run_processes(f"http://127.0.0.1:{ports['prefect']}/api") == []
     assert not [name for name, port in ports.items() if not port_is_free(port)]
     assert list((state_dir / "run").glob("*.pid")) == []
@@ -480,31 +428,9 @@ def _run_state(api: str, run_id: str) -> str:
     return str(httpx.get(f"{api}/flow_runs/{run_id}", timeout=API_TIMEOUT_S).json()["state_type"])
 
 
-def _kill_everything(state_dir: Path, api: str) -> None:
-    """SIGKILL every process of the stack at once, as a power cut would.
-
-    That is the servers, the worker with its warm server, and every flow-run process: the
-    launchers and the children forked for them, all of which carry the stack's API URL.
-    """
-    manager = StackManager.open(StateDir(state_dir))
-    victims = {record.pid for c in Component if (record := manager.process(c).read_pid())}
-    wanted = f"PREFECT_API_URL={api}".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                    victims.add(int(entry.name))
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(_pid_alive(pid) for pid in victims) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 def _assert_restarted(state_dir: Path, tmp_path: Path, api: str, name: str) -> None:
     """`up` starts both transfers again, and a file dropped then gets its three runs."""
-    up = _cli(state_dir, "up")
+    up = cli(state_dir, "up")
     assert up.returncode == 0, up.stderr
     assert "started: watch-directory/watch-directory, reconstruct-files/reconstruct-files" in (
         up.stdout
@@ -520,7 +446,7 @@ def test_second_stack_on_a_taken_port_is_refused(kafka_stack: RunningStack, tmp_
     others = free_port_map()
     others["broker"] = taken
     port_args = [arg for name, port in others.items() for arg in ("--port", f"{name}={port}")]
-    result = _cli(tmp_path / "other", "up", "--only", "broker", *port_args)
+    result = cli(tmp_path / "other", "up", "--only", "broker", *port_args)
     assert result.returncode == 1
     assert f"port {taken} (broker)" in result.stderr
     assert "already in use" in result.stderr
