@@ -27,7 +27,8 @@ from msi_prefect.streaming import ARTIFACT_INTERVAL_S
 from tests.conftest import free_port_map
 from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
-from tests.test_stack import API_TIMEOUT_S, FINAL_STATES, _cli, _flow_run
+from tests.stack_helpers import cli
+from tests.test_stack import API_TIMEOUT_S, FINAL_STATES, _flow_run
 
 pytestmark = [pytest.mark.chaos, pytest.mark.stack]
 
@@ -51,11 +52,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Stac
     port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
     state_dir = root / "state"
     try:
-        started = _cli(state_dir, "up", "--storage", "memory", *port_args)
+        started = cli(state_dir, "up", "--storage", "memory", *port_args)
         assert started.returncode == 0, started.stdout + started.stderr
         yield root, StackManager.open(StateDir(state_dir))
     finally:
-        down = _cli(state_dir, "down")
+        down = cli(state_dir, "down")
         assert down.returncode == 0, down.stderr
         assert flow_run_processes(f"http://127.0.0.1:{ports['prefect']}/api") == []
 
