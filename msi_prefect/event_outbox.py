@@ -126,6 +126,8 @@ class EventSender:
         self._clock = clock
         self._confirmed_at = 0.0
         self._started_at = clock()
+        # Whether a round has asked about an earlier run's events since the grace ended.
+        self._earlier_asked = False
         self.resent = 0
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -226,8 +228,11 @@ class EventSender:
                         logger.warning("Prefect server reachable again; delivering events")
                     self._pause = FIRST_RETRY_PAUSE_S
                     continue
-                if self._clock() - self._confirmed_at >= CONFIRM_INTERVAL_S:
+                if self._confirm_due():
                     self._confirmed_at = self._clock()
+                    self._earlier_asked = (
+                        self._confirmed_at - self._started_at >= EARLIER_RUN_GRACE_S
+                    )
                     self._confirm_quietly()
             except Exception as exc:  # the server is down or refused: keep the events
                 self.failed_posts += 1
@@ -243,6 +248,14 @@ class EventSender:
                 continue
             self._wakeup.wait(IDLE_CHECK_S)
             self._wakeup.clear()
+
+    def _confirm_due(self) -> bool:
+        # Every CONFIRM_INTERVAL_S, and once right when the grace for an earlier run's
+        # events ends: a file whose event a power cut lost should not wait a whole interval.
+        now = self._clock()
+        if now - self._confirmed_at >= CONFIRM_INTERVAL_S:
+            return True
+        return not self._earlier_asked and now - self._started_at >= EARLIER_RUN_GRACE_S
 
     def _confirm_quietly(self) -> None:
         # A server that cannot answer now is asked again in a moment; the posting of new

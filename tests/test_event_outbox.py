@@ -12,6 +12,7 @@ import pytest
 
 from msi_prefect.event_outbox import (
     CONFIRM_AFTER_S,
+    CONFIRM_INTERVAL_S,
     EARLIER_RUN_GRACE_S,
     RESEND_AFTER_S,
     EventChannel,
@@ -225,3 +226,31 @@ def test_what_an_earlier_run_posted_and_the_server_lost_goes_again_soon(tmp_path
         assert second_run.confirm_once() == 1
         assert second_run.resent == 1 and second_run.deliver_once()
     assert [event["id"] for event in server.received] == [str(one.event_id)]
+
+
+def test_the_sender_asks_about_an_earlier_run_as_soon_as_the_grace_ends(tmp_path: Path) -> None:
+    # The first round is late (new events were being posted), so the next regular round
+    # would come a whole interval later; the earlier run's lost event must not wait for it.
+    path = tmp_path / "outbox.sqlite"
+    one = spec("cut.dat")
+    server, clock = ForgetfulServer(loses={str(one.event_id)}), FakeWallClock()
+    with event_outbox(path) as outbox, unconfirmed_outbox(path) as unconfirmed:
+        outbox.add(str(one.event_id), event_body(one, []))
+        EventSender(outbox, server, unconfirmed=unconfirmed, confirm=server.stored,
+                    clock=clock).deliver_once()  # fmt: skip
+    clock.now += 30  # the restart
+    with event_outbox(path) as outbox, unconfirmed_outbox(path) as unconfirmed:
+        sender = EventSender(outbox, server, unconfirmed=unconfirmed, confirm=server.stored,
+                             clock=clock)  # fmt: skip
+        clock.now += EARLIER_RUN_GRACE_S / 2
+        sender.start()
+        try:
+            # The first round: too soon to judge the earlier run's event, so nothing asked.
+            wait_until(lambda: sender._confirmed_at == clock.now)
+            assert server.asked == [] and sender.resent == 0
+            clock.now += EARLIER_RUN_GRACE_S / 2  # the grace is over; the interval is not
+            assert EARLIER_RUN_GRACE_S / 2 < CONFIRM_INTERVAL_S
+            wait_until(lambda: [event["id"] for event in server.received] == [str(one.event_id)])
+            assert sender.resent == 1
+        finally:
+            sender.close(drain_s=0)

@@ -21,6 +21,7 @@ import httpx
 
 from tests.chaos.harness import ChaosRecord, record, wait_for
 from tests.stack_helpers import (
+    EVENT_POLL_S,
     FileDropper,
     StackVerdict,
     UserStack,
@@ -252,8 +253,14 @@ class StackRun:
         """
         self.dropper.wait(timeout_s)
         expected = self.dropper.expected
+        deadline = time.monotonic() + timeout_s
         complete, _ = wait_until_done(self.stack.api, self.since, lambda: set(expected), timeout_s)
         verdict = judge(self.stack, expected, self.since)
+        # A file can be done (dispatched in a batch) while the server still misses its own
+        # `reconstructed` event, which a cut lost: the outbox posts it again within seconds.
+        while verdict.unannounced and time.monotonic() < deadline:
+            time.sleep(EVENT_POLL_S)
+            verdict = judge(self.stack, expected, self.since)
         done = verdict.done_at
         figures: dict[str, float] = {}
         if done:
