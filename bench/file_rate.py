@@ -78,7 +78,7 @@ from bench.trigger_latency import (
     port_args,
     stack_ready,
 )
-from msi_prefect.dispatch_mode import FILE_FLOWS
+from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
 
 REPORT_PATH = BENCH_DIR / "FILE_RATE.md"
 COMMAND = "cd /work/main && .venv/bin/python -m bench.file_rate"

@@ -10,8 +10,13 @@ from typing import Any
 
 from prefect import flow
 
-from msi_prefect.analysis import DEFAULT_ANALYSIS, analyze_file, load_callable
-from msi_prefect.batches import BatchEntryResult, batch_run_name, check_batch_size, run_per_file
+from msi_prefect.prefect_layer.analysis import DEFAULT_ANALYSIS, analyze_file, load_callable
+from msi_prefect.prefect_layer.dispatch.batches import (
+    BatchEntryResult,
+    batch_run_name,
+    check_batch_size,
+    run_per_file,
+)
 
 
 @flow(

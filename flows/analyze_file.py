@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from msi_prefect.analysis import DEFAULT_ANALYSIS, AnalysisResult, analyze_file, load_callable
-from msi_prefect.flow_inputs import RebuiltFile
+from msi_prefect.prefect_layer.analysis import (
+    DEFAULT_ANALYSIS,
+    AnalysisResult,
+    analyze_file,
+    load_callable,
+)
+from msi_prefect.prefect_layer.flow_inputs import RebuiltFile
 
 
 @flow(

@@ -11,9 +11,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from msi_prefect.audit import DEFAULT_MAX_MISSING_EVENTS, audit_backups, progress_store_path
-from msi_prefect.blocks import BackupStorage
-from msi_prefect.flow_inputs import load_block
+from msi_prefect.prefect_layer.backup.audit import (
+    DEFAULT_MAX_MISSING_EVENTS,
+    audit_backups,
+    progress_store_path,
+)
+from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.flow_inputs import load_block
 
 
 @flow(

@@ -10,10 +10,15 @@ from typing import Any
 
 from prefect import flow
 
-from msi_prefect.backup import backup_file
-from msi_prefect.batches import BatchEntryResult, batch_run_name, check_batch_size, run_per_file
-from msi_prefect.blocks import BackupStorage
-from msi_prefect.flow_inputs import load_block
+from msi_prefect.prefect_layer.backup.tasks import backup_file
+from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.dispatch.batches import (
+    BatchEntryResult,
+    batch_run_name,
+    check_batch_size,
+    run_per_file,
+)
+from msi_prefect.prefect_layer.flow_inputs import load_block
 
 
 @flow(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from msi_prefect.backup import BackupResult, backup_file
-from msi_prefect.blocks import BackupStorage
-from msi_prefect.flow_inputs import RebuiltFile, load_block
+from msi_prefect.prefect_layer.backup.tasks import BackupResult, backup_file
+from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, load_block
 
 
 @flow(

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from msi_prefect.blocks import KafkaCluster
-from msi_prefect.flow_inputs import RebuiltFile, load_block
-from msi_prefect.metadata_tasks import (
+from msi_prefect.prefect_layer.blocks import KafkaCluster
+from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, load_block
+from msi_prefect.prefect_layer.metadata_tasks import (
     PublishedMetadata,
     extract_file_metadata,
     metadata_topic,

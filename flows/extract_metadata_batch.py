@@ -11,10 +11,19 @@ from typing import Any
 from prefect import flow
 from prefect.states import State
 
-from msi_prefect.batches import BatchEntryResult, batch_run_name, check_batch_size, run_per_file
-from msi_prefect.blocks import KafkaCluster
-from msi_prefect.flow_inputs import RebuiltFile, load_block
-from msi_prefect.metadata_tasks import extract_file_metadata, metadata_topic, publish_file_metadata
+from msi_prefect.prefect_layer.blocks import KafkaCluster
+from msi_prefect.prefect_layer.dispatch.batches import (
+    BatchEntryResult,
+    batch_run_name,
+    check_batch_size,
+    run_per_file,
+)
+from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, load_block
+from msi_prefect.prefect_layer.metadata_tasks import (
+    extract_file_metadata,
+    metadata_topic,
+    publish_file_metadata,
+)
 
 
 @flow(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
-from msi_prefect.flow_inputs import load_block
-from msi_prefect.streaming import run_reconstruct_files
+from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
+from msi_prefect.prefect_layer.flow_inputs import load_block
+from msi_prefect.prefect_layer.transfers.streaming import run_reconstruct_files
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.stopping import StopConditions
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from msi_prefect.crashed_runs import rerun_all_crashed, rerun_crashed
+from msi_prefect.prefect_layer.crashed_runs import rerun_all_crashed, rerun_crashed
 
 
 @flow(

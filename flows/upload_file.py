@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from msi_prefect.blocks import KafkaCluster, TransferSettings
-from msi_prefect.flow_inputs import FileInputError, load_block
-from msi_prefect.streaming import REGISTRY_FILE, run_upload_files
+from msi_prefect.prefect_layer.blocks import KafkaCluster, TransferSettings
+from msi_prefect.prefect_layer.flow_inputs import FileInputError, load_block
+from msi_prefect.prefect_layer.transfers.streaming import REGISTRY_FILE, run_upload_files
 
 # A broker outage may pass; the registry makes a retry send only what is missing.
 UPLOAD_RETRIES = 2
@@ -28,7 +28,7 @@ def send_files(
     transfer: TransferSettings,
     registry_path: str,
 ) -> dict[str, int]:
-    """Send the files (see :func:`msi_prefect.streaming.run_upload_files`)."""
+    """Send the files (see ``run_upload_files`` in ``prefect_layer.transfers.streaming``)."""
     return run_upload_files(
         [Path(p) for p in paths], Path(root) if root else None, kafka, transfer, Path(registry_path)
     )

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
-from msi_prefect.flow_inputs import load_block
-from msi_prefect.streaming import REGISTRY_FILE, run_watch_directory
+from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
+from msi_prefect.prefect_layer.flow_inputs import load_block
+from msi_prefect.prefect_layer.transfers.streaming import REGISTRY_FILE, run_watch_directory
 from msi_prefect.transfer.stopping import StopConditions
 
 

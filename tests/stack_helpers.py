@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from msi_prefect.events import EventName
+from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import BACKUP_BUCKET, StateDir
 from msi_prefect.stack.manager import StackManager

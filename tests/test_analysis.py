@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.analysis import (
+from msi_prefect.examples import analysis as example
+from msi_prefect.examples.analysis import summarize
+from msi_prefect.prefect_layer.analysis import (
     DEFAULT_ANALYSIS,
     AnalysisError,
     AnalysisSpecError,
@@ -16,9 +18,7 @@ from msi_prefect.analysis import (
     analysis_markdown,
     load_callable,
 )
-from msi_prefect.events import EventName
-from msi_prefect.examples import analysis as example
-from msi_prefect.examples.analysis import summarize
+from msi_prefect.prefect_layer.events import EventName
 from tests.flow_helpers import file_params, flow_run_name, load_flow, read_artifacts, read_events
 
 

@@ -9,9 +9,13 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.audit import AuditStatus, audit_destination, progress_store_path
-from msi_prefect.events import EventName
-from msi_prefect.flow_inputs import FileInputError, load_block
+from msi_prefect.prefect_layer.backup.audit import (
+    AuditStatus,
+    audit_destination,
+    progress_store_path,
+)
+from msi_prefect.prefect_layer.events import EventName
+from msi_prefect.prefect_layer.flow_inputs import FileInputError, load_block
 from msi_prefect.transfer.progress import ChunkReceipt, ProgressStore
 from msi_prefect.transfer.sinks import CopyStatus, LocalDirectorySink, SinkError
 from msi_prefect.transfer.wire import ChunkHeader, file_id_for
@@ -130,7 +134,7 @@ def payload_params(event: Any) -> dict[str, Any]:
 def test_audit_finds_missing_backups_and_the_backup_flow_repairs_them(
     backup_storage: SavedBackupStorage, destination: Path, tmp_path: Path
 ) -> None:
-    from msi_prefect.blocks import BackupStorage
+    from msi_prefect.prefect_layer.blocks import BackupStorage
 
     topic = f"audit-{backup_storage.name}"
     files = {"run/a.bin": b"A" * 300, "run/b.bin": b"B" * 200, "run/c.bin": b"C" * 100}

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.events import EventName
-from msi_prefect.flow_inputs import FileChangedError, FileInputError, RebuiltFile
+from msi_prefect.prefect_layer.events import EventName
+from msi_prefect.prefect_layer.flow_inputs import FileChangedError, FileInputError, RebuiltFile
 from msi_prefect.transfer.wire import file_id_for
 from tests.conftest import RunningStack
 from tests.flow_helpers import (

@@ -10,10 +10,14 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.batches import BatchFailedError, check_batch_size, rebuilt_file_of
-from msi_prefect.blocks import MAX_BATCH_FILES, KafkaCluster
-from msi_prefect.events import EventName
-from msi_prefect.flow_inputs import FileInputError
+from msi_prefect.prefect_layer.blocks import MAX_BATCH_FILES, KafkaCluster
+from msi_prefect.prefect_layer.dispatch.batches import (
+    BatchFailedError,
+    check_batch_size,
+    rebuilt_file_of,
+)
+from msi_prefect.prefect_layer.events import EventName
+from msi_prefect.prefect_layer.flow_inputs import FileInputError
 from tests.conftest import RunningStack
 from tests.flow_helpers import (
     SavedBackupStorage,
@@ -118,7 +122,7 @@ def test_metadata_and_analysis_batches_record_every_file(
 ) -> None:
     from confluent_kafka.admin import AdminClient
 
-    from msi_prefect.metadata_tasks import metadata_topic
+    from msi_prefect.prefect_layer.metadata_tasks import metadata_topic
 
     dest = tmp_path / "dest"
     files = [

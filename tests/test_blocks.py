@@ -19,7 +19,7 @@ from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import SecretStr, ValidationError
 
-from msi_prefect.blocks import (
+from msi_prefect.prefect_layer.blocks import (
     BLOCK_TYPES,
     MAX_CHUNK_SIZE,
     BackupStorage,
@@ -545,7 +545,7 @@ def test_prefect_block_register_cli(prefect_stack: RunningStack) -> None:
     prefect = Path(sys.executable).parent / "prefect"
     env = {**os.environ, "PREFECT_API_URL": prefect_stack.config.prefect_api_url}
     result = subprocess.run(
-        [str(prefect), "block", "register", "-m", "msi_prefect.blocks"],
+        [str(prefect), "block", "register", "-m", "msi_prefect.prefect_layer.blocks"],
         env=env,
         capture_output=True,
         text=True,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import msi_prefect
+from msi_prefect.cli.transfer import REGISTRY_FILE, own_state_excludes
 from msi_prefect.stack.config import STATE_DIR_ENV, StackConfig, StateDir
-from msi_prefect.transfer.commands import REGISTRY_FILE, own_state_excludes
 from msi_prefect.transfer.filters import FileFilter
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 from tests.test_roundtrip import make_tree, send, tree_digests
@@ -29,7 +29,7 @@ CLI_TIMEOUT_S = 120
 # Modules `msi-prefect upload` never uses: starting the CLI must not import them (they cost
 # the sender's start-up tenths of a second). Each also stands for its submodules.
 NOT_FOR_UPLOAD = (
-    "msi_prefect.events",
+    "msi_prefect.prefect_layer.events",
     "msi_prefect.transfer.reassembler",
     "msi_prefect.transfer.sinks",
     "msi_prefect.transfer.watcher",
@@ -53,8 +53,8 @@ def test_upload_start_up_imports_nothing_it_does_not_use() -> None:
     probe = textwrap.dedent(
         """
         import sys
-        from msi_prefect.cli import build_parser
-        from msi_prefect.crypto_commands import codec_from_args
+        from msi_prefect.cli.main import build_parser
+        from msi_prefect.cli.crypto import codec_from_args
 
         args = build_parser().parse_args(["upload", "data", "--topic", "t"])
         with codec_from_args(args, None, [args.topic]) as codec:
@@ -85,7 +85,7 @@ def test_upload_start_up_imports_nothing_it_does_not_use() -> None:
 
 
 def test_upload_lists_files_like_rglob_without_entering_linked_folders(tmp_path: Path) -> None:
-    from msi_prefect.transfer.commands import iter_upload_files
+    from msi_prefect.cli.transfer import iter_upload_files
 
     src = tmp_path / "run"
     (src / "a").mkdir(parents=True)

@@ -1,11 +1,11 @@
 """Events are part of the commit order: no file's offsets are committed before its event.
 
 The long-running reconstruct flow records every outcome in a durable outbox
-(``msi_prefect.event_outbox``) from the reassembler's event callback. When that write
+(``msi_prefect.prefect_layer.event_outbox``) from the reassembler's event callback. When that write
 fails (its disk is full), the batch must not commit: it is rewound and retried, and once
 the write goes through every file is delivered and has its event exactly once. These tests
-wire the reassembler to a real ``EventChannel`` the way ``msi_prefect.streaming`` does,
-against the real broker.
+wire the reassembler to a real ``EventChannel`` the way
+``msi_prefect.prefect_layer.transfers.streaming`` does, against the real broker.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.event_outbox import EventChannel, event_outbox
-from msi_prefect.events import from_reassembler
+from msi_prefect.prefect_layer.event_outbox import EventChannel, event_outbox
+from msi_prefect.prefect_layer.events import from_reassembler
 from msi_prefect.transfer import reassembler as reassembler_module
 from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.reassembler import FileEvent, Reassembler, ReassemblerSettings

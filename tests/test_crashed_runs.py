@@ -6,14 +6,14 @@ import uuid
 
 import pytest
 
-from msi_prefect.crashed_runs import (
+from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.crashed_runs import (
     MAX_RERUNS,
     RERUN_OF_TAG,
     RERUN_TAG,
     rerun_all_crashed,
     rerun_crashed,
 )
-from msi_prefect.errors import MsiError
 from tests.flow_helpers import load_flow
 
 pytestmark = pytest.mark.stack

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from msi_prefect.dispatch import (
+from msi_prefect.prefect_layer.dispatch.batcher import (
     BACKLOG_STALE_S,
     TRIGGER_LAG_S,
     AdaptiveGate,
@@ -18,7 +18,7 @@ from msi_prefect.dispatch import (
     ServerRunBacklog,
     batch_outbox,
 )
-from msi_prefect.events import (
+from msi_prefect.prefect_layer.events import (
     DISPATCH_LABEL,
     DownstreamDispatch,
     EventName,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.event_outbox import (
+from msi_prefect.prefect_layer.event_outbox import (
     CONFIRM_AFTER_S,
     CONFIRM_INTERVAL_S,
     EARLIER_RUN_GRACE_S,
@@ -21,7 +21,7 @@ from msi_prefect.event_outbox import (
     event_outbox,
     unconfirmed_outbox,
 )
-from msi_prefect.events import EventName, FileFacts, file_event
+from msi_prefect.prefect_layer.events import EventName, FileFacts, file_event
 from msi_prefect.transfer.wire import file_id_for
 
 TOPIC = "lab.raw"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msi_prefect.events import EventName, from_reassembler, from_upload
+from msi_prefect.prefect_layer.events import EventName, from_reassembler, from_upload
 from msi_prefect.transfer.producer import UploadOutcome, UploadResult
 from msi_prefect.transfer.reassembler import FileEvent, FileEventKind
 

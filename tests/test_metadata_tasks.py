@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.events import EventName
-from msi_prefect.flow_inputs import FileInputError
-from msi_prefect.metadata_tasks import artifact_key, metadata_topic
+from msi_prefect.prefect_layer.events import EventName
+from msi_prefect.prefect_layer.flow_inputs import FileInputError
+from msi_prefect.prefect_layer.metadata_tasks import artifact_key, metadata_topic
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 from tests.flow_helpers import (
     delete_block,
@@ -45,7 +45,7 @@ def test_metadata_topic_fits_kafka_limits() -> None:
 
 @pytest.fixture
 def kafka_block(prefect_api: str, prefect_stack: RunningStack) -> Iterator[str]:
-    from msi_prefect.blocks import KafkaCluster
+    from msi_prefect.prefect_layer.blocks import KafkaCluster
 
     name = unique_name("kafka")
     KafkaCluster(bootstrap_servers=prefect_stack.bootstrap_servers).save(name)

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from prefect.settings import get_current_settings
 
-from msi_prefect.blocks import KafkaCluster, TransferSettings
-from msi_prefect.dispatch import DownstreamRunCounts, PrefectRunCounter
-from msi_prefect.event_outbox import PrefectEventPoster, event_body
-from msi_prefect.events import DownstreamDispatch, EventName, FileFacts, file_event
-from msi_prefect.streaming import RunCounts
+from msi_prefect.prefect_layer.blocks import KafkaCluster, TransferSettings
+from msi_prefect.prefect_layer.dispatch.batcher import DownstreamRunCounts, PrefectRunCounter
+from msi_prefect.prefect_layer.event_outbox import PrefectEventPoster, event_body
+from msi_prefect.prefect_layer.events import DownstreamDispatch, EventName, FileFacts, file_event
+from msi_prefect.prefect_layer.transfers.streaming import RunCounts
 from msi_prefect.transfer.producer import FileProducer, ProducerSettings
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.wire import file_id_for

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
-from msi_prefect.dispatch_mode import DownstreamDispatch
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
 from msi_prefect.stack.processes import LOOPBACK
 
 DEFAULT_STATE_DIR = Path(".msi")

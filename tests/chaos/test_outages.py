@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
+from msi_prefect.prefect_layer.transfers.streaming import ARTIFACT_INTERVAL_S
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import BACKUP_BUCKET, StateDir
 from msi_prefect.stack.deploy import LONG_RUNNING_DEPLOYMENTS
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes
-from msi_prefect.streaming import ARTIFACT_INTERVAL_S
 from tests.conftest import free_port_map
 from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback

@@ -8,8 +8,8 @@ committed) and a sender thread posts the outbox to the server's ``POST /api/even
 batches, oldest first, deleting rows only once the server has accepted them. While the
 server is unreachable the sender retries with a growing pause (up to
 ``MAX_RETRY_PAUSE_S``) and the transfer goes on; when it is back, every event is
-delivered. Event ids are deterministic (``msi_prefect.events``), so an event posted twice
-(accepted, then the process died before deleting it) is kept once by the server.
+delivered. Event ids are deterministic (``msi_prefect.prefect_layer.events``), so an event
+posted twice (accepted, then the process died before deleting it) is kept once by the server.
 
 A server that accepted an event can still lose it: Prefect's server keeps accepted
 events in memory queues until its services (the persister, the triggers) take them, so a
@@ -43,7 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
 
-from msi_prefect.events import FileEventSpec
+from msi_prefect.prefect_layer.events import FileEventSpec
 from msi_prefect.transfer.sqlite_db import DurableQueue
 
 logger = logging.getLogger(__name__)

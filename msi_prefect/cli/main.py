@@ -1,7 +1,9 @@
-"""The `msi-prefect` command line: the embedded stack today, transfers as they arrive.
+"""The `msi-prefect` command line: the parser, the subcommand groups, the exit status.
 
-Each group of subcommands lives next to the code it drives and registers itself here
-through a `register(subparsers)` function, so adding a command never touches the others.
+Each group of subcommands is a module of this package (:mod:`~msi_prefect.cli.stack`,
+:mod:`~msi_prefect.cli.transfer`, :mod:`~msi_prefect.cli.crypto`, :mod:`~msi_prefect.cli.rerun`)
+and registers itself here through a `register(subparsers)` function, so adding a command
+never touches the others.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from msi_prefect import __version__, crypto_commands, rerun
+from msi_prefect import __version__
+from msi_prefect.cli import crypto as crypto_commands
+from msi_prefect.cli import rerun
+from msi_prefect.cli import stack as stack_commands
+from msi_prefect.cli import transfer as transfer_commands
 from msi_prefect.errors import MsiError
-from msi_prefect.stack import commands as stack_commands
-from msi_prefect.transfer import commands as transfer_commands
 
 # Exit status for an error the user can fix (argparse itself uses 2 for bad usage).
 EXIT_USER_ERROR = 1

@@ -33,7 +33,7 @@ from prefect.blocks.core import Block
 from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
-from msi_prefect.events import FileFacts
+from msi_prefect.prefect_layer.events import FileFacts
 from msi_prefect.transfer.paths import UnsafePathError, resolve_inside, validate_relative_path
 from msi_prefect.transfer.wire import file_id_for
 

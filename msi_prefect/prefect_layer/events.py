@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from msi_prefect.dispatch_mode import DownstreamDispatch
+from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
 from msi_prefect.transfer.producer import UploadOutcome, UploadResult
 from msi_prefect.transfer.reassembler import FileEvent, FileEventKind
 

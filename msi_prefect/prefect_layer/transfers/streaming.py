@@ -4,7 +4,7 @@ These run the transfer core directly, not as a task run per file or per chunk: a
 flow keeps every task run it made in memory, and these flows see unbounded numbers of
 files. Each file outcome becomes a Prefect event (which triggers the downstream
 deployments), written first to a durable outbox that a sender thread delivers, so a
-Prefect server outage delays events but loses none (``msi_prefect.event_outbox``). The
+Prefect server outage delays events but loses none (``msi_prefect.prefect_layer.event_outbox``). The
 run's counts are published as a markdown artifact at most once a minute, so memory stays
 flat however long the flow runs.
 """
@@ -21,17 +21,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from msi_prefect.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
-from msi_prefect.dispatch import (
+from msi_prefect.cli.transfer import GOOD_OUTCOMES as UPLOADED_OUTCOMES
+from msi_prefect.cli.transfer import iter_upload_files
+from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
+from msi_prefect.prefect_layer.dispatch.batcher import (
     BATCH_OUTBOX_FILE,
     AdaptiveGate,
     FileBatcher,
     ServerRunBacklog,
     batch_outbox,
 )
-from msi_prefect.errors import MsiError
-from msi_prefect.event_outbox import EVENT_OUTBOX_FILE, EventChannel
-from msi_prefect.events import (
+from msi_prefect.prefect_layer.event_outbox import EVENT_OUTBOX_FILE, EventChannel
+from msi_prefect.prefect_layer.events import (
     DownstreamDispatch,
     FileFacts,
     batch_event,
@@ -39,8 +41,6 @@ from msi_prefect.events import (
     from_reassembler,
     from_upload,
 )
-from msi_prefect.transfer.commands import GOOD_OUTCOMES as UPLOADED_OUTCOMES
-from msi_prefect.transfer.commands import iter_upload_files
 from msi_prefect.transfer.crypto import CryptoCodec
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import uuid
 
-from msi_prefect.dispatch_mode import FILE_FLOWS
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
 
 __all__ = [
     "DOWNSTREAM_DEPLOYMENTS",

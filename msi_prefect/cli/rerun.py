@@ -25,8 +25,8 @@ from typing import Any
 from msi_prefect.errors import MsiError
 
 API_TIMEOUT_S = 30.0
-# msi_prefect.events.EventName.RECONSTRUCTED, not imported: it would load the transfer core
-# into every start of the CLI.
+# msi_prefect.prefect_layer.events.EventName.RECONSTRUCTED, not imported: it would load the
+# transfer core into every start of the CLI.
 RECONSTRUCTED_EVENT = "msi.file.reconstructed"
 EXIT_OK = 0
 # The event payload keys the per-file flows take as parameters.

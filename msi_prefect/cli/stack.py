@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from msi_prefect.dispatch_mode import DownstreamDispatch
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
 from msi_prefect.stack.config import (
     BrokerStorage,
     Component,

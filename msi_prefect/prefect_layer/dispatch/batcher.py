@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from msi_prefect.dispatch_mode import FILE_FLOWS
-from msi_prefect.events import FileFacts
+from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
+from msi_prefect.prefect_layer.events import FileFacts
 from msi_prefect.transfer.sqlite_db import DurableQueue
 
 logger = logging.getLogger(__name__)

@@ -30,10 +30,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.errors import MsiError
-from msi_prefect.events import EventName, file_event
-from msi_prefect.flow_inputs import FileInputError, RebuiltFile, retry_unless_input_error
 from msi_prefect.metadata import extract_metadata
-from msi_prefect.metadata_tasks import artifact_key
+from msi_prefect.prefect_layer.events import EventName, file_event
+from msi_prefect.prefect_layer.flow_inputs import (
+    FileInputError,
+    RebuiltFile,
+    retry_unless_input_error,
+)
+from msi_prefect.prefect_layer.metadata_tasks import artifact_key
 
 __all__ = [
     "DEFAULT_ANALYSIS",

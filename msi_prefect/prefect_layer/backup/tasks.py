@@ -18,9 +18,9 @@ Example:
     ```python
     from prefect import flow
 
-    from msi_prefect.backup import backup_file
-    from msi_prefect.blocks import BackupStorage
-    from msi_prefect.flow_inputs import RebuiltFile
+    from msi_prefect.prefect_layer.backup.tasks import backup_file
+    from msi_prefect.prefect_layer.blocks import BackupStorage
+    from msi_prefect.prefect_layer.flow_inputs import RebuiltFile
 
     @flow
     def my_backup(url: str, path: str, file_id: str, size: int, sha256: str) -> None:
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from msi_prefect.blocks import BackupStorage
-from msi_prefect.events import EventName, file_event
-from msi_prefect.flow_inputs import RebuiltFile, retry_unless_input_error
+from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.events import EventName, file_event
+from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, retry_unless_input_error
 from msi_prefect.transfer.sinks import ChecksumMismatchError, CopyStatus
 
 __all__ = ["BACKUP_RETRIES", "BACKUP_RETRY_DELAYS_S", "BackupResult", "backup_file"]

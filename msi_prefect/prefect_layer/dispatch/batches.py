@@ -19,9 +19,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from msi_prefect.blocks import MAX_BATCH_FILES
 from msi_prefect.errors import MsiError
-from msi_prefect.flow_inputs import FileInputError, RebuiltFile
+from msi_prefect.prefect_layer.blocks import MAX_BATCH_FILES
+from msi_prefect.prefect_layer.flow_inputs import FileInputError, RebuiltFile
 
 # The entry keys the per-file flows take as parameters.
 ENTRY_KEYS = ("topic", "file_id", "generation", "path", "url", "size", "sha256")

@@ -26,11 +26,15 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from msi_prefect.blocks import KafkaCluster
 from msi_prefect.errors import MsiError
-from msi_prefect.events import EventName, file_event
-from msi_prefect.flow_inputs import FileInputError, RebuiltFile, retry_unless_input_error
 from msi_prefect.metadata import FileMetadata, extract_metadata, metadata_markdown
+from msi_prefect.prefect_layer.blocks import KafkaCluster
+from msi_prefect.prefect_layer.events import EventName, file_event
+from msi_prefect.prefect_layer.flow_inputs import (
+    FileInputError,
+    RebuiltFile,
+    retry_unless_input_error,
+)
 from msi_prefect.transfer.kafka import ensure_topic
 from msi_prefect.transfer.wire import FORMAT_VERSION, HeaderName
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from msi_prefect.crypto_commands import add_crypto_options, codec_from_args
+from msi_prefect.cli.crypto import add_crypto_options, codec_from_args
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.config import StateDir, user_state_dir
 from msi_prefect.transfer.formats import WireFormat

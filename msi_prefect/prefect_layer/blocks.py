@@ -11,9 +11,9 @@ objects of the transfer core, which imports no Prefect:
 * :class:`BackupStorage` -> s3fs storage options and a :class:`~msi_prefect.transfer.sinks.Sink`
 
 Register the block types with a Prefect server with
-``prefect block register -m msi_prefect.blocks``; a server started in an environment where
-this package is installed registers them on its own through the ``prefect.collections``
-entry point.
+``prefect block register -m msi_prefect.prefect_layer.blocks``; a server started in an
+environment where this package is installed registers them on its own through the
+``prefect.collections`` entry point.
 
 Values are checked when a block is built or loaded, and a bad value fails with a message
 that names the field and says what a good value looks like. Secrets are ``SecretStr``:
@@ -33,7 +33,7 @@ from fsspec.registry import known_implementations, registry
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 
-from msi_prefect.events import DownstreamDispatch
+from msi_prefect.prefect_layer.events import DownstreamDispatch
 from msi_prefect.transfer.filters import FileFilter
 from msi_prefect.transfer.formats import WireFormat
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, SecurityProtocol
@@ -137,7 +137,7 @@ class KafkaCluster(Block):
     Example:
         Load a saved cluster and get the transfer core's connection settings:
         ```python
-        from msi_prefect.blocks import KafkaCluster
+        from msi_prefect.prefect_layer.blocks import KafkaCluster
 
         kafka_cluster = KafkaCluster.load("BLOCK_NAME")
         connection = kafka_cluster.to_connection()
@@ -272,7 +272,7 @@ class TransferSettings(Block):
     Example:
         Load saved settings and build the producer settings and file filter:
         ```python
-        from msi_prefect.blocks import TransferSettings
+        from msi_prefect.prefect_layer.blocks import TransferSettings
 
         transfer_settings = TransferSettings.load("BLOCK_NAME")
         producer_settings = transfer_settings.producer_settings()
@@ -430,7 +430,7 @@ class KafkaCryptoSettings(Block):
     Example:
         Load saved KafkaCrypto settings:
         ```python
-        from msi_prefect.blocks import KafkaCryptoSettings
+        from msi_prefect.prefect_layer.blocks import KafkaCryptoSettings
 
         kafka_crypto_settings = KafkaCryptoSettings.load("BLOCK_NAME")
         ```
@@ -555,7 +555,7 @@ class BackupStorage(Block):
     Example:
         Load saved backup storage and get a sink for it:
         ```python
-        from msi_prefect.blocks import BackupStorage
+        from msi_prefect.prefect_layer.blocks import BackupStorage
 
         backup_storage = BackupStorage.load("BLOCK_NAME")
         sink = backup_storage.sink()

@@ -27,10 +27,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from msi_prefect.blocks import BackupStorage
 from msi_prefect.errors import MsiError
-from msi_prefect.events import DownstreamDispatch, EventName, FileFacts, file_event
-from msi_prefect.flow_inputs import FileInputError, retry_unless_input_error
+from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.events import DownstreamDispatch, EventName, FileFacts, file_event
+from msi_prefect.prefect_layer.flow_inputs import FileInputError, retry_unless_input_error
 from msi_prefect.transfer.paths import UnsafePathError, validate_relative_path
 from msi_prefect.transfer.progress import FileProgress, ProgressStore
 from msi_prefect.transfer.reassembler import STATE_DIR_NAME
