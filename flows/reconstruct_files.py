@@ -9,8 +9,7 @@ from prefect import flow
 from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.prefect_layer.flow_inputs import load_block
 from msi_prefect.prefect_layer.transfers.streaming import run_reconstruct_files
-from msi_prefect.transfer.formats import WireFormat
-from msi_prefect.transfer.stopping import StopConditions
+from msi_prefect.transfer import StopConditions, WireFormat
 
 
 @flow(

@@ -8,7 +8,8 @@ from prefect import flow, task
 
 from msi_prefect.prefect_layer.blocks import KafkaCluster, TransferSettings
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, load_block
-from msi_prefect.prefect_layer.transfers.streaming import REGISTRY_FILE, run_upload_files
+from msi_prefect.prefect_layer.transfers.streaming import run_upload_files
+from msi_prefect.transfer import REGISTRY_FILE
 
 # A broker outage may pass; the registry makes a retry send only what is missing.
 UPLOAD_RETRIES = 2

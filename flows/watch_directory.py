@@ -8,8 +8,8 @@ from prefect import flow
 
 from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.prefect_layer.flow_inputs import load_block
-from msi_prefect.prefect_layer.transfers.streaming import REGISTRY_FILE, run_watch_directory
-from msi_prefect.transfer.stopping import StopConditions
+from msi_prefect.prefect_layer.transfers.streaming import run_watch_directory
+from msi_prefect.transfer import REGISTRY_FILE, StopConditions
 
 
 @flow(

@@ -85,7 +85,7 @@ def test_upload_start_up_imports_nothing_it_does_not_use() -> None:
 
 
 def test_upload_lists_files_like_rglob_without_entering_linked_folders(tmp_path: Path) -> None:
-    from msi_prefect.cli.transfer import iter_upload_files
+    from msi_prefect.transfer import iter_upload_files
 
     src = tmp_path / "run"
     (src / "a").mkdir(parents=True)

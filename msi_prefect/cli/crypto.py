@@ -20,16 +20,19 @@ from typing import TYPE_CHECKING
 from pydantic import SecretStr
 
 from msi_prefect.errors import MsiError
-from msi_prefect.transfer.crypto_settings import DEFAULT_KEY_WAIT_S, NodeRole
-from msi_prefect.transfer.kafka import KafkaConnection
+from msi_prefect.transfer import (
+    DEFAULT_KEY_WAIT_S,
+    PROVISIONING_PASSWORD_ENV,
+    ROT_PASSWORD_ENV,
+    KafkaConnection,
+    NodeRole,
+)
 
 # The KafkaCrypto layer is imported on use (provisioning, or a transfer given
 # --crypto-config): keeps `msi-prefect upload` start-up short.
 if TYPE_CHECKING:
-    from msi_prefect.transfer.crypto import CryptoCodec, ProvisioningSecrets
+    from msi_prefect.transfer import CryptoCodec, ProvisioningSecrets
 
-ROT_PASSWORD_ENV = "MSI_CRYPTO_ROT_PASSWORD"
-PROVISIONING_PASSWORD_ENV = "MSI_CRYPTO_PROVISIONING_PASSWORD"
 EXIT_OK = 0
 
 
@@ -68,7 +71,7 @@ def secrets_from_env(interactive: bool | None = None) -> ProvisioningSecrets:
     Raises:
         MsiError: a password is missing (and there is no terminal) or too short.
     """
-    from msi_prefect.transfer.crypto import ProvisioningSecrets
+    from msi_prefect.transfer import ProvisioningSecrets
 
     if interactive is None:
         interactive = sys.stdin.isatty()
@@ -87,7 +90,7 @@ def secrets_from_env(interactive: bool | None = None) -> ProvisioningSecrets:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from msi_prefect.transfer.crypto import NodeFiles, provision_node
+    from msi_prefect.transfer import NodeFiles, provision_node
 
     files = NodeFiles(args.config_dir, args.node)
     provision_node(files, NodeRole(args.role), secrets_from_env(), topics=args.topic or None)
@@ -136,7 +139,7 @@ def codec_from_args(
     if config is None:
         yield None
         return
-    from msi_prefect.transfer.crypto import CryptoCodec
+    from msi_prefect.transfer import CryptoCodec
 
     codec = CryptoCodec.open(
         config,

@@ -12,7 +12,6 @@ import resource
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,33 +20,37 @@ from pydantic import ValidationError
 from msi_prefect.cli.crypto import add_crypto_options, codec_from_args
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.config import StateDir, user_state_dir
-from msi_prefect.transfer.formats import WireFormat
-from msi_prefect.transfer.kafka import Compression, KafkaConnection, ensure_topic
-from msi_prefect.transfer.paths import UnsafePathError, relative_posix
-from msi_prefect.transfer.producer import (
+from msi_prefect.transfer import (
+    DEFAULT_CHUNK_SIZE,
+    GOOD_OUTCOMES,
+    REGISTRY_FILE,
+    Compression,
+    DecodeLimits,
     FileProducer,
+    KafkaConnection,
     ProducerSettings,
+    Registry,
+    StopConditions,
+    StopOnSignal,
     UploadOutcome,
     UploadResult,
     UploadTally,
+    WireFormat,
+    ensure_topic,
+    iter_upload_files,
 )
-from msi_prefect.transfer.registry import Registry
-from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
-from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, DecodeLimits
 
 # What only `watch` (watchdog) and `reconstruct` (fsspec, the reassembler) use is imported
 # on use: keeps `msi-prefect upload` start-up short.
 if TYPE_CHECKING:
-    from msi_prefect.transfer.reassembler import FileEvent
+    from msi_prefect.transfer import FileEvent
 
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_ENV = "MSI_BOOTSTRAP_SERVERS"
 FALLBACK_BOOTSTRAP = "127.0.0.1:9092"
-REGISTRY_FILE = "producer-registry.sqlite"
 EXIT_OK = 0
 EXIT_SOME_FILES_FAILED = 1
-GOOD_OUTCOMES = frozenset({UploadOutcome.SENT, UploadOutcome.ALREADY_SENT})
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -313,43 +316,6 @@ def _producer_settings(args: argparse.Namespace) -> ProducerSettings:
 # ----------------------------------------------------------------------------- upload
 
 
-def iter_upload_files(paths: list[Path], root: Path | None) -> Iterator[tuple[Path, str]]:
-    """(file, relative POSIX path) for every file named or inside a named folder.
-
-    Raises:
-        MsiError: a path does not exist, or lies outside --root.
-    """
-    for path in paths:
-        if not path.exists():
-            raise MsiError(f"no such file or folder: {path}")
-        base = root if root is not None else path.parent
-        candidates = _files_below(path) if path.is_dir() else [path]
-        for file in candidates:
-            try:
-                yield file, relative_posix(base, file)
-            except (UnsafePathError, ValueError) as exc:
-                raise MsiError(f"cannot send {file}: {exc}") from exc
-
-
-def _files_below(folder: Path) -> list[Path]:
-    """Regular files (or links to them) below ``folder``, sorted by path components.
-
-    Like ``rglob("*")`` filtered by ``is_file()``, and so not entering linked folders, but
-    from the directory entries' types: no ``stat`` per file.
-    """
-    found: list[str] = []
-    folders = [os.fspath(folder)]
-    while folders:
-        with os.scandir(folders.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(entry.path)
-                elif entry.is_file():
-                    found.append(entry.path)
-    found.sort(key=lambda name: name.split(os.sep))
-    return [Path(name) for name in found]
-
-
 class _ProgressBar:
     """A one-line progress bar on a terminal for files larger than a few chunks."""
 
@@ -418,9 +384,7 @@ def _summarise(results: list[UploadResult], tally: UploadTally) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from msi_prefect.transfer.filters import FileFilter
-    from msi_prefect.transfer.watch_loop import watch_and_send
-    from msi_prefect.transfer.watcher import WatchSettings
+    from msi_prefect.transfer import FileFilter, WatchSettings, watch_and_send
 
     root: Path = args.directory
     if not root.is_dir():
@@ -486,7 +450,7 @@ def storage_options_from_env(destination: str) -> dict[str, Any]:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from msi_prefect.transfer.reassembler import FileEventKind, Reassembler, ReassemblerSettings
+    from msi_prefect.transfer import FileEventKind, Reassembler, ReassemblerSettings
 
     connection = connection_from_args(args)
     ensure_topic(connection, args.topic)
@@ -556,7 +520,7 @@ def _print_event(event: FileEvent) -> None:
     A rejected message that names no file is not printed: the reassembler's log line
     already reports it once, with its partition and offset.
     """
-    from msi_prefect.transfer.reassembler import FileEventKind
+    from msi_prefect.transfer import FileEventKind
 
     if event.kind is FileEventKind.RECONSTRUCTED:
         print(f"reconstructed {event.relpath} ({event.size} bytes) -> {event.url}", flush=True)

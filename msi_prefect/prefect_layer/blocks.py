@@ -34,15 +34,18 @@ from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 
 from msi_prefect.prefect_layer.events import DownstreamDispatch
-from msi_prefect.transfer.filters import FileFilter
-from msi_prefect.transfer.formats import WireFormat
-from msi_prefect.transfer.kafka import Compression, KafkaConnection, SecurityProtocol
-from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE, MIB
+from msi_prefect.transfer import (
+    DEFAULT_CHUNK_SIZE,
+    MIB,
+    Compression,
+    FileFilter,
+    KafkaConnection,
+    SecurityProtocol,
+    WireFormat,
+)
 
 if TYPE_CHECKING:
-    from msi_prefect.transfer.crypto import CryptoCodec, NodeFiles
-    from msi_prefect.transfer.producer import ProducerSettings
-    from msi_prefect.transfer.sinks import Sink
+    from msi_prefect.transfer import CryptoCodec, NodeFiles, ProducerSettings, Sink
 
 __all__ = [
     "BLOCK_TYPES",
@@ -399,7 +402,7 @@ class TransferSettings(Block):
 
     def producer_settings(self) -> ProducerSettings:
         """The transfer core's producer settings (topic, chunk size, compression)."""
-        from msi_prefect.transfer.producer import ProducerSettings
+        from msi_prefect.transfer import ProducerSettings
 
         return ProducerSettings(
             topic=self.topic,
@@ -504,7 +507,7 @@ class KafkaCryptoSettings(Block):
 
     def node_files(self) -> NodeFiles:
         """Where the node's KafkaCrypto files are."""
-        from msi_prefect.transfer.crypto import NodeFiles
+        from msi_prefect.transfer import NodeFiles
 
         return NodeFiles(Path(self.config_dir).expanduser(), self.node_id)
 
@@ -515,7 +518,7 @@ class KafkaCryptoSettings(Block):
             MsiError: the node is not provisioned and the passwords are not both set.
         """
         from msi_prefect.errors import MsiError
-        from msi_prefect.transfer.crypto import NodeRole, ProvisioningSecrets, provision_node
+        from msi_prefect.transfer import NodeRole, ProvisioningSecrets, provision_node
 
         files = self.node_files()
         if files.is_provisioned():
@@ -538,7 +541,7 @@ class KafkaCryptoSettings(Block):
         Returns:
             The codec; the caller closes it.
         """
-        from msi_prefect.transfer.crypto import CryptoCodec
+        from msi_prefect.transfer import CryptoCodec
 
         return CryptoCodec.for_node(
             self.ensure_provisioned(), connection, self.key_wait_timeout_s, topics
@@ -713,7 +716,7 @@ class BackupStorage(Block):
         Raises:
             msi_prefect.transfer.sinks.SinkError: The destination cannot be used.
         """
-        from msi_prefect.transfer.sinks import sink_for
+        from msi_prefect.transfer import sink_for
 
         return sink_for(self.url, self.storage_options())
 

@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 from msi_prefect.prefect_layer.events import FileEventSpec
-from msi_prefect.transfer.sqlite_db import DurableQueue
+from msi_prefect.transfer import DurableQueue
 
 logger = logging.getLogger(__name__)
 

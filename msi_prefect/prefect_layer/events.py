@@ -15,8 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
-from msi_prefect.transfer.producer import UploadOutcome, UploadResult
-from msi_prefect.transfer.reassembler import FileEvent, FileEventKind
+from msi_prefect.transfer import FileEvent, FileEventKind, UploadOutcome, UploadResult
 
 # Fixed namespace: changing it would change every event id.
 EVENT_ID_NAMESPACE = uuid.UUID("0b7a3c52-9d4e-4a57-9a0e-6f1d2c8b5e41")

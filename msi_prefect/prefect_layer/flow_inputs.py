@@ -34,8 +34,12 @@ from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.events import FileFacts
-from msi_prefect.transfer.paths import UnsafePathError, resolve_inside, validate_relative_path
-from msi_prefect.transfer.wire import file_id_for
+from msi_prefect.transfer import (
+    UnsafePathError,
+    file_id_for,
+    resolve_inside,
+    validate_relative_path,
+)
 
 if TYPE_CHECKING:
     from prefect import Task

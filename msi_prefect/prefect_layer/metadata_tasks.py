@@ -35,8 +35,7 @@ from msi_prefect.prefect_layer.flow_inputs import (
     RebuiltFile,
     retry_unless_input_error,
 )
-from msi_prefect.transfer.kafka import ensure_topic
-from msi_prefect.transfer.wire import FORMAT_VERSION, HeaderName
+from msi_prefect.transfer import FORMAT_VERSION, HeaderName, ensure_topic
 
 __all__ = [
     "METADATA_KIND",

@@ -19,8 +19,14 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from msi_prefect.cli.crypto import PROVISIONING_PASSWORD_ENV, ROT_PASSWORD_ENV
-from msi_prefect.transfer.crypto import NodeFiles, NodeRole, ProvisioningSecrets, provision_node
+from msi_prefect.transfer import (
+    PROVISIONING_PASSWORD_ENV,
+    ROT_PASSWORD_ENV,
+    NodeFiles,
+    NodeRole,
+    ProvisioningSecrets,
+    provision_node,
+)
 
 CRYPTO_DIR_NAME = "crypto"
 SECRETS_FILE = "secrets.json"

@@ -1,4 +1,4 @@
-"""Settings of end-to-end encryption that the command line offers: node roles, key wait.
+"""Settings of end-to-end encryption the command line offers: node roles, key wait, passwords.
 
 A module of its own, without imports, so that `msi-prefect` can build its options without
 importing :mod:`msi_prefect.transfer.crypto`.
@@ -7,6 +7,11 @@ importing :mod:`msi_prefect.transfer.crypto`.
 from __future__ import annotations
 
 from enum import StrEnum
+
+#: Environment variable holding the deployment's root-of-trust password (12+ characters).
+ROT_PASSWORD_ENV = "MSI_CRYPTO_ROT_PASSWORD"
+#: Environment variable holding the deployment's provisioning password (6+ characters).
+PROVISIONING_PASSWORD_ENV = "MSI_CRYPTO_PROVISIONING_PASSWORD"
 
 #: Default seconds a consumer waits for the key of an encrypted message before rejecting it.
 DEFAULT_KEY_WAIT_S = 30.0

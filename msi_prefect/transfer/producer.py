@@ -89,6 +89,9 @@ SETTLED_OUTCOMES = frozenset(
     {UploadOutcome.SENT, UploadOutcome.ALREADY_SENT, UploadOutcome.FAILED, UploadOutcome.UNREADABLE}
 )
 
+# Outcomes after which the file is at the destination's topic: nothing failed.
+GOOD_OUTCOMES = frozenset({UploadOutcome.SENT, UploadOutcome.ALREADY_SENT})
+
 
 @dataclass
 class UploadTally:

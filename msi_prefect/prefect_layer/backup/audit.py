@@ -31,10 +31,16 @@ from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.blocks import BackupStorage
 from msi_prefect.prefect_layer.events import DownstreamDispatch, EventName, FileFacts, file_event
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, retry_unless_input_error
-from msi_prefect.transfer.paths import UnsafePathError, validate_relative_path
-from msi_prefect.transfer.progress import FileProgress, ProgressStore
-from msi_prefect.transfer.reassembler import STATE_DIR_NAME
-from msi_prefect.transfer.sinks import CopyStatus, Sink, SinkError
+from msi_prefect.transfer import (
+    STATE_DIR_NAME,
+    CopyStatus,
+    FileProgress,
+    ProgressStore,
+    Sink,
+    SinkError,
+    UnsafePathError,
+    validate_relative_path,
+)
 
 __all__ = [
     "AUDIT_ARTIFACT_KEY",

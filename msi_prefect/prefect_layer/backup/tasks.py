@@ -42,7 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from msi_prefect.prefect_layer.blocks import BackupStorage
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, retry_unless_input_error
-from msi_prefect.transfer.sinks import ChecksumMismatchError, CopyStatus
+from msi_prefect.transfer import ChecksumMismatchError, CopyStatus
 
 __all__ = ["BACKUP_RETRIES", "BACKUP_RETRY_DELAYS_S", "BackupResult", "backup_file"]
 

@@ -36,7 +36,7 @@ from typing import Any, Protocol, cast
 
 from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
 from msi_prefect.prefect_layer.events import FileFacts
-from msi_prefect.transfer.sqlite_db import DurableQueue
+from msi_prefect.transfer import DurableQueue
 
 logger = logging.getLogger(__name__)
 

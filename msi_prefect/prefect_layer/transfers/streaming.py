@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from msi_prefect.cli.transfer import GOOD_OUTCOMES as UPLOADED_OUTCOMES
-from msi_prefect.cli.transfer import iter_upload_files
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.prefect_layer.dispatch.batcher import (
@@ -41,28 +39,33 @@ from msi_prefect.prefect_layer.events import (
     from_reassembler,
     from_upload,
 )
-from msi_prefect.transfer.crypto import CryptoCodec
-from msi_prefect.transfer.formats import WireFormat
-from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
-from msi_prefect.transfer.producer import FileProducer, UploadResult, UploadTally
-from msi_prefect.transfer.reassembler import (
+from msi_prefect.transfer import (
+    GOOD_OUTCOMES,
+    CryptoCodec,
+    DecodeLimits,
     FileEvent,
     FileEventKind,
+    FileProducer,
+    KafkaConnection,
     Reassembler,
     ReassemblerSettings,
+    Registry,
+    StopConditions,
+    StopOnSignal,
+    UploadResult,
+    UploadTally,
+    WatchSettings,
+    WireFormat,
+    ensure_topic,
+    iter_upload_files,
+    watch_and_send,
 )
-from msi_prefect.transfer.registry import Registry
-from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
-from msi_prefect.transfer.watch_loop import watch_and_send
-from msi_prefect.transfer.watcher import WatchSettings
-from msi_prefect.transfer.wire import DecodeLimits
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_INTERVAL_S = 60.0
 # How long the end of a run waits for its last progress artifact.
 FINAL_PUBLISH_WAIT_S = 15.0
-REGISTRY_FILE = "producer-registry.sqlite"
 
 
 @dataclass
@@ -242,7 +245,7 @@ def run_upload_files(
     tally = UploadTally()
     for result in results:
         tally.add(result)
-    failed = [r for r in results if r.outcome not in UPLOADED_OUTCOMES]
+    failed = [r for r in results if r.outcome not in GOOD_OUTCOMES]
     if failed:
         named = "; ".join(f"{r.relpath}: {r.outcome.value} ({r.reason})" for r in failed[:10])
         raise MsiError(f"{len(failed)} of {len(results)} files were not sent: {named}")
