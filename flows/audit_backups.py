@@ -16,7 +16,7 @@ from msi_prefect.prefect_layer.backup.audit import (
     audit_backups,
     progress_store_path,
 )
-from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.flow_inputs import load_block
 
 

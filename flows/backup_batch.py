@@ -10,8 +10,8 @@ from typing import Any
 
 from prefect import flow
 
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.backup.tasks import backup_file
-from msi_prefect.prefect_layer.blocks import BackupStorage
 from msi_prefect.prefect_layer.dispatch.batches import (
     BatchEntryResult,
     batch_run_name,

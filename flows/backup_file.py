@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prefect import flow
 
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.backup.tasks import BackupResult, backup_file
-from msi_prefect.prefect_layer.blocks import BackupStorage
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, load_block
 
 

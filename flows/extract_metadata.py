@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from prefect import flow
 
-from msi_prefect.prefect_layer.blocks import KafkaCluster
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, load_block
 from msi_prefect.prefect_layer.metadata_tasks import (
     PublishedMetadata,
@@ -15,6 +14,7 @@ from msi_prefect.prefect_layer.metadata_tasks import (
     metadata_topic,
     publish_file_metadata,
 )
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 
 
 @flow(

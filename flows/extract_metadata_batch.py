@@ -11,7 +11,6 @@ from typing import Any
 from prefect import flow
 from prefect.states import State
 
-from msi_prefect.prefect_layer.blocks import KafkaCluster
 from msi_prefect.prefect_layer.dispatch.batches import (
     BatchEntryResult,
     batch_run_name,
@@ -24,6 +23,7 @@ from msi_prefect.prefect_layer.metadata_tasks import (
     metadata_topic,
     publish_file_metadata,
 )
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 
 
 @flow(

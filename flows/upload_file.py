@@ -6,8 +6,9 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from msi_prefect.prefect_layer.blocks import KafkaCluster, TransferSettings
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, load_block
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.prefect_layer.transfers.streaming import run_upload_files
 from msi_prefect.transfer import REGISTRY_FILE
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.prefect_layer.flow_inputs import load_block
+from msi_prefect.prefect_layer.transfers.crypto import KafkaCryptoSettings
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.prefect_layer.transfers.streaming import run_watch_directory
 from msi_prefect.transfer import REGISTRY_FILE, StopConditions
 

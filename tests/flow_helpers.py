@@ -97,7 +97,7 @@ def saved_backup_storage(s3_env: dict[str, str]) -> Iterator[SavedBackupStorage]
     """Save a BackupStorage block on a private prefix; remove objects and block after."""
     from pydantic import SecretStr
 
-    from msi_prefect.prefect_layer.blocks import BackupStorage
+    from msi_prefect.prefect_layer.backup.storage import BackupStorage
 
     prefix = f"flow-tests/{uuid.uuid4().hex}"
     name = unique_name("backup")

@@ -134,7 +134,7 @@ def payload_params(event: Any) -> dict[str, Any]:
 def test_audit_finds_missing_backups_and_the_backup_flow_repairs_them(
     backup_storage: SavedBackupStorage, destination: Path, tmp_path: Path
 ) -> None:
-    from msi_prefect.prefect_layer.blocks import BackupStorage
+    from msi_prefect.prefect_layer.backup.storage import BackupStorage
 
     topic = f"audit-{backup_storage.name}"
     files = {"run/a.bin": b"A" * 300, "run/b.bin": b"B" * 200, "run/c.bin": b"C" * 100}

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from msi_prefect.prefect_layer.blocks import MAX_BATCH_FILES, KafkaCluster
 from msi_prefect.prefect_layer.dispatch.batches import (
     BatchFailedError,
     check_batch_size,
@@ -18,6 +17,8 @@ from msi_prefect.prefect_layer.dispatch.batches import (
 )
 from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.prefect_layer.flow_inputs import FileInputError
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.prefect_layer.transfers.settings import MAX_BATCH_FILES
 from tests.conftest import RunningStack
 from tests.flow_helpers import (
     SavedBackupStorage,

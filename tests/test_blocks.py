@@ -19,14 +19,11 @@ from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import SecretStr, ValidationError
 
-from msi_prefect.prefect_layer.blocks import (
-    BLOCK_TYPES,
-    MAX_CHUNK_SIZE,
-    BackupStorage,
-    KafkaCluster,
-    KafkaCryptoSettings,
-    TransferSettings,
-)
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
+from msi_prefect.prefect_layer.blocks import BLOCK_TYPES
+from msi_prefect.prefect_layer.transfers.crypto import KafkaCryptoSettings
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.prefect_layer.transfers.settings import MAX_CHUNK_SIZE, TransferSettings
 from msi_prefect.stack.config import BACKUP_BUCKET
 from msi_prefect.transfer.filters import FileFilter
 from msi_prefect.transfer.kafka import Compression, KafkaConnection, SecurityProtocol

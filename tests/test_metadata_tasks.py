@@ -45,7 +45,7 @@ def test_metadata_topic_fits_kafka_limits() -> None:
 
 @pytest.fixture
 def kafka_block(prefect_api: str, prefect_stack: RunningStack) -> Iterator[str]:
-    from msi_prefect.prefect_layer.blocks import KafkaCluster
+    from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 
     name = unique_name("kafka")
     KafkaCluster(bootstrap_servers=prefect_stack.bootstrap_servers).save(name)

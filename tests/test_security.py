@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.blocks import KafkaCluster
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 from msi_prefect.stack.components import tansu_binary
 from msi_prefect.stack.processes import LOOPBACK, find_free_ports, port_is_listening
 from msi_prefect.transfer.kafka import SecurityProtocol, ensure_topic, wait_for_brokers

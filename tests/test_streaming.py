@@ -19,10 +19,11 @@ import httpx
 import pytest
 from prefect.settings import get_current_settings
 
-from msi_prefect.prefect_layer.blocks import KafkaCluster, TransferSettings
 from msi_prefect.prefect_layer.dispatch.batcher import DownstreamRunCounts, PrefectRunCounter
 from msi_prefect.prefect_layer.event_outbox import PrefectEventPoster, event_body
 from msi_prefect.prefect_layer.events import DownstreamDispatch, EventName, FileFacts, file_event
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.prefect_layer.transfers.streaming import RunCounts
 from msi_prefect.transfer.producer import FileProducer, ProducerSettings
 from msi_prefect.transfer.registry import Registry

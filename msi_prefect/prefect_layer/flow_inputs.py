@@ -36,6 +36,7 @@ from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.events import FileFacts
 from msi_prefect.transfer import (
     UnsafePathError,
+    check_topic_name,
     file_id_for,
     resolve_inside,
     validate_relative_path,
@@ -55,12 +56,9 @@ __all__ = [
     "retry_unless_input_error",
 ]
 
-#: Kafka's limit on topic names.
-MAX_TOPIC_CHARS = 249
 #: Block size of the hashing pass of :meth:`RebuiltFile.check_unchanged`.
 HASH_BLOCK_SIZE = 1024 * 1024
 
-_TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]+")
 _FILE_ID_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _LOCAL_HOSTS = frozenset({"", "localhost"})
@@ -83,15 +81,10 @@ class BlockLoadError(MsiError):
 
 
 def _check_topic(topic: str) -> str:
-    if not topic or len(topic) > MAX_TOPIC_CHARS or topic in (".", ".."):
-        raise FileInputError(
-            f"topic {topic!r} is not a Kafka topic name (1-{MAX_TOPIC_CHARS} characters)"
-        )
-    if not _TOPIC_RE.fullmatch(topic):
-        raise FileInputError(
-            f"topic {topic!r} may only contain ASCII letters, digits, '.', '_' and '-'"
-        )
-    return topic
+    try:
+        return check_topic_name(topic)
+    except ValueError as exc:
+        raise FileInputError(f"topic {topic!r} is not a Kafka topic name: {exc}") from exc
 
 
 def _local_path_of(url: str) -> Path:

@@ -28,14 +28,14 @@ from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.errors import MsiError
 from msi_prefect.metadata import FileMetadata, extract_metadata, metadata_markdown
-from msi_prefect.prefect_layer.blocks import KafkaCluster
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.flow_inputs import (
     FileInputError,
     RebuiltFile,
     retry_unless_input_error,
 )
-from msi_prefect.transfer import FORMAT_VERSION, HeaderName, ensure_topic
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.transfer import FORMAT_VERSION, MAX_TOPIC_CHARS, HeaderName, ensure_topic
 
 __all__ = [
     "METADATA_KIND",
@@ -52,8 +52,6 @@ __all__ = [
 METADATA_TOPIC_SUFFIX = ".metadata"
 #: Value of the ``msi.kind`` header of metadata messages.
 METADATA_KIND = "metadata"
-#: Kafka's limit on topic names.
-MAX_TOPIC_CHARS = 249
 #: How long the producer may take to get a delivery report from the broker.
 DELIVERY_TIMEOUT_S = 30.0
 #: Digits of the file id in artifact keys (unique enough to tell files apart in the UI).

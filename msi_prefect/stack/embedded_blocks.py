@@ -35,13 +35,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr, ValidationError
 
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.blocks import (
-    BackupStorage,
-    KafkaCluster,
-    KafkaCryptoSettings,
-    TransferSettings,
-)
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.events import DownstreamDispatch
+from msi_prefect.prefect_layer.transfers.crypto import KafkaCryptoSettings
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.stack.crypto import CONSUMER_NODE, CRYPTO_DIR_ENV, PRODUCER_NODE
 
 DOCUMENT_NAME = "embedded"

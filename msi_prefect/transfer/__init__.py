@@ -30,9 +30,11 @@ if TYPE_CHECKING:
     from msi_prefect.transfer.filters import FileFilter
     from msi_prefect.transfer.formats import WireFormat
     from msi_prefect.transfer.kafka import (
+        MAX_TOPIC_CHARS,
         Compression,
         KafkaConnection,
         SecurityProtocol,
+        check_topic_name,
         ensure_topic,
     )
     from msi_prefect.transfer.paths import (
@@ -93,7 +95,9 @@ _DEFINED_IN: dict[str, str] = {
     "WireFormat": "formats",
     "Compression": "kafka",
     "KafkaConnection": "kafka",
+    "MAX_TOPIC_CHARS": "kafka",
     "SecurityProtocol": "kafka",
+    "check_topic_name": "kafka",
     "ensure_topic": "kafka",
     "UnsafePathError": "paths",
     "relative_posix": "paths",
@@ -138,6 +142,7 @@ __all__ = [
     "DEFAULT_KEY_WAIT_S",
     "FORMAT_VERSION",
     "GOOD_OUTCOMES",
+    "MAX_TOPIC_CHARS",
     "MIB",
     "PROVISIONING_PASSWORD_ENV",
     "REGISTRY_FILE",
@@ -175,6 +180,7 @@ __all__ = [
     "UploadTally",
     "WatchSettings",
     "WireFormat",
+    "check_topic_name",
     "ensure_topic",
     "file_id_for",
     "iter_upload_files",

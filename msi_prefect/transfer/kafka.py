@@ -7,6 +7,7 @@ settings whether a Prefect server is involved or not.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from enum import StrEnum
 from typing import Any
@@ -23,6 +24,34 @@ ADMIN_TIMEOUT_S = 30.0
 # One metadata attempt while `ensure_topic` waits for the brokers; between attempts the
 # errors librdkafka reported are looked at, so a refused login fails within seconds.
 METADATA_PROBE_S = 2.0
+#: Kafka's own limit on topic names (longer names break the broker's log directories).
+MAX_TOPIC_CHARS = 249
+_TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]+")
+
+
+def check_topic_name(topic: str) -> str:
+    """Return ``topic`` if Kafka accepts it as a topic name.
+
+    Raises:
+        ValueError: It is empty, longer than :data:`MAX_TOPIC_CHARS`, ``.`` or ``..``, or
+            uses a character other than ASCII letters, digits, ``.``, ``_`` and ``-``; the
+            message says which.
+    """
+    if not topic:
+        raise ValueError("the topic name is empty")
+    if len(topic) > MAX_TOPIC_CHARS:
+        raise ValueError(
+            f"the topic name has {len(topic)} characters; Kafka allows at most {MAX_TOPIC_CHARS}"
+        )
+    if topic in (".", ".."):
+        raise ValueError(f"{topic!r} is not a valid topic name")
+    if not _TOPIC_RE.fullmatch(topic):
+        bad = sorted({c for c in topic if not _TOPIC_RE.fullmatch(c)})
+        raise ValueError(
+            f"topic {topic!r} contains {''.join(bad)!r}; Kafka topic names may only contain "
+            "ASCII letters, digits, '.', '_' and '-'"
+        )
+    return topic
 
 
 class SecurityProtocol(StrEnum):
@@ -45,28 +74,64 @@ class Compression(StrEnum):
 
 
 class KafkaConnection(BaseModel):
-    """Where the brokers are and how to authenticate to them."""
+    """Where the brokers are and how to authenticate to them.
+
+    The Prefect layer's Kafka cluster block is a subclass that Prefect can save: these
+    fields, titles and descriptions are what its form in the Prefect UI shows.
+    """
 
     bootstrap_servers: str = Field(
-        description="Comma-separated host:port list of brokers, e.g. 127.0.0.1:9092."
+        title="Bootstrap Servers",
+        description="Comma-separated host:port list of brokers to contact first, "
+        "e.g. broker1:9092,broker2:9092 or 127.0.0.1:9092.",
+        examples=["127.0.0.1:9092", "pkc-xxxxx.europe-west1.gcp.confluent.cloud:9092"],
     )
     security_protocol: SecurityProtocol = Field(
-        default=SecurityProtocol.PLAINTEXT, description="Transport and authentication protocol."
+        default=SecurityProtocol.PLAINTEXT,
+        title="Security Protocol",
+        description="Transport and authentication protocol: PLAINTEXT, SSL (TLS), "
+        "SASL_PLAINTEXT or SASL_SSL (SASL over TLS, used by Confluent Cloud).",
     )
     sasl_mechanism: str | None = Field(
-        default=None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512."
+        default=None,
+        title="SASL Mechanism",
+        description="SASL mechanism when the protocol is SASL_*, e.g. PLAIN, SCRAM-SHA-256 "
+        "or SCRAM-SHA-512.",
     )
-    sasl_username: str | None = Field(default=None, description="SASL user name.")
-    sasl_password: SecretStr | None = Field(default=None, description="SASL password.")
-    ssl_ca_location: str | None = Field(default=None, description="CA certificate file (PEM).")
+    sasl_username: str | None = Field(
+        default=None,
+        title="SASL Username",
+        description="SASL user name (the API key on Confluent Cloud).",
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None,
+        title="SASL Password",
+        description="SASL password (the API secret on Confluent Cloud).",
+    )
+    ssl_ca_location: str | None = Field(
+        default=None,
+        title="TLS CA File",
+        description="Path of a CA certificate file (PEM) on the worker machine, when the "
+        "brokers' certificates are not signed by a CA the system trusts.",
+    )
     ssl_certificate_location: str | None = Field(
-        default=None, description="Client certificate file (PEM) for mutual TLS."
+        default=None,
+        title="TLS Client Certificate File",
+        description="Path of the client certificate file (PEM) for mutual TLS, on the "
+        "worker machine.",
     )
-    ssl_key_location: str | None = Field(default=None, description="Client key file (PEM).")
+    ssl_key_location: str | None = Field(
+        default=None,
+        title="TLS Client Key File",
+        description="Path of the client private key file (PEM) for mutual TLS, on the "
+        "worker machine.",
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict,
-        description="Any further librdkafka settings, applied last (see librdkafka's "
-        "CONFIGURATION.md).",
+        title="Extra librdkafka Settings",
+        description="Further librdkafka settings applied last, e.g. "
+        '{"client.id": "lab-3"} (see librdkafka CONFIGURATION.md). Values here are not '
+        "secret: they are shown in the UI and in logs.",
     )
 
     def client_config(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.events import DownstreamDispatch, EventName, FileFacts, file_event
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, retry_unless_input_error
 from msi_prefect.transfer import (

@@ -19,7 +19,7 @@ Example:
     from prefect import flow
 
     from msi_prefect.prefect_layer.backup.tasks import backup_file
-    from msi_prefect.prefect_layer.blocks import BackupStorage
+    from msi_prefect.prefect_layer.backup.storage import BackupStorage
     from msi_prefect.prefect_layer.flow_inputs import RebuiltFile
 
     @flow
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from msi_prefect.prefect_layer.blocks import BackupStorage
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, retry_unless_input_error
 from msi_prefect.transfer import ChecksumMismatchError, CopyStatus

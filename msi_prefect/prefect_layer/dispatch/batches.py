@@ -20,8 +20,8 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.blocks import MAX_BATCH_FILES
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, RebuiltFile
+from msi_prefect.prefect_layer.transfers.settings import MAX_BATCH_FILES
 
 # The entry keys the per-file flows take as parameters.
 ENTRY_KEYS = ("topic", "file_id", "generation", "path", "url", "size", "sha256")

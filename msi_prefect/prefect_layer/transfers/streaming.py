@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.blocks import KafkaCluster, KafkaCryptoSettings, TransferSettings
 from msi_prefect.prefect_layer.dispatch.batcher import (
     BATCH_OUTBOX_FILE,
     AdaptiveGate,
@@ -39,6 +38,9 @@ from msi_prefect.prefect_layer.events import (
     from_reassembler,
     from_upload,
 )
+from msi_prefect.prefect_layer.transfers.crypto import KafkaCryptoSettings
+from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
+from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.transfer import (
     GOOD_OUTCOMES,
     CryptoCodec,
