@@ -1,4 +1,7 @@
-"""The project's user-facing error type."""
+"""The project's error types: the user-facing one, and the base of the transfer core's.
+
+Every layer may import this module; it imports nothing of the project.
+"""
 
 
 class MsiError(Exception):
@@ -8,7 +11,17 @@ class MsiError(Exception):
     """
 
 
-class EventDeliveryError(OSError):
+class TransferError(Exception):
+    """Base of the transfer core's own errors (a bad message, path, file or destination).
+
+    Subclasses: ``WireFormatError`` and ``UnsafePathError`` (also ``ValueError``: a bad
+    value from a message), ``VerificationError`` (a rebuilt file does not match), and
+    ``SinkError`` (a destination failed). A caller that wants "anything the transfer core
+    reports" catches this.
+    """
+
+
+class EventDeliveryError(TransferError, OSError):
     """A file's outcome could not be recorded by its event consumer (e.g. a full disk).
 
     Raised by the reassembler when its event callback fails on storage (``OSError`` or

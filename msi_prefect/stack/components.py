@@ -32,8 +32,6 @@ HTTP_TIMEOUT_S = 2.0
 # CPU to start) run at a lower priority, so on a small machine the Prefect server, which
 # turns events into runs, stays responsive while runs start.
 WORKER_NICENESS = 10
-# A worker heartbeat older than this means the worker is gone.
-WORKER_STALE_AFTER_S = 60
 # The Prefect server runs `python -c PREFECT_SERVER_MAIN server start ...`.
 PREFECT_SERVER_MAIN = (
     "from msi_prefect.stack.components import prefect_server_main; prefect_server_main()"

@@ -21,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from msi_prefect.errors import TransferError
 from msi_prefect.transfer.progress import FileProgress
 from msi_prefect.transfer.wire import (
     MIB,
@@ -56,7 +57,7 @@ class VerifiedFile:
     sha256: str
 
 
-class VerificationError(Exception):
+class VerificationError(TransferError):
     """A fully received file does not match what its messages promised.
 
     Attributes:

@@ -26,6 +26,8 @@ import re
 import stat
 from pathlib import Path, PurePosixPath
 
+from msi_prefect.errors import TransferError
+
 #: Longest accepted path, in UTF-8 bytes (Linux ``PATH_MAX``).
 MAX_PATH_BYTES = 4096
 #: Longest accepted path segment, in UTF-8 bytes (``NAME_MAX`` on common filesystems).
@@ -63,7 +65,7 @@ class PathProblem(enum.StrEnum):
     OUTSIDE_ROOT = "outside-root"
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(TransferError, ValueError):
     """A relative path that must not be used to write inside a destination directory.
 
     Attributes:

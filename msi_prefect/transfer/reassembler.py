@@ -88,6 +88,8 @@ DEFAULT_POLL_TIMEOUT_S = 0.1
 DEFAULT_ABANDON_AFTER_S = 3600.0
 # Pause before retrying a batch that failed on a local error (disk full, I/O error).
 LOCAL_ERROR_BACKOFF_S = 5.0
+#: Errors of this machine, not of the data: the batch is rewound and retried after a pause.
+LOCAL_ERRORS = (OSError, SinkError, sqlite3.OperationalError)
 STAGING_DIR_NAME = ".msi-staging"
 # Rejection codes beyond the wire format's own RejectReason values.
 VERIFICATION_FAILED = "verification-failed"
@@ -542,8 +544,9 @@ class Reassembler:
     def _handle_batch_with_retry(self, messages: list[Any], stop: threading.Event) -> None:
         """Handle a batch; on a local error (disk full) rewind and retry it later.
 
-        A local error is an ``OSError`` (the staging files, the sink, or an event that could
-        not be recorded: ``EventDeliveryError``) or a ``sqlite3.OperationalError`` (the
+        A local error is one of :data:`LOCAL_ERRORS`: an ``OSError`` (the staging files, or
+        an event that could not be recorded: ``EventDeliveryError``), a ``SinkError`` (the
+        destination failed a delivery or a flush) or a ``sqlite3.OperationalError`` (the
         progress store, under DEST/.msi-state by default, shares the destination's disk
         and reports a full disk in its own way).
         """
@@ -552,7 +555,7 @@ class Reassembler:
         before = self._outcome_snapshot()
         try:
             self._handle_batch(messages)
-        except (OSError, sqlite3.OperationalError) as exc:
+        except LOCAL_ERRORS as exc:
             self._roll_back_outcomes(before)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             what = (
@@ -588,10 +591,7 @@ class Reassembler:
         commit_to: dict[int, int] = {}
         with self.progress.batch():
             self._handle_messages(messages, commit_to)
-            try:
-                self.sink.flush()
-            except SinkError as exc:  # a local I/O error: the batch is retried
-                raise OSError(str(exc)) from exc
+            self.sink.flush()  # a SinkError is a local error: the batch is retried
             self._deliver_events()
         self._commit(commit_to)
         self._events_committed()
@@ -793,7 +793,7 @@ class Reassembler:
                 )
                 return
             # Not the file's fault: leave it RECEIVING-complete so the next batch retries.
-            raise OSError(f"delivery to {self.sink.describe()} failed: {exc}") from exc
+            raise SinkError(f"delivery to {self.sink.describe()} failed: {exc}") from exc
         if recorded:
             self.progress.mark_complete(
                 self.settings.topic,
@@ -832,7 +832,7 @@ class Reassembler:
                         self._finish(progress, None)
                         self.sink.flush()
                         self._deliver_events()
-                except (OSError, sqlite3.OperationalError) as exc:
+                except LOCAL_ERRORS as exc:
                     self._roll_back_outcomes(before)
                     logger.error("cannot deliver %r yet: %s", progress.relpath, exc)
                 else:

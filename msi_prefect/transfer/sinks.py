@@ -39,6 +39,7 @@ from urllib.request import url2pathname
 import fsspec
 from fsspec.core import split_protocol
 
+from msi_prefect.errors import TransferError
 from msi_prefect.transfer.paths import UnsafePathError, resolve_inside, validate_relative_path
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,12 @@ class CopyStatus(enum.StrEnum):
     WRONG_HASH = "wrong-hash"
 
 
-class SinkError(Exception):
-    """A file could not be delivered to, or checked at, its destination."""
+class SinkError(TransferError):
+    """A file could not be delivered to, or checked at, its destination.
+
+    Not the file's fault: the reassembler treats it as a local error (like a full disk) and
+    retries the batch.
+    """
 
 
 class ChecksumMismatchError(SinkError):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from msi_prefect.errors import TransferError
 from msi_prefect.transfer.paths import MAX_PATH_BYTES, UnsafePathError, check_relative_path
 
 KIB = 1024
@@ -165,7 +166,7 @@ _REASON_TEXT: dict[RejectReason, str] = {
 }
 
 
-class WireFormatError(ValueError):
+class WireFormatError(TransferError, ValueError):
     """A message that does not follow wire format v1.
 
     Attributes:

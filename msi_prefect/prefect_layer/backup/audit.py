@@ -81,8 +81,6 @@ _FROM_COPY_STATUS = {
     CopyStatus.WRONG_SIZE: AuditStatus.WRONG_SIZE,
     CopyStatus.WRONG_HASH: AuditStatus.WRONG_HASH,
 }
-#: Statuses that a new backup repairs.
-REPAIRABLE = frozenset({AuditStatus.MISSING, AuditStatus.WRONG_SIZE, AuditStatus.WRONG_HASH})
 
 
 class AuditIncompleteError(MsiError):
