@@ -161,3 +161,20 @@ def test_the_check_sees_upward_imports_and_facade_bypasses() -> None:
     assert violations_of(prefect_module, "from msi_prefect.stack import config\n")
     assert violations_of(prefect_module, "from msi_prefect.transfer.wire import MIB\n")
     assert violations_of(prefect_module, "from msi_prefect.transfer import MIB\n") == []
+
+
+def test_the_facade_holds_every_name_the_other_layers_import() -> None:
+    # The facade loads its names lazily, so a name missing from it fails only when the
+    # import runs (type checkers see every name of a module with __getattr__ as Any).
+    import msi_prefect.transfer as facade
+
+    wanted = set()
+    for path in source_files():
+        if _within(module_name(path), CORE):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == CORE:
+                wanted.update(alias.name for alias in node.names)
+    assert wanted <= set(facade.__all__), sorted(wanted - set(facade.__all__))
+    for name in facade.__all__:
+        assert getattr(facade, name) is not None, name

@@ -24,6 +24,7 @@ from msi_prefect.transfer import (
     DEFAULT_CHUNK_SIZE,
     GOOD_OUTCOMES,
     REGISTRY_FILE,
+    STATE_DIR_NAME,
     Compression,
     DecodeLimits,
     FileProducer,
@@ -121,7 +122,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rebuild.add_argument(
         "--work-dir",
         type=Path,
-        help="staging and progress state (default: DEST/.msi-state; required for a remote DEST)",
+        help=f"staging and progress state (default: DEST/{STATE_DIR_NAME}; required for a "
+        "remote DEST)",
     )
     rebuild.add_argument(
         "--max-file-size",

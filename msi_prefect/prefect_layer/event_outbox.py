@@ -48,7 +48,6 @@ from msi_prefect.transfer import DurableQueue
 
 logger = logging.getLogger(__name__)
 
-EVENT_OUTBOX_FILE = "event-outbox.sqlite"
 #: Beside the outbox: events posted but not yet seen stored by the server.
 UNCONFIRMED_SUFFIX = ".unconfirmed"
 DEFAULT_BATCH_SIZE = 100

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         check_topic_name,
         ensure_topic,
     )
+    from msi_prefect.transfer.layout import EVENT_OUTBOX_FILE, STATE_DIR_NAME, DestinationLayout
     from msi_prefect.transfer.paths import (
         UnsafePathError,
         relative_posix,
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
     )
     from msi_prefect.transfer.progress import FileProgress, ProgressStore
     from msi_prefect.transfer.reassembler import (
-        STATE_DIR_NAME,
         FileEvent,
         FileEventKind,
         Reassembler,
@@ -99,6 +99,9 @@ _DEFINED_IN: dict[str, str] = {
     "SecurityProtocol": "kafka",
     "check_topic_name": "kafka",
     "ensure_topic": "kafka",
+    "DestinationLayout": "layout",
+    "EVENT_OUTBOX_FILE": "layout",
+    "STATE_DIR_NAME": "layout",
     "UnsafePathError": "paths",
     "relative_posix": "paths",
     "resolve_inside": "paths",
@@ -115,7 +118,6 @@ _DEFINED_IN: dict[str, str] = {
     "FileEventKind": "reassembler",
     "Reassembler": "reassembler",
     "ReassemblerSettings": "reassembler",
-    "STATE_DIR_NAME": "reassembler",
     "REGISTRY_FILE": "registry",
     "Registry": "registry",
     "ChecksumMismatchError": "sinks",
@@ -140,6 +142,7 @@ _DEFINED_IN: dict[str, str] = {
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_KEY_WAIT_S",
+    "EVENT_OUTBOX_FILE",
     "FORMAT_VERSION",
     "GOOD_OUTCOMES",
     "MAX_TOPIC_CHARS",
@@ -153,6 +156,7 @@ __all__ = [
     "CopyStatus",
     "CryptoCodec",
     "DecodeLimits",
+    "DestinationLayout",
     "DurableQueue",
     "FileEvent",
     "FileEventKind",

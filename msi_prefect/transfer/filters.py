@@ -42,14 +42,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
+from msi_prefect.transfer.layout import STAGING_DIR_NAME, STATE_DIR_NAME
+
 #: Always excluded unless ``FileFilter.use_default_excludes`` is off: our own staging and
 #: state directories (a watched folder may also be a consumer's destination) and the
 #: temporary files editors and copy tools leave next to the real file.
 DEFAULT_EXCLUDES: Final[tuple[str, ...]] = (
-    ".msi-staging",
-    ".msi-state",
-    "**/.msi-staging/**",
-    "**/.msi-state/**",
+    STAGING_DIR_NAME,
+    STATE_DIR_NAME,
+    f"**/{STAGING_DIR_NAME}/**",
+    f"**/{STATE_DIR_NAME}/**",
     "*.tmp",
     "*.part",
     "~$*",

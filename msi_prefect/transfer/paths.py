@@ -27,13 +27,12 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from msi_prefect.errors import TransferError
+from msi_prefect.transfer.layout import RESERVED_TOP_LEVEL_NAMES
 
 #: Longest accepted path, in UTF-8 bytes (Linux ``PATH_MAX``).
 MAX_PATH_BYTES = 4096
 #: Longest accepted path segment, in UTF-8 bytes (``NAME_MAX`` on common filesystems).
 MAX_SEGMENT_BYTES = 255
-#: First segments that belong to our own bookkeeping inside a destination directory.
-RESERVED_TOP_LEVEL_NAMES = frozenset({".msi-staging", ".msi-state"})
 # Paths whose validation is remembered: a file's path is checked by the decoder and again by
 # resolve_inside when it is delivered. At most 1024 x MAX_PATH_BYTES = 4 MiB; refusals are
 # never cached.

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 from msi_prefect.errors import EventDeliveryError, MsiError
 from msi_prefect.transfer.formats import VerificationError, WireFormat, codec_for
 from msi_prefect.transfer.kafka import KafkaConnection
+from msi_prefect.transfer.layout import DestinationLayout
 from msi_prefect.transfer.paths import UnsafePathError
 from msi_prefect.transfer.progress import (
     ChunkReceipt,
@@ -90,11 +91,9 @@ DEFAULT_ABANDON_AFTER_S = 3600.0
 LOCAL_ERROR_BACKOFF_S = 5.0
 #: Errors of this machine, not of the data: the batch is rewound and retried after a pause.
 LOCAL_ERRORS = (OSError, SinkError, sqlite3.OperationalError)
-STAGING_DIR_NAME = ".msi-staging"
 # Rejection codes beyond the wire format's own RejectReason values.
 VERIFICATION_FAILED = "verification-failed"
 INCONSISTENT_WITH_EARLIER_CHUNKS = "inconsistent-with-earlier-chunks"
-STATE_DIR_NAME = ".msi-state"
 # Added to twice the session timeout: how long a partial assignment is tolerated in a format
 # whose files span partitions.
 PARTIAL_ASSIGNMENT_MARGIN_S = 5.0
@@ -370,22 +369,19 @@ class Reassembler:
         self._on_tick = on_tick
         self._connection = connection
         self.sink: Sink = sink_for(settings.destination, settings.storage_options)
-        work_dir = settings.work_dir
-        if work_dir is None:
-            if not isinstance(self.sink, LocalDirectorySink):
-                raise MsiError("a work directory is needed for a remote destination")
-            work_dir = Path(settings.destination) / STATE_DIR_NAME
-        self.work_dir = work_dir
-        self.staging_dir = (
-            Path(settings.destination) / STAGING_DIR_NAME
-            if isinstance(self.sink, LocalDirectorySink)
-            else work_dir / "staging"
-        )
+        if isinstance(self.sink, LocalDirectorySink):
+            layout = DestinationLayout.of_local(Path(settings.destination), settings.work_dir)
+        elif settings.work_dir is not None:
+            layout = DestinationLayout.of_remote(settings.work_dir)
+        else:
+            raise MsiError("a work directory is needed for a remote destination")
+        self.layout = layout
+        self.work_dir = layout.work_dir
+        self.staging_dir = layout.staging_dir
         self._staging_dir_text = os.fspath(self.staging_dir)
-        self.quarantine_dir = work_dir / "quarantine"
-        for directory in (self.work_dir, self.staging_dir, self.quarantine_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        self.progress = ProgressStore(work_dir / "progress.sqlite")
+        self.quarantine_dir = layout.quarantine_dir
+        layout.create()
+        self.progress = ProgressStore(layout.progress_store)
         self._open: OrderedDict[tuple[str, int], _OpenStaging] = OrderedDict()
         self._ledgers: dict[int, _Ledger] = {}
         self._consumer: Any = None

@@ -32,8 +32,8 @@ from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.events import DownstreamDispatch, EventName, FileFacts, file_event
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, retry_unless_input_error
 from msi_prefect.transfer import (
-    STATE_DIR_NAME,
     CopyStatus,
+    DestinationLayout,
     FileProgress,
     ProgressStore,
     Sink,
@@ -53,7 +53,6 @@ __all__ = [
     "progress_store_path",
 ]
 
-PROGRESS_FILE_NAME = "progress.sqlite"
 #: Key of the audit's table artifact (one history of audits in the UI).
 AUDIT_ARTIFACT_KEY = "audit-backups"
 #: Rows of the table artifact; problems come first, then as many good files as fit.
@@ -152,10 +151,10 @@ def progress_store_path(destination: Path) -> Path:
         )
     if not destination.is_dir():
         raise FileInputError(f"destination {destination} is not a directory")
-    store = destination / STATE_DIR_NAME / PROGRESS_FILE_NAME
+    store = DestinationLayout.of_local(destination).progress_store
     if not store.is_file():
         raise FileInputError(
-            f"{destination} has no {STATE_DIR_NAME}/{PROGRESS_FILE_NAME}; is it the directory "
+            f"{destination} has no {store.relative_to(destination)}; is it the directory "
             "the reconstruct flow delivers files to?"
         )
     return store

@@ -40,7 +40,6 @@ from msi_prefect.transfer import DurableQueue
 
 logger = logging.getLogger(__name__)
 
-BATCH_OUTBOX_FILE = "dispatch-outbox.sqlite"
 #: After a dispatch, the next waits at least this long: the server needs a moment to turn
 #: the event into runs, and until then its run counts do not show them.
 DEFAULT_MIN_GAP_S = 1.0

@@ -23,13 +23,12 @@ from pathlib import Path
 
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.dispatch.batcher import (
-    BATCH_OUTBOX_FILE,
     AdaptiveGate,
     FileBatcher,
     ServerRunBacklog,
     batch_outbox,
 )
-from msi_prefect.prefect_layer.event_outbox import EVENT_OUTBOX_FILE, EventChannel
+from msi_prefect.prefect_layer.event_outbox import EventChannel
 from msi_prefect.prefect_layer.events import (
     DownstreamDispatch,
     FileFacts,
@@ -42,6 +41,7 @@ from msi_prefect.prefect_layer.transfers.crypto import KafkaCryptoSettings
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.transfer import (
+    EVENT_OUTBOX_FILE,
     GOOD_OUTCOMES,
     CryptoCodec,
     DecodeLimits,
@@ -326,9 +326,9 @@ def run_reconstruct_files(
             )
         except OSError as exc:
             raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
-        events = cleanup.enter_context(EventChannel(reassembler.work_dir / EVENT_OUTBOX_FILE))
+        events = cleanup.enter_context(EventChannel(reassembler.layout.event_outbox))
         if dispatch is not DownstreamDispatch.PER_FILE:
-            outbox = cleanup.enter_context(batch_outbox(reassembler.work_dir / BATCH_OUTBOX_FILE))
+            outbox = cleanup.enter_context(batch_outbox(reassembler.layout.batch_outbox))
             gate = None
             if dispatch is DownstreamDispatch.ADAPTIVE:
                 backlog = ServerRunBacklog()
