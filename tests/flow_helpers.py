@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from msi_prefect.prefect_layer.events import FileFacts
 from msi_prefect.transfer.wire import file_id_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,15 +30,15 @@ def file_params(
     path = destination.joinpath(*relpath.split("/"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return {
-        "topic": topic,
-        "file_id": file_id_for(relpath),
-        "generation": generation,
-        "path": relpath,
-        "url": path.as_uri(),
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    return FileFacts(
+        topic=topic,
+        file_id=file_id_for(relpath),
+        generation=generation,
+        path=relpath,
+        url=path.as_uri(),
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    ).parameters()
 
 
 def load_flow(entrypoint: str) -> Any:

@@ -37,7 +37,7 @@ def test_valid_parameters_name_the_file(params: dict[str, Any], tmp_path: Path) 
 
     assert file.destination == tmp_path / "dest"
     assert file.local_path == tmp_path / "dest" / "run1" / "frame 0001.tif"
-    assert file.relpath.as_posix() == RELPATH
+    assert file.path.as_posix() == RELPATH
     file.check_unchanged(hash_content=True)
     assert file.facts(extra=1).extra == {"extra": 1}
 

@@ -38,7 +38,7 @@ def facts(relpath: str, generation: int = 1) -> FileFacts:
     return FileFacts(
         topic=TOPIC,
         file_id=file_id_for(relpath),
-        relpath=relpath,
+        path=relpath,
         generation=generation,
         size=3,
         sha256="ab" * 32,
@@ -59,7 +59,7 @@ class Recorder:
         self.batches: list[list[str]] = []
 
     def __call__(self, files: list[FileFacts]) -> None:
-        self.batches.append([f.relpath for f in files])
+        self.batches.append([f.path for f in files])
 
 
 @pytest.fixture

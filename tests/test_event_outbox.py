@@ -29,7 +29,7 @@ WAIT_S = 15.0
 
 
 def spec(relpath: str) -> Any:
-    facts = FileFacts(topic=TOPIC, file_id=file_id_for(relpath), relpath=relpath, generation=1)
+    facts = FileFacts(topic=TOPIC, file_id=file_id_for(relpath), path=relpath, generation=1)
     return file_event(EventName.RECONSTRUCTED, facts)
 
 

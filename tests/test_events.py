@@ -67,3 +67,36 @@ def test_uploaded_event_only_for_sent_files() -> None:
     assert spec is not None and spec.name is EventName.UPLOADED
     assert spec.resource["msi.generation"] == "2"
     assert from_upload("lab", UploadResult("a.txt", UploadOutcome.ALREADY_SENT)) is None
+
+
+PER_FILE_FLOWS = (
+    "flows/backup_file.py:backup_file_flow",
+    "flows/extract_metadata.py:extract_metadata_flow",
+    "flows/analyze_file.py:analyze_file_flow",
+)
+
+
+def test_the_rebuilt_file_contract_is_one_list_of_fields() -> None:
+    import inspect
+
+    import yaml
+
+    from msi_prefect.prefect_layer.events import (
+        REBUILT_FILE_FIELDS,
+        FileFacts,
+        batch_event,
+        facts_of,
+    )
+    from tests.flow_helpers import REPO, load_flow
+
+    facts = facts_of(from_reassembler(_rebuilt()))
+    assert tuple(facts.parameters()) == REBUILT_FILE_FIELDS
+    assert FileFacts.from_parameters(facts.parameters()) == facts
+    (entry,) = batch_event("lab", [facts]).payload["files"]
+    assert tuple(entry) == REBUILT_FILE_FIELDS
+    # prefect.yaml renders the per-file flows' parameters from the event payload.
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert tuple(project["definitions"]["file_parameters"]) == REBUILT_FILE_FIELDS
+    for entrypoint in PER_FILE_FLOWS:
+        parameters = inspect.signature(load_flow(entrypoint).fn).parameters
+        assert tuple(parameters)[: len(REBUILT_FILE_FIELDS)] == REBUILT_FILE_FIELDS, entrypoint

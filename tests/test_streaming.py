@@ -213,7 +213,7 @@ def test_batch_dispatch_announces_every_file_in_exactly_one_batch(
 
 def test_an_event_emitted_twice_is_kept_once(prefect_api: str, topic: str) -> None:
     """The claim behind deterministic ids: a replay starts no downstream work twice."""
-    facts = FileFacts(topic=topic, file_id=file_id_for("x.bin"), relpath="x.bin", generation=1)
+    facts = FileFacts(topic=topic, file_id=file_id_for("x.bin"), path="x.bin", generation=1)
     spec = file_event(EventName.RECONSTRUCTED, facts)
     spec.emit()
     spec.emit()
@@ -229,7 +229,7 @@ def test_an_event_emitted_twice_is_kept_once(prefect_api: str, topic: str) -> No
 
 def test_the_server_tells_which_posted_events_it_stored(prefect_api: str, topic: str) -> None:
     """What the event outbox's confirmation asks: stored ids are named, unknown ones not."""
-    facts = FileFacts(topic=topic, file_id=file_id_for("y.bin"), relpath="y.bin", generation=1)
+    facts = FileFacts(topic=topic, file_id=file_id_for("y.bin"), path="y.bin", generation=1)
     spec = file_event(EventName.RECONSTRUCTED, facts)
     poster = PrefectEventPoster()
     never_posted = str(uuid.uuid4())

@@ -186,7 +186,7 @@ def _checked_json(spec: str, result: Any) -> str:
 
 @task(
     name="analyze-file",
-    task_run_name="analyze {file.relpath}",
+    task_run_name="analyze {file.path}",
     retries=ANALYSIS_RETRIES,
     retry_delay_seconds=ANALYSIS_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_input_error,
@@ -216,9 +216,7 @@ def analyze_file(
     try:
         # The reassembler verified the content's SHA-256 when it rebuilt the file, and the
         # size still matches: the analysis does not read the whole file again to hash it.
-        metadata = extract_metadata(
-            file.local_path, file.relpath.as_posix(), known_sha256=file.sha256
-        )
+        metadata = extract_metadata(file.local_path, file.path.as_posix(), known_sha256=file.sha256)
     except (OSError, ValueError) as exc:
         raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
     facts_for_analysis: dict[str, Any] = {
@@ -228,13 +226,13 @@ def analyze_file(
         "generation": file.generation,
         "url": file.url,
     }
-    logger.info("Running %s on %s", analysis, file.relpath)
+    logger.info("Running %s on %s", analysis, file.path)
     try:
         result = function(file.local_path, facts_for_analysis)
     except Exception as exc:
-        raise AnalysisError(f"analysis {analysis!r} failed on {file.relpath}: {exc!r}") from exc
+        raise AnalysisError(f"analysis {analysis!r} failed on {file.path}: {exc!r}") from exc
     encoded = _checked_json(analysis, result)
-    relpath = file.relpath.as_posix()
+    relpath = file.path.as_posix()
     key = artifact_key("analysis", file.file_id)
     description = f"{analysis} on {relpath} (generation {file.generation})"
     if _is_records(result):
@@ -247,5 +245,5 @@ def analyze_file(
     facts = file.facts(analysis=analysis, result=result if small else None, result_cut=not small)
     unique = f"{dedup_key or file.file_id}:{analysis}"
     file_event(EventName.ANALYZED, facts, unique).emit()
-    logger.info("Analysis %s of %s done", analysis, file.relpath)
+    logger.info("Analysis %s of %s done", analysis, file.path)
     return AnalysisResult(relpath=relpath, analysis=analysis, result=result)

@@ -10,6 +10,7 @@ the Prefect server, which deduplicates events by id, starts no downstream work t
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -68,18 +69,53 @@ def event_id_for(name: EventName, topic: str, key: str, generation: int | None) 
     return uuid.uuid5(EVENT_ID_NAMESPACE, f"{name.value}/{topic}/{key}/{generation or 0}")
 
 
+#: The rebuilt-file contract: what a ``msi.file.reconstructed`` event's payload says about
+#: the file, what each entry of a ``msi.files.batch-ready`` payload holds, and the
+#: parameters every per-file downstream flow takes (``prefect.yaml`` renders them from the
+#: payload under ``file_parameters``; ``tests/test_events.py`` checks both match this).
+REBUILT_FILE_FIELDS = ("topic", "file_id", "generation", "path", "url", "size", "sha256")
+
+
 @dataclass(frozen=True)
 class FileFacts:
-    """What every file event says about its file."""
+    """What every file event says about its file.
+
+    For a rebuilt file every field is set, and :meth:`parameters` is the rebuilt-file
+    contract (:data:`REBUILT_FILE_FIELDS`); events about files not rebuilt yet (uploaded,
+    rejected) leave out what they do not know.
+
+    Attributes:
+        topic: The Kafka topic the file travels through.
+        file_id: The file id (a uuid5 of ``path``, 32 hex digits).
+        path: The file's relative POSIX path below the watched folder and the destination.
+        generation: The file's version; grows each time the file is sent anew.
+        size: Size in bytes.
+        sha256: Lower-case hex SHA-256 of the content.
+        url: Where the rebuilt file is (``file://`` URL).
+        extra: More payload fields of one event (e.g. a rejection's reason).
+    """
 
     topic: str
     file_id: str
-    relpath: str
+    path: str
     generation: int | None = None
     size: int | None = None
     sha256: str | None = None
     url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any]) -> FileFacts:
+        """The facts of a rebuilt-file contract mapping (a payload, a batch entry).
+
+        Raises:
+            KeyError: A field of :data:`REBUILT_FILE_FIELDS` is missing.
+        """
+        return cls(**{name: parameters[name] for name in REBUILT_FILE_FIELDS})
+
+    def parameters(self) -> dict[str, Any]:
+        """The rebuilt-file contract of this file: the per-file flows' parameters."""
+        return {name: getattr(self, name) for name in REBUILT_FILE_FIELDS}
 
 
 def file_event(
@@ -99,9 +135,9 @@ def file_event(
     """
     labels = {
         "prefect.resource.id": f"{RESOURCE_PREFIX}.{facts.topic}.{facts.file_id}",
-        "prefect.resource.name": facts.relpath[:MAX_LABEL_CHARS],
+        "prefect.resource.name": facts.path[:MAX_LABEL_CHARS],
         "msi.topic": facts.topic,
-        "msi.path": facts.relpath[:MAX_LABEL_CHARS],
+        "msi.path": facts.path[:MAX_LABEL_CHARS],
         "msi.file-id": facts.file_id,
     }
     optional = {
@@ -113,16 +149,7 @@ def file_event(
     labels.update({key: str(value) for key, value in optional.items() if value is not None})
     if dispatch is not None:
         labels[DISPATCH_LABEL] = dispatch.value
-    payload: dict[str, Any] = {
-        "topic": facts.topic,
-        "file_id": facts.file_id,
-        "path": facts.relpath,
-        "generation": facts.generation,
-        "size": facts.size,
-        "sha256": facts.sha256,
-        "url": facts.url,
-        **facts.extra,
-    }
+    payload: dict[str, Any] = {**facts.parameters(), **facts.extra}
     return FileEventSpec(
         name=name,
         resource=labels,
@@ -167,7 +194,7 @@ def from_reassembler(
     facts = FileFacts(
         topic=event.topic,
         file_id=event.file_id or "unknown",
-        relpath=event.relpath or "",
+        path=event.relpath or "",
         generation=event.generation,
         size=event.size,
         sha256=event.sha256,
@@ -179,29 +206,12 @@ def from_reassembler(
 
 def facts_of(spec: FileEventSpec) -> FileFacts:
     """The file facts a file event was built from (read back from its payload)."""
-    payload = spec.payload
-    return FileFacts(
-        topic=payload["topic"],
-        file_id=payload["file_id"],
-        relpath=payload["path"],
-        generation=payload["generation"],
-        size=payload["size"],
-        sha256=payload["sha256"],
-        url=payload["url"],
-    )
+    return FileFacts.from_parameters(spec.payload)
 
 
 def batch_file_entry(facts: FileFacts) -> dict[str, Any]:
     """One file of a `msi.files.batch-ready` payload: the per-file flows' parameters."""
-    return {
-        "topic": facts.topic,
-        "file_id": facts.file_id,
-        "generation": facts.generation,
-        "path": facts.relpath,
-        "url": facts.url,
-        "size": facts.size,
-        "sha256": facts.sha256,
-    }
+    return facts.parameters()
 
 
 def batch_event(topic: str, files: list[FileFacts]) -> FileEventSpec:
@@ -221,7 +231,7 @@ def batch_event(topic: str, files: list[FileFacts]) -> FileEventSpec:
         raise ValueError("a batch needs at least one file")
     members = sorted(f"{facts.file_id}/{facts.generation or 0}" for facts in files)
     batch_id = uuid.uuid5(EVENT_ID_NAMESPACE, f"batch/{topic}/{'|'.join(members)}").hex
-    first = files[0].relpath
+    first = files[0].path
     return FileEventSpec(
         name=EventName.BATCH_READY,
         resource={
@@ -249,7 +259,7 @@ def from_upload(topic: str, result: UploadResult) -> FileEventSpec | None:
     facts = FileFacts(
         topic=topic,
         file_id=result.file_id,
-        relpath=result.relpath,
+        path=result.relpath,
         generation=result.generation,
         size=result.size,
         sha256=result.sha256,

@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,7 +34,7 @@ from prefect.blocks.core import Block
 from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.events import FileFacts
+from msi_prefect.prefect_layer.events import REBUILT_FILE_FIELDS, FileFacts
 from msi_prefect.transfer import (
     UnsafePathError,
     check_topic_name,
@@ -114,11 +115,11 @@ class RebuiltFile:
 
     Attributes:
         topic: Kafka topic the file travelled through.
-        file_id: The file id (uuid5 of ``relpath``, 32 hex digits).
+        file_id: The file id (uuid5 of ``path``, 32 hex digits).
         generation: Version of the file; grows each time the file is sent anew.
-        relpath: Relative POSIX path below the destination.
+        path: Relative POSIX path below the destination.
         url: ``file://`` URL of the rebuilt file, as announced.
-        destination: The destination directory (the URL's path without ``relpath``).
+        destination: The destination directory (the URL's path without ``path``).
         local_path: The rebuilt file on this machine.
         size: Size in bytes announced by the event.
         sha256: Lower-case hex SHA-256 announced by the event.
@@ -127,7 +128,7 @@ class RebuiltFile:
     topic: str
     file_id: str
     generation: int
-    relpath: PurePosixPath
+    path: PurePosixPath
     url: str
     destination: Path
     local_path: Path
@@ -197,13 +198,29 @@ class RebuiltFile:
             topic=topic,
             file_id=file_id,
             generation=generation,
-            relpath=relpath,
+            path=relpath,
             url=url,
             destination=destination,
             local_path=local_path,
             size=size,
             sha256=sha256.lower(),
         )
+
+    @classmethod
+    def from_entry(cls, entry: Any) -> RebuiltFile:
+        """Validate a rebuilt-file contract mapping (e.g. one entry of a batch).
+
+        Raises:
+            FileInputError: The entry is not a mapping, lacks a field of
+                :data:`~msi_prefect.prefect_layer.events.REBUILT_FILE_FIELDS`, or a value
+                is bad.
+        """
+        if not isinstance(entry, Mapping):
+            raise FileInputError(f"a batch entry must be an object, got {type(entry).__name__}")
+        missing = [key for key in REBUILT_FILE_FIELDS if key not in entry]
+        if missing:
+            raise FileInputError(f"batch entry lacks {', '.join(missing)}")
+        return cls.from_parameters(**{key: entry[key] for key in REBUILT_FILE_FIELDS})
 
     def check_unchanged(self, *, hash_content: bool = True) -> None:
         """Check the file is still a regular file of the announced size (and SHA-256).
@@ -218,11 +235,11 @@ class RebuiltFile:
             info = os.lstat(self.local_path)
         except FileNotFoundError:
             raise FileChangedError(
-                f"{self.relpath} no longer exists at {self.local_path}; was it moved or deleted "
+                f"{self.path} no longer exists at {self.local_path}; was it moved or deleted "
                 "after it was rebuilt?"
             ) from None
         except OSError as exc:
-            raise FileChangedError(f"{self.relpath} cannot be read: {exc}") from exc
+            raise FileChangedError(f"{self.path} cannot be read: {exc}") from exc
         if not stat.S_ISREG(info.st_mode):
             raise FileChangedError(
                 f"{self.local_path} is not a regular file (a symlink, directory or device); "
@@ -230,7 +247,7 @@ class RebuiltFile:
             )
         if info.st_size != self.size:
             raise FileChangedError(
-                f"{self.relpath} changed since it was rebuilt: it now has {info.st_size} bytes, "
+                f"{self.path} changed since it was rebuilt: it now has {info.st_size} bytes, "
                 f"the event announced {self.size}"
             )
         if hash_content:
@@ -244,7 +261,7 @@ class RebuiltFile:
         """
         if actual.lower() != self.sha256:
             raise FileChangedError(
-                f"{self.relpath} changed since it was rebuilt: its SHA-256 is now {actual}, "
+                f"{self.path} changed since it was rebuilt: its SHA-256 is now {actual}, "
                 f"the event announced {self.sha256}"
             )
 
@@ -255,7 +272,7 @@ class RebuiltFile:
                 while block := stream.read(HASH_BLOCK_SIZE):
                     digest.update(block)
         except OSError as exc:
-            raise FileChangedError(f"{self.relpath} cannot be read: {exc}") from exc
+            raise FileChangedError(f"{self.path} cannot be read: {exc}") from exc
         return digest.hexdigest()
 
     def facts(self, **extra: Any) -> FileFacts:
@@ -263,7 +280,7 @@ class RebuiltFile:
         return FileFacts(
             topic=self.topic,
             file_id=self.file_id,
-            relpath=self.relpath.as_posix(),
+            path=self.path.as_posix(),
             generation=self.generation,
             size=self.size,
             sha256=self.sha256,

@@ -110,7 +110,7 @@ def artifact_key(prefix: str, file_id: str) -> str:
 
 @task(
     name="extract-file-metadata",
-    task_run_name="extract metadata of {file.relpath}",
+    task_run_name="extract metadata of {file.path}",
     retries=EXTRACT_RETRIES,
     retry_delay_seconds=EXTRACT_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_input_error,
@@ -130,18 +130,18 @@ def extract_file_metadata(file: RebuiltFile) -> FileMetadata:
     """
     file.check_unchanged(hash_content=False)
     try:
-        metadata = extract_metadata(file.local_path, file.relpath.as_posix())
+        metadata = extract_metadata(file.local_path, file.path.as_posix())
     except (OSError, ValueError) as exc:
         raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
     file.check_sha256(metadata.sha256)
     create_markdown_artifact(
         markdown=metadata_markdown(metadata),
         key=artifact_key("metadata", file.file_id),
-        description=f"Metadata of {file.relpath} (generation {file.generation})",
+        description=f"Metadata of {file.path} (generation {file.generation})",
     )
     get_run_logger().info(
         "Extracted metadata of %s: %s, extractor %s, %d warning(s)",
-        file.relpath,
+        file.path,
         metadata.mime_type,
         metadata.extractor,
         len(metadata.warnings),
@@ -229,7 +229,7 @@ def _produce(kafka: KafkaCluster, topic: str, key: str, value: bytes, generation
 
 @task(
     name="publish-file-metadata",
-    task_run_name="publish metadata of {file.relpath}",
+    task_run_name="publish metadata of {file.path}",
     retries=PUBLISH_RETRIES,
     retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
     retry_condition_fn=retry_unless_input_error,
@@ -257,7 +257,7 @@ def publish_file_metadata(
     value = json.dumps(metadata.to_json_dict(), ensure_ascii=False).encode("utf-8")
     message = _produce(kafka, topic, file.file_id, value, file.generation)
     published = PublishedMetadata(
-        relpath=file.relpath.as_posix(),
+        relpath=file.path.as_posix(),
         topic=topic,
         partition=message.partition(),
         offset=message.offset(),
@@ -265,7 +265,7 @@ def publish_file_metadata(
     )
     get_run_logger().info(
         "Published metadata of %s to %s [%d] at offset %d",
-        file.relpath,
+        file.path,
         topic,
         published.partition,
         published.offset,

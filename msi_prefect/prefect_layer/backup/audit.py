@@ -204,7 +204,7 @@ def _missing_event_facts(entry: AuditEntry, run_id: str, backup: str) -> FileFac
     return FileFacts(
         topic=row.topic,
         file_id=row.file_id,
-        relpath=row.relpath,
+        path=row.relpath,
         generation=row.generation,
         size=row.size,
         sha256=row.sha256,

@@ -73,7 +73,7 @@ class BackupResult:
 
 @task(
     name="backup-file",
-    task_run_name="backup {file.relpath}",
+    task_run_name="backup {file.path}",
     retries=BACKUP_RETRIES,
     retry_delay_seconds=BACKUP_RETRY_DELAYS_S,
     retry_condition_fn=retry_unless_input_error,
@@ -101,18 +101,18 @@ def backup_file(
     logger = get_run_logger()
     file.check_unchanged(hash_content=False)
     sink = storage.sink()
-    logger.info("Backing up %s (%d bytes) to %s", file.relpath, file.size, sink.describe())
-    if sink.check(file.relpath, file.size, file.sha256) is CopyStatus.OK:
+    logger.info("Backing up %s (%d bytes) to %s", file.path, file.size, sink.describe())
+    if sink.check(file.path, file.size, file.sha256) is CopyStatus.OK:
         # A re-run (a crashed batch run, a repair, a user's re-run): the verified copy is
         # kept, not written again.
-        backup_url = sink.url_of(file.relpath)
-        logger.info("%s is backed up already at %s (same size and SHA-256)", file.relpath,
+        backup_url = sink.url_of(file.path)
+        logger.info("%s is backed up already at %s (same size and SHA-256)", file.path,
                     backup_url)  # fmt: skip
     else:
         try:
             # One read of the file: the copy is hashed as it is written and checked against
             # the event's SHA-256 before it is kept.
-            result = sink.store_copy(file.local_path, file.relpath, file.size, file.sha256)
+            result = sink.store_copy(file.local_path, file.path, file.size, file.sha256)
         except ChecksumMismatchError:
             # Only now hash the source, to tell a file changed since it was rebuilt (no
             # retry) from a copy that went wrong on the way (retried).
@@ -120,11 +120,11 @@ def backup_file(
             raise
         sink.flush()
         backup_url = result.url
-        logger.info("Backed up %s to %s (SHA-256 verified)", file.relpath, backup_url)
+        logger.info("Backed up %s to %s (SHA-256 verified)", file.path, backup_url)
     facts = file.facts(backup_url=backup_url, backup=sink.describe())
     file_event(EventName.BACKED_UP, facts, dedup_key).emit()
     return BackupResult(
-        relpath=file.relpath.as_posix(),
+        relpath=file.path.as_posix(),
         source_url=file.url,
         backup_url=backup_url,
         size=file.size,

@@ -23,8 +23,6 @@ from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, RebuiltFile
 from msi_prefect.prefect_layer.transfers.settings import MAX_BATCH_FILES
 
-# The entry keys the per-file flows take as parameters.
-ENTRY_KEYS = ("topic", "file_id", "generation", "path", "url", "size", "sha256")
 # Failures named in the error message; the artifact lists every file.
 MAX_NAMED_FAILURES = 10
 
@@ -69,12 +67,7 @@ def rebuilt_file_of(entry: Any) -> RebuiltFile:
     Raises:
         FileInputError: The entry is not a mapping, lacks a key, or a value is bad.
     """
-    if not isinstance(entry, Mapping):
-        raise FileInputError(f"a batch entry must be an object, got {type(entry).__name__}")
-    missing = [key for key in ENTRY_KEYS if key not in entry]
-    if missing:
-        raise FileInputError(f"batch entry lacks {', '.join(missing)}")
-    return RebuiltFile.from_parameters(**{key: entry[key] for key in ENTRY_KEYS})
+    return RebuiltFile.from_entry(entry)
 
 
 def batch_run_name(verb: str) -> Callable[[], str]:
