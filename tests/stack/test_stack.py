@@ -22,7 +22,7 @@ from msi_prefect.stack.config import StateDir
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, live_flow_runs, port_is_free
 from tests.conftest import RunningStack, free_port_map
-from tests.flow_helpers import s3_client
+from tests.flow_helpers import REPO, s3_client
 from tests.listening import not_on_loopback
 from tests.stack_helpers import cli, kill_everything, pid_alive, wait_until_done
 
@@ -42,7 +42,7 @@ OUTAGE_S = 12
 BROWSER_WINDOW = "1400,1000"
 RENDER_BUDGET_MS = 15000
 BROWSER_ATTEMPTS = 3
-SCREENSHOT = Path(__file__).resolve().parent.parent / "test-artifacts" / "prefect-ui-runs.png"
+SCREENSHOT = REPO / "test-artifacts" / "prefect-ui-runs.png"
 # Files dropped at once: adaptive dispatch groups them into batch runs.
 BURST_FILES = 12
 BACKUP_FLOWS = ["backup-file", "backup-batch"]
