@@ -228,6 +228,7 @@ def _assert_secret_nowhere(api: str, secret: str) -> None:
 
 
 # The whole user journey: about 3 minutes on a quiet machine, up to twice that when busy.
+@pytest.mark.own_stack
 @pytest.mark.timeout(600)
 def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     ports = free_port_map()
