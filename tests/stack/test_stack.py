@@ -35,6 +35,9 @@ CLI_TIMEOUT_S = 120
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 # The embedded server on SQLite answers slowly while the worker starts flow runs.
 API_TIMEOUT_S = 30
+# Between two looks at a run's state, a count or the destination: each look is one small
+# request, and the whole journey waits on some thirty of them.
+POLL_S = 0.5
 # The store stays down at least this long, and until the backup's first attempt failed;
 # its first retry comes 10 s after that failure, when the store is back.
 OUTAGE_S = 12
@@ -75,7 +78,7 @@ def _wait_for_state(
         state = run["state"]["type"] if run else None
         if state in wanted:
             return str(state)
-        time.sleep(1)
+        time.sleep(POLL_S)
     return state
 
 
@@ -91,7 +94,7 @@ def _wait_for_retry(api: str, flow_run_id: str) -> bool:
             ).json()
             if any(t["state"]["name"] in ("AwaitingRetry", "Retrying") for t in task_runs):
                 return True
-        time.sleep(1)
+        time.sleep(POLL_S)
     return False
 
 
@@ -153,7 +156,7 @@ def _wait_for_count(count: Callable[[], int], wanted: int) -> bool:
     """Poll `count` until it reaches `wanted` (True) or the arrival timeout passes."""
     deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
     while count() < wanted and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(POLL_S)
     return count() == wanted
 
 
@@ -266,7 +269,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         arrived = tmp_path / "received" / "dropped.dat"
         deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
         while not arrived.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(POLL_S)
         assert arrived.read_bytes() == b"from the microscope" * 100
         # ...and its event started the downstream deployments, each a run named after it.
         api = report["prefect_api_url"]
