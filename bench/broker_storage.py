@@ -55,6 +55,7 @@ from bench.common import (
     BenchResult,
     create_topic,
     delete_topic,
+    free_port_map,
     read_peak_rss_mb,
     unique_suffix,
 )
@@ -62,7 +63,6 @@ from bench.raw_pipeline import run_raw
 from msi_prefect.stack.components import Component, tansu_binary, weed_binary
 from msi_prefect.stack.config import BROKER_BUCKET, BrokerStorage, StackConfig, StateDir
 from msi_prefect.stack.manager import StackManager
-from tests.conftest import free_port_map
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORT_PATH = REPO_ROOT / "bench" / "BROKER_STORAGE.md"

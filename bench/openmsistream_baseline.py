@@ -53,9 +53,9 @@ from typing import IO, Any
 from bench.common import (
     KAFKA_SESSION_TIMEOUT_MS,
     BenchResult,
+    MemoryBroker,
     RssSampler,
     SourceFile,
-    TansuBroker,
     compare_trees,
     create_topic,
     delete_topic,
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         bootstrap = args.bootstrap
         if not bootstrap:
-            broker = stack.enter_context(TansuBroker(log_dir=args.workdir))
+            broker = stack.enter_context(MemoryBroker(log_dir=args.workdir))
             bootstrap = broker.bootstrap
         result = run_openmsistream(
             bootstrap,

@@ -2,8 +2,8 @@
 
 OpenMSIStream pins dependencies that clash with ours, so it never goes into the project's
 ``.venv``. The benchmark (``bench.compare``), the compatibility tests
-(``tests/test_openmsistream_compat.py``) and ``scripts/bootstrap --with-test-tools`` all get
-its interpreter from :func:`ensure_openmsistream_python`, which creates
+(``tests/transfer/test_openmsistream_compat.py``) and ``scripts/bootstrap --with-test-tools``
+all get its interpreter from :func:`ensure_openmsistream_python`, which creates
 ``bench/.venv-openmsistream`` once and re-installs only when the wanted requirement changes
 (a stamp file records it, like ``scripts/bootstrap`` does for ``.venv``).
 

@@ -44,7 +44,7 @@ from typing import IO, Any
 from bench.common import (
     KAFKA_SESSION_TIMEOUT_MS,
     BenchResult,
-    TansuBroker,
+    MemoryBroker,
     compare_trees,
     create_topic,
     delete_topic,
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         bootstrap = args.bootstrap
         if not bootstrap:
-            broker = stack.enter_context(TansuBroker(log_dir=args.log_dir))
+            broker = stack.enter_context(MemoryBroker(log_dir=args.log_dir))
             bootstrap = broker.bootstrap
         result = run_raw(
             bootstrap,

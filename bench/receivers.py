@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.common import (
     BENCH_DIR,
     KAFKA_SESSION_TIMEOUT_MS,
-    TansuBroker,
+    MemoryBroker,
     create_topic,
     list_tree,
     unique_suffix,
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench.receivers {' '.join(argv or sys.argv[1:])}  ({time.ctime()})", flush=True)
     rounds: list[ReceiverRound] = []
     try:
-        with TansuBroker(log_dir=work) as broker:
+        with MemoryBroker(log_dir=work) as broker:
             msi_topic, raw_topic = fill_topics(broker.bootstrap, src, work)
             for number in range(args.rounds):
                 for pipeline in ("msi", "raw"):

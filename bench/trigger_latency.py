@@ -8,7 +8,7 @@ Method:
 1. A private, full embedded stack is started with the project CLI, exactly as a user does:
    ``python -m msi_prefect.cli --state-dir STATE up --storage memory --watch-dir W
    --destination-dir D --port NAME=PORT ...`` in a temporary directory, on free loopback
-   ports (``tests.conftest.free_port_map()``). That starts the S3 store, the Tansu broker,
+   ports (``bench.common.free_port_map()``). That starts the S3 store, the Tansu broker,
    the Prefect server and a process worker, deploys every flow of ``prefect.yaml`` and
    starts the long-running ``watch-directory`` and ``reconstruct-files`` runs.
    ``msi_prefect.cli --state-dir STATE down`` always runs at the end.
@@ -54,7 +54,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -71,15 +70,12 @@ import httpx
 
 from bench.common import (
     BENCH_DIR,
-    cpu_model,
-    fmt_seconds,
-    format_load,
-    minus,
-    p90,
+    free_port_map,
     wait_for_other_bench,
     wait_group_stable,
     write_replace,
 )
+from bench.report import fmt_seconds, machine_lines, minus, p90
 
 REPO_DIR = BENCH_DIR.parent
 REPORT_PATH = BENCH_DIR / "TRIGGER_LATENCY.md"
@@ -504,8 +500,6 @@ def scan_server_log(path: Path, limit: int = 12) -> tuple[list[str], dict[str, i
 
 def port_args() -> list[str]:
     """Return ``--port NAME=PORT`` arguments for a free loopback port per server."""
-    from tests.conftest import free_port_map
-
     args: list[str] = []
     for name, port in free_port_map().items():
         args += ["--port", f"{name}={port}"]
@@ -1094,19 +1088,13 @@ def machine_notes(load_start: tuple[float, float, float]) -> list[str]:
     Returns:
         Markdown bullets.
     """
-    cpu = cpu_model()
     try:
         from importlib.metadata import version
 
         prefect = version("prefect")
     except Exception:
         prefect = "unknown"
-    return [
-        f"- {os.cpu_count()} cores ({cpu}), {platform.platform()}, Python "
-        f"{platform.python_version()}, Prefect {prefect}; a shared machine that may be busy.",
-        f"- Load average (1, 5, 15 min) at start: {format_load(load_start)}; at end: "
-        f"{format_load(os.getloadavg())}.",
-    ]
+    return machine_lines(load_start, software=f", Prefect {prefect}")
 
 
 def retryable_line(opts: Options, notes: dict[str, Any]) -> str:
@@ -1270,7 +1258,7 @@ def report(
         f"- Date: {started}",
         *machine_notes(load_start),
         f"- Stack: `{notes.get('up_command', 'n/a')}` (free loopback ports from "
-        "`tests.conftest.free_port_map()`, a temporary state dir): S3 store, Tansu broker "
+        "`bench.common.free_port_map()`, a temporary state dir): S3 store, Tansu broker "
         "(memory storage), Prefect server (SQLite), process worker, every deployment of "
         "`prefect.yaml`. `down` at the end.",
         f"- `up` took {notes.get('up_s', 'n/a')} s; both long-running runs RUNNING "

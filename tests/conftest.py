@@ -1,4 +1,8 @@
-"""Shared fixtures: the real embedded stack (started once per session on free ports)."""
+"""Shared fixtures and test planning for the whole suite.
+
+The real embedded stack (started once per session and test worker, on free ports), the
+opt-in chaos runs, and which tests share a pytest-xdist worker.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +26,31 @@ CHAOS_ENV = "MSI_CHAOS"
 # Tansu lets a consumer join a group in about half of session.timeout.ms; keep it short.
 TEST_SESSION_TIMEOUT_MS = 6000
 TEST_STORAGE_ENV = "MSI_TEST_BROKER_STORAGE"
+# The xdist groups of the tests that start a whole stack of their own, and of the tests
+# that need the session's Prefect server (see _worker_group).
+OWN_STACK_GROUP = "own-stack"
+PREFECT_SERVER_GROUP = "prefect-server"
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Give each test its pytest-xdist group as it is collected (see :func:`_worker_group`).
+
+    Here rather than in ``pytest_collection_modifyitems``: pytest-xdist reads the groups
+    into the test ids in its own ``pytest_collection_modifyitems``.
+    """
+    group = _worker_group(item)
+    if group is not None and item.config.pluginmanager.has_plugin("xdist"):
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the opt-in chaos runs unless asked for; run the whole-stack tests first."""
+    _skip_chaos_unless_asked(config, items)
+    # Without workers (-n 0) too: the longest tests first, the quick ones fill in after.
+    items.sort(key=lambda item: _worker_group(item) != OWN_STACK_GROUP)
+
+
+def _skip_chaos_unless_asked(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip the long fault-injection runs unless asked for (``-m chaos`` or MSI_CHAOS=1)."""
     markexpr = config.getoption("markexpr", default="") or ""
     if "chaos" in markexpr or os.environ.get(CHAOS_ENV) == "1":
@@ -35,6 +61,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "chaos" in item.keywords:
             item.add_marker(skip)
+
+
+def _worker_group(item: pytest.Item) -> str | None:
+    """Which tests must share a pytest-xdist worker (``--dist loadgroup``), or None.
+
+    * Tests that start a whole stack of their own (marked ``own_stack``) and the chaos runs
+      form one group, so that at most one such stack runs at a time on the 2 cores.
+    * Tests that share a module-scoped fixture run on one worker, so it is built once.
+    * Tests that need the session's Prefect server (``prefect_stack``) run on one worker:
+      a second server would cost its start and its services' CPU for the whole run.
+
+    Every other test goes to whichever worker is free. Each worker starts the session's
+    broker and S3 store (``kafka_stack``) only if one of its tests asks for them. The
+    groups go out largest first (pytest-xdist's ``--loadscope-reorder``), so the two
+    long ones start at once, one on each worker.
+    """
+    if "own_stack" in item.keywords or "chaos" in item.keywords:
+        return OWN_STACK_GROUP
+    if _uses_module_fixture(item):
+        return item.nodeid.split("::")[0]
+    if "prefect_stack" in getattr(item, "fixturenames", ()):
+        return PREFECT_SERVER_GROUP
+    return None
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test needs a fixture that lives as long as its module."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        definition.scope == "module"
+        for definitions in info.name2fixturedefs.values()
+        for definition in definitions
+    )
 
 
 def free_port_map() -> dict[str, int]:

@@ -5,7 +5,7 @@ restarts the stack as an operator would (``msi-prefect up`` starts what is missi
 ends with one verdict over every file dropped (:func:`assert_clean_stack`): rebuilt
 byte-identical, its three downstream steps announced by their events, one
 ``msi.file.reconstructed`` event, one copy in the backup store. The long runs
-(tests/chaos/test_stack_faults.py) and the fast one (tests/test_stack_faults.py) share
+(tests/chaos/test_stack_faults.py) and the fast one (tests/integration/test_stack_faults.py) share
 these steps.
 """
 

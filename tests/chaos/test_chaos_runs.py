@@ -28,14 +28,10 @@ from tests.chaos.harness import (
     env_float,
     env_int,
     mixed_sizes,
-    private_stack,
-    processes,
-    tiny_tmpfs,
 )
 from tests.conftest import RunningStack
 
 pytestmark = [pytest.mark.chaos, pytest.mark.stack]
-__all__ = ["private_stack", "processes", "tiny_tmpfs"]  # fixtures
 
 KILLS = env_int("MSI_CHAOS_KILLS", 20)
 

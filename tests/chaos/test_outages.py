@@ -27,8 +27,8 @@ from msi_prefect.stack.processes import flow_run_processes
 from tests.conftest import free_port_map
 from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
+from tests.stack.test_stack import API_TIMEOUT_S, FINAL_STATES, _flow_run
 from tests.stack_helpers import cli
-from tests.test_stack import API_TIMEOUT_S, FINAL_STATES, _flow_run
 
 pytestmark = [pytest.mark.chaos, pytest.mark.stack]
 

@@ -22,7 +22,7 @@ from msi_prefect.stack.config import StateDir
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, live_flow_runs, port_is_free
 from tests.conftest import RunningStack, free_port_map
-from tests.flow_helpers import s3_client
+from tests.flow_helpers import REPO, s3_client
 from tests.listening import not_on_loopback
 from tests.stack_helpers import cli, kill_everything, pid_alive, wait_until_done
 
@@ -35,6 +35,9 @@ CLI_TIMEOUT_S = 120
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 # The embedded server on SQLite answers slowly while the worker starts flow runs.
 API_TIMEOUT_S = 30
+# Between two looks at a run's state, a count or the destination: each look is one small
+# request, and the whole journey waits on some thirty of them.
+POLL_S = 0.5
 # The store stays down at least this long, and until the backup's first attempt failed;
 # its first retry comes 10 s after that failure, when the store is back.
 OUTAGE_S = 12
@@ -42,7 +45,7 @@ OUTAGE_S = 12
 BROWSER_WINDOW = "1400,1000"
 RENDER_BUDGET_MS = 15000
 BROWSER_ATTEMPTS = 3
-SCREENSHOT = Path(__file__).resolve().parent.parent / "test-artifacts" / "prefect-ui-runs.png"
+SCREENSHOT = REPO / "test-artifacts" / "prefect-ui-runs.png"
 # Files dropped at once: adaptive dispatch groups them into batch runs.
 BURST_FILES = 12
 BACKUP_FLOWS = ["backup-file", "backup-batch"]
@@ -75,7 +78,7 @@ def _wait_for_state(
         state = run["state"]["type"] if run else None
         if state in wanted:
             return str(state)
-        time.sleep(1)
+        time.sleep(POLL_S)
     return state
 
 
@@ -91,7 +94,7 @@ def _wait_for_retry(api: str, flow_run_id: str) -> bool:
             ).json()
             if any(t["state"]["name"] in ("AwaitingRetry", "Retrying") for t in task_runs):
                 return True
-        time.sleep(1)
+        time.sleep(POLL_S)
     return False
 
 
@@ -153,7 +156,7 @@ def _wait_for_count(count: Callable[[], int], wanted: int) -> bool:
     """Poll `count` until it reaches `wanted` (True) or the arrival timeout passes."""
     deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
     while count() < wanted and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(POLL_S)
     return count() == wanted
 
 
@@ -228,6 +231,7 @@ def _assert_secret_nowhere(api: str, secret: str) -> None:
 
 
 # The whole user journey: about 3 minutes on a quiet machine, up to twice that when busy.
+@pytest.mark.own_stack
 @pytest.mark.timeout(600)
 def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     ports = free_port_map()
@@ -265,7 +269,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         arrived = tmp_path / "received" / "dropped.dat"
         deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
         while not arrived.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(POLL_S)
         assert arrived.read_bytes() == b"from the microscope" * 100
         # ...and its event started the downstream deployments, each a run named after it.
         api = report["prefect_api_url"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import sqlite3
 from pathlib import Path
 
@@ -13,38 +11,7 @@ from msi_prefect.transfer import reassembler as reassembler_module
 from msi_prefect.transfer.progress import ProgressStore
 from msi_prefect.transfer.sinks import LocalDirectorySink
 from tests.conftest import RunningStack
-from tests.test_roundtrip import make_tree, rebuild, send, tree_digests
-
-
-def test_a_short_write_is_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_pwrite = os.pwrite
-    calls: list[int] = []
-
-    def short_first(fd: int, data: memoryview, offset: int) -> int:
-        calls.append(len(data))
-        return real_pwrite(fd, data[: max(1, len(data) // 3)] if len(calls) == 1 else data, offset)
-
-    monkeypatch.setattr(reassembler_module.os, "pwrite", short_first)
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
-    try:
-        reassembler_module._pwrite_all(fd, b"0123456789" * 10, 5)
-    finally:
-        os.close(fd)
-    assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"0123456789" * 10
-    assert len(calls) == 2
-
-
-def test_a_write_that_makes_no_progress_is_a_disk_full_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(reassembler_module.os, "pwrite", lambda fd, data, offset: 0)
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
-    try:
-        with pytest.raises(OSError) as caught:
-            reassembler_module._pwrite_all(fd, b"abc", 0)
-    finally:
-        os.close(fd)
-    assert caught.value.errno == errno.ENOSPC
+from tests.transfer_helpers import make_tree, rebuild, send, tree_digests
 
 
 @pytest.mark.stack

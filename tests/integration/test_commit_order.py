@@ -27,12 +27,10 @@ from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.reassembler import FileEvent, Reassembler, ReassemblerSettings
 from msi_prefect.transfer.sqlite_db import DurableQueue
 from msi_prefect.transfer.stopping import StopConditions
-from tests.chaos.harness import tiny_tmpfs
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
-from tests.test_roundtrip import CHUNK, make_tree, send, tree_digests
+from tests.transfer_helpers import CHUNK, make_tree, send, tree_digests
 
 pytestmark = pytest.mark.stack
-__all__ = ["tiny_tmpfs"]  # fixture
 
 DISK_FULL = "database or disk is full"
 # One-chunk files and files of several chunks, in batches of a few messages: a failure

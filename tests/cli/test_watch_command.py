@@ -13,8 +13,7 @@ import pytest
 
 from msi_prefect.transfer.watch_loop import TIMESTAMP_SLACK_NS
 from tests.conftest import RunningStack
-from tests.test_recovery import _query, _wait_for
-from tests.test_roundtrip import rebuild, tree_digests
+from tests.transfer_helpers import rebuild, sqlite_rows, tree_digests, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -54,7 +53,7 @@ def _watch(
 
 
 def _states(registry: Path) -> dict[str, tuple[str, int]]:
-    rows = _query(registry, "SELECT relpath, state, generation FROM files")
+    rows = sqlite_rows(registry, "SELECT relpath, state, generation FROM files")
     return {relpath: (state, generation) for relpath, state, generation in rows}
 
 
@@ -72,14 +71,16 @@ def test_watch_sends_each_settled_file_once_and_catches_up_after_a_restart(
     registry = tmp_path / "registry.sqlite"
 
     first = _watch(started, kafka_stack, topic, folder, registry)
-    _wait_for(lambda: _query(registry, "SELECT COUNT(*) FROM watched_folders") == [(1,)], "start")
+    wait_until(
+        lambda: sqlite_rows(registry, "SELECT COUNT(*) FROM watched_folders") == [(1,)], "start"
+    )
     (folder / "a.txt").write_text("first version")
     with (folder / "sub" / "slow.log").open("w") as slow:
         for piece in range(6):  # written in pieces with pauses shorter than the window
             slow.write(f"line {piece}\n")
             slow.flush()
             time.sleep(0.2)
-    _wait_for(
+    wait_until(
         lambda: (
             _states(registry).get("sub/slow.log") == ("sent", 1)
             and _states(registry).get("a.txt") == ("sent", 1)
@@ -126,7 +127,7 @@ def test_watch_stops_with_an_error_when_its_folder_disappears(
     folder = tmp_path / "share"
     folder.mkdir()
     watcher = _watch(started, kafka_stack, topic, folder, tmp_path / "registry.sqlite")
-    _wait_for(lambda: (tmp_path / "registry.sqlite").exists(), "start")
+    wait_until(lambda: (tmp_path / "registry.sqlite").exists(), "start")
     folder.rmdir()
     watcher.wait(timeout=30)
     assert watcher.returncode == 1

@@ -20,7 +20,7 @@ from tests.chaos.stack_scenarios import StackRun
 from tests.stack_helpers import StackVerdict, user_stack, workload
 
 # The stack's start, the cut, two restarts and the catch-up: minutes on a busy machine.
-pytestmark = [pytest.mark.stack, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.stack, pytest.mark.own_stack, pytest.mark.timeout(480)]
 
 FILES = 14
 # Slow enough that files are still arriving when the first downstream runs start.

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,66 +10,13 @@ from msi_prefect.transfer.kafka import KafkaConnection
 from msi_prefect.transfer.producer import FileProducer, ProducerSettings, UploadOutcome
 from msi_prefect.transfer.reassembler import (
     MAX_OPEN_STAGING_FILES,
-    FileEvent,
     FileEventKind,
-    Reassembler,
-    ReassemblerSettings,
 )
 from msi_prefect.transfer.registry import Registry
-from msi_prefect.transfer.stopping import StopConditions
-from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
+from tests.conftest import RunningStack
+from tests.transfer_helpers import CHUNK, make_tree, rebuild, send, tree_digests
 
 pytestmark = pytest.mark.stack
-
-CHUNK = 64 * 1024
-
-
-def make_tree(root: Path, sizes: dict[str, int]) -> dict[str, str]:
-    """Write files of the given sizes; return relpath -> sha256."""
-    digests = {}
-    for relpath, size in sizes.items():
-        path = root / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = os.urandom(size)
-        path.write_bytes(data)
-        digests[relpath] = hashlib.sha256(data).hexdigest()
-    return digests
-
-
-def tree_digests(root: Path) -> dict[str, str]:
-    """relpath -> sha256 of every regular file below root, our state dirs excluded."""
-    found = {}
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith((".msi-staging", ".msi-state")):
-            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def send(stack: RunningStack, topic: str, src: Path, registry: Path, relpaths: list[str]):
-    connection = KafkaConnection(bootstrap_servers=stack.bootstrap_servers)
-    settings = ProducerSettings(topic=topic, chunk_size=CHUNK)
-    with Registry(registry) as reg:
-        producer = FileProducer(connection, settings, reg)
-        return producer.upload_all([(src / rel, rel) for rel in relpaths])
-
-
-def rebuild(
-    stack: RunningStack, topic: str, dest: Path, files: int, group: str = "g", **kwargs
-) -> tuple[list[FileEvent], Reassembler]:
-    events: list[FileEvent] = []
-    settings = ReassemblerSettings(
-        topic=topic,
-        destination=str(dest),
-        group_id=f"{group}-{topic}",
-        session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
-        **kwargs,
-    )
-    reassembler = Reassembler(
-        KafkaConnection(bootstrap_servers=stack.bootstrap_servers), settings, events.append
-    )
-    reassembler.run(threading.Event(), StopConditions(stop_after_files=files, idle_timeout_s=60))
-    return events, reassembler
 
 
 def test_files_of_mixed_sizes_round_trip(kafka_stack: RunningStack, topic: str, tmp_path: Path):

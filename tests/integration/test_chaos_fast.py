@@ -18,14 +18,10 @@ from tests.chaos.harness import (
     Processes,
     create_topic,
     mixed_sizes,
-    private_stack,
-    processes,
-    tiny_tmpfs,
 )
 from tests.conftest import RunningStack
 
 pytestmark = pytest.mark.stack
-__all__ = ["private_stack", "processes", "tiny_tmpfs"]  # fixtures
 
 
 @pytest.mark.timeout(120)

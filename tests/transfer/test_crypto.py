@@ -35,6 +35,7 @@ from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.stopping import StopConditions
 from msi_prefect.transfer.wire import RejectReason, WireFormatError, decode_message
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
+from tests.flow_helpers import REPO
 
 CHUNK = 64 * 1024
 MARKER = b"MSI-PLAINTEXT-MARKER-7f3a"
@@ -201,7 +202,7 @@ def test_embedded_nodes_and_blocks_of_an_encrypted_stack(tmp_path: Path) -> None
     provision_embedded_nodes(tmp_path, environ={})  # idempotent: same secrets, same nodes
     assert secrets_file.read_text() == before
 
-    script = Path(__file__).resolve().parent.parent / "blocks" / "create_embedded_blocks.py"
+    script = REPO / "blocks" / "create_embedded_blocks.py"
     spec = importlib.util.spec_from_file_location("create_embedded_blocks", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -501,7 +501,7 @@ _SAMPLES: dict[RejectReason, tuple[object, object, object]] = {
     RejectReason.BAD_CHECKSUM_FIELD: (KEY, DATA, without_header(one_chunk(), "msi.sha256")),
     RejectReason.ENCRYPTED: (KEY, DATA, with_header(one_chunk(), "msi.kind", b"sealed")),
 }
-# Raised by the KafkaCrypto codec before decoding, not by the decoder (tests/test_crypto.py).
+# Raised by the KafkaCrypto codec before decoding, not by the decoder (transfer/test_crypto.py).
 _CODEC_REASONS = {
     RejectReason.NOT_ENCRYPTED,
     RejectReason.UNDECRYPTABLE,
@@ -509,7 +509,7 @@ _CODEC_REASONS = {
 }
 
 
-# Raised only by the OpenMSIStream decoder (tests/test_openmsistream_format.py).
+# Raised only by the OpenMSIStream decoder (transfer/test_openmsistream_format.py).
 _OTHER_FORMATS_ONLY = {RejectReason.CHUNK_HASH_MISMATCH}
 
 

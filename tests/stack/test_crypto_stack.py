@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, free_port_map
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.own_stack]
 
 ARRIVAL_TIMEOUT_S = 180
 MARKER = b"MSI-STACK-PLAINTEXT-MARKER-51c2"

@@ -178,7 +178,7 @@ def test_analyze_flow_records_a_table_from_a_custom_analysis(
     analyze_file_flow = load_flow("flows/analyze_file.py:analyze_file_flow")
 
     state = analyze_file_flow(
-        **params, analysis="tests.test_analysis:peak_records", return_state=True
+        **params, analysis="tests.prefect_layer.test_analysis:peak_records", return_state=True
     )
 
     assert state.is_completed(), state.message

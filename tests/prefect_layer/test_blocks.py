@@ -31,8 +31,8 @@ from msi_prefect.transfer.producer import ProducerSettings
 from msi_prefect.transfer.sinks import FsspecSink, LocalDirectorySink
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE
 from tests.conftest import RunningStack
+from tests.flow_helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "blocks" / "create_embedded_blocks.py"
 SECRET = "s3cr3t-Value-that-must-not-leak"
 

@@ -20,7 +20,7 @@ from msi_prefect.transfer.producer import (
 from msi_prefect.transfer.registry import FileRecord, FileState, Registry
 from msi_prefect.transfer.wire import DEFAULT_CHUNK_SIZE
 from tests.conftest import RunningStack
-from tests.test_roundtrip import make_tree
+from tests.transfer_helpers import make_tree
 
 CHUNK = 64 * 1024
 

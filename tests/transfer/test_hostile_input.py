@@ -23,7 +23,7 @@ from msi_prefect.transfer.reassembler import (
 from msi_prefect.transfer.stopping import StopConditions
 from msi_prefect.transfer.wire import FORMAT_VERSION, DecodeLimits, file_id_for
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
-from tests.test_roundtrip import make_tree, send
+from tests.transfer_helpers import make_tree, send
 
 pytestmark = pytest.mark.stack
 

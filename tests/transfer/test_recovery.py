@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from msi_prefect.transfer.reassembler import (
 )
 from msi_prefect.transfer.stopping import StopConditions
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
-from tests.test_roundtrip import make_tree, send, tree_digests
+from tests.transfer_helpers import make_tree, send, sqlite_rows, tree_digests, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -128,25 +127,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "msi_prefect.cli", *args]
 
 
-def _wait_for(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + KILL_WAIT_S
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _query(db: Path, sql: str) -> list[tuple]:
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []
-
-
 def test_reassembler_killed_mid_file_resumes_without_starting_over(
     kafka_stack: RunningStack, topic: str, tmp_path: Path
 ) -> None:
@@ -161,13 +141,14 @@ def test_reassembler_killed_mid_file_resumes_without_starting_over(
     victim = subprocess.Popen(_cli("reconstruct", str(dest), *common), stdout=subprocess.PIPE)
     db = dest / ".msi-state" / "progress.sqlite"
     counts_sql = "SELECT received_count, chunk_count FROM progress"
-    _wait_for(
-        lambda: any(0 < n < c // 2 for n, c in _query(db, counts_sql)),
+    wait_until(
+        lambda: any(0 < n < c // 2 for n, c in sqlite_rows(db, counts_sql)),
         "the first chunks to be recorded",
+        KILL_WAIT_S,
     )
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    received_before = _query(db, counts_sql)[0]
+    received_before = sqlite_rows(db, counts_sql)[0]
     assert received_before[0] < received_before[1]
 
     survivor = subprocess.run(
@@ -195,19 +176,20 @@ def test_uploader_killed_mid_file_resends_only_what_was_not_acknowledged(
         "--chunk-size", str(256 * 1024),
     )  # fmt: skip
     victim = subprocess.Popen(upload, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for(
+    wait_until(
         lambda: (
-            ("b-big.bin", "sending") in _query(registry, "SELECT relpath, state FROM files")
-            and ("a-small.txt", "sent") in _query(registry, "SELECT relpath, state FROM files")
+            ("b-big.bin", "sending") in sqlite_rows(registry, "SELECT relpath, state FROM files")
+            and ("a-small.txt", "sent") in sqlite_rows(registry, "SELECT relpath, state FROM files")
         ),
         "the small file to be sent and the big one to be in flight",
+        KILL_WAIT_S,
     )
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
 
     again = subprocess.run(upload, capture_output=True, text=True, timeout=300, check=True)
     assert "1 already-sent" in again.stdout and "1 sent" in again.stdout
-    states = dict(_query(registry, "SELECT relpath, generation FROM files"))
+    states = dict(sqlite_rows(registry, "SELECT relpath, generation FROM files"))
     assert states == {"a-small.txt": 1, "b-big.bin": 1}  # the retry reused the generation
 
     dest = tmp_path / "dest"

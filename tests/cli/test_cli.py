@@ -22,7 +22,7 @@ from msi_prefect.cli.transfer import REGISTRY_FILE, own_state_excludes
 from msi_prefect.stack.config import STATE_DIR_ENV, StackConfig, StateDir
 from msi_prefect.transfer.filters import FileFilter
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
-from tests.test_roundtrip import make_tree, send, tree_digests
+from tests.transfer_helpers import make_tree, send, tree_digests
 
 CLI_TIMEOUT_S = 120
 

@@ -1,0 +1,1 @@
+"""Tests of the `msi-prefect` command line: its subcommands, as a user runs them."""

@@ -1,0 +1,1 @@
+"""Scenarios across layers: faults, the commit order of events, broker security, power cuts."""

@@ -1,0 +1,1 @@
+"""Tests of the embedded stack: its settings, its processes, the warm-start worker, `up`/`down`."""
