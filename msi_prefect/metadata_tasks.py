@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.blocks import KafkaCluster
 from msi_prefect.errors import MsiError
+from msi_prefect.event_outbox import emit_downstream_event
 from msi_prefect.events import EventName, file_event
 from msi_prefect.flow_inputs import FileInputError, RebuiltFile, retry_unless_input_error
 from msi_prefect.metadata import FileMetadata, extract_metadata, metadata_markdown
@@ -275,5 +276,5 @@ def publish_file_metadata(
         extractor=metadata.extractor,
         warnings=len(metadata.warnings),
     )
-    file_event(EventName.METADATA_EXTRACTED, facts).emit()
+    emit_downstream_event(file_event(EventName.METADATA_EXTRACTED, facts))
     return published

@@ -4,7 +4,8 @@ These run the transfer core directly, not as a task run per file or per chunk: a
 flow keeps every task run it made in memory, and these flows see unbounded numbers of
 files. Each file outcome becomes a Prefect event (which triggers the downstream
 deployments), written first to a durable outbox that a sender thread delivers, so a
-Prefect server outage delays events but loses none (``msi_prefect.event_outbox``). The
+Prefect server outage delays events but loses none (``msi_prefect.event_outbox``);
+``reconstruct-files`` also relays the events the host's downstream runs left behind. The
 run's counts are published as a markdown artifact at most once a minute, so memory stays
 flat however long the flow runs.
 """
@@ -30,7 +31,7 @@ from msi_prefect.dispatch import (
     batch_outbox,
 )
 from msi_prefect.errors import MsiError
-from msi_prefect.event_outbox import EVENT_OUTBOX_FILE, EventChannel
+from msi_prefect.event_outbox import EVENT_OUTBOX_FILE, DownstreamEventRelay, EventChannel
 from msi_prefect.events import (
     DownstreamDispatch,
     FileFacts,
@@ -322,6 +323,9 @@ def run_reconstruct_files(
         except OSError as exc:
             raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
         events = cleanup.enter_context(EventChannel(reassembler.work_dir / EVENT_OUTBOX_FILE))
+        # The downstream runs of the files rebuilt here run on this host; what they leave
+        # in their event outbox is delivered, and what they posted confirmed, from here.
+        cleanup.enter_context(DownstreamEventRelay())
         if dispatch is not DownstreamDispatch.PER_FILE:
             outbox = cleanup.enter_context(batch_outbox(reassembler.work_dir / BATCH_OUTBOX_FILE))
             gate = None

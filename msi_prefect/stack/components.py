@@ -13,6 +13,8 @@ from typing import Any
 from msi_prefect.stack.config import (
     BACKUP_BUCKET,
     BROKER_BUCKET,
+    DOWNSTREAM_OUTBOX_DIR_ENV,
+    DOWNSTREAM_OUTBOX_SUBDIR,
     BrokerStorage,
     Component,
     S3Credentials,
@@ -111,6 +113,9 @@ def prefect_env(config: StackConfig, state: StateDir) -> dict[str, str]:
         # otherwise forget them, and each long-running flow run would stop itself at its
         # next lease renewal ("410 Gone", "Terminating execution to prevent over-allocation").
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+        # The downstream runs' event outbox (msi_prefect.event_outbox), with the stack's
+        # other state rather than in the user's home.
+        DOWNSTREAM_OUTBOX_DIR_ENV: str(state.root / DOWNSTREAM_OUTBOX_SUBDIR),
     }
 
 

@@ -19,6 +19,11 @@ STATE_DIR_ENV = "MSI_STATE_DIR"
 # Where the transfer commands keep their state outside a stack's project folder.
 XDG_STATE_ENV = "XDG_STATE_HOME"
 USER_STATE_SUBDIR = "msi-prefect"
+#: Where the downstream flow runs of a host keep their event outbox
+#: (``msi_prefect.event_outbox``); `msi-prefect up` sets it for the stack's worker to
+#: ``STATE_DIR/events``. Default: the same subfolder of :func:`user_state_dir`.
+DOWNSTREAM_OUTBOX_DIR_ENV = "MSI_EVENT_OUTBOX_DIR"
+DOWNSTREAM_OUTBOX_SUBDIR = "events"
 CONFIG_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.json"
 DEFAULT_WORK_POOL = "msi-process"
