@@ -29,6 +29,12 @@ posted.
 
 Memory stays flat: the sender reads at most ``batch_size`` rows at a time; the backlog
 lives on disk.
+
+The short downstream runs (backup, metadata, analysis) announce their steps through an
+outbox of the same kind, one per host and Prefect server (:func:`emit_downstream_event`):
+a run writes its event and posts it at once, never waiting for the server, and the
+``reconstruct-files`` run of the host relays what runs left behind and confirms what they
+posted (:class:`DownstreamEventRelay`); see the section below.
 """
 
 from __future__ import annotations
