@@ -24,7 +24,11 @@ import httpx
 import pytest
 
 from msi_prefect.crashed_runs import RERUN_OF_TAG
-from msi_prefect.stack.deploy import SWEEP_AFTER_START_TAG, SWEEP_DELAYS_AFTER_SERVER_START_S
+from msi_prefect.stack.deploy import (
+    SWEEP_AFTER_START_TAG,
+    SWEEP_DELAYS_AFTER_SERVER_START_S,
+    schedule_sweeps_after_server_start,
+)
 from msi_prefect.stack.processes import live_flow_runs
 from tests.chaos.stack_scenarios import StackRun
 from tests.stack_helpers import StackVerdict, kill_server, user_stack, workload
@@ -163,6 +167,11 @@ def test_a_run_crashed_by_a_server_restart_is_run_again_within_minutes(tmp_path:
             timeout=30,
         ).json()
         assert len(sweeps) == len(SWEEP_DELAYS_AFTER_SERVER_START_S) * 2  # two server starts
+        # An `up` run again (after a failure, say) schedules the same sweeps, not more.
+        again = schedule_sweeps_after_server_start(stack.manager())
+        assert set(again) <= {sweep["id"] for sweep in sweeps} and len(again) == len(
+            SWEEP_DELAYS_AFTER_SERVER_START_S
+        )
         triggered = httpx.post(
             f"{api}/flow_runs/filter",
             json={"flow_runs": {"name": {"like_": run_id}}},

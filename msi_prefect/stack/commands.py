@@ -148,11 +148,7 @@ def _up(args: argparse.Namespace) -> int:
     if started:
         print(f"started: {', '.join(c.value for c in started)}")
     if not args.no_deploy and set(components) == set(ALL_COMPONENTS):
-        transfers = deploy_flows(
-            manager,
-            worker_just_started=Component.WORKER in started,
-            server_just_started=Component.PREFECT in started,
-        )
+        transfers = deploy_flows(manager, worker_just_started=Component.WORKER in started)
         print("flows deployed" + (f"; started: {', '.join(transfers)}" if transfers else ""))
     _print_status(manager, as_json=False)
     return EXIT_OK  # `up` raised already if a part it started did not become healthy

@@ -12,11 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from http import HTTPStatus
 from pathlib import Path
 
 from msi_prefect.errors import MsiError
+from msi_prefect.stack.config import Component
 from msi_prefect.stack.crypto import (
     CRYPTO_DIR_ENV,
     DEPLOYMENT_CRYPTO_BLOCKS,
@@ -42,13 +44,16 @@ SWEEP_AFTER_START_TAG = "msi.sweep-after-start"
 # A deployment with a run in one of these has its transfer running or about to.
 STARTING_OR_ACTIVE = (RunState.SCHEDULED.value, *(state.value for state in ACTIVE_STATES))
 DEPLOY_TIMEOUT_S = 300
-#: After `up` started the Prefect server, the sweep also runs this long after: a downstream
+#: After a start of the Prefect server, the sweep also runs this long after: a downstream
 #: run that the restart cut off (its process lost the server) is marked ``CRASHED`` by the
 #: worker once the server answers again, and Prefect holds that ``Crashed`` event back from
 #: the `rerun-crashed` trigger for 15 minutes (the event follows a state event that only
 #: the old server saw). Two sweeps: most such runs are marked within seconds of the
 #: restart, the rest when their client's retries run out (about a minute).
 SWEEP_DELAYS_AFTER_SERVER_START_S = (60.0, 180.0)
+#: `up` schedules them if the server started less than this long ago (this `up` started
+#: it, or an earlier one that failed later on): after that, the trigger acts on its own.
+SWEEP_WINDOW_AFTER_SERVER_START_S = 15 * 60.0
 
 
 def project_dir() -> Path | None:
@@ -56,20 +61,17 @@ def project_dir() -> Path | None:
     return PROJECT_DIR if (PROJECT_DIR / "prefect.yaml").is_file() else None
 
 
-def deploy_flows(
-    manager: StackManager, worker_just_started: bool, server_just_started: bool = False
-) -> list[str]:
+def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
     """Create the blocks, deploy every flow, and start the long-running deployments.
 
     Runs left active by a stack that died (their processes are gone) are marked crashed
     first, so their transfers start again (see `msi_prefect.stack.runs`). After a start of
     the server, sweeps of crashed downstream runs are scheduled a minute and three minutes
-    ahead (:data:`SWEEP_DELAYS_AFTER_SERVER_START_S`).
+    after it (:func:`schedule_sweeps_after_server_start`).
 
     Args:
         manager: The stack, every part healthy.
         worker_just_started: This `up` started the worker (it was not running).
-        server_just_started: This `up` started the Prefect server.
 
     Returns:
         The long-running deployments this call started (those already running are kept).
@@ -121,8 +123,7 @@ def deploy_flows(
             project,
             "re-running the crashed downstream runs",
         )
-    if server_just_started:
-        schedule_sweeps(manager.config.prefect_api_url, SWEEP_DELAYS_AFTER_SERVER_START_S)
+    schedule_sweeps_after_server_start(manager)
     started = []
     for deployment in LONG_RUNNING_DEPLOYMENTS:
         if not _has_active_run(manager, deployment):
@@ -181,39 +182,50 @@ def _has_active_run(manager: StackManager, deployment: str) -> bool:
     return bool(checked(runs, what).json())
 
 
-def schedule_sweeps(api_url: str, delays_s: tuple[float, ...]) -> list[str]:
-    """Schedule runs of the crashed-run sweep, one ``delays_s[i]`` seconds from now each.
+def schedule_sweeps_after_server_start(manager: StackManager) -> list[str]:
+    """Schedule the sweeps that follow a start of the stack's Prefect server.
 
-    The sweep is idempotent (a crashed run is re-run once, whoever asks), so sweeps that
-    find nothing, or overlap the trigger, cost one short run each.
+    One run of the crashed-run sweep :data:`SWEEP_DELAYS_AFTER_SERVER_START_S` after the
+    server's start each (now, if that is past), when the server started less than
+    :data:`SWEEP_WINDOW_AFTER_SERVER_START_S` ago. Each has an idempotency key of the
+    server's start and its delay, so an `up` run again after a failure schedules nothing
+    twice. The sweep is idempotent too (a crashed run is re-run once, whoever asks): a
+    sweep that finds nothing costs one short run.
 
     Returns:
-        The ids of the scheduled runs.
+        The ids of the sweeps scheduled (or found scheduled already).
 
     Raises:
         PrefectApiError: The API did not answer within `up`'s deadline, or refused.
     """
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     import httpx
 
+    record = manager.process(Component.PREFECT).read_pid()
+    now = time.time()
+    if record is None or now - record.started_at >= SWEEP_WINDOW_AFTER_SERVER_START_S:
+        return []
     flow_name, deployment_name = RERUN_SWEEP_DEPLOYMENT.split("/")
     what = f"scheduling {RERUN_SWEEP_DEPLOYMENT}"
-    now = datetime.now(UTC)
     scheduled = []
-    with httpx.Client(base_url=api_url) as client:
+    with httpx.Client(base_url=manager.config.prefect_api_url) as client:
         found = request(client, "GET", f"/deployments/name/{flow_name}/{deployment_name}", what)
         deployment_id = checked(found, what).json()["id"]
-        for delay_s in delays_s:
-            start = (now + timedelta(seconds=delay_s)).isoformat()
+        for delay_s in SWEEP_DELAYS_AFTER_SERVER_START_S:
+            start = datetime.fromtimestamp(max(now, record.started_at + delay_s), UTC)
             created = request(
                 client,
                 "POST",
                 f"/deployments/{deployment_id}/create_flow_run",
                 what,
                 json={
-                    "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": start}},
+                    "state": {
+                        "type": "SCHEDULED",
+                        "state_details": {"scheduled_time": start.isoformat()},
+                    },
                     "tags": [SWEEP_AFTER_START_TAG],
+                    "idempotency_key": f"{SWEEP_AFTER_START_TAG}:{record.started_at}:{delay_s}",
                 },
             )
             scheduled.append(str(checked(created, what).json()["id"]))
