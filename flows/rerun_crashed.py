@@ -2,7 +2,8 @@
 
 Triggered by ``prefect.flow-run.Crashed`` of the downstream deployments (see prefect.yaml),
 typically after a Prefect server outage caught runs that were starting or finishing, and
-scheduled hourly without a run id to sweep up crashes whose event was lost.
+run without a run id to sweep up crashes whose event was lost or held back: hourly, and a
+minute and three minutes after `msi-prefect up` started the server.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from msi_prefect.cli.crypto import add_crypto_options, codec_from_args
 from msi_prefect.errors import MsiError
-from msi_prefect.stack.config import StateDir, user_state_dir
+from msi_prefect.stack.config import StateDir
 from msi_prefect.transfer import (
     DEFAULT_CHUNK_SIZE,
     GOOD_OUTCOMES,
@@ -39,6 +39,7 @@ from msi_prefect.transfer import (
     WireFormat,
     ensure_topic,
     iter_upload_files,
+    user_state_dir,
 )
 
 # What only `watch` (watchdog) and `reconstruct` (fsspec, the reassembler) use is imported

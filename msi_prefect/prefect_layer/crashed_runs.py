@@ -10,13 +10,17 @@ The ``rerun-crashed`` deployment is triggered by ``prefect.flow-run.Crashed`` of
 downstream deployments and calls :func:`rerun_crashed`, which creates one new run of the
 same deployment with the same parameters. It is idempotent (a second call for the same
 crashed run finds the first re-run by its tag) and bounded (a run whose re-runs keep
-crashing, a real fault, is re-run at most :data:`MAX_RERUNS` times in a row).
+crashing, a real fault, is re-run at most :data:`MAX_RERUNS` times in a row). Two callers
+at once are safe too: the re-run is created with an idempotency key of the crashed run's
+id, and the server keeps one run per key.
 
 A crash recorded just after a server restart follows a state event the restarted server
 has not seen (Prefect keeps that bookkeeping in memory), and Prefect holds such an event
 back from triggers for 15 minutes before evaluating it anyway; a second restart in that
-time loses it. So the same deployment also runs hourly and sweeps every crashed run of
-the downstream deployments (:func:`rerun_all_crashed`).
+time loses it. So the same deployment also sweeps every crashed run of the downstream
+deployments (:func:`rerun_all_crashed`): hourly, and a minute and three minutes after
+`msi-prefect up` started the server (``msi_prefect.stack.deploy``), when such crashes are
+recorded.
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ def rerun_crashed(flow_run: str) -> str | None:
             run.deployment_id,
             parameters=dict(run.parameters),
             tags=[*kept, f"{RERUN_TAG}:{generation + 1}", marker],
+            # Two sweeps (or a sweep and the trigger) at once: the server creates one
+            # re-run per key and hands the second caller the same run.
+            idempotency_key=marker,
         )
         logger.info("flow run %s crashed; started %s with the same parameters", run_id, rerun.id)
         return str(rerun.id)

@@ -29,22 +29,32 @@ posted.
 
 Memory stays flat: the sender reads at most ``batch_size`` rows at a time; the backlog
 lives on disk.
+
+The short downstream runs (backup, metadata, analysis) announce their steps through an
+outbox of the same kind, one per host and Prefect server (:func:`emit_downstream_event`):
+a run writes its event and posts it at once, never waiting for the server, and the
+``reconstruct-files`` run of the host relays what runs left behind and confirms what they
+posted (:class:`DownstreamEventRelay`); see the section below.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import itertools
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
 
 from msi_prefect.prefect_layer.events import FileEventSpec
-from msi_prefect.transfer import DurableQueue
+from msi_prefect.transfer import DurableQueue, user_state_dir
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,24 @@ MAX_RETRY_PAUSE_S = 30.0
 # How long `close()` keeps trying to deliver what is left before leaving it for next time.
 DEFAULT_DRAIN_S = 10.0
 
+#: Where the downstream flow runs of a host keep their event outbox; `msi-prefect up` sets
+#: it for the stack's worker to ``STATE_DIR/events``. Default: the same subfolder of the
+#: user's state directory (``msi_prefect.transfer.user_state_dir``).
+DOWNSTREAM_OUTBOX_DIR_ENV = "MSI_EVENT_OUTBOX_DIR"
+DOWNSTREAM_OUTBOX_SUBDIR = "events"
+DOWNSTREAM_OUTBOX_PREFIX = "downstream-events-"
+# Characters of the API URL's SHA-256 in the outbox's name: one outbox per Prefect server.
+API_DIGEST_CHARS = 16
+#: A downstream run posts its events itself; the relay in the long-running reconstruct
+#: flow posts an event left in the outbox once it is this old (its run died, or could not
+#: reach the server).
+LEFT_BEHIND_AFTER_S = 5.0
+#: One direct post of a downstream event may take this long (a run must not wait on a
+#: server that does not answer)...
+DIRECT_POST_TIMEOUT_S = 5.0
+#: ...and after a failed one the run only writes its events to disk for this long.
+DIRECT_POST_PAUSE_S = 30.0
+
 #: Posts a batch of events (JSON objects); raises if the server did not accept them.
 PostEvents = Callable[[list[dict[str, Any]]], None]
 #: Of some event ids, the ones the server has stored; raises if it cannot tell.
@@ -106,6 +134,10 @@ class EventSender:
             it (and ``confirm``) a posted event is forgotten at once.
         confirm: Asks the server which of some event ids it stored.
         clock: Wall-clock time source (tests inject a fake).
+        post_after_s: Post an event only once it is this old (by its ``occurred`` time):
+            for an outbox shared with the processes that wrote it, which post their own
+            events at once (:class:`DownstreamEventOutbox`); this sender posts what they
+            left behind.
     """
 
     def __init__(
@@ -116,8 +148,10 @@ class EventSender:
         unconfirmed: DurableQueue | None = None,
         confirm: ConfirmEvents | None = None,
         clock: Callable[[], float] = time.time,
+        post_after_s: float = 0.0,
     ) -> None:
         self._outbox = outbox
+        self._post_after_s = post_after_s
         self._post = post
         self._batch_size = batch_size
         self._unconfirmed = unconfirmed if confirm is not None else None
@@ -156,6 +190,9 @@ class EventSender:
             Exception: Whatever ``post`` raised; the batch stays queued.
         """
         batch = self._outbox.oldest(self._batch_size)
+        if self._post_after_s > 0:
+            cutoff = self._clock() - self._post_after_s
+            batch = list(itertools.takewhile(lambda row: occurred_at(row[1]) <= cutoff, batch))
         if not batch:
             return False
         self._post([body for _, body in batch])
@@ -291,10 +328,19 @@ class PrefectEventPoster:
     One HTTP client is kept for the sender thread's life (a new one per post costs a
     connection and Prefect's client start-up, about 0.3 s on a busy machine); it is
     replaced after a failure.
+
+    Args:
+        timeout_s: Timeout of one request (default: Prefect's client setting).
+        retries: Whether Prefect's client retries a request (it does for about a minute
+            when the server is away: right for a sender thread, wrong for a flow run that
+            posts in line).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None, retries: bool = True) -> None:
         self._client: Any = None
+        self._timeout_s = timeout_s
+        self._retries = retries
+        self._no_retry_settings: Any = None
 
     def __call__(self, events: list[dict[str, Any]]) -> None:
         """Post one batch.
@@ -325,16 +371,39 @@ class PrefectEventPoster:
         """POST ``body`` to ``path`` with the kept client; drop the client on a failure."""
         from prefect.client.orchestration import get_client
 
-        if self._client is None:
-            self._client = get_client(sync_client=True)
-            self._client.__enter__()
         try:
-            response = self._client.request("POST", cast(Any, path), json=body)
+            with self._settings_scope():
+                if self._client is None:
+                    settings = {"timeout": self._timeout_s} if self._timeout_s else None
+                    client = get_client(httpx_settings=settings, sync_client=True)
+                    client.__enter__()  # may ask the server for its version
+                    self._client = client
+                response = self._client.request("POST", cast(Any, path), json=body)
             response.raise_for_status()
         except Exception:
             self.close()
             raise
         return response
+
+    def _settings_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """The settings to post under: Prefect's, without its client's retries if asked.
+
+        The settings without retries are made once (making them costs about 20 ms of CPU,
+        per post too much for a run that posts an event per file).
+        """
+        if self._retries:
+            return contextlib.nullcontext()
+        import prefect.context
+        from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+        current = prefect.context.get_settings_context()
+        if self._no_retry_settings is None:
+            self._no_retry_settings = current.settings.copy_with_update(
+                updates={PREFECT_CLIENT_MAX_RETRIES: 0}
+            )
+        return prefect.context.SettingsContext(
+            profile=current.profile, settings=self._no_retry_settings
+        )
 
     def close(self) -> None:
         """Close the HTTP client (a later post opens a new one)."""
@@ -469,5 +538,255 @@ class EventChannel:
             self._outbox.close()
         if self._unconfirmed is not None:
             self._unconfirmed.close()
+        if self._poster is not None:
+            self._poster.close()
+
+
+# ------------------------------------------------------------------ downstream flow runs
+#
+# The backup, metadata and analysis runs are short processes, several at once on a worker,
+# each announcing a file's step with one event (``msi.file.backed-up`` and the like). They
+# share one outbox per host and Prefect server: a run writes its event there (durably) and
+# posts it at once, as ``emit_event`` would, and moves it to the unconfirmed outbox; it
+# never waits for a confirmation. What a run leaves behind (it could not reach the server,
+# or it died between writing and posting) and the confirmation of what runs posted are the
+# work of one long-lived process on the host: the relay in the ``reconstruct-files`` run,
+# which rebuilt the files these runs read and so runs where they run. Event ids are
+# deterministic, so a re-run of the same step posts the same id, and the outbox and the
+# server keep it once.
+
+
+def downstream_outbox_path(
+    api_url: str | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The host's outbox of downstream file events for one Prefect server.
+
+    Args:
+        api_url: The Prefect API the events go to (default: the current settings').
+        environ: Where to read :data:`DOWNSTREAM_OUTBOX_DIR_ENV` (default: ``os.environ``).
+
+    Returns:
+        ``<dir>/downstream-events-<digest>.sqlite``: the folder from
+        :data:`DOWNSTREAM_OUTBOX_DIR_ENV`, else the user's state directory; one file per API
+        URL, so two stacks on one machine never post each other's events.
+    """
+    if api_url is None:
+        from prefect.settings import PREFECT_API_URL
+
+        api_url = PREFECT_API_URL.value() or ""
+    environ = os.environ if environ is None else environ
+    folder = environ.get(DOWNSTREAM_OUTBOX_DIR_ENV) or user_state_dir() / DOWNSTREAM_OUTBOX_SUBDIR
+    digest = hashlib.sha256(api_url.encode()).hexdigest()[:API_DIGEST_CHARS]
+    return Path(folder) / f"{DOWNSTREAM_OUTBOX_PREFIX}{digest}.sqlite"
+
+
+def occurred_at(body: dict[str, Any]) -> float:
+    """When an event (as posted) occurred, as a timestamp; 0 if it does not say."""
+    try:
+        return datetime.fromisoformat(str(body["occurred"])).timestamp()
+    except (KeyError, ValueError):
+        return 0.0
+
+
+def run_context_related() -> list[dict[str, str]]:
+    """The current run's related resources, read from the run context alone.
+
+    The same resources ``emit_event`` attaches (flow run, task run, flow, deployment and
+    tags), without its look-ups on the server: a downstream run emits while the server may
+    be away, and must not wait for it. Empty outside a run.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    flow_context = FlowRunContext.get()
+    task_context = TaskRunContext.get()
+    flow_run = flow_context.flow_run if flow_context is not None else None
+    task_run = task_context.task_run if task_context is not None else None
+    related: list[dict[str, str]] = []
+    tags: set[str] = set()
+    if flow_run is not None:
+        related.append(_related("flow-run", flow_run.id, flow_run.name))
+        tags |= set(flow_run.tags)
+    elif task_run is not None and task_run.flow_run_id is not None:
+        related.append(_related("flow-run", task_run.flow_run_id))
+    if task_run is not None:
+        related.append(_related("task-run", task_run.id, task_run.name))
+        tags |= set(task_run.tags)
+    if flow_run is not None and flow_context is not None:
+        flow = flow_context.flow
+        related.append(_related("flow", flow_run.flow_id, flow.name if flow else None))
+        if flow_run.deployment_id is not None:
+            related.append(_related("deployment", flow_run.deployment_id))
+    related += [
+        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+        for tag in sorted(tags)
+    ]
+    return related
+
+
+def _related(kind: str, object_id: object, name: str | None = None) -> dict[str, str]:
+    resource = {"prefect.resource.id": f"prefect.{kind}.{object_id}", "prefect.resource.role": kind}
+    if name:
+        resource["prefect.resource.name"] = name
+    return resource
+
+
+class DownstreamEventOutbox:
+    """Durable file events of the short downstream runs on one host (see above).
+
+    Args:
+        path: The host's outbox (:func:`downstream_outbox_path`).
+        post: Posts one event at once; must fail fast when the server is away (default:
+            a :class:`PrefectEventPoster` with a short timeout and no retries).
+        clock: Wall-clock time source (tests inject a fake).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        post: PostEvents | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._poster: PrefectEventPoster | None = None
+        if post is None:
+            self._poster = PrefectEventPoster(timeout_s=DIRECT_POST_TIMEOUT_S, retries=False)
+            post = self._poster
+        self._post = post
+        self._clock = clock
+        self._outbox = event_outbox(self.path)
+        self._unconfirmed = unconfirmed_outbox(self.path)
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+
+    def emit(self, spec: FileEventSpec, run_related: list[dict[str, str]]) -> bool:
+        """Write the event to the outbox (durably), then post it unless posting is paused.
+
+        Returns:
+            Whether it was posted now (otherwise it waits on disk for the relay).
+
+        Raises:
+            sqlite3.OperationalError: The outbox could not be written (e.g. a full disk):
+                the step is not announced, and the task fails (and is retried).
+        """
+        key = str(spec.event_id)
+        body = event_body(spec, run_related)
+        with self._lock:
+            self._outbox.add(key, body)  # a re-run's event has the same id: kept once
+            if self._clock() < self._paused_until:
+                return False
+            try:
+                self._post([body])
+            except Exception as exc:  # the server is away: the event waits on disk
+                self._paused_until = self._clock() + DIRECT_POST_PAUSE_S
+                logger.warning(
+                    "Cannot post %s to the Prefect server (%s); it waits in %s and is "
+                    "delivered by the reconstruct-files run of this host",
+                    spec.name.value,
+                    exc,
+                    self.path,
+                )
+                return False
+            self._unconfirmed.add(key, {"posted_at": self._clock(), "event": body})
+            self._outbox.remove_keys([key])
+            return True
+
+    def close(self) -> None:
+        """Close the queues and the HTTP client."""
+        self._outbox.close()
+        self._unconfirmed.close()
+        if self._poster is not None:
+            self._poster.close()
+
+
+# One outbox per path in a process (a run's tasks share it); made on first use, so the
+# warm-start server, which forks the runs, never holds one.
+_DOWNSTREAM_OUTBOXES: dict[Path, DownstreamEventOutbox] = {}
+_DOWNSTREAM_LOCK = threading.Lock()
+
+
+def emit_downstream_event(spec: FileEventSpec) -> bool:
+    """Emit a downstream run's file event durably (``msi.file.backed-up`` and the like).
+
+    Returns:
+        Whether it was posted now; if not, it waits in the host's outbox and the
+        ``reconstruct-files`` run's relay delivers it.
+    """
+    path = downstream_outbox_path()
+    with _DOWNSTREAM_LOCK:
+        outbox = _DOWNSTREAM_OUTBOXES.get(path)
+        if outbox is None:
+            outbox = _DOWNSTREAM_OUTBOXES[path] = DownstreamEventOutbox(path)
+    return outbox.emit(spec, run_context_related())
+
+
+class DownstreamEventRelay:
+    """Delivers what the host's downstream runs left in their outbox; confirms what they posted.
+
+    Runs for the life of a long-running flow run (``reconstruct-files``): a sender thread
+    posts every event older than :data:`LEFT_BEHIND_AFTER_S` (the run that wrote it died
+    or could not reach the server), and asks the server whether the posted events were
+    stored, posting the lost ones again, as the rebuilt-file events' outbox does.
+
+    Args:
+        path: The host's outbox (default: :func:`downstream_outbox_path`).
+        post: Delivers a batch (default: a :class:`PrefectEventPoster`).
+        confirm: Asks the server which events it stored (default with the default ``post``:
+            :meth:`PrefectEventPoster.stored`).
+        clock: Wall-clock time source (tests inject a fake).
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        post: PostEvents | None = None,
+        confirm: ConfirmEvents | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path) if path is not None else downstream_outbox_path()
+        self._clock = clock
+        self._poster: PrefectEventPoster | None = None
+        if post is None:
+            self._poster = PrefectEventPoster()
+            post = self._poster
+            confirm = self._poster.stored
+        self._post = post
+        self._confirm = confirm
+        self._outbox: DurableQueue | None = None
+        self._unconfirmed: DurableQueue | None = None
+        self._sender: EventSender | None = None
+
+    def __enter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._outbox = event_outbox(self.path)
+        self._unconfirmed = unconfirmed_outbox(self.path)
+        self._sender = EventSender(
+            self._outbox,
+            self._post,
+            unconfirmed=self._unconfirmed,
+            confirm=self._confirm,
+            clock=self._clock,
+            post_after_s=LEFT_BEHIND_AFTER_S,
+        )
+        self._sender.start()
+        return self
+
+    @property
+    def sender(self) -> EventSender:
+        """The sender thread's state (counters), for logs and tests."""
+        assert self._sender is not None, "not entered"
+        return self._sender
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._sender is not None:
+            self._sender.close()
+        for queue in (self._outbox, self._unconfirmed):
+            if queue is not None:
+                queue.close()
         if self._poster is not None:
             self._poster.close()

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.errors import MsiError
 from msi_prefect.metadata import FileMetadata, extract_metadata, metadata_markdown
+from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.flow_inputs import (
     FileInputError,
@@ -276,5 +277,5 @@ def publish_file_metadata(
         extractor=metadata.extractor,
         warnings=len(metadata.warnings),
     )
-    file_event(EventName.METADATA_EXTRACTED, facts).emit()
+    emit_downstream_event(file_event(EventName.METADATA_EXTRACTED, facts))
     return published

@@ -10,6 +10,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from msi_prefect.prefect_layer.event_outbox import (
+    DOWNSTREAM_OUTBOX_DIR_ENV,
+    DOWNSTREAM_OUTBOX_SUBDIR,
+)
 from msi_prefect.stack.config import (
     BACKUP_BUCKET,
     BROKER_BUCKET,
@@ -19,6 +23,7 @@ from msi_prefect.stack.config import (
     StackConfig,
     StateDir,
 )
+from msi_prefect.stack.prefect_api import UP_RETRY, RetryPolicy, checked, request
 from msi_prefect.stack.processes import LOOPBACK, ProcessSpec, port_is_listening
 from msi_prefect.warm_start import FLOWS_ENV
 
@@ -109,6 +114,9 @@ def prefect_env(config: StackConfig, state: StateDir) -> dict[str, str]:
         # otherwise forget them, and each long-running flow run would stop itself at its
         # next lease renewal ("410 Gone", "Terminating execution to prevent over-allocation").
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+        # The downstream runs' event outbox (msi_prefect.prefect_layer.event_outbox), with
+        # the stack's other state rather than in the user's home.
+        DOWNSTREAM_OUTBOX_DIR_ENV: str(state.root / DOWNSTREAM_OUTBOX_SUBDIR),
     }
 
 
@@ -331,28 +339,40 @@ def work_pool_job_template() -> dict[str, Any]:
     return template
 
 
-def ensure_work_pool(config: StackConfig) -> None:
+def ensure_work_pool(config: StackConfig, policy: RetryPolicy | None = UP_RETRY) -> None:
     """Create the process work pool, or bring its job template up to date.
 
     Its runs start through the warm-start launcher (`msi_prefect.warm_start`), which forks
-    them from the worker's pre-imported warm server instead of a fresh interpreter.
+    them from the worker's pre-imported warm server instead of a fresh interpreter. Each
+    call is retried until ``policy``'s deadline (a restarted server is slow at first).
+
+    Raises:
+        PrefectApiError: The server did not take the pool within the deadline, or refused it.
     """
     import httpx
 
-    api = config.prefect_api_url
     template = work_pool_job_template()
-    response = httpx.post(
-        f"{api}/work_pools/",
-        json={"name": config.work_pool, "type": "process", "base_job_template": template},
-        timeout=HTTP_TIMEOUT_S * 5,
-    )
-    if response.status_code == 409:  # it exists already: keep its template current
-        response = httpx.patch(
-            f"{api}/work_pools/{config.work_pool}",
-            json={"base_job_template": template},
-            timeout=HTTP_TIMEOUT_S * 5,
+    what = f"creating the work pool {config.work_pool!r}"
+    with httpx.Client(base_url=config.prefect_api_url) as client:
+        response = request(
+            client,
+            "POST",
+            "/work_pools/",
+            what,
+            policy,
+            json={"name": config.work_pool, "type": "process", "base_job_template": template},
         )
-    response.raise_for_status()
+        if response.status_code == 409:  # it exists already: keep its template current
+            what = f"updating the work pool {config.work_pool!r}"
+            response = request(
+                client,
+                "PATCH",
+                f"/work_pools/{config.work_pool}",
+                what,
+                policy,
+                json={"base_job_template": template},
+            )
+        checked(response, what)
 
 
 def worker_healthy(config: StackConfig) -> bool:

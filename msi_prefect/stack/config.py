@@ -13,12 +13,10 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
 from msi_prefect.stack.processes import LOOPBACK
+from msi_prefect.transfer import user_state_dir
 
 DEFAULT_STATE_DIR = Path(".msi")
 STATE_DIR_ENV = "MSI_STATE_DIR"
-# Where the transfer commands keep their state outside a stack's project folder.
-XDG_STATE_ENV = "XDG_STATE_HOME"
-USER_STATE_SUBDIR = "msi-prefect"
 CONFIG_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.json"
 DEFAULT_WORK_POOL = "msi-process"
@@ -135,17 +133,6 @@ class StackConfig(BaseModel):
     def s3_endpoint(self) -> str:
         """S3 endpoint URL of the embedded store."""
         return f"http://{LOOPBACK}:{self.ports['s3']}"
-
-
-def user_state_dir() -> Path:
-    """The user's state directory for msi-prefect: ``$XDG_STATE_HOME/msi-prefect``.
-
-    ``~/.local/state/msi-prefect`` when ``$XDG_STATE_HOME`` is unset, empty or relative
-    (the XDG base directory specification says to ignore a relative one).
-    """
-    base = os.environ.get(XDG_STATE_ENV, "")
-    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
-    return root / USER_STATE_SUBDIR
 
 
 def parse_port_overrides(items: list[str]) -> dict[str, int]:

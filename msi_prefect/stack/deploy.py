@@ -12,16 +12,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
+from http import HTTPStatus
 from pathlib import Path
 
 from msi_prefect.errors import MsiError
+from msi_prefect.stack.config import Component
 from msi_prefect.stack.crypto import (
     CRYPTO_DIR_ENV,
     DEPLOYMENT_CRYPTO_BLOCKS,
     provision_embedded_nodes,
 )
 from msi_prefect.stack.manager import StackManager
+from msi_prefect.stack.prefect_api import checked, request
 from msi_prefect.stack.runs import (
     ACTIVE_STATES,
     TRANSFER_DEPLOYMENTS,
@@ -35,9 +39,21 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 LONG_RUNNING_DEPLOYMENTS = tuple(f"{name}/{name}" for name in TRANSFER_DEPLOYMENTS)
 #: Run without parameters, it re-runs every crashed downstream run of the last day.
 RERUN_SWEEP_DEPLOYMENT = "rerun-crashed/rerun-crashed"
+#: Tag of the sweeps `up` schedules after it started the server.
+SWEEP_AFTER_START_TAG = "msi.sweep-after-start"
 # A deployment with a run in one of these has its transfer running or about to.
 STARTING_OR_ACTIVE = (RunState.SCHEDULED.value, *(state.value for state in ACTIVE_STATES))
 DEPLOY_TIMEOUT_S = 300
+#: After a start of the Prefect server, the sweep also runs this long after: a downstream
+#: run that the restart cut off (its process lost the server) is marked ``CRASHED`` by the
+#: worker once the server answers again, and Prefect holds that ``Crashed`` event back from
+#: the `rerun-crashed` trigger for 15 minutes (the event follows a state event that only
+#: the old server saw). Two sweeps: most such runs are marked within seconds of the
+#: restart, the rest when their client's retries run out (about a minute).
+SWEEP_DELAYS_AFTER_SERVER_START_S = (60.0, 180.0)
+#: `up` schedules them if the server started less than this long ago (this `up` started
+#: it, or an earlier one that failed later on): after that, the trigger acts on its own.
+SWEEP_WINDOW_AFTER_SERVER_START_S = 15 * 60.0
 
 
 def project_dir() -> Path | None:
@@ -49,7 +65,9 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
     """Create the blocks, deploy every flow, and start the long-running deployments.
 
     Runs left active by a stack that died (their processes are gone) are marked crashed
-    first, so their transfers start again (see `msi_prefect.stack.runs`).
+    first, so their transfers start again (see `msi_prefect.stack.runs`). After a start of
+    the server, sweeps of crashed downstream runs are scheduled a minute and three minutes
+    after it (:func:`schedule_sweeps_after_server_start`).
 
     Args:
         manager: The stack, every part healthy.
@@ -105,6 +123,7 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
             project,
             "re-running the crashed downstream runs",
         )
+    schedule_sweeps_after_server_start(manager)
     started = []
     for deployment in LONG_RUNNING_DEPLOYMENTS:
         if not _has_active_run(manager, deployment):
@@ -136,21 +155,78 @@ def _run(
 
 
 def _has_active_run(manager: StackManager, deployment: str) -> bool:
-    """Whether the deployment already has a run that is running or about to."""
+    """Whether the deployment already has a run that is running or about to.
+
+    Raises:
+        PrefectApiError: The API did not answer within `up`'s deadline.
+    """
     import httpx
 
-    api = manager.config.prefect_api_url
     flow_name, deployment_name = deployment.split("/")
-    found = httpx.get(f"{api}/deployments/name/{flow_name}/{deployment_name}", timeout=10)
-    if found.status_code != 200:
-        return False
-    runs = httpx.post(
-        f"{api}/flow_runs/filter",
-        json={
-            "deployments": {"id": {"any_": [found.json()["id"]]}},
-            "flow_runs": {"state": {"type": {"any_": list(STARTING_OR_ACTIVE)}}},
-            "limit": 1,
-        },
-        timeout=10,
-    )
-    return runs.status_code == 200 and bool(runs.json())
+    what = f"looking for a run of {deployment}"
+    with httpx.Client(base_url=manager.config.prefect_api_url) as client:
+        found = request(client, "GET", f"/deployments/name/{flow_name}/{deployment_name}", what)
+        if found.status_code != HTTPStatus.OK:
+            return False
+        runs = request(
+            client,
+            "POST",
+            "/flow_runs/filter",
+            what,
+            json={
+                "deployments": {"id": {"any_": [found.json()["id"]]}},
+                "flow_runs": {"state": {"type": {"any_": list(STARTING_OR_ACTIVE)}}},
+                "limit": 1,
+            },
+        )
+    return bool(checked(runs, what).json())
+
+
+def schedule_sweeps_after_server_start(manager: StackManager) -> list[str]:
+    """Schedule the sweeps that follow a start of the stack's Prefect server.
+
+    One run of the crashed-run sweep :data:`SWEEP_DELAYS_AFTER_SERVER_START_S` after the
+    server's start each (now, if that is past), when the server started less than
+    :data:`SWEEP_WINDOW_AFTER_SERVER_START_S` ago. Each has an idempotency key of the
+    server's start and its delay, so an `up` run again after a failure schedules nothing
+    twice. The sweep is idempotent too (a crashed run is re-run once, whoever asks): a
+    sweep that finds nothing costs one short run.
+
+    Returns:
+        The ids of the sweeps scheduled (or found scheduled already).
+
+    Raises:
+        PrefectApiError: The API did not answer within `up`'s deadline, or refused.
+    """
+    from datetime import UTC, datetime
+
+    import httpx
+
+    record = manager.process(Component.PREFECT).read_pid()
+    now = time.time()
+    if record is None or now - record.started_at >= SWEEP_WINDOW_AFTER_SERVER_START_S:
+        return []
+    flow_name, deployment_name = RERUN_SWEEP_DEPLOYMENT.split("/")
+    what = f"scheduling {RERUN_SWEEP_DEPLOYMENT}"
+    scheduled = []
+    with httpx.Client(base_url=manager.config.prefect_api_url) as client:
+        found = request(client, "GET", f"/deployments/name/{flow_name}/{deployment_name}", what)
+        deployment_id = checked(found, what).json()["id"]
+        for delay_s in SWEEP_DELAYS_AFTER_SERVER_START_S:
+            start = datetime.fromtimestamp(max(now, record.started_at + delay_s), UTC)
+            created = request(
+                client,
+                "POST",
+                f"/deployments/{deployment_id}/create_flow_run",
+                what,
+                json={
+                    "state": {
+                        "type": "SCHEDULED",
+                        "state_details": {"scheduled_time": start.isoformat()},
+                    },
+                    "tags": [SWEEP_AFTER_START_TAG],
+                    "idempotency_key": f"{SWEEP_AFTER_START_TAG}:{record.started_at}:{delay_s}",
+                },
+            )
+            scheduled.append(str(checked(created, what).json()["id"]))
+    return scheduled

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from msi_prefect.errors import MsiError
 from msi_prefect.stack import runs
 from msi_prefect.stack.components import (
     HEALTH_CHECKS,
@@ -117,36 +118,64 @@ class StackManager:
         """Start the named components (in dependency order) and wait until each is healthy.
 
         Components already running are left alone, so calling `up` twice starts nothing twice.
-        If a component fails, the ones this call started are stopped again.
+        A component that does not become healthy is stopped again; the ones that did stay
+        running (a later step failing says nothing against them), so `up` run again goes
+        on from where this one stopped.
 
         Returns:
             The components this call started.
 
         Raises:
-            MsiError: a port is taken, a binary is missing, or a part did not become healthy.
+            MsiError: a port is taken, a binary is missing, a part did not become healthy,
+                or the Prefect API did not take the work pool in time; the message names
+                the step and the parts left running.
         """
         started: list[Component] = []
         with self._exclusive():
             self.state.save_config(self.config)
-            try:
-                for component in ALL_COMPONENTS:
-                    if component not in components:
-                        continue
-                    process = self.process(component)
-                    if process.state() is ProcessState.RUNNING:
-                        logger.info("%s is already running", component.value)
-                        continue
+            for component in ALL_COMPONENTS:
+                if component not in components:
+                    continue
+                process = self.process(component)
+                if process.state() is ProcessState.RUNNING:
+                    logger.info("%s is already running", component.value)
+                    if component is Component.PREFECT:  # an earlier `up` may have failed here
+                        self._prepare_server(started)
+                    continue
+                try:
                     process.start()
-                    started.append(component)
                     check = functools.partial(HEALTH_CHECKS[component], self.config)
                     process.wait_healthy(check, START_TIMEOUT_S[component])
-                    if component is Component.PREFECT:
-                        ensure_work_pool(self.config)
-            except BaseException:
-                for component in reversed(started):
-                    self.process(component).stop()
-                raise
+                except MsiError as exc:
+                    # Only the part that did not come up is stopped: it is half-started.
+                    process.stop()
+                    raise self._failed(f"starting {component.value}", exc, started) from exc
+                except BaseException:  # Ctrl-C, or a bug
+                    process.stop()
+                    raise
+                started.append(component)
+                if component is Component.PREFECT:
+                    self._prepare_server(started)
         return started
+
+    def _prepare_server(self, started: list[Component]) -> None:
+        """Create or update the work pool; the server stays up if that fails."""
+        try:
+            ensure_work_pool(self.config)
+        except MsiError as exc:
+            raise self._failed("preparing the Prefect server", exc, started) from exc
+
+    def _failed(self, step: str, exc: MsiError, started: list[Component]) -> MsiError:
+        """The error `up` raises when ``step`` failed, saying what is left running."""
+        running = [component.value for component in self.running_components()]
+        left = (
+            f"Left running: {', '.join(running)} (healthy"
+            + (f"; started now: {', '.join(c.value for c in started)}" if started else "")
+            + "). Run 'msi-prefect up' again to go on from here, or 'msi-prefect down'."
+            if running
+            else "Nothing of the stack is running."
+        )
+        return MsiError(f"{step} failed: {exc}\n{left}")
 
     def down(self) -> list[Component]:
         """Stop every component of this state dir, in reverse start order.

@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from msi_prefect.stack.config import StackConfig
+from msi_prefect.stack.prefect_api import UP_RETRY, RetryPolicy, checked, request
 from msi_prefect.stack.processes import live_flow_runs
 
 logger = logging.getLogger(__name__)
@@ -73,27 +74,40 @@ def _client(config: StackConfig) -> Any:
     return httpx.Client(base_url=config.prefect_api_url, timeout=API_TIMEOUT_S)
 
 
-def active_runs(config: StackConfig) -> list[ActiveRun]:
-    """The stack pool's runs that are Pending, Running or Cancelling."""
+def active_runs(config: StackConfig, policy: RetryPolicy | None = None) -> list[ActiveRun]:
+    """The stack pool's runs that are Pending, Running or Cancelling.
+
+    Args:
+        config: The stack.
+        policy: How each API call is retried (None: once; `down` must not wait).
+
+    Raises:
+        PrefectApiError: The API did not answer (within the policy's deadline).
+    """
     from datetime import UTC, datetime
 
+    what = "listing the active flow runs"
     with _client(config) as client:
-        response = client.post(
+        response = request(
+            client,
+            "POST",
             "/flow_runs/filter",
+            what,
+            policy,
             json={
                 "flow_runs": {"state": {"type": {"any_": [s.value for s in ACTIVE_STATES]}}},
                 "work_pools": {"name": {"any_": [config.work_pool]}},
                 "limit": MAX_RUNS_PER_QUERY,
             },
         )
-        response.raise_for_status()
+        checked(response, what)
         deployments = {}
         runs = []
         now = datetime.now(UTC)
         for run in response.json():
             deployment_id = run.get("deployment_id")
             if deployment_id and deployment_id not in deployments:
-                found = client.get(f"/deployments/{deployment_id}")
+                found = request(client, "GET", f"/deployments/{deployment_id}", what, policy)
                 deployments[deployment_id] = found.json()["name"] if found.is_success else None
             timestamp = (run.get("state") or {}).get("timestamp")
             age = (now - datetime.fromisoformat(timestamp)).total_seconds() if timestamp else 0.0
@@ -109,14 +123,29 @@ def active_runs(config: StackConfig) -> list[ActiveRun]:
     return runs
 
 
-def set_state(config: StackConfig, run_id: str, state: RunState, message: str) -> None:
-    """Force a run into `state` (as `prefect flow-run cancel` and the worker do)."""
+def set_state(
+    config: StackConfig,
+    run_id: str,
+    state: RunState,
+    message: str,
+    policy: RetryPolicy | None = None,
+) -> None:
+    """Force a run into `state` (as `prefect flow-run cancel` and the worker do).
+
+    Raises:
+        PrefectApiError: The API did not answer (within ``policy``'s deadline) or refused.
+    """
+    what = f"marking flow run {run_id} {state.value}"
     with _client(config) as client:
-        response = client.post(
+        response = request(
+            client,
+            "POST",
             f"/flow_runs/{run_id}/set_state",
+            what,
+            policy,
             json={"state": {"type": state.value, "message": message}, "force": True},
         )
-        response.raise_for_status()
+        checked(response, what)
 
 
 def cancel_transfers(config: StackConfig, deployments: tuple[str, ...]) -> list[str]:
@@ -165,20 +194,24 @@ def settle_after_stop(config: StackConfig, deployments: tuple[str, ...]) -> list
     return settled
 
 
-def crash_orphaned_runs(config: StackConfig, worker_just_started: bool) -> list[ActiveRun]:
+def crash_orphaned_runs(
+    config: StackConfig, worker_just_started: bool, policy: RetryPolicy | None = UP_RETRY
+) -> list[ActiveRun]:
     """Mark ``CRASHED`` every active run of the pool whose process is gone.
 
     Args:
         config: The stack.
         worker_just_started: The worker was not running before this `up`: then no run can
             be on its way to a process, and a Pending run is as lost as a Running one.
+        policy: How each API call is retried (`up` calls this on a server that may have
+            just been restarted and be busy).
 
     Returns:
         The runs marked crashed.
     """
     alive = {process.flow_run_id for process in live_flow_runs(config.prefect_api_url)}
     crashed = []
-    for run in active_runs(config):
+    for run in active_runs(config, policy):
         if run.id in alive:
             continue
         if (
@@ -192,6 +225,7 @@ def crash_orphaned_runs(config: StackConfig, worker_just_started: bool) -> list[
             run.id,
             RunState.CRASHED,
             "its process was gone when the stack came up (power cut, kill or reboot)",
+            policy,
         )
         logger.info("flow run %s (%s) had no process; marked crashed", run.name, run.id)
         crashed.append(run)

@@ -37,7 +37,12 @@ if TYPE_CHECKING:
         check_topic_name,
         ensure_topic,
     )
-    from msi_prefect.transfer.layout import EVENT_OUTBOX_FILE, STATE_DIR_NAME, DestinationLayout
+    from msi_prefect.transfer.layout import (
+        EVENT_OUTBOX_FILE,
+        STATE_DIR_NAME,
+        DestinationLayout,
+        user_state_dir,
+    )
     from msi_prefect.transfer.paths import (
         UnsafePathError,
         relative_posix,
@@ -102,6 +107,7 @@ _DEFINED_IN: dict[str, str] = {
     "DestinationLayout": "layout",
     "EVENT_OUTBOX_FILE": "layout",
     "STATE_DIR_NAME": "layout",
+    "user_state_dir": "layout",
     "UnsafePathError": "paths",
     "relative_posix": "paths",
     "resolve_inside": "paths",
@@ -192,6 +198,7 @@ __all__ = [
     "relative_posix",
     "resolve_inside",
     "sink_for",
+    "user_state_dir",
     "validate_relative_path",
     "watch_and_send",
 ]

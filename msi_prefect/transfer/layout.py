@@ -16,6 +16,7 @@ reconstruct flow and the CLI all find these files through :class:`DestinationLay
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -32,6 +33,10 @@ QUARANTINE_DIR_NAME: Final = "quarantine"
 REMOTE_STAGING_DIR_NAME: Final = "staging"
 EVENT_OUTBOX_FILE: Final = "event-outbox.sqlite"
 BATCH_OUTBOX_FILE: Final = "dispatch-outbox.sqlite"
+# Where the transfer commands and a host's downstream runs keep their state outside a
+# stack's project folder.
+XDG_STATE_ENV: Final = "XDG_STATE_HOME"
+USER_STATE_SUBDIR: Final = "msi-prefect"
 
 
 @dataclass(frozen=True)
@@ -83,3 +88,14 @@ class DestinationLayout:
         """Create the work, staging and quarantine directories (existing ones are kept)."""
         for directory in (self.work_dir, self.staging_dir, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
+
+
+def user_state_dir() -> Path:
+    """The user's state directory for msi-prefect: ``$XDG_STATE_HOME/msi-prefect``.
+
+    ``~/.local/state/msi-prefect`` when ``$XDG_STATE_HOME`` is unset, empty or relative
+    (the XDG base directory specification says to ignore a relative one).
+    """
+    base = os.environ.get(XDG_STATE_ENV, "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / USER_STATE_SUBDIR

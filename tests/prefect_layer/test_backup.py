@@ -9,6 +9,11 @@ from typing import Any
 
 import pytest
 
+from msi_prefect.prefect_layer.event_outbox import (
+    downstream_outbox_path,
+    event_outbox,
+    unconfirmed_outbox,
+)
 from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.prefect_layer.flow_inputs import FileChangedError, FileInputError, RebuiltFile
 from msi_prefect.transfer.wire import file_id_for
@@ -134,6 +139,18 @@ def test_backup_flow_copies_verifies_and_announces(
     assert payload["backup_url"] == result.backup_url
     assert {key: payload[key] for key in params} == params
     assert events[0].resource["msi.path"] == RELPATH
+    # Through the host's durable outbox: posted at once, waiting there for its confirmation;
+    # linked to its run as Prefect's own events are.
+    related = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in events[0].related}
+    assert related["flow-run"] == f"prefect.flow-run.{state.state_details.flow_run_id}"
+    assert related["task-run"].startswith("prefect.task-run.")
+    with (
+        event_outbox(downstream_outbox_path()) as queued,
+        unconfirmed_outbox(downstream_outbox_path()) as unconfirmed,
+    ):
+        assert queued.count() == 0
+        posted = [record["event"]["id"] for _, record in unconfirmed.oldest(1000)]
+        assert str(events[0].id) in posted
 
 
 @pytest.mark.stack

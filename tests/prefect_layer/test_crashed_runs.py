@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import uuid
 
 import pytest
@@ -62,3 +64,41 @@ def test_a_crashed_run_is_started_again_once_and_not_forever(prefect_api: str) -
 
     with pytest.raises(MsiError, match="not a flow run id"):
         rerun_crashed("prefect.flow-run.nonsense")
+
+
+def test_sweeps_at_once_start_one_rerun_of_a_crashed_run(prefect_api: str) -> None:
+    # The sweeps `up` schedules after a server start, the hourly one and the trigger can
+    # meet: however many ask at the same moment, the crashed run is re-run once.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    flow = load_flow("flows/rerun_crashed.py:rerun_crashed_flow")
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(flow.name)
+        deployment_id = client.create_deployment(flow_id, f"test-{uuid.uuid4().hex[:8]}")
+        crashed = _deployment_run(client, deployment_id)
+    callers = 4
+    barrier = threading.Barrier(callers)
+    reruns: list[str | None] = []
+
+    def sweep() -> None:
+        barrier.wait()
+        reruns.append(rerun_crashed(str(crashed.id)))
+
+    # Prefect's settings (the API URL) live in context variables: each thread gets a copy.
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(sweep,))
+        for _ in range(callers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(reruns)) == 1 and reruns[0] is not None
+    with get_client(sync_client=True) as client:
+        marked = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[f"{RERUN_OF_TAG}:{crashed.id}"])
+            )
+        )
+    assert [str(run.id) for run in marked] == [reruns[0]]

@@ -1,4 +1,4 @@
-"""The durable event outbox: nothing is lost while the server is away (no server needed)."""
+"""The durable event outboxes: nothing is lost while the server is away (stack: real server)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ import pytest
 from msi_prefect.prefect_layer.event_outbox import (
     CONFIRM_AFTER_S,
     CONFIRM_INTERVAL_S,
+    DIRECT_POST_PAUSE_S,
+    DOWNSTREAM_OUTBOX_DIR_ENV,
     EARLIER_RUN_GRACE_S,
+    IDLE_CHECK_S,
+    LEFT_BEHIND_AFTER_S,
     RESEND_AFTER_S,
+    DownstreamEventOutbox,
+    DownstreamEventRelay,
     EventChannel,
     EventSender,
+    downstream_outbox_path,
     event_body,
     event_outbox,
     unconfirmed_outbox,
@@ -254,3 +261,160 @@ def test_the_sender_asks_about_an_earlier_run_as_soon_as_the_grace_ends(tmp_path
             assert sender.resent == 1
         finally:
             sender.close(drain_s=0)
+
+
+# ----------------------------------------------------------- the downstream runs' outbox
+
+
+def downstream_spec(relpath: str) -> Any:
+    facts = FileFacts(topic=TOPIC, file_id=file_id_for(relpath), relpath=relpath, generation=1)
+    return file_event(EventName.BACKED_UP, facts)
+
+
+def test_a_downstream_event_is_written_then_posted_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "downstream.sqlite"
+    server = FlakyServer()
+    outbox = DownstreamEventOutbox(path, post=server)
+    try:
+        assert outbox.emit(downstream_spec("a.bin"), [])
+    finally:
+        outbox.close()
+    assert [event["payload"]["path"] for event in server.received] == ["a.bin"]
+    # Posted: out of the outbox, into the unconfirmed one, where the relay confirms it.
+    with event_outbox(path) as queued, unconfirmed_outbox(path) as unconfirmed:
+        assert queued.count() == 0 and unconfirmed.count() == 1
+
+
+def test_a_downstream_run_does_not_wait_for_a_server_that_is_away(tmp_path: Path) -> None:
+    path = tmp_path / "downstream.sqlite"
+    server, clock = FlakyServer(down_for=10**6), FakeWallClock()
+    outbox = DownstreamEventOutbox(path, post=server, clock=clock)
+    try:
+        assert not outbox.emit(downstream_spec("a.bin"), [])
+        # The run goes on; its next events only go to disk for a while (no second wait).
+        assert not outbox.emit(downstream_spec("b.bin"), [])
+        assert not outbox.emit(downstream_spec("a.bin"), [])  # a re-run: the same id
+        assert server.posts == 1
+        clock.now += DIRECT_POST_PAUSE_S
+        assert not outbox.emit(downstream_spec("c.bin"), [])
+        assert server.posts == 2
+    finally:
+        outbox.close()
+    with event_outbox(path) as queued:
+        paths = [body["payload"]["path"] for _, body in queued.oldest(10)]
+    assert paths == ["a.bin", "b.bin", "c.bin"]
+
+
+def test_the_relay_delivers_what_runs_left_behind_once_it_is_old_enough(tmp_path: Path) -> None:
+    # A run that is alive posts its own events; the relay takes only the old ones, so the
+    # two do not both post every event.
+    path = tmp_path / "downstream.sqlite"
+    left = downstream_spec("left.bin")
+    server, clock = ForgetfulServer(loses=set()), FakeWallClock()
+    clock.now = time.time()
+    with event_outbox(path) as queued:
+        queued.add(str(left.event_id), event_body(left, []))
+    relay = DownstreamEventRelay(path, post=server, confirm=server.stored, clock=clock)
+    with relay:
+        time.sleep(2 * IDLE_CHECK_S)  # the sender looked at least once
+        assert server.posts == 0  # just written: its run may still post it
+        clock.now += LEFT_BEHIND_AFTER_S + 1
+        wait_until(lambda: [event["id"] for event in server.received] == [str(left.event_id)])
+
+
+def test_the_relay_posts_again_what_the_server_accepted_from_a_run_and_lost(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "downstream.sqlite"
+    lost = downstream_spec("lost.bin")
+    server, clock = ForgetfulServer(loses={str(lost.event_id)}), FakeWallClock()
+    clock.now = time.time()  # the relay compares it with the events' occurred times
+    run = DownstreamEventOutbox(path, post=server, clock=clock)
+    try:
+        assert run.emit(lost, [])  # accepted, and lost by the server
+    finally:
+        run.close()
+    assert server.received == []
+    clock.now += CONFIRM_AFTER_S
+    with event_outbox(path) as queued, unconfirmed_outbox(path) as unconfirmed:
+        relay = EventSender(queued, server, unconfirmed=unconfirmed, confirm=server.stored,
+                            clock=clock, post_after_s=LEFT_BEHIND_AFTER_S)  # fmt: skip
+        clock.now += RESEND_AFTER_S
+        assert relay.confirm_once() == 1 and relay.resent == 1
+        assert relay.deliver_once()
+    assert [event["id"] for event in server.received] == [str(lost.event_id)]
+
+
+def test_each_prefect_server_has_its_own_downstream_outbox(tmp_path: Path) -> None:
+    environ = {DOWNSTREAM_OUTBOX_DIR_ENV: str(tmp_path)}
+    first = downstream_outbox_path("http://127.0.0.1:4200/api", environ)
+    second = downstream_outbox_path("http://127.0.0.1:4201/api", environ)
+    assert first.parent == second.parent == tmp_path
+    assert first != second
+    assert first == downstream_outbox_path("http://127.0.0.1:4200/api", environ)
+
+
+# ------------------------------------------------------ the same, on the real Prefect server
+
+# The relay gives up on an earlier run's posted event after the grace, then posts it.
+SERVER_WAIT_S = 60.0
+
+
+def stored_on_server(event_id: str) -> bool:
+    from msi_prefect.prefect_layer.event_outbox import PrefectEventPoster
+
+    poster = PrefectEventPoster()
+    try:
+        return event_id in poster.stored([event_id])
+    finally:
+        poster.close()
+
+
+def wait_until_stored(event_id: str) -> None:
+    deadline = time.monotonic() + SERVER_WAIT_S
+    while not stored_on_server(event_id):
+        assert time.monotonic() < deadline, f"event {event_id} never stored"
+        time.sleep(1.0)
+
+
+@pytest.mark.stack
+def test_a_run_that_cannot_reach_the_server_leaves_its_event_for_the_relay(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.conftest import free_port_map
+
+    path = tmp_path / "downstream.sqlite"
+    event = downstream_spec(f"away-{uuid.uuid4().hex}.bin")
+    nobody = f"http://127.0.0.1:{free_port_map()['prefect']}/api"
+    with temporary_settings(updates={PREFECT_API_URL: nobody}):
+        run = DownstreamEventOutbox(path)  # Prefect's own client, no retries
+        started = time.monotonic()
+        try:
+            assert not run.emit(event, [])
+        finally:
+            run.close()
+        assert time.monotonic() - started < DIRECT_POST_PAUSE_S / 10  # the run went on
+    with DownstreamEventRelay(path):  # the reconstruct run of the host, server reachable
+        wait_until_stored(str(event.event_id))
+    with event_outbox(path) as queued:
+        assert queued.count() == 0
+
+
+@pytest.mark.stack
+def test_an_event_the_server_accepted_from_a_run_and_lost_is_posted_again(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    # As a server that died with the event in memory: posted, never stored.
+    path = tmp_path / "downstream.sqlite"
+    event = downstream_spec(f"lost-{uuid.uuid4().hex}.bin")
+    posted_long_ago = time.time() - RESEND_AFTER_S
+    with unconfirmed_outbox(path) as unconfirmed:
+        unconfirmed.add(
+            str(event.event_id), {"posted_at": posted_long_ago, "event": event_body(event, [])}
+        )
+    assert not stored_on_server(str(event.event_id))
+    with DownstreamEventRelay(path) as relay:
+        wait_until_stored(str(event.event_id))
+        assert relay.sender.resent == 1

@@ -8,7 +8,8 @@ event, and again for every ``msi.backup.missing`` event of the backup audit. The
    never replaces a good backup;
 2. copies it with :meth:`~msi_prefect.transfer.sinks.Sink.store_copy` (streamed; the copy is
    verified and removed if wrong; the rebuilt file stays where it is);
-3. emits ``msi.file.backed-up`` with the backup's URL.
+3. emits ``msi.file.backed-up`` with the backup's URL, through the host's durable outbox
+   of downstream events (:func:`~msi_prefect.prefect_layer.event_outbox.emit_downstream_event`).
 
 An unreachable or failing store is retried (:data:`BACKUP_RETRY_DELAYS_S`); a bad parameter
 or a changed file is not, since retrying cannot fix it.
@@ -40,6 +41,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.prefect_layer.backup.storage import BackupStorage
+from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, retry_unless_input_error
 from msi_prefect.transfer import ChecksumMismatchError, CopyStatus
@@ -122,7 +124,8 @@ def backup_file(
         backup_url = result.url
         logger.info("Backed up %s to %s (SHA-256 verified)", file.path, backup_url)
     facts = file.facts(backup_url=backup_url, backup=sink.describe())
-    file_event(EventName.BACKED_UP, facts, dedup_key).emit()
+    # Durable: the server may die with an event in memory (msi_prefect.prefect_layer.event_outbox).
+    emit_downstream_event(file_event(EventName.BACKED_UP, facts, dedup_key))
     return BackupResult(
         relpath=file.path.as_posix(),
         source_url=file.url,

@@ -4,9 +4,10 @@ These run the transfer core directly, not as a task run per file or per chunk: a
 flow keeps every task run it made in memory, and these flows see unbounded numbers of
 files. Each file outcome becomes a Prefect event (which triggers the downstream
 deployments), written first to a durable outbox that a sender thread delivers, so a
-Prefect server outage delays events but loses none (``msi_prefect.prefect_layer.event_outbox``). The
-run's counts are published as a markdown artifact at most once a minute, so memory stays
-flat however long the flow runs.
+Prefect server outage delays events but loses none
+(``msi_prefect.prefect_layer.event_outbox``); ``reconstruct-files`` also relays the events
+the host's downstream runs left behind. The run's counts are published as a markdown
+artifact at most once a minute, so memory stays flat however long the flow runs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from msi_prefect.prefect_layer.dispatch.batcher import (
     ServerRunBacklog,
     batch_outbox,
 )
-from msi_prefect.prefect_layer.event_outbox import EventChannel
+from msi_prefect.prefect_layer.event_outbox import DownstreamEventRelay, EventChannel
 from msi_prefect.prefect_layer.events import (
     DownstreamDispatch,
     FileFacts,
@@ -327,6 +328,9 @@ def run_reconstruct_files(
         except OSError as exc:
             raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
         events = cleanup.enter_context(EventChannel(reassembler.layout.event_outbox))
+        # The downstream runs of the files rebuilt here run on this host; what they leave
+        # in their event outbox is delivered, and what they posted confirmed, from here.
+        cleanup.enter_context(DownstreamEventRelay())
         if dispatch is not DownstreamDispatch.PER_FILE:
             outbox = cleanup.enter_context(batch_outbox(reassembler.layout.batch_outbox))
             gate = None
