@@ -47,6 +47,8 @@ DONE_EVENTS = (EventName.BACKED_UP, EventName.METADATA_EXTRACTED, EventName.ANAL
 FILE_EVENTS = (EventName.RECONSTRUCTED, *DONE_EVENTS)
 # The embedded server on SQLite answers slowly while many flow runs start.
 API_TIMEOUT_S = 30.0
+#: The states a flow run ends in.
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 # Reading every event costs the busy server too: not more often than this.
 EVENT_POLL_S = 3.0
 KIB = 1024
@@ -497,6 +499,20 @@ def judge(stack: UserStack, expected: dict[str, str], since: float) -> StackVerd
 
 
 # -------------------------------------------------------------------------------- faults
+
+
+def flow_run_named(api: str, name: str) -> dict[str, Any] | None:
+    """The flow run called `name`, as the API returns it, or None (also when the busy
+    server did not answer in time: the caller polls again)."""
+    try:
+        runs = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={"flow_runs": {"name": {"any_": [name]}}, "limit": 1},
+            timeout=API_TIMEOUT_S,
+        ).json()
+    except httpx.TimeoutException:
+        return None
+    return runs[0] if runs else None
 
 
 def transfer_run_ids(api: str, states: tuple[str, ...] = ("RUNNING", "PENDING")) -> set[str]:

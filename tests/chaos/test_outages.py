@@ -27,8 +27,7 @@ from msi_prefect.stack.processes import flow_run_processes
 from tests.conftest import free_port_map
 from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
-from tests.stack.test_stack import API_TIMEOUT_S, FINAL_STATES, _flow_run
-from tests.stack_helpers import cli
+from tests.stack_helpers import API_TIMEOUT_S, FINAL_STATES, cli, flow_run_named
 
 pytestmark = [pytest.mark.chaos, pytest.mark.stack]
 
@@ -90,7 +89,7 @@ def _events(api: str, name: str) -> list[dict[str, Any]]:
 
 
 def _state(api: str, run_name: str) -> str | None:
-    run = _flow_run(api, run_name)
+    run = flow_run_named(api, run_name)
     return run["state"]["type"] if run else None
 
 

@@ -24,7 +24,15 @@ from msi_prefect.stack.processes import flow_run_processes, live_flow_runs, port
 from tests.conftest import RunningStack, free_port_map
 from tests.flow_helpers import REPO, s3_client
 from tests.listening import not_on_loopback
-from tests.stack_helpers import cli, kill_everything, pid_alive, wait_until_done
+from tests.stack_helpers import (
+    API_TIMEOUT_S,
+    FINAL_STATES,
+    cli,
+    flow_run_named,
+    kill_everything,
+    pid_alive,
+    wait_until_done,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -32,9 +40,6 @@ pytestmark = pytest.mark.stack
 ARRIVAL_TIMEOUT_S = 120
 # A Prefect CLI command (imports take seconds on a busy machine).
 CLI_TIMEOUT_S = 120
-FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-# The embedded server on SQLite answers slowly while the worker starts flow runs.
-API_TIMEOUT_S = 30
 # Between two looks at a run's state, a count or the destination: each look is one small
 # request, and the whole journey waits on some thirty of them.
 POLL_S = 0.5
@@ -51,20 +56,6 @@ BURST_FILES = 12
 BACKUP_FLOWS = ["backup-file", "backup-batch"]
 BATCH_FLOWS = {"backup-batch": "backup", "extract-metadata-batch": "metadata of",
                "analyze-batch": "analyze"}  # fmt: skip
-
-
-def _flow_run(api: str, name: str) -> dict[str, Any] | None:
-    """The flow run called `name`, as the API returns it, or None (also when the busy
-    server did not answer in time: the caller polls again)."""
-    try:
-        runs = httpx.post(
-            f"{api}/flow_runs/filter",
-            json={"flow_runs": {"name": {"any_": [name]}}, "limit": 1},
-            timeout=API_TIMEOUT_S,
-        ).json()
-    except httpx.TimeoutException:
-        return None
-    return runs[0] if runs else None
 
 
 def _wait_for_state(
@@ -100,7 +91,7 @@ def _wait_for_retry(api: str, flow_run_id: str) -> bool:
 
 def _wait_for_run(api: str, name: str) -> str | None:
     """The final state type of the flow run called `name`."""
-    return _wait_for_state(lambda: _flow_run(api, name))
+    return _wait_for_state(lambda: flow_run_named(api, name))
 
 
 def _backup_run_of(api: str, filename: str) -> dict[str, Any] | None:
