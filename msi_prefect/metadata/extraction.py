@@ -22,11 +22,13 @@ raises.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -51,6 +53,39 @@ logger = logging.getLogger(__name__)
 
 #: Block size of the hashing pass; the only large buffer, allocated once per call.
 HASH_BLOCK_SIZE: Final = 1 * MIB
+#: Loggers of the format libraries: what they log while reading a file (a tag skipped, a
+#: block that does not parse) is what could not be read, so it becomes a warning.
+LIBRARY_LOGGERS: Final = ("tifffile", "rsciio", "h5py", "PIL")
+#: Library log records kept per file.
+MAX_LIBRARY_NOTES: Final = 20
+
+
+class _LibraryNotes(logging.Handler):
+    """Collects the format libraries' warnings logged by one thread (one extraction)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.thread = threading.get_ident()
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Other threads may be extracting other files at the same time.
+        if record.thread == self.thread and len(self.notes) < MAX_LIBRARY_NOTES:
+            library = record.name.split(".", 1)[0]
+            self.notes.append(f"{library}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _library_notes() -> Iterator[list[str]]:
+    handler = _LibraryNotes()
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    for library_logger in loggers:
+        library_logger.addHandler(handler)
+    try:
+        yield handler.notes
+    finally:
+        for library_logger in loggers:
+            library_logger.removeHandler(handler)
 
 
 def _iso_utc(moment: datetime) -> str:
@@ -172,7 +207,8 @@ def _run_extractor(
     raw: Mapping[str, Any] | Extraction
     normalized = NormalizedMetadata()
     try:
-        raw = extractor.extract(path)
+        with _library_notes() as notes:
+            raw = extractor.extract(path)
     except ExtractionError as exc:
         raw = exc.details
         normalized = exc.normalized or normalized
@@ -182,6 +218,7 @@ def _run_extractor(
         # cost the generic facts.
         raw = {}
         warnings.append(truncate(f"{extractor.name}: failed: {exc!r}", MAX_WARNING_CHARS))
+    warnings.extend(truncate(f"{extractor.name}: {note}", MAX_WARNING_CHARS) for note in notes)
     if isinstance(raw, Extraction):
         normalized, raw = raw.normalized, raw.details
     if not isinstance(raw, Mapping):

@@ -85,7 +85,7 @@ class Hdf5Extractor:
                 self._nexus(h5, details, normalized)
         except Exception as exc:
             raise ExtractionError(
-                f"h5py could not read the file: {exc}", details=details, normalized=normalized
+                f"h5py could not read the file: {exc!r}", details=details, normalized=normalized
             ) from exc
         return Extraction(normalized, details)
 

@@ -104,12 +104,15 @@ class TiffExtractor:
         try:
             with tifffile.TiffFile(path) as tif:
                 self._describe(tif, normalized, details)
+                truncation = _truncation(tif)
         except ExtractionError:
             raise
         except Exception as exc:
             raise ExtractionError(
-                f"tifffile could not read the file: {exc}", details=details, normalized=normalized
+                f"tifffile could not read the file: {exc!r}", details=details, normalized=normalized
             ) from exc
+        if truncation:
+            raise ExtractionError(truncation, details=details, normalized=normalized)
         return Extraction(normalized, details)
 
     def _describe(self, tif: Any, normalized: NormalizedMetadata, details: dict[str, Any]) -> None:
@@ -155,6 +158,24 @@ class TiffExtractor:
         )
         normalized.acquired_at = iso_time(tag("DateTime"))
         normalized.operator = tag("Artist")
+
+
+def _truncation(tif: Any) -> str | None:
+    """A note when the first page's pixel data would lie past the end of the file."""
+    page = tif.pages.first
+    try:
+        ends = [
+            int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)
+        ]
+    except (TypeError, ValueError):  # damaged offsets: tifffile has logged them already
+        return None
+    end, size = max(ends, default=0), tif.filehandle.size
+    if end <= size:
+        return None
+    return (
+        f"pixel data of the first page ends at byte {end}, past the end of the file "
+        f"({size} bytes): truncated?"
+    )
 
 
 def tifffile_xml2dict(xml: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ little for content sniffing to be safe, and RosettaSciIO itself works by suffix.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,6 +64,8 @@ _SOFTWARE: Final[dict[str, str]] = {
     "rsciio.digitalmicrograph": "Gatan DigitalMicrograph",
     "rsciio.tia": "FEI TIA",
 }
+#: Size of an MRC file's fixed header, before the extended header and the data.
+MRC_HEADER_BYTES: Final = 1024
 #: Signals (datasets) of one file described in the details.
 MAX_SIGNALS: Final = 16
 #: Units along which a scale is a pixel size (not an energy or a time axis).
@@ -173,6 +176,20 @@ def _from_berkeley_emd(original: Mapping[str, Any], normalized: NormalizedMetada
         normalized.operator = text_or_none(user.get("name")) or normalized.operator
 
 
+def _mrc_truncation(original: Mapping[str, Any], data: Any, file_size: int) -> str | None:
+    """A note when an MRC file is shorter than its header says (the reader maps it silently)."""
+    header = original.get("std_header", {})
+    counts = [as_float(header.get(key)) for key in ("NX", "NY", "NZ")]
+    extended = as_float(header.get("NEXT")) or 0
+    itemsize = getattr(getattr(data, "dtype", None), "itemsize", None)
+    if None in counts or not itemsize:
+        return None
+    expected = MRC_HEADER_BYTES + int(extended) + math.prod(int(c or 0) for c in counts) * itemsize
+    if file_size >= expected:
+        return None
+    return f"the header describes {expected} bytes, the file has {file_size}: truncated?"
+
+
 @dataclass(frozen=True)
 class RosettaSciioExtractor:
     """The formats of :data:`READERS`, read by RosettaSciIO with ``lazy=True``.
@@ -219,4 +236,8 @@ class RosettaSciioExtractor:
             _from_tia(original, normalized)
         elif module_name == "rsciio.emd":
             _from_berkeley_emd(original, normalized)
+        elif module_name == "rsciio.mrc":
+            truncation = _mrc_truncation(original, main.get("data"), path.stat().st_size)
+            if truncation:
+                raise ExtractionError(truncation, details=details, normalized=normalized)
         return Extraction(normalized, details)
