@@ -503,7 +503,7 @@ def test_markdown_is_readable_and_escaped(tmp_path: Path) -> None:
     csv_meta = extract_metadata(write(tmp_path / "t.tsv", "a\tb\n1\t2\n"))
     # Control characters are shown JSON-escaped (the backslash itself escaped for markdown).
     assert '| delimiter | "\\\\t" |' in metadata_markdown(csv_meta)
-    assert "MiB" in md_rendering._human_size(5 * MIB) and md_rendering._human_size(
+    assert "MiB" in md_rendering.human_size(5 * MIB) and md_rendering.human_size(
         3 * 1024**4
     ).endswith("TiB")
 

@@ -47,7 +47,7 @@ def _md(value: JSONValue, limit: int = MAX_STRING_CHARS) -> str:
     return truncate(text, limit).translate(_MARKDOWN_ESCAPES)
 
 
-def _human_size(size: int) -> str:
+def human_size(size: int) -> str:
     if size < 1024:
         return f"{size} B"
     amount = float(size)
@@ -71,16 +71,18 @@ def _quantity(value: JSONValue) -> str | None:
     if not isinstance(value, dict) or not isinstance(value.get("value"), int | float):
         return None
     unit = value.get("unit")
-    return f"{value['value']:g} {unit}" if unit else f"{value['value']:g}"
+    return f"{value['value']:g} {unit}" if unit else f"{value['value']:g} (uncalibrated)"
 
 
-def _normalized_rows(normalized: Mapping[str, JSONValue]) -> Iterator[tuple[str, str]]:
+def normalized_rows(normalized: Mapping[str, JSONValue]) -> Iterator[tuple[str, str]]:
     """(label, text) for each normalised fact the file has."""
     instrument = normalized.get("instrument")
     if isinstance(instrument, dict):
         named = " ".join(str(v) for v in (instrument.get("vendor"), instrument.get("model")) if v)
         if named:
             yield "Instrument", named
+        if instrument.get("software"):
+            yield "Software", str(instrument["software"])
     for key, label in (("acquired_at", "Acquired"), ("dtype", "Data type")):
         if normalized.get(key):
             yield label, str(normalized[key])
@@ -120,7 +122,7 @@ def metadata_markdown(meta: FileMetadata, max_detail_rows: int = 60) -> str:
         "",
         "| Field | Value |",
         "| --- | --- |",
-        f"| Size | {_human_size(meta.size)} ({meta.size:,} bytes) |",
+        f"| Size | {human_size(meta.size)} ({meta.size:,} bytes) |",
         f"| MIME type | {_md(meta.mime_type)} |",
         f"| SHA-256 | `{meta.sha256}` |",
         f"| MD5 | {f'`{meta.md5}`' if meta.md5 else '-'} |",
@@ -128,7 +130,7 @@ def metadata_markdown(meta: FileMetadata, max_detail_rows: int = 60) -> str:
         f"| Extracted | {_md(meta.extracted_at)} |",
         f"| Extractor | {_md(meta.extractor)} {_md(meta.extractor_version)} |",
     ]
-    facts = list(_normalized_rows(meta.normalized))
+    facts = list(normalized_rows(meta.normalized))
     if facts:
         lines += ["", "| Fact | Value |", "| --- | --- |"]
         lines += [f"| {label} | {_md(value)} |" for label, value in facts]
