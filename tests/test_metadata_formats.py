@@ -280,6 +280,76 @@ def test_relpath_names_a_staging_file(tmp_path: Path) -> None:
     assert meta.normalized["magnification"] == 50000.0
 
 
+def test_ome_tiff_physical_sizes(tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "cells.ome.tif"
+    sizes = {"PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "PhysicalSizeZ": 1.5}
+    metadata = {"axes": "ZYX", **sizes, "PhysicalSizeXUnit": "µm", "PhysicalSizeZUnit": "nm"}
+    tifffile.imwrite(path, np.zeros((3, 20, 30), np.uint16), ome=True, metadata=metadata)
+
+    meta = extract_metadata(path)
+    assert meta.warnings == []
+    assert meta.normalized["shape"] == [3, 20, 30]
+    assert meta.normalized["axes"] == ["z", "y", "x"]
+    assert meta.normalized["pixel_size"] == {
+        "x": quantity(0.25, "µm"),
+        "y": quantity(0.25, "µm"),  # OME's default unit
+        "z": quantity(1.5, "nm"),
+    }
+    assert dig(meta.details, "ome_metadata.OME.Image.Pixels.SizeZ") == 3
+
+
+def test_imagej_hyperstack_spacing(tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "stack.tif"
+    metadata = {"spacing": 0.5, "unit": "um", "axes": "ZYX"}
+    tifffile.imwrite(
+        path, np.zeros((4, 20, 30), np.uint8), imagej=True, resolution=(4.0, 4.0), metadata=metadata
+    )
+
+    meta = extract_metadata(path)
+    assert meta.normalized["shape"] == [4, 20, 30]
+    assert meta.normalized["pixel_size"] == {
+        "x": quantity(0.25, "µm"),
+        "y": quantity(0.25, "µm"),
+        "z": quantity(0.5, "µm"),
+    }
+
+
+def test_nexus_default_chain_and_incident_energy(tmp_path: Path) -> None:
+    import h5py
+    import numpy as np
+
+    path = tmp_path / "scan.nxs"
+    with h5py.File(path, "w") as h5:
+        h5.attrs["default"] = "entry"
+        entry = h5.create_group("entry")
+        entry.attrs.update(NX_class="NXentry", default="map")
+        other = entry.create_group("first")  # an NXdata that is not the default
+        other.attrs.update(NX_class="NXdata", signal="junk")
+        other["junk"] = np.zeros(3)
+        data = entry.create_group("map")
+        data.attrs.update(NX_class="NXdata", signal="counts", axes=["y", "x"])
+        data["counts"] = np.zeros((4, 6), dtype=np.uint32)
+        beam = entry.create_group("instrument/beam")
+        beam["incident_energy"] = 8048.0
+        beam["incident_energy"].attrs["units"] = "eV"
+        source = entry.create_group("instrument/source")
+        source["energy"] = 6.0
+        source["energy"].attrs["units"] = "GeV"
+
+    meta = extract_metadata(path)
+    assert meta.warnings == []
+    assert meta.details["nexus"] == {"default_signal": "/entry/map/counts", "nxdata": "/entry/map"}
+    assert meta.normalized["shape"] == [4, 6] and meta.normalized["axes"] == ["y", "x"]
+    assert meta.normalized["dtype"] == "uint32"
+    assert meta.normalized["beam_energy"] == quantity(8.048, "keV")
+
+
 # --------------------------------------------------------------------------- Pillow
 
 

@@ -49,6 +49,48 @@ def _attrs(obj: Any, limit: int) -> dict[str, Any]:
     return attrs
 
 
+def nexus_default_signal(h5: Any) -> Any:
+    """The dataset NeXus names as the file's plottable data, or None.
+
+    Follows ``root@default`` -> ``NXentry@default`` -> ``NXdata@signal`` as NeXus defines
+    it, else takes the first ``NXdata`` group with a ``signal`` attribute.
+    """
+    import h5py
+
+    group = h5
+    for _ in range(2):
+        target = _text(group.attrs.get("default"))
+        if not target or not isinstance(group.get(target), h5py.Group):
+            break
+        group = group[target]
+        signal = _signal_of(group) if _text(group.attrs.get("NX_class")) == "NXdata" else None
+        if signal is not None:
+            return signal
+    found: list[Any] = []
+
+    def visit(_name: str, obj: Any) -> bool | None:
+        if (
+            isinstance(obj, h5py.Group)
+            and _text(obj.attrs.get("NX_class")) == "NXdata"
+            and obj.attrs.get("signal") is not None
+        ):
+            found.append(obj)
+            return True  # a non-None return stops h5py's visit
+        return None
+
+    h5.visititems(visit)
+    return _signal_of(found[0]) if found else None
+
+
+def _signal_of(nxdata: Any) -> Any:
+    """The dataset an NXdata group's ``signal`` attribute names, or None."""
+    import h5py
+
+    name = _text(nxdata.attrs.get("signal"))
+    dataset = nxdata.get(name) if name else None
+    return dataset if isinstance(dataset, h5py.Dataset) else None
+
+
 @dataclass(frozen=True)
 class Hdf5Extractor:
     """HDF5 and NeXus files.
@@ -115,54 +157,24 @@ class Hdf5Extractor:
 
     @staticmethod
     def _energy(name: str, dataset: Any, value: Any, normalized: NormalizedMetadata) -> None:
-        """A beam energy: an ``energy`` dataset with units, under an instrument group."""
+        """A beam energy: an ``energy`` dataset with units, under an instrument group.
+
+        A source's energy (a storage ring's electrons, in GeV) is not the beam's: skipped.
+        """
         leaf = name.rsplit("/", 1)[-1].lower()
         unit = _text(dataset.attrs.get("units"))
-        under_instrument = "instrument" in name.lower() or "source" in name.lower()
+        path = name.lower()
+        under_instrument = "instrument" in path and "source" not in path
         if normalized.beam_energy is None and leaf in _ENERGY_NAMES and unit and under_instrument:
             normalized.beam_energy = energy_kev(value, unit)
 
     @staticmethod
-    def _default_signal(h5: Any) -> tuple[str, Any] | None:
-        """(path, NXdata group) of NeXus's default plottable data."""
-        import h5py
-
-        group = h5
-        # Follow root@default -> NXentry@default -> NXdata, as NeXus defines it.
-        for _ in range(2):
-            target = _text(group.attrs.get("default"))
-            if not target or not isinstance(group.get(target), h5py.Group):
-                break
-            group = group[target]
-            if _text(group.attrs.get("NX_class")) == "NXdata" and group.attrs.get("signal"):
-                return group.name, group
-        found: list[tuple[str, Any]] = []
-
-        def visit(name: str, obj: Any) -> bool | None:
-            if (
-                isinstance(obj, h5py.Group)
-                and _text(obj.attrs.get("NX_class")) == "NXdata"
-                and obj.attrs.get("signal") is not None
-            ):
-                found.append(("/" + name, obj))
-                return True
-            return None
-
-        h5.visititems(visit)
-        return found[0] if found else None
-
-    def _nexus(self, h5: Any, details: dict[str, Any], normalized: NormalizedMetadata) -> None:
-        import h5py
-
-        located = self._default_signal(h5)
-        if located is None:
+    def _nexus(h5: Any, details: dict[str, Any], normalized: NormalizedMetadata) -> None:
+        signal = nexus_default_signal(h5)
+        if signal is None:
             return
-        path, group = located
-        signal_name = _text(group.attrs.get("signal"))
-        signal = group.get(signal_name) if signal_name else None
-        if not isinstance(signal, h5py.Dataset):
-            return
-        details["nexus"] = {"default_signal": signal.name, "nxdata": path}
+        group = signal.parent
+        details["nexus"] = {"default_signal": signal.name, "nxdata": group.name}
         normalized.shape = [int(n) for n in signal.shape]
         normalized.dtype = str(signal.dtype)
         raw_axes = group.attrs.get("axes")

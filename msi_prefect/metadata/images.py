@@ -80,7 +80,7 @@ class TiffExtractor:
     Details: ``pages`` (count), ``series`` (shape, axes, dtype of each image series, at
     most ``max_series``), ``flavours`` (tifffile's flags: ``fei``, ``sem``, ``imagej``,
     ``ome`` …), ``tags`` (the first page's tags by name, pixel-layout tags left out) and
-    one ``<flavour>_metadata`` entry per decoded vendor block.
+    one ``<flavour>_metadata`` entry per decoded vendor block (XML ones as a tree).
 
     Attributes:
         max_series: Image series described.
@@ -136,6 +136,9 @@ class TiffExtractor:
         self._baseline(page, normalized)
         for flavour in sorted(tif.flags):
             block = getattr(tif, f"{flavour}_metadata", None)
+            if isinstance(block, str) and block.lstrip().startswith("<"):
+                # XML (OME): as a tree, so consumers need no XML parser.
+                block = tifffile_xml2dict(block) or block
             if block:
                 details[f"{flavour}_metadata"] = block
         if tif.is_fei and tif.fei_metadata:

@@ -173,17 +173,10 @@ def _rosettasciio_plane(path: Path) -> _Plane:
 def _hdf5_plane(path: Path) -> _Plane:
     import h5py
 
-    from msi_prefect.metadata.hdf5 import Hdf5Extractor
+    from msi_prefect.metadata.hdf5 import nexus_default_signal
 
     with h5py.File(path, "r") as h5:
-        located = Hdf5Extractor._default_signal(h5)
-        dataset = None
-        if located is not None:
-            signal = located[1].attrs.get("signal")
-            name = signal.decode() if isinstance(signal, bytes) else str(signal)
-            dataset = located[1].get(name)
-        if not isinstance(dataset, h5py.Dataset):
-            dataset = _largest_numeric_dataset(h5)
+        dataset = nexus_default_signal(h5) or _largest_numeric_dataset(h5)
         if dataset is None:
             raise PreviewError("no numeric dataset to show")
         return _plane_of(dataset)
