@@ -55,7 +55,7 @@ _DATA_LAYOUT_TAGS: Final = frozenset(
     {"StripOffsets", "StripByteCounts", "TileOffsets", "TileByteCounts", "ColorMap"}
 )
 #: Tags whose content is decoded into a ``<flavour>_metadata`` entry instead.
-_VENDOR_TAG_CODES: Final = frozenset({34118, 34682, 50838, 50839})
+_VENDOR_TAG_CODES: Final = frozenset({34118, 34680, 34682, 50838, 50839})
 #: Most TIFF tags a page reports in the details.
 MAX_TAGS: Final = 100
 
@@ -105,8 +105,6 @@ class TiffExtractor:
             with tifffile.TiffFile(path) as tif:
                 self._describe(tif, normalized, details)
                 truncation = _truncation(tif)
-        except ExtractionError:
-            raise
         except Exception as exc:
             raise ExtractionError(
                 f"tifffile could not read the file: {exc!r}", details=details, normalized=normalized
@@ -321,10 +319,11 @@ _PILLOW_MODES: Final[dict[str, tuple[str, int]]] = {
     "I": ("int32", 1),
     "F": ("float32", 1),
 }
-_PILLOW_MIMES: Final = frozenset({"image/png", "image/jpeg", "image/bmp", "image/gif"})
+_PILLOW_MIMES: Final = frozenset(
+    {"image/png", "image/jpeg", "image/bmp", "image/x-ms-bmp", "image/gif"}
+)
 _JPEG_SIGNATURE: Final = b"\xff\xd8\xff"
 _GIF_SIGNATURES: Final = (b"GIF87a", b"GIF89a")
-_BMP_SIGNATURE: Final = b"BM"
 #: EXIF tag numbers of the facts the normalised block takes from a photo.
 _EXIF_MAKE, _EXIF_MODEL, _EXIF_SOFTWARE, _EXIF_DATETIME, _EXIF_ARTIST = 271, 272, 305, 306, 315
 
@@ -342,12 +341,9 @@ class PillowImageExtractor:
     version = "1"
 
     def matches(self, path: Path, head: bytes, mime: str) -> bool:
-        """A PNG, JPEG, GIF or BMP signature, or one of their MIME types."""
-        return (
-            head.startswith((PNG_SIGNATURE, _JPEG_SIGNATURE, *_GIF_SIGNATURES))
-            or (head.startswith(_BMP_SIGNATURE) and mime == "image/bmp")
-            or mime in _PILLOW_MIMES
-        )
+        """A PNG, JPEG or GIF signature, or their MIME types (BMP's "BM" is too short alone)."""
+        signatures = (PNG_SIGNATURE, _JPEG_SIGNATURE, *_GIF_SIGNATURES)
+        return head.startswith(signatures) or mime in _PILLOW_MIMES
 
     def extract(self, path: Path) -> Extraction:
         """Open the header only (Pillow decodes pixels on ``load``, which is never called)."""

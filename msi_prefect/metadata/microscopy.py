@@ -68,7 +68,7 @@ _SOFTWARE: Final[dict[str, str]] = {
 MRC_HEADER_BYTES: Final = 1024
 #: Signals (datasets) of one file described in the details.
 MAX_SIGNALS: Final = 16
-#: Units along which a scale is a pixel size (not an energy or a time axis).
+#: Units of axes whose scale is not a pixel size: energy, time, reciprocal space, angle.
 _NON_SPATIAL_UNITS: Final = frozenset({"ev", "kev", "s", "ms", "µs", "us", "ns", "1/nm", "mrad"})
 
 
