@@ -16,7 +16,9 @@ from PIL import Image
 from msi_prefect.cli import main
 from msi_prefect.metadata import extract_metadata
 
-SAMPLES = (Path(__file__).resolve().parents[1] / "../shared/samples").resolve()
+# The repository's root, found upwards so the file may move into a sub-folder of tests/.
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+SAMPLES = (REPO / "../shared/samples").resolve()
 needs_samples = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"sample instrument files not found at {SAMPLES}"
 )

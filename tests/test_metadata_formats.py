@@ -21,7 +21,9 @@ import pytest
 
 from msi_prefect.metadata import FileMetadata, extract_metadata
 
-SAMPLES = (Path(__file__).resolve().parents[1] / "../shared/samples").resolve()
+# The repository's root, found upwards so the file may move into a sub-folder of tests/.
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+SAMPLES = (REPO / "../shared/samples").resolve()
 #: A TIA .emi file is read together with its .ser data file beside it.
 COMPANIONS = {"fei_tia_tem_search.emi": ("fei_tia_tem_search_1.ser",)}
 #: Largest JSON record a sample may produce (the format trees are bounded).

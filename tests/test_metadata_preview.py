@@ -25,7 +25,9 @@ from msi_prefect.metadata.preview import (
     stretch,
 )
 
-SAMPLES = (Path(__file__).resolve().parents[1] / "../shared/samples").resolve()
+# The repository's root, found upwards so the file may move into a sub-folder of tests/.
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+SAMPLES = (REPO / "../shared/samples").resolve()
 needs_samples = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"sample instrument files not found at {SAMPLES}"
 )
