@@ -32,7 +32,7 @@ MAX_RECORD_CHARS = 128 * 1024
 FLIPPED_COPIES = 6
 FLIPPED_BITS = 16
 
-pytestmark = pytest.mark.skipif(
+needs_samples = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"sample instrument files not found at {SAMPLES}"
 )
 
@@ -233,10 +233,12 @@ def assert_generic_facts(meta: FileMetadata, content: bytes) -> None:
     json.dumps(meta.to_json_dict(), allow_nan=False)
 
 
+@needs_samples
 def test_every_sample_has_expected_values() -> None:
     assert sample_names() == sorted(EXPECTED)
 
 
+@needs_samples
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_sample_values(name: str) -> None:
     expected = EXPECTED[name]
@@ -255,6 +257,7 @@ def test_sample_values(name: str) -> None:
     assert_generic_facts(meta, (SAMPLES / name).read_bytes())
 
 
+@needs_samples
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_sample_record_is_bounded_json(name: str) -> None:
     meta = extract_metadata(SAMPLES / name)
@@ -266,6 +269,7 @@ def test_sample_record_is_bounded_json(name: str) -> None:
     json.dumps(data, allow_nan=False)
 
 
+@needs_samples
 def test_vendor_block_past_the_bound_is_cut_with_a_count() -> None:
     """ImageJ's ``Info`` text is 37 KB; the string limit keeps the first 2 KiB."""
     meta = extract_metadata(SAMPLES / "imagej_scaled.tif")
@@ -274,6 +278,7 @@ def test_vendor_block_past_the_bound_is_cut_with_a_count() -> None:
     assert info.endswith("…")
 
 
+@needs_samples
 def test_relpath_names_a_staging_file(tmp_path: Path) -> None:
     """The file on disk keeps its real suffix in the destination; relpath is reported."""
     path = copy_sample("zeiss_sem_512.tif", tmp_path)
@@ -413,6 +418,7 @@ def cuts(size: int) -> list[int]:
     return sorted({0, 7, 64, size // 4, size // 2})
 
 
+@needs_samples
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_truncated_copies_get_generic_facts_and_a_note(tmp_path: Path, name: str) -> None:
     content = (SAMPLES / name).read_bytes()
@@ -426,6 +432,7 @@ def test_truncated_copies_get_generic_facts_and_a_note(tmp_path: Path, name: str
             assert all(w.split(":")[0] == meta.extractor for w in meta.warnings)
 
 
+@needs_samples
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_bit_flipped_copies_never_raise(tmp_path: Path, name: str) -> None:
     content = (SAMPLES / name).read_bytes()
