@@ -49,7 +49,7 @@ class Rule:
 RULES = (
     Rule("msi_prefect", allowed=(), prefect=False),
     Rule("msi_prefect.errors", allowed=(), prefect=False),
-    Rule("msi_prefect.metadata", allowed=BASE, prefect=False),
+    Rule("msi_prefect.metadata", allowed=("msi_prefect.metadata", *BASE), prefect=False),
     Rule("msi_prefect.examples", allowed=BASE, prefect=False),
     Rule(CORE, allowed=(CORE, *BASE), prefect=False, core_through_facade=False),
     Rule(PREFECT_LAYER, allowed=(PREFECT_LAYER, CORE, *PLAIN), prefect=True),

@@ -16,7 +16,6 @@ Downstream consumers read ``<topic>.metadata`` like any topic; the JSON object i
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from dataclasses import dataclass
@@ -255,7 +254,7 @@ def publish_file_metadata(
     """
     topic = metadata_topic(file.topic)
     _PRODUCERS.ensure_topic(kafka, topic)
-    value = json.dumps(metadata.to_json_dict(), ensure_ascii=False).encode("utf-8")
+    value = metadata.to_json_bytes()
     message = _produce(kafka, topic, file.file_id, value, file.generation)
     published = PublishedMetadata(
         relpath=file.path.as_posix(),
