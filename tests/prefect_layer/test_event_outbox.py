@@ -35,8 +35,8 @@ TOPIC = "lab.raw"
 WAIT_S = 15.0
 
 
-def spec(relpath: str) -> Any:
-    facts = FileFacts(topic=TOPIC, file_id=file_id_for(relpath), path=relpath, generation=1)
+def spec(path: str) -> Any:
+    facts = FileFacts(topic=TOPIC, file_id=file_id_for(path), path=path, generation=1)
     return file_event(EventName.RECONSTRUCTED, facts)
 
 
@@ -266,8 +266,8 @@ def test_the_sender_asks_about_an_earlier_run_as_soon_as_the_grace_ends(tmp_path
 # ----------------------------------------------------------- the downstream runs' outbox
 
 
-def downstream_spec(relpath: str) -> Any:
-    facts = FileFacts(topic=TOPIC, file_id=file_id_for(relpath), relpath=relpath, generation=1)
+def downstream_spec(path: str) -> Any:
+    facts = FileFacts(topic=TOPIC, file_id=file_id_for(path), path=path, generation=1)
     return file_event(EventName.BACKED_UP, facts)
 
 

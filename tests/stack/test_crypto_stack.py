@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -12,21 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, free_port_map
+from tests.stack_helpers import cli
 
 pytestmark = [pytest.mark.stack, pytest.mark.own_stack]
 
 ARRIVAL_TIMEOUT_S = 180
 MARKER = b"MSI-STACK-PLAINTEXT-MARKER-51c2"
-
-
-def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "msi_prefect.cli", "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def _raw_topic(bootstrap: str, topic: str) -> list[bytes]:
@@ -59,7 +48,7 @@ def test_up_encrypted_deploys_encrypted_transfers(tmp_path: Path) -> None:
     port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
     state_dir = tmp_path / "state"
     try:
-        up = _cli(state_dir, "up", "--storage", "memory", "--encrypted", *port_args)
+        up = cli(state_dir, "up", "--storage", "memory", "--encrypted", *port_args)
         assert up.returncode == 0, up.stdout + up.stderr
         crypto = state_dir / "crypto"
         for node in ("embedded-producer", "embedded-consumer"):
@@ -81,5 +70,5 @@ def test_up_encrypted_deploys_encrypted_transfers(tmp_path: Path) -> None:
         for log in (state_dir / "logs").glob("*.log"):
             assert secret not in log.read_text(errors="replace"), log.name
     finally:
-        down = _cli(state_dir, "down")
+        down = cli(state_dir, "down")
     assert down.returncode == 0, down.stderr
