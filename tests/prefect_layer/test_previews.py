@@ -84,6 +84,27 @@ def test_the_markdown_links_the_picture_and_keeps_the_file_path_out_of_code() ->
     assert preview_markdown(None) == ""
 
 
+def test_an_s3_store_signs_a_url_for_the_browser_a_local_folder_has_none(
+    tmp_path: Path,
+) -> None:
+    from pydantic import SecretStr
+
+    from msi_prefect.prefect_layer.backup.storage import BackupStorage
+
+    s3 = BackupStorage(
+        url="s3://msi-backup/backups",
+        endpoint_url="http://127.0.0.1:8333",
+        access_key_id="AKEXAMPLE",
+        secret_access_key=SecretStr("not-in-the-url"),
+    )
+    url = s3.presigned_url(PREVIEW_FOLDER / "runs/a.tif.png", 3600)
+    assert url is not None
+    assert url.startswith("http://127.0.0.1:8333/msi-backup/backups/.msi-state/previews/runs/")
+    assert "AKEXAMPLE" in url
+    assert "not-in-the-url" not in url
+    assert BackupStorage(url=str(tmp_path)).presigned_url(PurePosixPath("a.png"), 60) is None
+
+
 # --------------------------------------------------------------------------- flow (stack)
 
 
@@ -176,3 +197,57 @@ def test_a_preview_that_fails_leaves_the_metadata_published(
     assert "Preview" not in markdown[0].data
     warnings = [m for m in _run_log_messages(flow_run_id, "No preview of") if "No preview" in m]
     assert warnings and "broken.tif" in warnings[0], warnings
+
+
+@needs_sample
+@pytest.mark.stack
+def test_the_batch_flow_shows_a_preview_for_each_image_of_the_batch(
+    kafka_block: str, backup_storage: SavedBackupStorage, topic: str, tmp_path: Path
+) -> None:
+    image = file_params(tmp_path / "dest", "sem/b.tif", SEM_SAMPLE.read_bytes(), topic)
+    table = file_params(tmp_path / "dest", "sem/b.csv", b"x,y\n1,2\n", topic)
+    batch_flow = load_flow("flows/extract_metadata_batch.py:extract_metadata_batch_flow")
+
+    state = batch_flow(
+        files=[image, table],
+        kafka_block=kafka_block,
+        backup_block=backup_storage.name,
+        return_state=True,
+    )
+
+    assert state.is_completed(), state.message
+    flow_run_id = state.state_details.flow_run_id
+    images = read_artifacts(f"preview-{image['file_id'][:12]}", flow_run_id)
+    assert [artifact.type for artifact in images] == ["image"]
+    assert _png_size(httpx.get(images[0].data, timeout=30).content) == SEM_PREVIEW_SIZE
+    assert read_artifacts(f"preview-{table['file_id'][:12]}", flow_run_id) == []
+
+
+@needs_sample
+@pytest.mark.stack
+def test_a_local_backup_folder_gets_the_preview_but_no_image_artifact(
+    kafka_block: str, prefect_api: str, topic: str, tmp_path: Path
+) -> None:
+    from msi_prefect.prefect_layer.backup.storage import BackupStorage
+
+    backups = tmp_path / "backups"
+    block_name = unique_name("backup-local")
+    BackupStorage(url=str(backups)).save(block_name)
+    params = file_params(tmp_path / "dest", "c.tif", SEM_SAMPLE.read_bytes(), topic)
+    extract_metadata_flow = load_flow("flows/extract_metadata.py:extract_metadata_flow")
+    try:
+        state = extract_metadata_flow(
+            **params, kafka_block=kafka_block, backup_block=block_name, return_state=True
+        )
+    finally:
+        delete_block(BackupStorage, block_name)
+
+    assert state.is_completed(), state.message
+    stored = backups / ".msi-state" / "previews" / "c.tif.png"
+    assert _png_size(stored.read_bytes()) == SEM_PREVIEW_SIZE
+    flow_run_id = state.state_details.flow_run_id
+    assert read_artifacts(f"preview-{params['file_id'][:12]}", flow_run_id) == []
+    markdown = read_artifacts(f"metadata-{params['file_id'][:12]}", flow_run_id)
+    assert "c.tif.png" in markdown[0].data
+    messages = _run_log_messages(flow_run_id, "cannot show it")
+    assert any("cannot show it" in m for m in messages), messages
