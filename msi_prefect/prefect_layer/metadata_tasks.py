@@ -144,7 +144,9 @@ def extract_file_metadata(
     except (OSError, ValueError) as exc:
         raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
     file.check_sha256(metadata.sha256)
-    preview = store_file_preview(file, metadata, preview_storage)
+    preview = store_file_preview(
+        file, metadata, preview_storage, artifact_key("preview", file.file_id)
+    )
     create_markdown_artifact(
         markdown=metadata_markdown(metadata) + preview_markdown(preview),
         key=artifact_key("metadata", file.file_id),

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from msi_prefect.transfer import Sink
 
 __all__ = [
+    "PREVIEW_FOLDER",
     "PREVIEW_URL_EXPIRY_S",
     "StoredPreview",
     "is_image_like",
@@ -58,8 +59,6 @@ PREVIEW_SUFFIX: Final = ".png"
 PREVIEW_URL_EXPIRY_S: Final = 7 * 24 * 3600
 #: Read block size when hashing the rendered PNG.
 _HASH_BLOCK_SIZE: Final = 1024 * 1024
-#: Digits of the file id in the image artifact's key, as in the metadata artifact's.
-_ARTIFACT_KEY_ID_DIGITS: Final = 12
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,6 @@ def _preview_sink(storage: BackupStorage) -> Sink:
     return sink_for(f"{storage.url.rstrip('/')}/{PREVIEW_FOLDER}", storage.storage_options())
 
 
-def _preview_artifact_key(file_id: str) -> str:
-    return f"preview-{file_id[:_ARTIFACT_KEY_ID_DIGITS].lower()}"
-
-
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -131,7 +126,7 @@ def load_preview_storage(block_name: str | None) -> BackupStorage | None:
 
 
 def store_file_preview(
-    file: RebuiltFile, metadata: FileMetadata, storage: BackupStorage | None
+    file: RebuiltFile, metadata: FileMetadata, storage: BackupStorage | None, artifact_key: str
 ) -> StoredPreview | None:
     """Render the file's preview, store it beside the backup, show it as an image artifact.
 
@@ -142,6 +137,7 @@ def store_file_preview(
         file: The rebuilt file, checked against its event already.
         metadata: Its metadata (decides whether the file is image-like).
         storage: The backup storage; None makes no preview.
+        artifact_key: Key of the image artifact.
 
     Returns:
         The stored preview, or None when there is none.
@@ -150,7 +146,7 @@ def store_file_preview(
     if storage is None or not is_image_like(metadata):
         return None
     try:
-        return _store_preview(file, storage, logger)
+        return _store_preview(file, storage, artifact_key, logger)
     except (PreviewError, SinkError, OSError) as exc:
         logger.warning("No preview of %s: %s", file.path, exc)
     except Exception as exc:  # a library's surprise must not fail the metadata run
@@ -159,7 +155,10 @@ def store_file_preview(
 
 
 def _store_preview(
-    file: RebuiltFile, storage: BackupStorage, logger: logging.Logger | logging.LoggerAdapter
+    file: RebuiltFile,
+    storage: BackupStorage,
+    artifact_key: str,
+    logger: logging.Logger | logging.LoggerAdapter,
 ) -> StoredPreview:
     relpath = preview_relpath(file.path)
     with tempfile.TemporaryDirectory(prefix="msi-preview-") as work:
@@ -186,7 +185,7 @@ def _store_preview(
         return preview
     create_image_artifact(
         image_url=image_url,
-        key=_preview_artifact_key(file.file_id),
+        key=artifact_key,
         description=f"Preview of {file.path} (generation {file.generation}, "
         f"{preview.kind}, {preview.width} x {preview.height} px)",
     )
