@@ -14,6 +14,7 @@ from msi_prefect.prefect_layer.metadata_tasks import (
     metadata_topic,
     publish_file_metadata,
 )
+from msi_prefect.prefect_layer.previews import load_preview_storage
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 
 
@@ -21,7 +22,7 @@ from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
     name="extract-metadata",
     flow_run_name="metadata of {path}",
     description="Extract one rebuilt file's metadata, publish it to <topic>.metadata and "
-    "show it as an artifact.",
+    "show it (and an image's preview) as artifacts.",
 )
 def extract_metadata_flow(
     topic: str,
@@ -32,6 +33,7 @@ def extract_metadata_flow(
     size: int,
     sha256: str,
     kafka_block: str = "embedded",
+    backup_block: str | None = "embedded",
 ) -> PublishedMetadata:
     """Extract and publish the metadata of the file an event announced.
 
@@ -44,6 +46,8 @@ def extract_metadata_flow(
         size: Size in bytes.
         sha256: Hex SHA-256 of the content.
         kafka_block: Name of the ``MSI Kafka Cluster`` block of the broker.
+        backup_block: Name of the ``MSI Backup Storage`` block the preview pictures of
+            image-like files are stored in, beside the backups; empty: no previews.
     """
     file = RebuiltFile.from_parameters(
         topic=topic,
@@ -56,5 +60,6 @@ def extract_metadata_flow(
     )
     metadata_topic(file.topic)  # refuse a topic too long for the suffix before any work
     kafka = load_block(KafkaCluster, kafka_block)
-    metadata = extract_file_metadata(file)
+    preview_storage = load_preview_storage(backup_block)
+    metadata = extract_file_metadata(file, preview_storage)
     return publish_file_metadata(file, metadata, kafka)

@@ -23,6 +23,7 @@ from msi_prefect.prefect_layer.metadata_tasks import (
     metadata_topic,
     publish_file_metadata,
 )
+from msi_prefect.prefect_layer.previews import load_preview_storage
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 
 
@@ -33,7 +34,9 @@ from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
     "<topic>.metadata and show it as artifacts.",
 )
 def extract_metadata_batch_flow(
-    files: list[dict[str, Any]], kafka_block: str = "embedded"
+    files: list[dict[str, Any]],
+    kafka_block: str = "embedded",
+    backup_block: str | None = "embedded",
 ) -> list[BatchEntryResult]:
     """Extract and publish the metadata of the files a batch event announced.
 
@@ -41,13 +44,16 @@ def extract_metadata_batch_flow(
         files: One entry per file: ``topic``, ``file_id``, ``generation``, ``path``,
             ``url``, ``size`` and ``sha256``, as a per-file ``extract-metadata`` run takes them.
         kafka_block: Name of the ``MSI Kafka Cluster`` block of the broker.
+        backup_block: Name of the ``MSI Backup Storage`` block the preview pictures of
+            image-like files are stored in, beside the backups; empty: no previews.
     """
     check_batch_size(files)
     kafka = load_block(KafkaCluster, kafka_block)
+    preview_storage = load_preview_storage(backup_block)
 
     def extract_and_publish(file: RebuiltFile) -> State[Any]:
         metadata_topic(file.topic)  # a topic too long for the suffix fails before any work
-        extracted = extract_file_metadata(file, return_state=True)
+        extracted = extract_file_metadata(file, preview_storage, return_state=True)
         if not extracted.is_completed():
             return extracted
         return publish_file_metadata(file, extracted.result(), kafka, return_state=True)

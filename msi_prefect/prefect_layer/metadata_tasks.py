@@ -3,8 +3,12 @@
 The ``extract-metadata`` deployment runs, for every ``msi.file.reconstructed`` event:
 
 1. :func:`extract_file_metadata`: :func:`~msi_prefect.metadata.extract_metadata` on the
-   rebuilt file (which also hashes it: a file changed since it was rebuilt fails here), and
-   a markdown artifact ``metadata-<first 12 digits of the file id>`` with the result;
+   rebuilt file (which also hashes it: a file changed since it was rebuilt fails here);
+   for an image-like file its preview picture, stored beside the backup and shown as an
+   image artifact ``preview-<first 12 digits of the file id>``
+   (:mod:`msi_prefect.prefect_layer.previews`; a preview that fails is only a warning);
+   and a markdown artifact ``metadata-<first 12 digits of the file id>`` with the result
+   and a link to the preview;
 2. :func:`publish_file_metadata`: the metadata as JSON to the topic ``<topic>.metadata``
    (created if missing; key = file id; headers ``msi.v``, ``msi.kind=metadata``,
    ``msi.gen``), delivery confirmed by the broker, then the event
@@ -27,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.errors import MsiError
 from msi_prefect.metadata import FileMetadata, extract_metadata, metadata_markdown
+from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.flow_inputs import (
@@ -34,6 +39,7 @@ from msi_prefect.prefect_layer.flow_inputs import (
     RebuiltFile,
     retry_unless_input_error,
 )
+from msi_prefect.prefect_layer.previews import preview_markdown, store_file_preview
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 from msi_prefect.transfer import FORMAT_VERSION, MAX_TOPIC_CHARS, HeaderName, ensure_topic
 
@@ -116,11 +122,15 @@ def artifact_key(prefix: str, file_id: str) -> str:
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
 )
-def extract_file_metadata(file: RebuiltFile) -> FileMetadata:
-    """Extract the metadata of a rebuilt file and show it as a markdown artifact.
+def extract_file_metadata(
+    file: RebuiltFile, preview_storage: BackupStorage | None = None
+) -> FileMetadata:
+    """Extract the metadata of a rebuilt file and show it (and its preview) as artifacts.
 
     Args:
         file: The rebuilt file, validated from the event parameters.
+        preview_storage: The backup storage the preview of an image-like file is stored
+            in; None: no preview.
 
     Returns:
         The metadata (its SHA-256 matches the event's).
@@ -134,8 +144,11 @@ def extract_file_metadata(file: RebuiltFile) -> FileMetadata:
     except (OSError, ValueError) as exc:
         raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
     file.check_sha256(metadata.sha256)
+    preview = store_file_preview(
+        file, metadata, preview_storage, artifact_key("preview", file.file_id)
+    )
     create_markdown_artifact(
-        markdown=metadata_markdown(metadata),
+        markdown=metadata_markdown(metadata) + preview_markdown(preview),
         key=artifact_key("metadata", file.file_id),
         description=f"Metadata of {file.path} (generation {file.generation})",
     )

@@ -24,6 +24,14 @@ from msi_prefect.stack.processes import flow_run_processes, live_flow_runs, port
 from tests.conftest import RunningStack, free_port_map
 from tests.flow_helpers import REPO, s3_client
 from tests.listening import not_on_loopback
+from tests.stack.preview_checks import (
+    PREVIEW_SAMPLE,
+    PREVIEW_SCREENSHOT,
+    PREVIEW_SIZE,
+    png_size,
+    preview_artifact,
+    shows_picture,
+)
 from tests.stack_helpers import (
     API_TIMEOUT_S,
     FINAL_STATES,
@@ -267,6 +275,21 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         for run_name in ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat"):
             assert _wait_for_run(api, run_name) == "COMPLETED", run_name
 
+        # An instrument's image: its metadata run stores a preview beside the backup and
+        # shows it as an image artifact, at a URL a browser loads without credentials.
+        preview_image = None
+        if PREVIEW_SAMPLE.is_file():
+            shutil.copyfile(PREVIEW_SAMPLE, tmp_path / "inbox" / PREVIEW_SAMPLE.name)
+            preview_run_name = f"metadata of {PREVIEW_SAMPLE.name}"
+            assert _wait_for_run(api, preview_run_name) == "COMPLETED"
+            preview_run = flow_run_named(api, preview_run_name)
+            assert preview_run is not None
+            preview_image = preview_artifact(api, preview_run["id"])
+            assert preview_image is not None, "the metadata run has an image artifact"
+            fetched = httpx.get(preview_image["data"], timeout=API_TIMEOUT_S)
+            assert fetched.status_code == 200, fetched.text
+            assert png_size(fetched.content) == PREVIEW_SIZE
+
         # A burst: files dropped at once. Adaptive dispatch sends the first on its own and
         # groups the others into batch runs while runs start, and every file still gets its
         # backup, metadata and analysis, each announced by its own event.
@@ -371,6 +394,13 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         dom = _look_at_prefect_ui(report["prefect_ui_url"] + "/runs", SCREENSHOT, file_runs)
         for run_name in file_runs:
             assert run_name in dom, run_name
+        # ...and the preview's artifact page shows the picture (the run list shows none:
+        # the check can fail).
+        if preview_image is not None:
+            artifact_page = f"{report['prefect_ui_url']}/artifacts/artifact/{preview_image['id']}"
+            _look_at_prefect_ui(artifact_page, PREVIEW_SCREENSHOT, (PREVIEW_SAMPLE.name,))
+            assert shows_picture(PREVIEW_SCREENSHOT), f"no picture in {PREVIEW_SCREENSHOT}"
+            assert not shows_picture(SCREENSHOT)
 
         # After an outage, retries, a re-run and batch runs, still no output shows the secret.
         _assert_secret_nowhere(api, secret)
@@ -403,6 +433,10 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     assert flow_run_processes(f"http://127.0.0.1:{ports['prefect']}/api") == []
     assert not [name for name, port in ports.items() if not port_is_free(port)]
     assert list((state_dir / "run").glob("*.pid")) == []
+    if preview_image is None:
+        pytest.skip(
+            f"everything else passed; the preview was not checked: {PREVIEW_SAMPLE} is absent"
+        )
 
 
 def _transfer_runs(api: str) -> list[str]:

@@ -11,11 +11,11 @@ that names the field and says what a good value looks like. Secrets are ``Secret
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
-from fsspec.core import split_protocol
+from fsspec.core import split_protocol, url_to_fs
 from fsspec.registry import known_implementations, registry
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
@@ -202,3 +202,25 @@ class BackupStorage(Block):
         from msi_prefect.transfer import sink_for
 
         return sink_for(self.url, self.storage_options())
+
+    def presigned_url(self, relpath: PurePosixPath, expires_in_s: int) -> str | None:
+        """A URL that lets anyone holding it read the object of ``relpath`` for a while.
+
+        A presigned S3 GET: the store checks the signature, so the bucket stays private
+        and a browser (an ``<img>`` in the Prefect UI) loads the object without
+        credentials. It names the endpoint as this block does, so a browser must be able
+        to reach that address.
+
+        Args:
+            relpath: Path of the object below the URL's prefix.
+            expires_in_s: How long the URL works, in seconds (S3 allows at most 7 days).
+
+        Returns:
+            The URL, or None when the storage is not S3 (a local folder has no URL a web
+            page may load).
+        """
+        if not self.is_s3:
+            return None
+        fs, base = url_to_fs(self.url, **self.storage_options())
+        object_path = f"{base.rstrip('/')}/{relpath.as_posix()}"
+        return str(fs.sign(object_path, expiration=expires_in_s))
