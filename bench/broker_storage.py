@@ -55,13 +55,18 @@ from bench.common import (
     BenchResult,
     create_topic,
     delete_topic,
-    free_port_map,
     read_peak_rss_mb,
     unique_suffix,
 )
 from bench.raw_pipeline import run_raw
 from msi_prefect.stack.components import Component, tansu_binary, weed_binary
-from msi_prefect.stack.config import BROKER_BUCKET, BrokerStorage, StackConfig, StateDir
+from msi_prefect.stack.config import (
+    BROKER_BUCKET,
+    BrokerStorage,
+    StackConfig,
+    StateDir,
+    free_port_map,
+)
 from msi_prefect.stack.manager import StackManager
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -435,14 +435,6 @@ def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> int | N
 # --------------------------------------------------------------------------- broker
 
 
-def free_port_map() -> dict[str, int]:
-    """A free loopback port for every server of the embedded stack (the stack's own finder)."""
-    from msi_prefect.stack.config import DEFAULT_PORTS
-    from msi_prefect.stack.processes import find_free_ports
-
-    return dict(zip(DEFAULT_PORTS, find_free_ports(len(DEFAULT_PORTS)), strict=True))
-
-
 class MemoryBroker:
     """The embedded stack's Tansu broker with memory storage, alone, on free loopback ports.
 
@@ -460,7 +452,7 @@ class MemoryBroker:
     """
 
     def __init__(self, log_dir: Path | None = None) -> None:
-        from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir
+        from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir, free_port_map
         from msi_prefect.stack.manager import StackManager
 
         parent = Path(log_dir or tempfile.gettempdir())

@@ -8,7 +8,7 @@ Method:
 1. A private, full embedded stack is started with the project CLI, exactly as a user does:
    ``python -m msi_prefect.cli --state-dir STATE up --storage memory --watch-dir W
    --destination-dir D --port NAME=PORT ...`` in a temporary directory, on free loopback
-   ports (``bench.common.free_port_map()``). That starts the S3 store, the Tansu broker,
+   ports (``msi_prefect.stack.config.free_port_map()``). That starts the S3 store, the Tansu broker,
    the Prefect server and a process worker, deploys every flow of ``prefect.yaml`` and
    starts the long-running ``watch-directory`` and ``reconstruct-files`` runs.
    ``msi_prefect.cli --state-dir STATE down`` always runs at the end.
@@ -70,12 +70,12 @@ import httpx
 
 from bench.common import (
     BENCH_DIR,
-    free_port_map,
     wait_for_other_bench,
     wait_group_stable,
     write_replace,
 )
 from bench.report import fmt_seconds, machine_lines, minus, p90
+from msi_prefect.stack.config import free_port_map
 
 REPO_DIR = BENCH_DIR.parent
 REPORT_PATH = BENCH_DIR / "TRIGGER_LATENCY.md"
@@ -1258,9 +1258,9 @@ def report(
         f"- Date: {started}",
         *machine_notes(load_start),
         f"- Stack: `{notes.get('up_command', 'n/a')}` (free loopback ports from "
-        "`bench.common.free_port_map()`, a temporary state dir): S3 store, Tansu broker "
-        "(memory storage), Prefect server (SQLite), process worker, every deployment of "
-        "`prefect.yaml`. `down` at the end.",
+        "`msi_prefect.stack.config.free_port_map()`, a temporary state dir): S3 store, "
+        "Tansu broker (memory storage), Prefect server (SQLite), process worker, every "
+        "deployment of `prefect.yaml`. `down` at the end.",
         f"- `up` took {notes.get('up_s', 'n/a')} s; both long-running runs RUNNING "
         f"{notes.get('running_after_s', 'n/a')} s after it returned; consumer group STABLE "
         f"after {notes.get('group_stable_after_s', 'n/a')} s; then {SETTLE_S:g} s more. "

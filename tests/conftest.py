@@ -18,9 +18,8 @@ import pytest
 os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
 
 from msi_prefect.stack.components import Component, s3_env
-from msi_prefect.stack.config import DEFAULT_PORTS, BrokerStorage, StackConfig, StateDir
+from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir, free_port_map
 from msi_prefect.stack.manager import StackManager
-from msi_prefect.stack.processes import find_free_ports
 
 CHAOS_ENV = "MSI_CHAOS"
 # Tansu lets a consumer join a group in about half of session.timeout.ms; keep it short.
@@ -96,11 +95,6 @@ def _uses_module_fixture(item: pytest.Item) -> bool:
         for definitions in info.name2fixturedefs.values()
         for definition in definitions
     )
-
-
-def free_port_map() -> dict[str, int]:
-    """A free loopback port for every server of the stack."""
-    return dict(zip(DEFAULT_PORTS, find_free_ports(len(DEFAULT_PORTS)), strict=True))
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,10 @@ import httpx
 
 from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.stack.components import Component
-from msi_prefect.stack.config import BACKUP_BUCKET, StateDir
+from msi_prefect.stack.config import BACKUP_BUCKET, StateDir, free_port_map
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, live_flow_runs
 from msi_prefect.stack.runs import TRANSFER_DEPLOYMENTS
-from tests.conftest import free_port_map
 from tests.flow_helpers import s3_client
 
 #: The three downstream steps of a rebuilt file, each announced by its own event.

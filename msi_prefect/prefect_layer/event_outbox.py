@@ -48,6 +48,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -461,6 +462,29 @@ def event_body(spec: FileEventSpec, run_related: list[dict[str, str]]) -> dict[s
     return event.model_dump(mode="json")
 
 
+@dataclass(frozen=True)
+class ServerDelivery:
+    """How an outbox reaches the server: the caller's functions, or a poster of its own.
+
+    Attributes:
+        post: Sends one batch of events.
+        confirm: Asks which event ids the server stored (None: never asked).
+        own_poster: The poster made here, which its outbox closes; None for the caller's.
+    """
+
+    post: PostEvents
+    confirm: ConfirmEvents | None
+    own_poster: PrefectEventPoster | None
+
+    @classmethod
+    def of(cls, post: PostEvents | None, confirm: ConfirmEvents | None) -> ServerDelivery:
+        """The caller's ``post`` and ``confirm``, or else the Prefect API's (tests inject)."""
+        if post is not None:
+            return cls(post, confirm, None)
+        poster = PrefectEventPoster()
+        return cls(poster, poster.stored, poster)
+
+
 class EventChannel:
     """Durable event emission for one long-running flow run: an outbox and its sender.
 
@@ -484,13 +508,10 @@ class EventChannel:
         confirm: ConfirmEvents | None = None,
     ) -> None:
         self._path = Path(path)
-        self._poster: PrefectEventPoster | None = None
-        if post is None:
-            self._poster = PrefectEventPoster()
-            post = self._poster
-            confirm = self._poster.stored
-        self._post = post
-        self._confirm = confirm
+        delivery = ServerDelivery.of(post, confirm)
+        self._poster = delivery.own_poster
+        self._post = delivery.post
+        self._confirm = delivery.confirm
         self._run_related = run_related
         self._outbox: DurableQueue | None = None
         self._unconfirmed: DurableQueue | None = None
@@ -745,13 +766,10 @@ class DownstreamEventRelay:
     ) -> None:
         self.path = Path(path) if path is not None else downstream_outbox_path()
         self._clock = clock
-        self._poster: PrefectEventPoster | None = None
-        if post is None:
-            self._poster = PrefectEventPoster()
-            post = self._poster
-            confirm = self._poster.stored
-        self._post = post
-        self._confirm = confirm
+        delivery = ServerDelivery.of(post, confirm)
+        self._poster = delivery.own_poster
+        self._post = delivery.post
+        self._confirm = delivery.confirm
         self._outbox: DurableQueue | None = None
         self._unconfirmed: DurableQueue | None = None
         self._sender: EventSender | None = None

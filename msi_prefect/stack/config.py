@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
-from msi_prefect.stack.processes import LOOPBACK
+from msi_prefect.stack.processes import LOOPBACK, find_free_ports
 from msi_prefect.transfer import user_state_dir
 
 DEFAULT_STATE_DIR = Path(".msi")
@@ -133,6 +133,11 @@ class StackConfig(BaseModel):
     def s3_endpoint(self) -> str:
         """S3 endpoint URL of the embedded store."""
         return f"http://{LOOPBACK}:{self.ports['s3']}"
+
+
+def free_port_map() -> dict[str, int]:
+    """A free loopback port for every server of the stack (for tests and benchmarks)."""
+    return dict(zip(DEFAULT_PORTS, find_free_ports(len(DEFAULT_PORTS)), strict=True))
 
 
 def parse_port_overrides(items: list[str]) -> dict[str, int]:

@@ -361,7 +361,7 @@ def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackMan
 
     The broker faults restart and pause it; the session's stack stays untouched.
     """
-    from tests.conftest import free_port_map
+    from msi_prefect.stack.config import free_port_map
 
     state = StateDir(tmp_path_factory.mktemp("chaos-stack"))
     manager = StackManager(

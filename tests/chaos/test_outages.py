@@ -20,11 +20,10 @@ import pytest
 
 from msi_prefect.prefect_layer.transfers.streaming import ARTIFACT_INTERVAL_S
 from msi_prefect.stack.components import Component
-from msi_prefect.stack.config import BACKUP_BUCKET, StateDir
+from msi_prefect.stack.config import BACKUP_BUCKET, StateDir, free_port_map
 from msi_prefect.stack.deploy import LONG_RUNNING_DEPLOYMENTS
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes
-from tests.conftest import free_port_map
 from tests.flow_helpers import s3_client
 from tests.listening import not_on_loopback
 from tests.stack_helpers import API_TIMEOUT_S, FINAL_STATES, cli, flow_run_named

@@ -383,7 +383,7 @@ def test_a_run_that_cannot_reach_the_server_leaves_its_event_for_the_relay(
 ) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.conftest import free_port_map
+    from msi_prefect.stack.config import free_port_map
 
     path = tmp_path / "downstream.sqlite"
     event = downstream_spec(f"away-{uuid.uuid4().hex}.bin")

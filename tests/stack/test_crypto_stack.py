@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_SESSION_TIMEOUT_MS, free_port_map
+from msi_prefect.stack.config import free_port_map
+from tests.conftest import TEST_SESSION_TIMEOUT_MS
 from tests.stack_helpers import cli
 
 pytestmark = [pytest.mark.stack, pytest.mark.own_stack]

@@ -14,11 +14,10 @@ import httpx
 import pytest
 
 from msi_prefect.errors import MsiError
-from msi_prefect.stack.config import Component, StackConfig, StateDir
+from msi_prefect.stack.config import Component, StackConfig, StateDir, free_port_map
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.prefect_api import PrefectApiError, RetryPolicy, request
 from msi_prefect.stack.processes import ProcessState
-from tests.conftest import free_port_map
 
 # Small figures, so that a test of "retried until the deadline" takes a second or two.
 QUICK = RetryPolicy(deadline_s=3.0, attempt_timeout_s=0.5, first_pause_s=0.05, max_pause_s=0.2)

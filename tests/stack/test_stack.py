@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from msi_prefect.stack.components import Component
-from msi_prefect.stack.config import StateDir
+from msi_prefect.stack.config import StateDir, free_port_map
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, live_flow_runs, port_is_free
-from tests.conftest import RunningStack, free_port_map
+from tests.conftest import RunningStack
 from tests.flow_helpers import REPO, s3_client
 from tests.listening import not_on_loopback
 from tests.stack.preview_checks import (
