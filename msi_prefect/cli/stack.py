@@ -85,6 +85,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="start the servers only; do not deploy the flows or start the transfers",
     )
+    notify = up.add_mutually_exclusive_group()
+    notify.add_argument(
+        "--notify-url",
+        type=_notify_url,
+        metavar="URL",
+        help="send notices (file rejected, downstream run failed, backup missing, transfer "
+        "stopped) as JSON POSTs to this webhook (Slack, Teams, Mattermost, plain HTTP); "
+        "saved as the block custom-webhook/msi-notify (docs/operations.md)",
+    )
+    notify.add_argument(
+        "--notify-block",
+        type=_notify_block,
+        metavar="TYPE/NAME",
+        help="send the notices through a notification block saved already, e.g. "
+        "slack-webhook/lab-channel",
+    )
     up.set_defaults(handler=_up)
 
     down = subparsers.add_parser("down", help="stop every process of the embedded stack")
@@ -98,6 +114,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "env", help="print shell exports that point Prefect, S3 and Kafka clients at the stack"
     )
     env.set_defaults(handler=_env)
+
+
+def _notify_url(value: str) -> str:
+    from msi_prefect.stack.notifications import validate_notify_url
+
+    try:
+        return validate_notify_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _notify_block(value: str) -> str:
+    from msi_prefect.stack.notifications import validate_block_reference
+
+    try:
+        return validate_block_reference(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _manager(args: argparse.Namespace) -> StackManager:
@@ -150,8 +184,29 @@ def _up(args: argparse.Namespace) -> int:
     if not args.no_deploy and set(components) == set(ALL_COMPONENTS):
         transfers = deploy_flows(manager, worker_just_started=Component.WORKER in started)
         print("flows deployed" + (f"; started: {', '.join(transfers)}" if transfers else ""))
+    if args.notify_url or args.notify_block:
+        _set_up_notifications(manager, args, components)
     _print_status(manager, as_json=False)
     return EXIT_OK  # `up` raised already if a part it started did not become healthy
+
+
+def _set_up_notifications(
+    manager: StackManager, args: argparse.Namespace, components: list[Component]
+) -> None:
+    """Apply the notification automations of ``deployments/automations`` (``--notify-*``)."""
+    from msi_prefect.stack.deploy import project_dir
+    from msi_prefect.stack.notifications import NotificationTarget, set_up_notifications
+
+    project = project_dir()
+    if Component.PREFECT not in components or project is None:
+        raise MsiError(
+            "notifications need the Prefect server (not --only without prefect) and the "
+            "project's deployments/automations folder (run up from a checkout)"
+        )
+    target = NotificationTarget(webhook_url=args.notify_url, block=args.notify_block)
+    applied = set_up_notifications(manager.config.prefect_api_url, project, target)
+    where = args.notify_block or "the webhook (block custom-webhook/msi-notify)"
+    print(f"notifications: {len(applied)} automations send to {where}")
 
 
 def _down(args: argparse.Namespace) -> int:
