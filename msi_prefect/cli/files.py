@@ -42,6 +42,8 @@ RUNS_PER_REQUEST = 200
 DEFAULT_SINCE_DAYS = 30.0
 #: Version of the ``--json`` format; grows when a field changes meaning or goes away.
 REPORT_FORMAT = 1
+#: A detail longer than this (an analysis result) is cut in the text output, not in --json.
+MAX_TEXT_VALUE_CHARS = 100
 _GLOB_CHARS = "*?["
 
 
@@ -124,8 +126,8 @@ class GenerationHistory:
     Attributes:
         generation: The generation (1 for the first version sent).
         file_id: The file id (uuid5 of the path).
-        steps: Each step reached, by :class:`Step` value; a step seen more than once (a
-            re-run) shows its newest record.
+        steps: Each step reached, by :class:`Step` value, in the order of :class:`Step`; a
+            step seen more than once (a re-run) shows its newest record.
         reached: The last step of :data:`WAY` this generation reached, or ``rejected``.
         waiting_for: The steps of :data:`WAY` it has not reached yet (empty when done,
             and for a rejected generation).
@@ -266,6 +268,9 @@ def build_histories(events: list[dict[str, Any]], pattern: str) -> list[FileHist
 
 
 def _mark_progress(history: GenerationHistory) -> None:
+    history.steps = {
+        step.value: history.steps[step.value] for step in Step if step.value in history.steps
+    }
     if Step.REJECTED.value in history.steps:
         history.reached = Step.REJECTED.value
         return
@@ -322,6 +327,11 @@ def file_report(client: Any, pattern: str, since_days: float, ui_url: str | None
     )
 
 
+def _shorten(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_TEXT_VALUE_CHARS else text[: MAX_TEXT_VALUE_CHARS - 3] + "..."
+
+
 def _print_text(report: FilesReport) -> None:
     if not report.files:
         print(f"no file matching {report.pattern!r} in the events since {report.since}")
@@ -335,7 +345,9 @@ def _print_text(report: FilesReport) -> None:
             )
             print(f"  generation {generation.generation}: reached {generation.reached}{waiting}")
             for step, record in generation.steps.items():
-                details = ", ".join(f"{k} {v}" for k, v in record.details.items())
+                details = ", ".join(
+                    f"{key} {_shorten(value)}" for key, value in record.details.items()
+                )
                 print(f"    {step:<15} {record.at}  {details}")
                 if record.run is not None:
                     link = f"  {record.run.ui_url}" if record.run.ui_url else ""

@@ -312,3 +312,21 @@ def test_each_kind_of_notice_arrives_once_naming_its_file(
     assert not [raw for raw in receiver.raw if secret["secret_access_key"] in raw]
     # Nothing rendered wrong: no template error or Python repr in a notice.
     assert not [raw for raw in receiver.raw if "Undefined" in raw or "Traceback" in raw]
+
+    # `up` again, naming the saved block: the same four automations, updated, not added
+    # (and the crashed watcher is started again).
+    lab_stack.up("--notify-block", "custom-webhook/msi-notify")
+    with httpx.Client(base_url=lab_stack.api, timeout=API_TIMEOUT_S) as client:
+        every_automation = client.post("/automations/filter", json={}).json()
+        block = client.get("/block_types/slug/custom-webhook/block_documents/name/msi-notify")
+    # (Prefect keeps the deployments' triggers as automations too.)
+    automations = [a for a in every_automation if a["name"].startswith("msi: ")]
+    assert sorted(a["name"] for a in automations) == [
+        "msi: backup missing",
+        "msi: downstream run failed",
+        "msi: file rejected",
+        "msi: transfer stopped",
+    ]
+    block_ids = {action["block_document_id"] for a in automations for action in a["actions"]}
+    assert block_ids == {block.json()["id"]}
+    assert len(transfer_run_ids(lab_stack.api)) == 2
