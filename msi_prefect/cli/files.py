@@ -10,9 +10,11 @@ Each step names the flow run that did it, its state and its link in the UI. A fi
 in flight shows the last step it reached and the steps still to come.
 
 The events come from ``POST /events/filter`` (paged through ``next_page``), at most
-:data:`MAX_EVENTS` of them and none older than ``--since`` days. Files the watcher never
-sent (excluded by a pattern, still changing) are not here: the producer registry records
-what was sent or failed, not what was skipped.
+:data:`MAX_EVENTS` of them and none older than ``--since-days``. Files the producer claimed
+but has not sent (being sent, aborted because they changed, failed) come from the producer
+registry (``--registry``; by default the one of the stack's watch-directory deployment),
+with the registry's reason. Files the watcher never claimed (excluded by a pattern, still
+changing) are in no record: the registry keeps what was sent or tried, not what was skipped.
 
 ``--json`` prints :class:`FilesReport` as JSON (its fields are the documented format,
 ``docs/operations.md``, "Where is my file?").
@@ -26,6 +28,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from msi_prefect.cli.rerun import _api_url
@@ -45,6 +48,8 @@ REPORT_FORMAT = 1
 #: A detail longer than this (an analysis result) is cut in the text output, not in --json.
 MAX_TEXT_VALUE_CHARS = 100
 _GLOB_CHARS = "*?["
+# msi_prefect.transfer.REGISTRY_FILE, not imported: the facade would load on every start.
+REGISTRY_FILE_NAME = "producer-registry.sqlite"
 
 
 class Step(StrEnum):
@@ -150,6 +155,28 @@ class FileHistory:
 
 
 @dataclass
+class NotSent:
+    """A file the producer claimed but has not sent, from the producer registry.
+
+    Attributes:
+        path: The relative path.
+        topic: The topic it is for.
+        generation: The generation claimed.
+        state: ``sending`` (in progress, or cut short), ``pending`` (aborted: it changed
+            while read; sent again once stable) or ``failed``.
+        reason: Why it was aborted or failed.
+        updated_at: When the registry last changed it (ISO 8601, UTC).
+    """
+
+    path: str
+    topic: str
+    generation: int
+    state: str
+    reason: str | None
+    updated_at: str
+
+
+@dataclass
 class FilesReport:
     """What ``msi-prefect files --json`` prints.
 
@@ -160,6 +187,8 @@ class FilesReport:
         events_read: How many events were read.
         truncated: Whether :data:`MAX_EVENTS` cut the reading short (older events left out).
         files: The matching files, by path then topic.
+        registry: The producer registry read, or None.
+        not_sent: The matching files the registry holds as not sent.
     """
 
     format: int
@@ -168,6 +197,8 @@ class FilesReport:
     events_read: int
     truncated: bool
     files: list[FileHistory]
+    registry: str | None = None
+    not_sent: list[NotSent] = field(default_factory=list)
 
 
 def literal_prefix(pattern: str) -> str:
@@ -311,6 +342,49 @@ def add_run_states(client: Any, files: list[FileHistory], ui_url: str | None) ->
                         record.run.ui_url = f"{ui_url}/runs/flow-run/{record.run.id}"
 
 
+def not_sent_files(registry: Path, pattern: str) -> list[NotSent]:
+    """The files matching ``pattern`` that a producer registry holds as not sent.
+
+    Raises:
+        MsiError: The registry cannot be read.
+    """
+    import sqlite3
+
+    from msi_prefect.transfer import Registry
+
+    try:
+        with Registry(registry) as store:
+            records = store.not_sent()
+    except (sqlite3.Error, OSError) as exc:
+        raise MsiError(f"cannot read the producer registry {registry}: {exc}") from exc
+    return [
+        NotSent(
+            path=record.relpath,
+            topic=record.topic,
+            generation=record.generation,
+            state=record.state.value,
+            reason=record.reason,
+            updated_at=datetime.fromtimestamp(record.updated_at, UTC).isoformat(),
+        )
+        for record in records
+        if fnmatch.fnmatchcase(record.relpath, pattern)
+    ]
+
+
+def stack_registry(args: argparse.Namespace) -> Path | None:
+    """The registry of the watch-directory deployment of the stack next to us, if any."""
+    from msi_prefect.stack.config import StateDir
+
+    try:
+        config = StateDir.from_env(args.state_dir).load_config()
+    except (OSError, ValueError):
+        return None
+    if config is None or config.watch_dir is None:
+        return None
+    path = Path(config.watch_dir).parent / f".msi-{REGISTRY_FILE_NAME}"
+    return path if path.is_file() else None
+
+
 def file_report(client: Any, pattern: str, since_days: float, ui_url: str | None) -> FilesReport:
     """The history of every file matching ``pattern``, as :class:`FilesReport`."""
     since = datetime.now(UTC) - timedelta(days=since_days)
@@ -352,6 +426,14 @@ def _print_text(report: FilesReport) -> None:
                 if record.run is not None:
                     link = f"  {record.run.ui_url}" if record.run.ui_url else ""
                     print(f"    {'':<15} run {record.run.name!r} {record.run.state}{link}")
+    if report.not_sent:
+        print(f"claimed but not sent (producer registry {report.registry}):")
+    for entry in report.not_sent:
+        reason = f": {entry.reason}" if entry.reason else ""
+        print(
+            f"  {entry.path}  (topic {entry.topic}) generation {entry.generation} "
+            f"{entry.state} since {entry.updated_at}{reason}"
+        )
     if report.truncated:
         print(f"(only the newest {report.events_read} events were read)")
 
@@ -367,6 +449,12 @@ def _files(args: argparse.Namespace) -> int:
             report = file_report(client, args.pattern, args.since_days, ui)
     except httpx.HTTPError as exc:
         raise MsiError(f"the Prefect server at {api} did not answer: {exc}") from exc
+    registry = args.registry or stack_registry(args)
+    if args.registry is not None and not args.registry.is_file():
+        raise MsiError(f"no producer registry at {args.registry}")
+    if registry is not None:
+        report.registry = str(registry)
+        report.not_sent = not_sent_files(registry, args.pattern)
     if args.json:
         print(json.dumps(asdict(report), indent=2, default=str))
     else:
@@ -393,6 +481,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=float,
         default=DEFAULT_SINCE_DAYS,
         help=f"read events of this many days back (default {DEFAULT_SINCE_DAYS:g})",
+    )
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        help="producer registry to list the files claimed but not sent from (default: the "
+        "one of the stack's watch-directory deployment, beside its watched folder)",
     )
     parser.add_argument(
         "--api-url",

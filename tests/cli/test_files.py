@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from msi_prefect.cli.files import build_histories, literal_prefix
+from msi_prefect.cli.files import (
+    REGISTRY_FILE_NAME,
+    build_histories,
+    literal_prefix,
+    not_sent_files,
+)
 
 
 def _event(
@@ -69,3 +75,25 @@ def test_generations_in_flight_done_and_rejected() -> None:
     rejected = files[1].generations[0]
     assert rejected.reached == "rejected" and rejected.waiting_for == []
     assert rejected.steps["rejected"].details == {"reason": "bad"}
+
+
+def test_files_claimed_but_not_sent_come_from_the_registry_with_their_reason(
+    tmp_path: Path,
+) -> None:
+    from msi_prefect.transfer import REGISTRY_FILE, Registry
+
+    assert REGISTRY_FILE_NAME == REGISTRY_FILE
+    path = tmp_path / REGISTRY_FILE
+    with Registry(path) as registry:
+        for name in ("run1/a.tif", "run1/b.tif", "run1/c.tif", "notes.txt"):
+            assert registry.begin("lab", name, size=10, mtime_ns=1, inode=7) is not None
+        registry.mark_sent("lab", "run1/a.tif", 1, "a" * 64)
+        registry.mark_failed("lab", "run1/b.tif", 1, "the broker refused the message")
+        registry.mark_aborted("lab", "run1/c.tif", 1)
+    missing = not_sent_files(path, "run1/*")
+    assert [(e.path, e.state, e.generation) for e in missing] == [
+        ("run1/b.tif", "failed", 1),
+        ("run1/c.tif", "pending", 1),
+    ]
+    assert missing[0].reason == "the broker refused the message"
+    assert missing[1].reason == "the file changed while it was being read"

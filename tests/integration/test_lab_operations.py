@@ -147,6 +147,9 @@ def test_files_shows_every_step_of_each_dropped_file(lab_stack: UserStack) -> No
     _poll(all_runs_final, "the downstream runs did not all complete")
     report = _files_json(lab_stack)
     assert report["format"] == 1 and report["truncated"] is False
+    # The watcher's registry was read: both files sent, none left behind.
+    assert report["registry"] == str(lab_stack.root / ".msi-producer-registry.sqlite")
+    assert report["not_sent"] == []
     files = {history["path"]: history for history in report["files"]}
     assert set(files) == set(DROPPED)
     for path, history in files.items():
