@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -100,3 +102,56 @@ def test_a_spec_without_its_parts_is_refused_by_name(tmp_path: Path) -> None:
     (folder / "broken.yaml").write_text("name: 'msi: broken'\n")
     with pytest.raises(MsiError, match=r"broken\.yaml: an automation needs"):
         load_automation_specs(tmp_path)
+
+
+def _render(spec_name: str, context: dict[str, Any]) -> tuple[str, str]:
+    """A spec's subject and body, rendered the way the server's actions service does."""
+    from prefect.server.events.jinja_filters import all_filters
+    from prefect.server.utilities.user_templates import (
+        register_user_template_filters,
+        render_user_template_sync,
+    )
+
+    register_user_template_filters(all_filters)
+    (spec,) = [s for s in load_automation_specs(PROJECT_DIR) if s.name == spec_name]
+    (action,) = spec.body["actions"]
+    return (
+        render_user_template_sync(action["subject"], context),
+        render_user_template_sync(action["body"], context),
+    )
+
+
+def test_a_failed_batch_run_names_each_of_its_files() -> None:
+    run = SimpleNamespace(
+        name="backup 2 files: a.dat, ...",
+        parameters={
+            "files": [
+                {"path": "a.dat", "topic": "lab", "generation": 1},
+                {"path": "run7/b.dat", "topic": "lab", "generation": 2},
+            ]
+        },
+        state=SimpleNamespace(name="Failed", message="the backup store refused"),
+    )
+    context = {"flow_run": run, "flow": SimpleNamespace(name="backup-batch")}
+    subject, body = _render("msi: downstream run failed", context)
+    assert subject == "msi-prefect: backup-batch failed: backup 2 files: a.dat, ..."
+    assert "ended Failed: the backup store refused" in body
+    assert "- path: a.dat (topic lab, generation 1)" in body
+    assert "- path: run7/b.dat (topic lab, generation 2)" in body
+    assert "path: a.dat\n" not in body  # the per-file lines are for per-file runs
+
+
+def test_a_rejected_message_without_a_path_or_run_still_renders() -> None:
+    event = SimpleNamespace(
+        payload={
+            "path": "",
+            "topic": "lab",
+            "generation": None,
+            "reason": "not ours",
+            "reason_code": "not-msi",
+        }
+    )
+    subject, body = _render("msi: file rejected", {"event": event, "flow_run": None})
+    assert subject == "msi-prefect: file rejected: unknown path"
+    assert "what: rejected (not-msi): not ours" in body
+    assert "run: none" in body
