@@ -31,7 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from msi_prefect.cli.rerun import _api_url
+from msi_prefect.cli.rerun import prefect_api_and_ui
 from msi_prefect.errors import MsiError
 
 API_TIMEOUT_S = 30.0
@@ -443,7 +443,7 @@ def _files(args: argparse.Namespace) -> int:
 
     if args.since_days <= 0:
         raise MsiError(f"--since-days must be more than 0, not {args.since_days}")
-    api, ui = _api_url(args)
+    api, ui = prefect_api_and_ui(args)
     try:
         with httpx.Client(base_url=api, timeout=API_TIMEOUT_S) as client:
             report = file_report(client, args.pattern, args.since_days, ui)
