@@ -184,8 +184,7 @@ def _up(args: argparse.Namespace) -> int:
     if not args.no_deploy and set(components) == set(ALL_COMPONENTS):
         transfers = deploy_flows(manager, worker_just_started=Component.WORKER in started)
         print("flows deployed" + (f"; started: {', '.join(transfers)}" if transfers else ""))
-    if args.notify_url or args.notify_block:
-        _set_up_notifications(manager, args, components)
+    _set_up_notifications(manager, args, components)
     _print_status(manager, as_json=False)
     return EXIT_OK  # `up` raised already if a part it started did not become healthy
 
@@ -193,19 +192,39 @@ def _up(args: argparse.Namespace) -> int:
 def _set_up_notifications(
     manager: StackManager, args: argparse.Namespace, components: list[Component]
 ) -> None:
-    """Apply the notification automations of ``deployments/automations`` (``--notify-*``)."""
-    from msi_prefect.stack.deploy import project_dir
-    from msi_prefect.stack.notifications import NotificationTarget, set_up_notifications
+    """Apply the notification automations of ``deployments/automations``.
 
+    With ``--notify-url`` or ``--notify-block``; without, again with the block an earlier
+    `up` of this state dir used (so changed specs take effect), if any.
+    """
+    from msi_prefect.stack.deploy import project_dir
+    from msi_prefect.stack.manager import ALL_COMPONENTS
+    from msi_prefect.stack.notifications import (
+        NotificationTarget,
+        remembered_target,
+        set_up_notifications,
+    )
+
+    asked = bool(args.notify_url or args.notify_block)
+    if asked:
+        target: NotificationTarget | None = NotificationTarget(
+            webhook_url=args.notify_url, block=args.notify_block
+        )
+    else:
+        target = remembered_target(manager.state.root)
+        if target is None or args.no_deploy or set(components) != set(ALL_COMPONENTS):
+            return
     project = project_dir()
     if Component.PREFECT not in components or project is None:
         raise MsiError(
             "notifications need the Prefect server (not --only without prefect) and the "
             "project's deployments/automations folder (run up from a checkout)"
         )
-    target = NotificationTarget(webhook_url=args.notify_url, block=args.notify_block)
-    applied = set_up_notifications(manager.config.prefect_api_url, project, target)
-    where = args.notify_block or "the webhook (block custom-webhook/msi-notify)"
+    assert target is not None
+    applied = set_up_notifications(
+        manager.config.prefect_api_url, project, target, manager.state.root
+    )
+    where = target.block or "the webhook (block custom-webhook/msi-notify)"
     print(f"notifications: {len(applied)} automations send to {where}")
 
 

@@ -19,6 +19,7 @@ of the stack is in them.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -40,6 +41,10 @@ SEND_NOTIFICATION = "send-notification"
 WEBHOOK_SCHEMES = ("http", "https")
 #: Seconds the server's notification request may take.
 WEBHOOK_TIMEOUT_S = 10.0
+#: In the state dir: the block the notices go through, so a later `up` applies the
+#: automations again (after an upgrade changed them) without the option. Only the block's
+#: name: a webhook URL can hold a token, and the block on the server keeps it.
+REMEMBERED_TARGET_FILE = "notifications.json"
 #: ``TYPE/NAME``: a block type slug and a block document name.
 _BLOCK_REF_RE = re.compile(r"[a-z0-9][a-z0-9-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -140,6 +145,27 @@ class AutomationSpec:
         }
 
 
+def remember_block(state_root: Path, reference: str) -> None:
+    """Keep the block the notices go through for later `up`s of this state dir."""
+    target = state_root / REMEMBERED_TARGET_FILE
+    target.write_text(json.dumps({"block": validate_block_reference(reference)}) + "\n")
+
+
+def remembered_target(state_root: Path) -> NotificationTarget | None:
+    """The notification block an earlier `up` of this state dir set up, or None.
+
+    Raises:
+        MsiError: The file is there but does not name a block.
+    """
+    source = state_root / REMEMBERED_TARGET_FILE
+    if not source.is_file():
+        return None
+    try:
+        return NotificationTarget(block=json.loads(source.read_text())["block"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MsiError(f"{source} does not name a notification block ({exc}); remove it") from exc
+
+
 def load_automation_specs(project: Path) -> list[AutomationSpec]:
     """Read every automation spec of a project, sorted by file name.
 
@@ -236,13 +262,17 @@ def apply_automations(client: Any, specs: list[AutomationSpec], block_id: str) -
     return applied
 
 
-def set_up_notifications(api_url: str, project: Path, target: NotificationTarget) -> list[str]:
+def set_up_notifications(
+    api_url: str, project: Path, target: NotificationTarget, state_root: Path | None = None
+) -> list[str]:
     """Save the webhook block if asked to and apply the project's automations with it.
 
     Args:
         api_url: The stack's Prefect API.
         project: The project folder holding ``deployments/automations``.
         target: Where the notices go.
+        state_root: The stack's state dir: the block is remembered there
+            (:data:`REMEMBERED_TARGET_FILE`) once the automations are applied.
 
     Returns:
         The names of the automations applied.
@@ -257,4 +287,7 @@ def set_up_notifications(api_url: str, project: Path, target: NotificationTarget
         save_webhook_block(api_url, target.webhook_url)
     reference = target.block or f"{WEBHOOK_BLOCK_TYPE}/{WEBHOOK_BLOCK_NAME}"
     with httpx.Client(base_url=api_url) as client:
-        return apply_automations(client, specs, block_document_id(client, reference))
+        applied = apply_automations(client, specs, block_document_id(client, reference))
+    if state_root is not None:
+        remember_block(state_root, reference)
+    return applied

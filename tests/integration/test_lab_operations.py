@@ -316,9 +316,11 @@ def test_each_kind_of_notice_arrives_once_naming_its_file(
     # Nothing rendered wrong: no template error or Python repr in a notice.
     assert not [raw for raw in receiver.raw if "Undefined" in raw or "Traceback" in raw]
 
-    # `up` again, naming the saved block: the same four automations, updated, not added
-    # (and the crashed watcher is started again).
-    lab_stack.up("--notify-block", "custom-webhook/msi-notify")
+    # `up` again without the option: the block it saved is remembered, and the same four
+    # automations are updated, not added (and the crashed watcher is started again).
+    lab_stack.up()
+    said = (lab_stack.root / "cli.log").read_text()
+    assert "notifications: 4 automations send to custom-webhook/msi-notify" in said
     with httpx.Client(base_url=lab_stack.api, timeout=API_TIMEOUT_S) as client:
         every_automation = client.post("/automations/filter", json={}).json()
         block = client.get("/block_types/slug/custom-webhook/block_documents/name/msi-notify")

@@ -13,9 +13,12 @@ from msi_prefect.errors import MsiError
 from msi_prefect.stack.deploy import PROJECT_DIR
 from msi_prefect.stack.notifications import (
     AUTOMATION_NAME_PREFIX,
+    REMEMBERED_TARGET_FILE,
     SEND_NOTIFICATION,
     NotificationTarget,
     load_automation_specs,
+    remember_block,
+    remembered_target,
     validate_block_reference,
     validate_notify_url,
 )
@@ -155,3 +158,13 @@ def test_a_rejected_message_without_a_path_or_run_still_renders() -> None:
     assert subject == "msi-prefect: file rejected: unknown path"
     assert "what: rejected (not-msi): not ours" in body
     assert "run: none" in body
+
+
+def test_the_block_is_remembered_for_later_ups_but_no_url(tmp_path: Path) -> None:
+    assert remembered_target(tmp_path) is None
+    remember_block(tmp_path, "custom-webhook/msi-notify")
+    assert remembered_target(tmp_path) == NotificationTarget(block="custom-webhook/msi-notify")
+    assert "http" not in (tmp_path / REMEMBERED_TARGET_FILE).read_text()
+    (tmp_path / REMEMBERED_TARGET_FILE).write_text('{"url": "x"}')
+    with pytest.raises(MsiError, match="does not name a notification block"):
+        remembered_target(tmp_path)
