@@ -175,6 +175,10 @@ def _up(args: argparse.Namespace) -> int:
         )
     manager.config = candidate
     components = [Component(c) for c in args.only] if args.only else list(ALL_COMPONENTS)
+    if (args.notify_url or args.notify_block) and Component.PREFECT not in components:
+        raise MsiError(
+            "--notify-url and --notify-block need the Prefect server: add --only prefect"
+        )
     started = manager.up(components)
     already = [c.value for c in components if c not in started]
     if already:

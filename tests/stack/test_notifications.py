@@ -168,3 +168,15 @@ def test_the_block_is_remembered_for_later_ups_but_no_url(tmp_path: Path) -> Non
     (tmp_path / REMEMBERED_TARGET_FILE).write_text('{"url": "x"}')
     with pytest.raises(MsiError, match="does not name a notification block"):
         remembered_target(tmp_path)
+
+
+def test_notify_without_the_prefect_server_is_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from msi_prefect.cli.main import main
+
+    state = tmp_path / "state"
+    argv = ["--state-dir", str(state), "up", "--only", "s3", "--notify-url", "http://x/h"]
+    assert main(argv) == 1
+    assert "need the Prefect server" in capsys.readouterr().err
+    assert not list((state / "run").glob("*.pid")) if (state / "run").exists() else True
