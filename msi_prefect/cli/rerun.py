@@ -129,7 +129,7 @@ def rerun_step(client: Any, step: Step, payload: dict[str, Any], ui: str | None)
     return Rerun(flow_run_id=run_id, ui_url=f"{ui}/runs/flow-run/{run_id}" if ui else None)
 
 
-def _api_url(args: argparse.Namespace) -> tuple[str, str | None]:
+def prefect_api_and_ui(args: argparse.Namespace) -> tuple[str, str | None]:
     """The Prefect API (and UI) to use.
 
     In this order: ``--api-url``; the stack named by ``--state-dir``; $PREFECT_API_URL;
@@ -153,7 +153,7 @@ def _api_url(args: argparse.Namespace) -> tuple[str, str | None]:
 def _rerun(args: argparse.Namespace) -> int:
     import httpx
 
-    api, ui = _api_url(args)
+    api, ui = prefect_api_and_ui(args)
     try:
         with httpx.Client(base_url=api, timeout=API_TIMEOUT_S) as client:
             payload = newest_rebuilt(client, args.path, args.topic)

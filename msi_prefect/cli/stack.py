@@ -85,6 +85,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="start the servers only; do not deploy the flows or start the transfers",
     )
+    notify = up.add_mutually_exclusive_group()
+    notify.add_argument(
+        "--notify-url",
+        type=_notify_url,
+        metavar="URL",
+        help="send notices (file rejected, downstream run failed, backup missing, transfer "
+        "stopped) as JSON POSTs to this webhook (Slack, Teams, Mattermost, plain HTTP); "
+        "saved as the block custom-webhook/msi-notify (docs/operations.md)",
+    )
+    notify.add_argument(
+        "--notify-block",
+        type=_notify_block,
+        metavar="TYPE/NAME",
+        help="send the notices through a notification block saved already, e.g. "
+        "slack-webhook/lab-channel",
+    )
     up.set_defaults(handler=_up)
 
     down = subparsers.add_parser("down", help="stop every process of the embedded stack")
@@ -98,6 +114,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "env", help="print shell exports that point Prefect, S3 and Kafka clients at the stack"
     )
     env.set_defaults(handler=_env)
+
+
+def _notify_url(value: str) -> str:
+    from msi_prefect.stack.notifications import validate_notify_url
+
+    try:
+        return validate_notify_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _notify_block(value: str) -> str:
+    from msi_prefect.stack.notifications import validate_block_reference
+
+    try:
+        return validate_block_reference(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _manager(args: argparse.Namespace) -> StackManager:
@@ -141,6 +175,10 @@ def _up(args: argparse.Namespace) -> int:
         )
     manager.config = candidate
     components = [Component(c) for c in args.only] if args.only else list(ALL_COMPONENTS)
+    if (args.notify_url or args.notify_block) and Component.PREFECT not in components:
+        raise MsiError(
+            "--notify-url and --notify-block need the Prefect server: add --only prefect"
+        )
     started = manager.up(components)
     already = [c.value for c in components if c not in started]
     if already:
@@ -150,8 +188,48 @@ def _up(args: argparse.Namespace) -> int:
     if not args.no_deploy and set(components) == set(ALL_COMPONENTS):
         transfers = deploy_flows(manager, worker_just_started=Component.WORKER in started)
         print("flows deployed" + (f"; started: {', '.join(transfers)}" if transfers else ""))
+    _set_up_notifications(manager, args, components)
     _print_status(manager, as_json=False)
     return EXIT_OK  # `up` raised already if a part it started did not become healthy
+
+
+def _set_up_notifications(
+    manager: StackManager, args: argparse.Namespace, components: list[Component]
+) -> None:
+    """Apply the notification automations of ``deployments/automations``.
+
+    With ``--notify-url`` or ``--notify-block``; without, again with the block an earlier
+    `up` of this state dir used (so changed specs take effect), if any.
+    """
+    from msi_prefect.stack.deploy import project_dir
+    from msi_prefect.stack.manager import ALL_COMPONENTS
+    from msi_prefect.stack.notifications import (
+        NotificationTarget,
+        remembered_target,
+        set_up_notifications,
+    )
+
+    asked = bool(args.notify_url or args.notify_block)
+    if asked:
+        target: NotificationTarget | None = NotificationTarget(
+            webhook_url=args.notify_url, block=args.notify_block
+        )
+    else:
+        target = remembered_target(manager.state.root)
+        if target is None or args.no_deploy or set(components) != set(ALL_COMPONENTS):
+            return
+    project = project_dir()
+    if Component.PREFECT not in components or project is None:
+        raise MsiError(
+            "notifications need the Prefect server (not --only without prefect) and the "
+            "project's deployments/automations folder (run up from a checkout)"
+        )
+    assert target is not None
+    applied = set_up_notifications(
+        manager.config.prefect_api_url, project, target, manager.state.root
+    )
+    where = target.block or "the webhook (block custom-webhook/msi-notify)"
+    print(f"notifications: {len(applied)} automations send to {where}")
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -310,6 +310,20 @@ class Registry(SqliteStore):
             ).fetchall()
         return [_record(row) for row in rows]
 
+    def not_sent(self) -> list[FileRecord]:
+        """Return every file whose last claimed generation is not sent, on every topic.
+
+        That is a send in progress (or cut short: ``SENDING``), one aborted because the
+        file changed (``PENDING``) and one that failed (``FAILED``); the last two with their
+        reason. Ordered by topic and path.
+        """
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE state != ? ORDER BY topic, relpath",
+                (FileState.SENT.value,),
+            ).fetchall()
+        return [_record(row) for row in rows]
+
     def counts(self, topic: str) -> dict[FileState, int]:
         """Return how many files of a topic are in each state (zero included)."""
         result = dict.fromkeys(FileState, 0)
