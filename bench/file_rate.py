@@ -329,7 +329,7 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
     try:
         up_args = ["up", "--storage", "memory", "--dispatch", mode, "--watch-dir", str(watch)]
         up_args += ["--destination-dir", str(dest), *up_options, *port_args()]
-        tag = f"{scenario.name}/{mode}"
+        tag = f"{scenario.name}/{result.mode}"
         print(f"[{tag}] msi-prefect up ...", flush=True)
         started = time.monotonic()
         up = cli(state, up_args, log, UP_TIMEOUT_S, extra_env)
@@ -384,7 +384,7 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
                 result.notes["run_count_error"] = repr(exc)
     finally:
         result.notes.update(server_queue_notes(state / "logs" / "prefect.log"))
-        print(f"[{scenario.name}/{mode}] msi-prefect down ...", flush=True)
+        print(f"[{scenario.name}/{result.mode}] msi-prefect down ...", flush=True)
         try:
             down = cli(state, ["down"], log, DOWN_TIMEOUT_S, extra_env)
             result.notes["down_exit"] = down.returncode
