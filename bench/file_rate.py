@@ -22,7 +22,9 @@ Method, per scenario and mode, in one run:
    starts), to measure older code side by side with the same harness in the same run;
    ``MODE+NAME=VALUE`` (repeatable) sets an environment variable for the stack, to
    compare a setting with its default (the stack's tuning yields to the caller's
-   environment).
+   environment); ``MODE+database=postgresql`` (a lower-case name: an option of ``up``)
+   runs the Prefect server on the stack's own PostgreSQL instead of SQLite, so
+   ``--modes adaptive adaptive+database=postgresql`` compares the two side by side.
 2. Once the long-running runs are RUNNING and the consumer group is STABLE, the files (16
    KiB of random bytes each) are dropped into W at the scenario's rate (written outside W,
    then ``os.replace``-d in).
@@ -35,11 +37,17 @@ Method, per scenario and mode, in one run:
    (last done - first drop)); created -> running of every downstream flow run; peak RSS of
    the Prefect server, the worker (with its warm server) and all flow-run processes
    together; and how many downstream runs the server created.
+5. From the server's log: how many events its in-memory queues dropped ("Subscription
+   queue is full"), and the deepest queue of each subscriber of each topic (the server
+   logs them every few seconds: ``msi_prefect.stack.queue_probe``), so a subscriber that
+   falls behind is named.
 
 Usage::
 
     .venv/bin/python -m bench.file_rate                      # every scenario, adaptive
     .venv/bin/python -m bench.file_rate --modes adaptive per-file batch
+    .venv/bin/python -m bench.file_rate --scenarios burst sustained \
+        --modes adaptive adaptive+database=postgresql      # SQLite against PostgreSQL
     git worktree add --detach /tmp/before HEAD~3      # older code, in the same run:
     .venv/bin/python -m bench.file_rate --modes per-file@/tmp/before batch@/tmp/before \
         adaptive --report /tmp/compare.md
@@ -115,6 +123,13 @@ EVENT_OVERLAP_S = 30.0
 RUNS_PAGE = 200
 RSS_SAMPLE_S = 0.5
 RSS_KEYS = ("server", "worker", "flow runs")
+# `MODE+NAME=VALUE` with one of these names is an option of `up`, not an environment variable.
+UP_OPTIONS = {"database": "--database"}
+# The server reports its queues' depths this often (msi_prefect.stack.queue_probe).
+QUEUE_REPORT_S = "2"
+QUEUE_REPORT_ENV = "MSI_SERVER_QUEUE_REPORT_S"
+QUEUE_REPORT_PREFIX = "msi-queue-depths"
+DROPPED_MESSAGE = "Subscription queue is full, dropping message"
 
 
 @dataclass
@@ -297,7 +312,13 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
     mode, *assignments = mode.split("+")
     mode, _, code = mode.partition("@")
     deadline = Deadline(opts.timeout)
-    extra_env: dict[str, str] = dict(a.split("=", 1) for a in assignments)
+    settings = dict(a.split("=", 1) for a in assignments)
+    up_options = [
+        arg for name, value in settings.items() if name in UP_OPTIONS
+        for arg in (UP_OPTIONS[name], value)
+    ]  # fmt: skip
+    extra_env = {name: value for name, value in settings.items() if name not in UP_OPTIONS}
+    extra_env.setdefault(QUEUE_REPORT_ENV, QUEUE_REPORT_S)
     if code:
         extra_env["PYTHONPATH"] = code
     work = Path(tempfile.mkdtemp(prefix=f"msi-file-rate-{scenario.name}-{mode}-"))
@@ -307,8 +328,8 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
     result.notes["work_dir"] = str(work)
     try:
         up_args = ["up", "--storage", "memory", "--dispatch", mode, "--watch-dir", str(watch)]
-        up_args += ["--destination-dir", str(dest), *port_args()]
-        tag = f"{scenario.name}/{mode}"
+        up_args += ["--destination-dir", str(dest), *up_options, *port_args()]
+        tag = f"{scenario.name}/{result.mode}"
         print(f"[{tag}] msi-prefect up ...", flush=True)
         started = time.monotonic()
         up = cli(state, up_args, log, UP_TIMEOUT_S, extra_env)
@@ -362,13 +383,38 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
             except httpx.HTTPError as exc:
                 result.notes["run_count_error"] = repr(exc)
     finally:
-        print(f"[{scenario.name}/{mode}] msi-prefect down ...", flush=True)
+        result.notes.update(server_queue_notes(state / "logs" / "prefect.log"))
+        print(f"[{scenario.name}/{result.mode}] msi-prefect down ...", flush=True)
         try:
             down = cli(state, ["down"], log, DOWN_TIMEOUT_S, extra_env)
             result.notes["down_exit"] = down.returncode
         except subprocess.TimeoutExpired:
             result.notes["down_exit"] = "timeout"
     return result
+
+
+def server_queue_notes(server_log: Path) -> dict[str, Any]:
+    """Events the server's queues dropped, and each subscription's deepest queue.
+
+    Args:
+        server_log: The Prefect server's log of the run's stack.
+    """
+    try:
+        lines = server_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    deepest: dict[str, int] = {}
+    for line in lines:
+        if not line.startswith(QUEUE_REPORT_PREFIX):
+            continue
+        for item in line.split()[2:]:
+            name, _, depths = item.partition("=")
+            depth = sum(int(part) for part in depths.split("+") if part.isdigit())
+            deepest[name] = max(deepest.get(name, 0), depth)
+    return {
+        "server_dropped_messages": sum(DROPPED_MESSAGE in line for line in lines),
+        "deepest_server_queues": {k: v for k, v in sorted(deepest.items()) if v},
+    }
 
 
 def _row(result: ModeResult) -> str:

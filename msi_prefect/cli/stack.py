@@ -15,6 +15,7 @@ from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
 from msi_prefect.stack.config import (
     BrokerStorage,
     Component,
+    PrefectDatabase,
     StackConfig,
     StateDir,
     parse_port_overrides,
@@ -47,6 +48,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=[s.value for s in BrokerStorage],
         default=None,
         help="where the broker keeps topics: s3 (durable, default) or memory",
+    )
+    up.add_argument(
+        "--database",
+        choices=[d.value for d in PrefectDatabase],
+        default=None,
+        help="the Prefect server's database: sqlite (a file in the state dir, default) or "
+        "postgresql (a PostgreSQL server of the stack's own, on 127.0.0.1, needs Debian's "
+        "postgresql-15); kept for later runs, changed only while the stack is down",
     )
     up.add_argument(
         "--only",
@@ -142,7 +151,7 @@ def _manager(args: argparse.Namespace) -> StackManager:
 
 def _up(args: argparse.Namespace) -> int:
     from msi_prefect.stack.deploy import deploy_flows
-    from msi_prefect.stack.manager import ALL_COMPONENTS, StackManager
+    from msi_prefect.stack.manager import StackManager
 
     state = StateDir.from_env(args.state_dir)
     state.ensure_writable()
@@ -155,6 +164,8 @@ def _up(args: argparse.Namespace) -> int:
         changes["broker_storage"] = BrokerStorage(args.storage)
     if args.dispatch:
         changes["downstream_dispatch"] = DownstreamDispatch(args.dispatch)
+    if args.database:
+        changes["database"] = PrefectDatabase(args.database)
     folders = {
         "watch_dir": args.watch_dir or manager.config.watch_dir or state.root.parent / "inbox",
         "destination_dir": args.destination_dir
@@ -170,11 +181,11 @@ def _up(args: argparse.Namespace) -> int:
         raise MsiError(f"invalid stack settings: {exc}") from exc
     if candidate != manager.config and manager.running_components():
         raise MsiError(
-            "the stack is running; ports, storage, folders and dispatch can only change "
+            "the stack is running; ports, storage, database, folders and dispatch can only change "
             "while it is down. Run 'msi-prefect down' first."
         )
     manager.config = candidate
-    components = [Component(c) for c in args.only] if args.only else list(ALL_COMPONENTS)
+    components = manager.wanted_components([Component(c) for c in args.only] if args.only else None)
     if (args.notify_url or args.notify_block) and Component.PREFECT not in components:
         raise MsiError(
             "--notify-url and --notify-block need the Prefect server: add --only prefect"
@@ -185,7 +196,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"already running: {', '.join(already)}")
     if started:
         print(f"started: {', '.join(c.value for c in started)}")
-    if not args.no_deploy and set(components) == set(ALL_COMPONENTS):
+    if not args.no_deploy and set(components) == set(manager.config.components):
         transfers = deploy_flows(manager, worker_just_started=Component.WORKER in started)
         print("flows deployed" + (f"; started: {', '.join(transfers)}" if transfers else ""))
     _set_up_notifications(manager, args, components)
@@ -202,7 +213,6 @@ def _set_up_notifications(
     `up` of this state dir used (so changed specs take effect), if any.
     """
     from msi_prefect.stack.deploy import project_dir
-    from msi_prefect.stack.manager import ALL_COMPONENTS
     from msi_prefect.stack.notifications import (
         NotificationTarget,
         remembered_target,
@@ -216,7 +226,7 @@ def _set_up_notifications(
         )
     else:
         target = remembered_target(manager.state.root)
-        if target is None or args.no_deploy or set(components) != set(ALL_COMPONENTS):
+        if target is None or args.no_deploy or set(components) != set(manager.config.components):
             return
     project = project_dir()
     if Component.PREFECT not in components or project is None:
@@ -254,6 +264,7 @@ def _print_status(manager: StackManager, as_json: bool) -> int:
         print(f"prefect UI    {status.prefect_ui_url}")
         print(f"broker        {status.bootstrap_servers} (storage: {status.broker_storage})")
         print(f"s3 endpoint   {status.s3_endpoint} (backup bucket: {status.backup_bucket})")
+        print(f"database      {status.database} (the Prefect server's)")
         if status.watch_dir:
             print(f"watched dir   {status.watch_dir}")
         if status.destination_dir:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,11 +15,13 @@ from msi_prefect.prefect_layer.event_outbox import (
     DOWNSTREAM_OUTBOX_DIR_ENV,
     DOWNSTREAM_OUTBOX_SUBDIR,
 )
+from msi_prefect.stack import postgres, queue_probe
 from msi_prefect.stack.config import (
     BACKUP_BUCKET,
     BROKER_BUCKET,
     BrokerStorage,
     Component,
+    PrefectDatabase,
     S3Credentials,
     StackConfig,
     StateDir,
@@ -74,6 +77,7 @@ CLIENT_SETTINGS = {"PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false"}
 START_TIMEOUT_S: dict[Component, float] = {
     Component.S3: 60,
     Component.BROKER: 30,
+    Component.POSTGRES: 60,
     Component.PREFECT: 120,
     Component.WORKER: 60,
 }
@@ -100,13 +104,22 @@ def weed_binary() -> str:
 
 
 def prefect_env(config: StackConfig, state: StateDir) -> dict[str, str]:
-    """Environment that points Prefect clients and the server at the embedded stack."""
+    """Environment that points Prefect clients and the server at the embedded stack.
+
+    With SQLite it names the database file; the PostgreSQL URL, which holds the password,
+    is given to the server alone (:func:`database_env`).
+    """
     home = state.component_dir("prefect")
+    sqlite = (
+        {"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
+        if config.database is PrefectDatabase.SQLITE
+        else {}
+    )
     return {
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": config.prefect_api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        **sqlite,
         "PREFECT_SERVER_API_HOST": LOOPBACK,
         "PREFECT_SERVER_API_PORT": str(config.ports["prefect"]),
         # Deployment concurrency leases (the long-running deployments have a limit of 1)
@@ -118,6 +131,13 @@ def prefect_env(config: StackConfig, state: StateDir) -> dict[str, str]:
         # the stack's other state rather than in the user's home.
         DOWNSTREAM_OUTBOX_DIR_ENV: str(state.root / DOWNSTREAM_OUTBOX_SUBDIR),
     }
+
+
+def database_env(config: StackConfig, state: StateDir) -> dict[str, str]:
+    """The Prefect server's database: the SQLite file, or the stack's PostgreSQL server."""
+    if config.database is PrefectDatabase.POSTGRESQL:
+        return {"PREFECT_API_DATABASE_CONNECTION_URL": postgres.connection_url(config, state)}
+    return {}
 
 
 def s3_env(config: StackConfig, creds: S3Credentials) -> dict[str, str]:
@@ -196,6 +216,17 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
             ports={"broker": ports["broker"]},
             cwd=data_dir,
         )
+    if component is Component.POSTGRES:
+        return ProcessSpec(
+            name=component.value,
+            argv=postgres.server_argv(config, state),
+            env={},
+            ports={"postgres": ports["postgres"]},
+            cwd=data_dir,
+            launcher=postgres.privilege_launcher(),
+            # A fast shutdown: SIGTERM would wait for every client to disconnect.
+            stop_signal=signal.SIGINT,
+        )
     if component is Component.PREFECT:
         argv = [
             sys.executable,
@@ -211,7 +242,7 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
         return ProcessSpec(
             name=component.value,
             argv=argv,
-            env={**prefect_env(config, state), **server_tuning()},
+            env={**prefect_env(config, state), **database_env(config, state), **server_tuning()},
             ports={"prefect": ports["prefect"]},
             cwd=data_dir,
         )
@@ -259,9 +290,11 @@ def worker_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 def prefect_server_main() -> None:
     """`python -m prefect ARGS` for the stack's Prefect server, its SQLite writes made IMMEDIATE.
 
-    See `sqlite_writes_begin_immediate`. The arguments (`server start ...`) are Prefect's.
+    See `sqlite_writes_begin_immediate`, and `queue_probe` for an opt-in report of the
+    server's event queues. The arguments (`server start ...`) are Prefect's.
     """
     sqlite_writes_begin_immediate()
+    queue_probe.install()  # only with $MSI_SERVER_QUEUE_REPORT_S (benchmarks)
     sys.argv = ["prefect", *sys.argv[1:]]
     from prefect.cli import app
 
@@ -392,6 +425,7 @@ def worker_healthy(config: StackConfig) -> bool:
 HEALTH_CHECKS: dict[Component, Callable[[StackConfig], bool]] = {
     Component.S3: s3_healthy,
     Component.BROKER: broker_healthy,
+    Component.POSTGRES: postgres.postgres_healthy,
     Component.PREFECT: prefect_healthy,
     Component.WORKER: worker_healthy,
 }
@@ -402,6 +436,8 @@ def address_of(component: Component, config: StackConfig) -> str:
     addresses = {
         Component.S3: config.s3_endpoint,
         Component.BROKER: config.bootstrap_servers,
+        Component.POSTGRES: f"postgresql://{LOOPBACK}:{config.ports['postgres']}/"
+        f"{postgres.DATABASE_NAME}",
         Component.PREFECT: config.prefect_ui_url,
         Component.WORKER: f"pool {config.work_pool}",
     }

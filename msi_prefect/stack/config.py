@@ -19,6 +19,8 @@ DEFAULT_STATE_DIR = Path(".msi")
 STATE_DIR_ENV = "MSI_STATE_DIR"
 CONFIG_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.json"
+# The key of the PostgreSQL password in the credentials file.
+DATABASE_PASSWORD_KEY = "postgres_password"
 DEFAULT_WORK_POOL = "msi-process"
 BROKER_BUCKET = "tansu"
 BACKUP_BUCKET = "msi-backup"
@@ -39,6 +41,9 @@ DEFAULT_PORTS: dict[str, int] = {
     "seaweed-filer-grpc": 18888,
     "seaweed-admin": 23646,
     "seaweed-admin-grpc": 33646,
+    # The stack's own PostgreSQL server (`up --database postgresql` only): not 5432, so a
+    # system PostgreSQL on this machine and the stack's never meet.
+    "postgres": 15432,
 }
 
 
@@ -49,11 +54,19 @@ class BrokerStorage(StrEnum):
     MEMORY = "memory"  # in RAM: fastest, lost on restart, never freed until a topic is deleted
 
 
+class PrefectDatabase(StrEnum):
+    """The database the stack's Prefect server keeps its runs, events and deployments in."""
+
+    SQLITE = "sqlite"  # a file under the state dir: nothing else to run (the default)
+    POSTGRESQL = "postgresql"  # a PostgreSQL server of the stack's own, under the state dir
+
+
 class Component(StrEnum):
     """The processes of the stack, in start order."""
 
     S3 = "s3"
     BROKER = "broker"
+    POSTGRES = "postgres"  # only with PrefectDatabase.POSTGRESQL
     PREFECT = "prefect"
     WORKER = "worker"
 
@@ -96,6 +109,10 @@ class StackConfig(BaseModel):
         default=False,
         description="Whether the deployed transfers encrypt end to end with KafkaCrypto.",
     )
+    database: PrefectDatabase = Field(
+        default=PrefectDatabase.SQLITE,
+        description="The Prefect server's database: SQLite, or the stack's own PostgreSQL.",
+    )
 
     @field_validator("ports")
     @classmethod
@@ -113,6 +130,15 @@ class StackConfig(BaseModel):
         if clashes:
             raise ValueError(f"the same port is given to two servers: {sorted(clashes)}")
         return merged
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The processes this stack runs, in start order (PostgreSQL only when chosen)."""
+        return tuple(
+            component
+            for component in Component
+            if component is not Component.POSTGRES or self.database is PrefectDatabase.POSTGRESQL
+        )
 
     @property
     def prefect_api_url(self) -> str:
@@ -267,6 +293,20 @@ class StateDir:
         }
         self._write_atomic(path, json.dumps(payload), mode=0o600)
         return creds
+
+    def database_password(self) -> SecretStr:
+        """The password of the stack's PostgreSQL server, generated on first use (0600 file).
+
+        It is kept in the credentials file beside the S3 key pair (which is created first
+        if need be), so `down` and `up` find the same one.
+        """
+        self.credentials()
+        path = self.root / CREDENTIALS_FILE
+        data = json.loads(path.read_text())
+        if DATABASE_PASSWORD_KEY not in data:
+            data[DATABASE_PASSWORD_KEY] = secrets.token_urlsafe(24)
+            self._write_atomic(path, json.dumps(data), mode=0o600)
+        return SecretStr(data[DATABASE_PASSWORD_KEY])
 
     @staticmethod
     def _write_atomic(path: Path, text: str, mode: int) -> None:

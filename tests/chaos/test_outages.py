@@ -148,7 +148,7 @@ def test_everything_listens_on_loopback_only(stack: tuple[Path, StackManager]) -
     root, manager = stack
     (root / "inbox" / "warm-up.dat").write_bytes(b"w" * 100)
     assert _wait(lambda: (root / "received" / "warm-up.dat").exists())
-    pids = {_pid(manager, c) for c in Component}
+    pids = {_pid(manager, c) for c in manager.config.components}
     pids |= set(flow_run_processes(manager.config.prefect_api_url))
     assert not_on_loopback(pids) == []
 
