@@ -75,6 +75,7 @@ from bench.common import (
     write_replace,
 )
 from bench.report import fmt_seconds, machine_lines, minus, p90
+from msi_prefect.prefect_layer.event_queries import event_pages
 from msi_prefect.stack.config import free_port_map
 
 REPO_DIR = BENCH_DIR.parent
@@ -726,16 +727,7 @@ def fetch_events(client: httpx.Client, since: float, names: Sequence[str]) -> li
         },
         "limit": 50,
     }
-    response = client.post("/events/filter", json=body)
-    events: list[dict[str, Any]] = []
-    while True:
-        response.raise_for_status()
-        page = response.json()
-        events += page.get("events", [])
-        next_page = page.get("next_page")
-        if not next_page:
-            return events
-        response = client.get(next_page)
+    return [event for page in event_pages(client, body) for event in page]
 
 
 def _related(event: dict[str, Any], prefix: str, role: str | None = None) -> str | None:

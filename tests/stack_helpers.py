@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from msi_prefect.prefect_layer.event_queries import event_pages
 from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import BACKUP_BUCKET, StateDir, free_port_map
@@ -336,15 +337,7 @@ def file_events(
         "limit": 50,
     }
     with httpx.Client(timeout=API_TIMEOUT_S) as client:
-        response = client.post(f"{api}/events/filter", json=body)
-        found: list[dict[str, Any]] = []
-        while True:
-            response.raise_for_status()
-            page = response.json()
-            found += page.get("events", [])
-            if not page.get("next_page"):
-                return found
-            response = client.get(page["next_page"])
+        return [event for page in event_pages(client, body, api) for event in page]
 
 
 def done_times(events: list[dict[str, Any]], names: set[str]) -> dict[str, float]:

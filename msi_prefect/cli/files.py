@@ -33,6 +33,7 @@ from typing import Any
 
 from msi_prefect.cli.rerun import prefect_api_and_ui
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.event_queries import event_pages
 
 API_TIMEOUT_S = 30.0
 EXIT_OK = 0
@@ -238,17 +239,12 @@ def read_file_events(
         },
         "limit": EVENTS_PER_PAGE,
     }
-    response = client.post("/events/filter", json=body)
     events: list[dict[str, Any]] = []
-    while True:
-        response.raise_for_status()
-        page = response.json()
-        events += page.get("events", [])
+    for page in event_pages(client, body):
+        events += page
         if len(events) >= MAX_EVENTS:
             return events[:MAX_EVENTS], True
-        if not page.get("next_page"):
-            return events, False
-        response = client.get(page["next_page"])
+    return events, False
 
 
 def _run_of(event: dict[str, Any]) -> RunRef | None:

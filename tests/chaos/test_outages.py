@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from msi_prefect.prefect_layer.event_queries import event_pages
 from msi_prefect.prefect_layer.transfers.streaming import ARTIFACT_INTERVAL_S
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import BACKUP_BUCKET, StateDir, free_port_map
@@ -73,18 +74,9 @@ def _wait(condition: Any, timeout_s: float = SETTLE_S, every_s: float = 1.0) -> 
 
 def _events(api: str, name: str) -> list[dict[str, Any]]:
     """Every event called `name` the server has (paged)."""
-    response = httpx.post(
-        f"{api}/events/filter",
-        json={"filter": {"event": {"name": [name]}}, "limit": 50},
-        timeout=API_TIMEOUT_S,
-    )
-    response.raise_for_status()
-    page = response.json()
-    found = list(page["events"])
-    while page.get("next_page"):
-        page = httpx.get(page["next_page"], timeout=API_TIMEOUT_S).json()
-        found.extend(page["events"])
-    return found
+    body = {"filter": {"event": {"name": [name]}}, "limit": 50}
+    with httpx.Client(timeout=API_TIMEOUT_S) as client:
+        return [event for page in event_pages(client, body, api) for event in page]
 
 
 def _state(api: str, run_name: str) -> str | None:
