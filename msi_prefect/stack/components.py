@@ -71,6 +71,13 @@ SERVER_SERVICES = {
 # context of its own): the stack's server and worker run from the same installation, so
 # the answer is known. Saves a request and ~20 ms of CPU per flow run.
 CLIENT_SETTINGS = {"PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false"}
+#: Seconds between a flow run's ``prefect.flow-run.heartbeat`` events (Prefect's default
+#: is 180 s, its minimum 30 s). The stack's ``msi: crash unresponsive runs`` automation
+#: (`msi_prefect.stack.unresponsive_runs`) marks a run Crashed when they stop: its process
+#: or machine died and no `up` ran since.
+FLOW_RUN_HEARTBEAT_S = 30
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+RUN_SETTINGS = {HEARTBEAT_ENV: str(FLOW_RUN_HEARTBEAT_S)}
 
 
 # How long each part may take to answer its health check after start.
@@ -276,11 +283,13 @@ def server_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 def worker_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The worker's settings for quick starts; a value set in ``environ`` (the caller's) wins.
 
-    Its flow runs inherit them. `MSI_WARM_START_FLOWS` names the project's `flows/` folder,
-    whose scripts the warm server loads once (`msi_prefect.warm_start.prewarm`).
+    Its flow runs inherit them, the heartbeat frequency (`HEARTBEAT_ENV`) among them: the
+    warm server hands each run its launcher's environment. `MSI_WARM_START_FLOWS` names the
+    project's `flows/` folder, whose scripts the warm server loads once
+    (`msi_prefect.warm_start.prewarm`).
     """
     environ = os.environ if environ is None else environ
-    tuning = {**WORKER_POLLING, **CLIENT_SETTINGS}
+    tuning = {**WORKER_POLLING, **CLIENT_SETTINGS, **RUN_SETTINGS}
     flows = Path(__file__).resolve().parents[2] / "flows"
     if flows.is_dir():
         tuning[FLOWS_ENV] = str(flows)

@@ -32,6 +32,7 @@ from msi_prefect.stack.runs import (
     RunState,
     crash_orphaned_runs,
 )
+from msi_prefect.stack.unresponsive_runs import apply_stack_automations, heartbeat_s
 
 # The checkout this package was installed from (editable install), holding prefect.yaml.
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -64,8 +65,10 @@ def project_dir() -> Path | None:
 def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
     """Create the blocks, deploy every flow, and start the long-running deployments.
 
-    Runs left active by a stack that died (their processes are gone) are marked crashed
-    first, so their transfers start again (see `msi_prefect.stack.runs`). After a start of
+    The stack's own automations are applied (`msi_prefect.stack.unresponsive_runs`: a run
+    whose heartbeats stopped is marked crashed, with no `up` needed). Runs left active by a
+    stack that died (their processes are gone) are marked crashed before the transfers are
+    started, so they start again (see `msi_prefect.stack.runs`). After a start of
     the server, sweeps of crashed downstream runs are scheduled a minute and three minutes
     after it (:func:`schedule_sweeps_after_server_start`).
 
@@ -112,6 +115,7 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         project,
         "deploying the flows",
     )
+    apply_stack_automations(config.prefect_api_url, project, heartbeat_s())
     orphans = crash_orphaned_runs(config, worker_just_started)
     if any(run.deployment_name not in TRANSFER_DEPLOYMENTS for run in orphans):
         # Downstream work cut off by a power cut: their Crashed events follow state events

@@ -129,11 +129,14 @@ class AutomationSpec:
         """The automation's name (unique among the project's automations)."""
         return str(self.body["name"])
 
-    def with_block(self, block_document_id: str) -> dict[str, Any]:
-        """The automation with every ``send-notification`` action sending through a block."""
+    def with_block(self, block_document_id: str | None) -> dict[str, Any]:
+        """The automation with every ``send-notification`` action sending through a block.
+
+        With None, the actions stay as they are (for automations that notify no one).
+        """
         actions = [
             {**action, "block_document_id": block_document_id}
-            if action.get("type") == SEND_NOTIFICATION
+            if action.get("type") == SEND_NOTIFICATION and block_document_id is not None
             else action
             for action in self.body.get("actions", [])
         ]
@@ -166,15 +169,15 @@ def remembered_target(state_root: Path) -> NotificationTarget | None:
         raise MsiError(f"{source} does not name a notification block ({exc}); remove it") from exc
 
 
-def load_automation_specs(project: Path) -> list[AutomationSpec]:
-    """Read every automation spec of a project, sorted by file name.
+def load_automation_specs(project: Path, folder: Path = AUTOMATIONS_FOLDER) -> list[AutomationSpec]:
+    """Read every automation spec of a project's ``folder``, sorted by file name.
 
     Raises:
         MsiError: The folder is missing, or a file is not a valid spec (named).
     """
     import yaml
 
-    folder = project / AUTOMATIONS_FOLDER
+    folder = project / folder
     if not folder.is_dir():
         raise MsiError(f"no automation specs in {folder}")
     specs = []
@@ -235,18 +238,18 @@ def block_document_id(client: Any, reference: str) -> str:
     return str(checked(found, what).json()["id"])
 
 
-def apply_automations(client: Any, specs: list[AutomationSpec], block_id: str) -> list[str]:
+def apply_automations(client: Any, specs: list[AutomationSpec], block_id: str | None) -> list[str]:
     """Create each automation, or update the one of the same name.
 
     Args:
         client: An ``httpx.Client`` on the Prefect API.
         specs: The automations to apply.
-        block_id: The notification block their notices go through.
+        block_id: The notification block their notices go through (None: they send none).
 
     Returns:
         The names of the automations created or updated.
     """
-    what = "applying the notification automations"
+    what = "applying the automations"
     existing = checked(request(client, "POST", "/automations/filter", what, json={}), what).json()
     by_name = {automation["name"]: automation["id"] for automation in existing}
     applied = []

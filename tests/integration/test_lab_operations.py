@@ -324,14 +324,21 @@ def test_each_kind_of_notice_arrives_once_naming_its_file(
     with httpx.Client(base_url=lab_stack.api, timeout=API_TIMEOUT_S) as client:
         every_automation = client.post("/automations/filter", json={}).json()
         block = client.get("/block_types/slug/custom-webhook/block_documents/name/msi-notify")
-    # (Prefect keeps the deployments' triggers as automations too.)
+    # (Prefect keeps the deployments' triggers as automations too; every `up` applies the
+    # stack's own `msi: crash unresponsive runs`, which sends nothing.)
     automations = [a for a in every_automation if a["name"].startswith("msi: ")]
     assert sorted(a["name"] for a in automations) == [
         "msi: backup missing",
+        "msi: crash unresponsive runs",
         "msi: downstream run failed",
         "msi: file rejected",
         "msi: transfer stopped",
     ]
-    block_ids = {action["block_document_id"] for a in automations for action in a["actions"]}
+    block_ids = {
+        action["block_document_id"]
+        for a in automations
+        for action in a["actions"]
+        if action["type"] == "send-notification"
+    }
     assert block_ids == {block.json()["id"]}
     assert len(transfer_run_ids(lab_stack.api)) == 2

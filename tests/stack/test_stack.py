@@ -151,6 +151,26 @@ def _events_of(api: str, name: str, path: str) -> list[dict[str, Any]]:
     return []
 
 
+def _heartbeats_of(api: str, run_id: str) -> int:
+    """How many ``prefect.flow-run.heartbeat`` events the flow run sent (at most 50)."""
+    with contextlib.suppress(httpx.HTTPError):
+        return len(
+            httpx.post(
+                f"{api}/events/filter",
+                json={
+                    "filter": {
+                        "event": {"name": ["prefect.flow-run.heartbeat"]},
+                        "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+                        "occurred": {"since": "2000-01-01T00:00:00Z"},
+                    },
+                    "limit": 50,
+                },
+                timeout=API_TIMEOUT_S,
+            ).json()["events"]
+        )
+    return 0
+
+
 def _wait_for_count(count: Callable[[], int], wanted: int) -> bool:
     """Poll `count` until it reaches `wanted` (True) or the arrival timeout passes."""
     deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
@@ -388,6 +408,15 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         rerun_url = f"{api}/flow_runs/{rerun.json()['id']}"
         rerun_run = lambda: httpx.get(rerun_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
         assert _wait_for_state(rerun_run) == "COMPLETED"
+
+        # The transfers send heartbeats every FLOW_RUN_HEARTBEAT_S (the worker's setting;
+        # Prefect's own default is 180 s, longer than this test has run), and `up` applied
+        # the automation that crashes a run whose heartbeats stop.
+        for transfer in _transfer_runs(api):
+            beats = lambda run=transfer: min(_heartbeats_of(api, run), 2)  # noqa: E731
+            assert _wait_for_count(beats, 2), f"heartbeats of {transfer}"
+        automations = httpx.post(f"{api}/automations/filter", json={}, timeout=API_TIMEOUT_S)
+        assert "msi: crash unresponsive runs" in {a["name"] for a in automations.json()}
 
         # A person's view: the Prefect UI in a real browser lists the file's runs.
         file_runs = ("backup dropped.dat", "metadata of dropped.dat", "analyze dropped.dat")
