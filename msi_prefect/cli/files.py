@@ -33,7 +33,6 @@ from typing import Any
 
 from msi_prefect.cli.rerun import prefect_api_and_ui
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.event_queries import event_pages
 
 API_TIMEOUT_S = 30.0
 EXIT_OK = 0
@@ -239,6 +238,10 @@ def read_file_events(
         },
         "limit": EVENTS_PER_PAGE,
     }
+    # Here, not at the top: every subcommand's module is imported to build the parser,
+    # and `upload` must not pay for the HTTP client.
+    from msi_prefect.prefect_layer.event_queries import event_pages
+
     events: list[dict[str, Any]] = []
     for page in event_pages(client, body):
         events += page

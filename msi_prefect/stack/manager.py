@@ -172,6 +172,8 @@ class StackManager:
                 try:
                     if component is Component.POSTGRES:
                         postgres.ensure_cluster(self.state)
+                        if postgres.remove_stale_lock(self.state):
+                            logger.info("removed the lock file a killed PostgreSQL left")
                     process.start()
                     check = functools.partial(HEALTH_CHECKS[component], self.config)
                     process.wait_healthy(check, START_TIMEOUT_S[component])

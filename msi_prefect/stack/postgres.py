@@ -24,7 +24,7 @@ from pathlib import Path
 
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.config import StackConfig, StateDir
-from msi_prefect.stack.processes import LOOPBACK
+from msi_prefect.stack.processes import LOOPBACK, pid_alive
 
 POSTGRES_BIN_DIR_ENV = "MSI_POSTGRES_BIN_DIR"
 # Where Debian installs each major version's server programs: /usr/lib/postgresql/15/bin.
@@ -33,6 +33,8 @@ DEBIAN_PACKAGE = "postgresql-15"
 SERVER_PROGRAMS = ("initdb", "postgres", "pg_isready")
 COMPONENT_DIR = "postgres"
 DATA_SUBDIR = "data"
+#: PostgreSQL's lock file in the data directory; its first line is the server's PID.
+POSTMASTER_PID_FILE = "postmaster.pid"
 # A cluster being created; renamed to DATA_SUBDIR once it holds Prefect's database.
 INIT_SUBDIR = "data.init"
 PASSWORD_FILE = "initdb-password"
@@ -150,6 +152,27 @@ def component_dir(state: StateDir) -> Path:
 def data_dir(state: StateDir) -> Path:
     """The cluster's data directory."""
     return component_dir(state) / DATA_SUBDIR
+
+
+def remove_stale_lock(state: StateDir) -> bool:
+    """Remove the cluster's ``postmaster.pid`` when the server it names is gone.
+
+    A power cut leaves the file behind. PostgreSQL then refuses to start for as long as
+    the PID in it answers ``kill(0)``, which a killed server still does as a zombie until
+    its parent (here the machine's init, which may be slow to) reaps it.
+
+    Returns:
+        True if a stale lock file was removed.
+    """
+    lock = data_dir(state) / POSTMASTER_PID_FILE
+    try:
+        first_line = lock.read_text(errors="replace").split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return False
+    if first_line.isdigit() and pid_alive(int(first_line)):
+        return False
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def server_argv(config: StackConfig, state: StateDir) -> list[str]:

@@ -138,7 +138,7 @@ def _read_cmdline_exe(pid: int) -> str | None:
     return parts[0].decode(errors="replace") if parts and parts[0] else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     # When this process started it (tests, or `up` still running), reap it so no zombie stays.
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
@@ -186,7 +186,7 @@ def live_flow_runs(api_url: str) -> list[FlowRunProcess]:
         if wanted not in environ:
             continue
         run_ids = [v[len(_FLOW_RUN_ID_VAR) :] for v in environ if v.startswith(_FLOW_RUN_ID_VAR)]
-        if run_ids and _pid_alive(int(entry.name)):
+        if run_ids and pid_alive(int(entry.name)):
             found.append(FlowRunProcess(int(entry.name), run_ids[0].decode(errors="replace")))
     return found
 
@@ -201,10 +201,10 @@ def terminate(pids: list[int], timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> Non
     for pid in pids:
         ManagedProcess.signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_pid_alive(pid) for pid in pids):
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
         time.sleep(0.1)
     for pid in pids:
-        if _pid_alive(pid):
+        if pid_alive(pid):
             ManagedProcess.signal_group(pid, signal.SIGKILL)
 
 
@@ -235,7 +235,7 @@ class ManagedProcess:
         record = self.read_pid()
         if record is None:
             return ProcessState.STOPPED
-        if not _pid_alive(record.pid):
+        if not pid_alive(record.pid):
             return ProcessState.STALE
         exe = _read_cmdline_exe(record.pid)
         # The PID may have been reused by something else since we wrote the file.
@@ -333,12 +333,12 @@ class ManagedProcess:
             return False
         self.signal_group(record.pid, self.spec.stop_signal)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _pid_alive(record.pid):
+        while time.monotonic() < deadline and pid_alive(record.pid):
             time.sleep(0.1)
-        if _pid_alive(record.pid):
+        if pid_alive(record.pid):
             self.signal_group(record.pid, signal.SIGKILL)
             kill_deadline = time.monotonic() + timeout_s
-            while time.monotonic() < kill_deadline and _pid_alive(record.pid):
+            while time.monotonic() < kill_deadline and pid_alive(record.pid):
                 time.sleep(0.05)
         # Children left in the group after the leader exited (a worker's flow runs).
         self.signal_group(record.pid, signal.SIGKILL)

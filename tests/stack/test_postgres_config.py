@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,11 @@ from msi_prefect.stack.config import (
     PrefectDatabase,
     StackConfig,
     StateDir,
+    free_port_map,
 )
 from msi_prefect.stack.manager import Health, StackManager
 from msi_prefect.stack.processes import ManagedProcess, find_free_ports, port_is_free
 from msi_prefect.stack.queue_probe import UNKNOWN_SUBSCRIBER, subscriber_name
-from tests.conftest import free_port_map
 
 ON_POSTGRES = StackConfig(database=PrefectDatabase.POSTGRESQL)
 PROGRAMS_MISSING = bool(postgres.locate_programs().missing())
@@ -218,3 +219,21 @@ def test_a_real_cluster_is_created_once_served_on_loopback_and_stopped_by_pid(
         assert process.stop()
     assert port_is_free(port)
     assert not process.pid_file.exists()
+
+
+def test_a_lock_file_a_killed_server_left_is_removed_and_a_live_one_kept(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    lock = postgres.data_dir(state) / postgres.POSTMASTER_PID_FILE
+    assert not postgres.remove_stale_lock(state)  # no cluster yet: nothing to do
+    lock.parent.mkdir(parents=True)
+    # The PID of a server that has ended (and been reaped), as after a power cut.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead_pid = ended.pid
+    lock.write_text(f"{dead_pid}\n{postgres.data_dir(state)}\n")
+    assert postgres.remove_stale_lock(state)
+    assert not lock.exists()
+    # A server that still runs keeps its lock (PostgreSQL itself then says so).
+    lock.write_text(f"{os.getpid()}\n{postgres.data_dir(state)}\n")
+    assert not postgres.remove_stale_lock(state)
+    assert lock.exists()
