@@ -15,13 +15,9 @@ from PIL import Image
 
 from msi_prefect.cli import main
 from msi_prefect.metadata import extract_metadata
+from tests.samples import SAMPLES, needs_samples
 
 # The repository's root, found upwards so the file may move into a sub-folder of tests/.
-REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
-SAMPLES = (REPO / "../shared/samples").resolve()
-needs_samples = pytest.mark.skipif(
-    not SAMPLES.is_dir(), reason=f"sample instrument files not found at {SAMPLES}"
-)
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE = 0, 1, 2
 
 

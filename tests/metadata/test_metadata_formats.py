@@ -20,10 +20,9 @@ from typing import Any
 import pytest
 
 from msi_prefect.metadata import FileMetadata, extract_metadata
+from tests.samples import SAMPLES, needs_samples
 
 # The repository's root, found upwards so the file may move into a sub-folder of tests/.
-REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
-SAMPLES = (REPO / "../shared/samples").resolve()
 #: A TIA .emi file is read together with its .ser data file beside it.
 COMPANIONS = {"fei_tia_tem_search.emi": ("fei_tia_tem_search_1.ser",)}
 #: Largest JSON record a sample may produce (the format trees are bounded).
@@ -31,10 +30,6 @@ MAX_RECORD_CHARS = 128 * 1024
 #: Bit-flipped copies per sample, and bits flipped in each.
 FLIPPED_COPIES = 6
 FLIPPED_BITS = 16
-
-needs_samples = pytest.mark.skipif(
-    not SAMPLES.is_dir(), reason=f"sample instrument files not found at {SAMPLES}"
-)
 
 
 def quantity(value: float, unit: str | None) -> dict[str, Any]:

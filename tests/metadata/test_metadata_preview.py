@@ -24,13 +24,9 @@ from msi_prefect.metadata.preview import (
     render_preview,
     stretch,
 )
+from tests.samples import SAMPLES, needs_samples
 
 # The repository's root, found upwards so the file may move into a sub-folder of tests/.
-REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
-SAMPLES = (REPO / "../shared/samples").resolve()
-needs_samples = pytest.mark.skipif(
-    not SAMPLES.is_dir(), reason=f"sample instrument files not found at {SAMPLES}"
-)
 #: The NeXus sample's signal is all zeros: its faithful preview is flat grey.
 FLAT_SAMPLES = {"simple_signal.nxs"}
 MIB = 1024 * 1024
