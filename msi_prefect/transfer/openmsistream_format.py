@@ -56,6 +56,7 @@ from msi_prefect.transfer.paths import UnsafePathError, check_relative_path
 from msi_prefect.transfer.progress import FileProgress
 from msi_prefect.transfer.wire import (
     MAX_HEADER_INT,
+    UNKNOWN_SIZE,
     AbortNotice,
     Chunk,
     ChunkHeader,
@@ -67,8 +68,6 @@ from msi_prefect.transfer.wire import (
 
 #: Namespace of OpenMSIStream file ids; distinct from wire format v1's, so ids never clash.
 OMSI_FILE_ID_NAMESPACE = uuid.UUID("6f0d3b0e-93a5-4f43-a3f5-0c1f2a7d9b51")
-#: Recorded as the size until the last chunk tells the real one.
-UNKNOWN_SIZE = -1
 #: ``msi.pid`` equivalent for events and logs; OpenMSIStream sends no producer id.
 OMSI_PRODUCER_ID = "openmsistream"
 #: Prefix of the expected digest as stored in the progress row.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msi_prefect.transfer.sqlite_db import Durability, SqliteDatabase, SqliteStore
-from msi_prefect.transfer.wire import ChunkHeader
+from msi_prefect.transfer.wire import UNKNOWN_SIZE, ChunkHeader
 
 SCHEMA_VERSION = 1
 
@@ -353,10 +353,15 @@ def _row_values(progress: FileProgress) -> tuple[object, ...]:
 
 
 def _same_file(progress: FileProgress, header: ChunkHeader) -> bool:
-    """Whether a chunk header describes the same file version as an existing row."""
+    """Whether a chunk header describes the same file version as an existing row.
+
+    A header of unknown size (OpenMSIStream's) matches any size: once such a file is rebuilt
+    its row holds the verified size, and a replay of its chunks after a crash must still be
+    recognised as that file, not rejected as a conflicting one.
+    """
     return (
         progress.relpath == header.relpath
-        and progress.size == header.size
+        and (header.size == UNKNOWN_SIZE or progress.size == header.size)
         and progress.chunk_size == header.chunk_size
         and progress.chunk_count == header.count
         and progress.mtime_ns == header.mtime_ns

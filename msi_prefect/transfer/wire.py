@@ -254,6 +254,11 @@ def plan_chunks(size: int, chunk_size: int) -> int:
     return max(1, -(-size // chunk_size))
 
 
+#: A header's ``size`` when its format does not announce the file size (OpenMSIStream's
+#: chunks do not): the verified size replaces it in the progress row once the file is rebuilt.
+UNKNOWN_SIZE = -1
+
+
 @dataclass(frozen=True)
 class ChunkHeader:
     """Everything the headers of one chunk message say.
@@ -261,7 +266,7 @@ class ChunkHeader:
     Attributes:
         file_id: uuid5 of ``relpath`` (see :func:`file_id_for`); also the message key.
         relpath: Relative POSIX path of the file.
-        size: Whole-file size in bytes.
+        size: Whole-file size in bytes, or :data:`UNKNOWN_SIZE`.
         chunk_size: Chunk size the producer used, in bytes.
         index: 0-based chunk index.
         count: Number of chunks of the file.

@@ -416,16 +416,6 @@ def test_cli_upload_and_reconstruct_in_openmsistream_format(
         assert (dest / rel).read_bytes() == data
 
 
-# Seen once in five full runs on 2026-12-05 (a fresh clone's .ci/run): the survivor replayed
-# first.bin's uncommitted chunks and rejected '_first.bin_chunk_2_of_3' as disagreeing with
-# the victim's record of the same file (OpenOutcome.CONFLICT in ProgressStore.open_file),
-# although first.bin had been delivered whole; it then stopped at --stop-after-files 1
-# before second.bin. A false rejection on replay: open until its cause is found.
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent: a replay right after a crash can reject an OpenMSIStream chunk "
-    "of a file already delivered as disagreeing with earlier chunks",
-)
 def test_a_restart_right_after_a_crash_is_not_refused(
     kafka_stack: RunningStack, topic: str, tmp_path: Path
 ) -> None:

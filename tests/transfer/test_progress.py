@@ -16,7 +16,7 @@ from msi_prefect.transfer.progress import (
     ProgressState,
     ProgressStore,
 )
-from msi_prefect.transfer.wire import ChunkHeader
+from msi_prefect.transfer.wire import UNKNOWN_SIZE, ChunkHeader
 
 TOPIC = "lab.raw"
 DIGEST = "ab" * 32
@@ -268,6 +268,17 @@ def test_reject_and_abort(store: ProgressStore) -> None:
     assert store.is_finished(TOPIC, b.file_id, 1)
     assert not store.is_finished(TOPIC, "0" * 32, 1)
     assert store.open_file(TOPIC, a, "x").outcome is OpenOutcome.FINISHED
+
+
+def test_a_header_of_unknown_size_matches_the_delivered_row(store: ProgressStore) -> None:
+    """OpenMSIStream's chunks carry no size; the row learns it when the file is verified."""
+    unsized = replace(header(size=25), size=UNKNOWN_SIZE)
+    assert store.open_file(TOPIC, unsized, "s").outcome is OpenOutcome.NEW
+    store.record_chunks(receipts(unsized, 0, 1, 2))
+    store.mark_complete(TOPIC, unsized.file_id, 1, verified=(25, DIGEST))
+    assert store.open_file(TOPIC, unsized, "s").outcome is OpenOutcome.FINISHED
+    # A known size must still agree.
+    assert store.open_file(TOPIC, header(size=30), "s").outcome is OpenOutcome.CONFLICT
 
 
 def test_conflicting_header_for_same_generation(store: ProgressStore) -> None:
