@@ -163,6 +163,19 @@ class TransferSettings(Block):
         "group (see docs/migration-from-openmsistream.md).",
     )
 
+    retention_days: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        title="Delete Sent Files After (days)",
+        description="Opt-in. Empty (the default): files stay in the watched folder. A "
+        "number: the prune-source deployment deletes a file from the watched folder this "
+        "many days after its newest generation was backed up, and only if the file is "
+        "unchanged since it was sent and its backup exists with the same size and SHA-256 "
+        "at that moment (0: as soon as that holds).",
+        examples=[7],
+    )
+
     @field_validator("topic")
     @classmethod
     def _validate_topic(cls, value: str) -> str:
