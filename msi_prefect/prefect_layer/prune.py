@@ -90,7 +90,9 @@ MAX_EVENTS_READ = 100_000
 EVENTS_PER_PAGE = 50
 #: Events are read from this long before the oldest candidate was sent (clocks differ).
 EVENT_CLOCK_MARGIN = timedelta(hours=1)
-HASH_BLOCK_SIZE = 1024 * 1024
+#: After this many backups in a row could not be checked, the store is taken as down and
+#: the rest are not tried (each try waits out the store client's retries, ~15 s).
+MAX_STORE_FAILURES_IN_A_ROW = 3
 SECONDS_PER_DAY = 86_400.0
 
 
@@ -311,7 +313,15 @@ def decide(evidence: PruneEvidence, retention_days: float, now: datetime) -> Ver
 
 
 class PruneIncompleteError(MsiError):
-    """Some backups could not be checked (the files were kept; the report was made)."""
+    """Some backups could not be checked (the files were kept; the report was made).
+
+    Attributes:
+        report: The prune's report, with the files kept.
+    """
+
+    def __init__(self, message: str, report: PruneReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -517,6 +527,8 @@ def plan_prune(
     since = datetime.fromtimestamp(oldest_sent, UTC) - EVENT_CLOCK_MARGIN
     events = _read_backup_events(topic, {evidence.relpath for _, evidence in candidates}, since)
     sink = storage.sink()
+    failures_in_a_row = 0
+    last_error = ""
     for path, first in candidates:
         evidence = PruneEvidence(
             first.relpath, first.sent, first.on_disk, events.get(first.relpath)
@@ -524,7 +536,12 @@ def plan_prune(
         while not isinstance(verdict := decide(evidence, retention_days, now), Verdict):
             if verdict is Need.BACKUP_CHECK:
                 assert evidence.sent is not None
-                check = _check_backup(sink, storage, evidence.relpath, evidence.sent)
+                if failures_in_a_row >= MAX_STORE_FAILURES_IN_A_ROW:
+                    check = BackupCheck(None, f"not tried, the store is down: {last_error}")
+                else:
+                    check = _check_backup(sink, storage, evidence.relpath, evidence.sent)
+                    failures_in_a_row = failures_in_a_row + 1 if check.status is None else 0
+                    last_error = check.error
                 evidence = _with(evidence, backup_check=check)
             else:
                 evidence = _with(evidence, content_sha256=_sha256_of(path) or "unreadable")
@@ -650,6 +667,7 @@ def prune_source(
     unverifiable = report.counts[Reason.BACKUP_UNVERIFIABLE]
     if unverifiable:
         raise PruneIncompleteError(
-            f"{unverifiable} backup(s) could not be checked; those files were kept"
+            f"{unverifiable} backup(s) could not be checked; those files were kept",
+            report,
         )
     return report

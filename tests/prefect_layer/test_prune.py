@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -369,3 +370,83 @@ def test_prune_keeps_files_while_the_store_is_unreachable_and_does_nothing_when_
     assert '"backup-unverifiable"' in table.data
     assert off == {}
     assert instrument.path("a.tif").exists()
+
+
+@pytest.mark.stack
+def test_cli_dry_run_lists_then_prune_deletes_a_file_backed_up_without_an_event(
+    backup_storage: SavedBackupStorage,
+    transfer_block: tuple[str, str],
+    prefect_api: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from msi_prefect.cli.main import main
+    from msi_prefect.prefect_layer.backup.storage import BackupStorage
+    from msi_prefect.prefect_layer.flow_inputs import load_block
+
+    block, topic = transfer_block
+    instrument = Instrument(tmp_path, topic)
+    data = b"old run, its backed-up event long gone from the server" * 10
+    instrument.send("old/a.tif", data)
+    instrument.send("young/b.tif", b"B" * 10)
+    # A backup the server has no event of (Prefect keeps events 7 days): the object counts.
+    sink = load_block(BackupStorage, backup_storage.name).sink()
+    path = instrument.path("old/a.tif")
+    sink.store_copy(path, PurePosixPath("old/a.tif"), len(data), hashlib.sha256(data).hexdigest())
+    common = ["prune-source", "--directory", str(instrument.inbox), "--api-url", prefect_api,
+              "--transfer-block", block, "--backup-block", backup_storage.name]  # fmt: skip
+
+    assert main([*common, "--dry-run", "--retention-days", "0", "--json"]) == 0
+
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["dry_run"] is True
+    actions = {row["path"]: (row["action"], row["reason"]) for row in listing["files"]}
+    assert actions == {
+        "old/a.tif": ("would delete", "verified"),
+        "young/b.tif": ("kept", "backup-missing"),
+    }
+    assert path.exists()
+    # The block's own rule (0 days here); without --dry-run the file goes.
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "deleted       old/a.tif" in out
+    assert "kept: 1 backup-missing" in out
+    assert not path.exists()
+    assert instrument.path("young/b.tif").exists()
+    assert len(read_events(EventName.PRUNED, f"msi.file.{topic}.{file_id_for('old/a.tif')}")) == 1
+    # A day's rule keeps the object written seconds ago.
+    instrument.send("old/c.tif", b"C" * 10)
+    sink.store_copy(instrument.path("old/c.tif"), PurePosixPath("old/c.tif"), 10,
+                    hashlib.sha256(b"C" * 10).hexdigest())  # fmt: skip
+    assert main([*common, "--dry-run", "--retention-days", "1"]) == 0
+    assert "kept          old/c.tif  (too-recent: backup written 0.00 days ago)" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.stack
+def test_a_store_that_fails_three_times_in_a_row_is_not_tried_for_the_rest(
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from msi_prefect.prefect_layer import prune
+    from msi_prefect.prefect_layer.backup.storage import BackupStorage
+
+    instrument = Instrument(tmp_path, f"prune-{unique_name('down')}")
+    for index in range(5):
+        instrument.send(f"f{index}.tif", bytes([index]) * 10)
+    tries: list[str] = []
+
+    def store_down(sink: Any, storage: Any, relpath: str, sent: Any) -> BackupCheck:
+        tries.append(relpath)  # the real store's timeouts are the test above's
+        return BackupCheck(None, error="connection refused")
+
+    monkeypatch.setattr(prune, "_check_backup", store_down)
+    storage = BackupStorage(url=f"s3://{BUCKET}/unused", endpoint_url="http://127.0.0.1:9")
+
+    items = list(
+        prune.plan_prune(instrument.inbox, instrument.registry, instrument.topic, 0, storage)
+    )
+
+    assert tries == ["f0.tif", "f1.tif", "f2.tif"]
+    assert [item.verdict.reason for item in items] == [Reason.BACKUP_UNVERIFIABLE] * 5
+    assert "not tried, the store is down: connection refused" in items[4].verdict.detail
