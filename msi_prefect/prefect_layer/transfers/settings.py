@@ -2,8 +2,9 @@
 
 :class:`TransferSettings` maps onto the core's
 :class:`~msi_prefect.transfer.ProducerSettings` and :class:`~msi_prefect.transfer.FileFilter`,
-and holds the consumer side's group and size limit and the downstream dispatch of rebuilt
-files (:mod:`msi_prefect.prefect_layer.dispatch`).
+and holds the consumer side's group and size limit, the downstream dispatch of rebuilt
+files (:mod:`msi_prefect.prefect_layer.dispatch`) and the retention of sent files in the
+watched folder (:mod:`msi_prefect.prefect_layer.prune`; off by default).
 
 Values are checked when the block is built or loaded, and a bad value fails with a message
 that names the field and says what a good value looks like. Secrets are ``SecretStr``:
