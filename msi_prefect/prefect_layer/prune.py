@@ -32,11 +32,10 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -202,7 +201,7 @@ class PruneEvidence:
         on_disk: Its size, mtime and inode now.
         backup_event: The newest backup the server announced, None if it holds none.
         backup_check: The backup object now, None if not checked yet.
-        content_sha256: The file's SHA-256 now, None if not read yet.
+        content_sha256: The file's SHA-256 now, None if not read yet, empty if unreadable.
     """
 
     relpath: str
@@ -295,6 +294,10 @@ def decide(evidence: PruneEvidence, retention_days: float, now: datetime) -> Ver
             return _keep(Reason.TOO_RECENT, f"backup written {_days(now - backed_up_at)} ago")
     if evidence.content_sha256 is None:
         return Need.CONTENT_HASH
+    if not evidence.content_sha256:
+        return _keep(
+            Reason.CHANGED_SINCE_SENT, "it cannot be read now to compare its SHA-256 with the sent"
+        )
     if evidence.content_sha256 != sent.sha256:
         return _keep(
             Reason.CHANGED_SINCE_SENT,
@@ -542,16 +545,10 @@ def plan_prune(
                     check = _check_backup(sink, storage, evidence.relpath, evidence.sent)
                     failures_in_a_row = failures_in_a_row + 1 if check.status is None else 0
                     last_error = check.error
-                evidence = _with(evidence, backup_check=check)
+                evidence = replace(evidence, backup_check=check)
             else:
-                evidence = _with(evidence, content_sha256=_sha256_of(path) or "unreadable")
+                evidence = replace(evidence, content_sha256=_sha256_of(path) or "")
         yield PruneItem(path, evidence, verdict)
-
-
-def _with(evidence: PruneEvidence, **changes: Any) -> PruneEvidence:
-    from dataclasses import replace
-
-    return replace(evidence, **changes)
 
 
 def _unchanged_still(item: PruneItem) -> bool:

@@ -110,6 +110,7 @@ def test_a_sent_unchanged_verified_old_enough_file_is_deleted() -> None:
         ({"on_disk": replace(DISK, mtime_ns=2_000)}, Reason.CHANGED_SINCE_SENT, "differ"),
         ({"on_disk": replace(DISK, inode=43)}, Reason.CHANGED_SINCE_SENT, "differ"),
         ({"content_sha256": OTHER_SHA}, Reason.CHANGED_SINCE_SENT, "not " + SHA),
+        ({"content_sha256": ""}, Reason.CHANGED_SINCE_SENT, "cannot be read"),
         (
             {"backup_event": backed_up(generation=1)},
             Reason.NEWEST_NOT_BACKED_UP,
