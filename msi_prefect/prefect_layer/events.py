@@ -38,6 +38,7 @@ class EventName(StrEnum):
     METADATA_EXTRACTED = "msi.file.metadata-extracted"
     ANALYZED = "msi.file.analyzed"
     BACKUP_MISSING = "msi.backup.missing"
+    PRUNED = "msi.file.pruned"
     BATCH_READY = "msi.files.batch-ready"
 
 

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
         Reassembler,
         ReassemblerSettings,
     )
-    from msi_prefect.transfer.registry import REGISTRY_FILE, Registry
+    from msi_prefect.transfer.registry import REGISTRY_FILE, FileRecord, FileState, Registry
     from msi_prefect.transfer.sinks import (
         ChecksumMismatchError,
         CopyStatus,
@@ -125,6 +125,8 @@ _DEFINED_IN: dict[str, str] = {
     "Reassembler": "reassembler",
     "ReassemblerSettings": "reassembler",
     "REGISTRY_FILE": "registry",
+    "FileRecord": "registry",
+    "FileState": "registry",
     "Registry": "registry",
     "ChecksumMismatchError": "sinks",
     "CopyStatus": "sinks",
@@ -169,6 +171,8 @@ __all__ = [
     "FileFilter",
     "FileProducer",
     "FileProgress",
+    "FileRecord",
+    "FileState",
     "HeaderName",
     "KafkaConnection",
     "NodeFiles",

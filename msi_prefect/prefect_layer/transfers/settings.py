@@ -2,8 +2,9 @@
 
 :class:`TransferSettings` maps onto the core's
 :class:`~msi_prefect.transfer.ProducerSettings` and :class:`~msi_prefect.transfer.FileFilter`,
-and holds the consumer side's group and size limit and the downstream dispatch of rebuilt
-files (:mod:`msi_prefect.prefect_layer.dispatch`).
+and holds the consumer side's group and size limit, the downstream dispatch of rebuilt
+files (:mod:`msi_prefect.prefect_layer.dispatch`) and the retention of sent files in the
+watched folder (:mod:`msi_prefect.prefect_layer.prune`; off by default).
 
 Values are checked when the block is built or loaded, and a bad value fails with a message
 that names the field and says what a good value looks like. Secrets are ``SecretStr``:
@@ -161,6 +162,19 @@ class TransferSettings(Block):
         "format. 'openmsistream' reads what OpenMSIStream 1.8 uploaders write and writes "
         "what its DataFileDownloadDirectory reads; it allows one rebuilder per consumer "
         "group (see docs/migration-from-openmsistream.md).",
+    )
+
+    retention_days: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        title="Delete Sent Files After (days)",
+        description="Opt-in. Empty (the default): files stay in the watched folder. A "
+        "number: the prune-source deployment deletes a file from the watched folder this "
+        "many days after its newest generation was backed up, and only if the file is "
+        "unchanged since it was sent and its backup exists with the same size and SHA-256 "
+        "at that moment (0: as soon as that holds).",
+        examples=[7],
     )
 
     @field_validator("topic")
