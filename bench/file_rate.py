@@ -88,6 +88,7 @@ from bench.trigger_latency import (
     stack_ready,
 )
 from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
+from msi_prefect.stack.log_relay import log_files_oldest_first
 
 REPORT_PATH = BENCH_DIR / "FILE_RATE.md"
 COMMAND = "cd /work/main && .venv/bin/python -m bench.file_rate"
@@ -400,7 +401,11 @@ def server_queue_notes(server_log: Path) -> dict[str, Any]:
         server_log: The Prefect server's log of the run's stack.
     """
     try:
-        lines = server_log.read_text(errors="replace").splitlines()
+        lines = [
+            line
+            for path in log_files_oldest_first(server_log)
+            for line in path.read_text(errors="replace").splitlines()
+        ]
     except OSError:
         return {}
     deepest: dict[str, int] = {}

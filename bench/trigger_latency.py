@@ -61,7 +61,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ from bench.common import (
 from bench.report import fmt_seconds, machine_lines, minus, p90
 from msi_prefect.prefect_layer.event_queries import event_pages
 from msi_prefect.stack.config import free_port_map
+from msi_prefect.stack.log_relay import log_files_oldest_first
 
 REPO_DIR = BENCH_DIR.parent
 REPORT_PATH = BENCH_DIR / "TRIGGER_LATENCY.md"
@@ -462,6 +463,12 @@ def cli(
 RETRYABLE_MARK = "Encountered retryable exception in request"
 
 
+def _lines_of(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        with path.open(encoding="utf-8", errors="replace") as log:
+            yield from log
+
+
 def scan_server_log(path: Path, limit: int = 12) -> tuple[list[str], dict[str, int]]:
     """Read the Prefect server's log for errors.
 
@@ -478,18 +485,17 @@ def scan_server_log(path: Path, limit: int = 12) -> tuple[list[str], dict[str, i
     retryable: dict[str, int] = {}
     pending = False
     try:
-        with path.open(encoding="utf-8", errors="replace") as log:
-            for line in log:
-                if RETRYABLE_MARK in line:
-                    if pending:
-                        retryable["(no SQL shown)"] = retryable.get("(no SQL shown)", 0) + 1
-                    pending = True
-                elif pending and line.startswith("[SQL: "):
-                    key = " ".join(line[6:].split()[:3])
-                    retryable[key] = retryable.get(key, 0) + 1
-                    pending = False
-                elif "| ERROR" in line:
-                    found.append(" ".join(line.split())[:160])
+        for line in _lines_of(log_files_oldest_first(path)):
+            if RETRYABLE_MARK in line:
+                if pending:
+                    retryable["(no SQL shown)"] = retryable.get("(no SQL shown)", 0) + 1
+                pending = True
+            elif pending and line.startswith("[SQL: "):
+                key = " ".join(line[6:].split()[:3])
+                retryable[key] = retryable.get(key, 0) + 1
+                pending = False
+            elif "| ERROR" in line:
+                found.append(" ".join(line.split())[:160])
     except OSError:
         return [], {}
     if pending:

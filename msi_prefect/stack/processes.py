@@ -15,6 +15,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ EPHEMERAL_FALLBACK = (32768, 60999)
 DEFAULT_STOP_TIMEOUT_S = 10.0
 # How many log lines to quote when a process dies during start-up.
 LOG_TAIL_LINES = 15
+#: How long a failed start waits for the log relay to write the part's last lines.
+LOG_FLUSH_TIMEOUT_S = 2.0
 
 
 class ProcessState(StrEnum):
@@ -88,6 +91,8 @@ class PidRecord:
     # The launcher that execs the executable, if any: its name is the process's name for
     # the moment between the start and the exec.
     launcher: str | None = None
+    # The process that writes its output into the rotating log (see log_relay).
+    log_relay_pid: int | None = None
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
@@ -221,11 +226,13 @@ class ManagedProcess:
         try:
             data = json.loads(self.pid_file.read_text())
             launcher = data.get("launcher")
+            relay = data.get("log_relay_pid")
             return PidRecord(
                 int(data["pid"]),
                 str(data["executable"]),
                 float(data["started_at"]),
                 str(launcher) if launcher else None,
+                int(relay) if relay else None,
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -275,21 +282,26 @@ class ManagedProcess:
         env = {**os.environ, **self.spec.env}
         with self.log_file.open("ab") as log:
             log.write(f"\n--- starting {self.spec.name} at {time.ctime()} ---\n".encode())
-            log.flush()
+        relay = self._start_log_relay()
+        try:
             proc = subprocess.Popen(
                 [*self.spec.launcher, *self.spec.argv],
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=relay.stdin,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.spec.cwd,
                 start_new_session=True,  # own process group: survives us, stops as a whole
                 preexec_fn=_lower_priority(self.spec.niceness) if self.spec.niceness else None,
             )
+        finally:
+            assert relay.stdin is not None
+            relay.stdin.close()  # the part holds the pipe now; its exit ends the relay
         pid_data: dict[str, object] = {
             "pid": proc.pid,
             "executable": executable,
             "started_at": time.time(),
+            "log_relay_pid": relay.pid,
         }
         if self.spec.launcher:
             pid_data["launcher"] = self.spec.launcher[0]
@@ -297,6 +309,24 @@ class ManagedProcess:
         tmp.write_text(json.dumps(pid_data))
         tmp.replace(self.pid_file)
         return proc.pid
+
+    def _start_log_relay(self) -> subprocess.Popen[bytes]:
+        """Start the process that copies the part's output into its rotating log."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "msi_prefect.stack.log_relay", str(self.log_file)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not stopped with the part: it writes the last lines
+        )
+
+    def _wait_for_log(self, record: PidRecord | None) -> None:
+        """Give the log relay of a part that exited the moment to write its last lines."""
+        if record is None or record.log_relay_pid is None:
+            return
+        deadline = time.monotonic() + LOG_FLUSH_TIMEOUT_S
+        while time.monotonic() < deadline and pid_alive(record.log_relay_pid):
+            time.sleep(0.05)
 
     def wait_healthy(self, check: Callable[[], bool], timeout_s: float) -> None:
         """Poll `check` until it passes; fail early with the log tail if the process dies.
@@ -307,6 +337,7 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.state() is not ProcessState.RUNNING:
+                self._wait_for_log(self.read_pid())
                 raise MsiError(
                     f"{self.spec.name} exited during start-up. Last lines of {self.log_file}:\n"
                     + self.log_tail()
