@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger
 
 from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, load_block
-from msi_prefect.prefect_layer.prune import PruneReport, default_registry_path, prune_source
+from msi_prefect.prefect_layer.prune import PruneReport, prune_source
 from msi_prefect.prefect_layer.transfers.settings import TransferSettings
+from msi_prefect.transfer import registry_beside
 
 
 @flow(
@@ -63,7 +64,7 @@ def prune_source_flow(
         return {}
     report: PruneReport = prune_source(
         folder,
-        Path(registry_path) if registry_path else default_registry_path(folder),
+        Path(registry_path) if registry_path else registry_beside(folder),
         settings.topic,
         days,
         load_block(BackupStorage, backup_block),

@@ -10,7 +10,7 @@ from msi_prefect.prefect_layer.flow_inputs import FileInputError, load_block
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.prefect_layer.transfers.streaming import run_upload_files
-from msi_prefect.transfer import REGISTRY_FILE
+from msi_prefect.transfer import registry_beside
 
 # A broker outage may pass; the registry makes a retry send only what is missing.
 UPLOAD_RETRIES = 2
@@ -66,7 +66,7 @@ def upload_file_flow(
     missing = [path for path in paths if not Path(path).exists()]
     if missing:  # fails the run at once: retrying would not make them appear
         raise FileInputError(f"no such file or folder: {', '.join(missing)}")
-    registry = registry_path or str(Path(paths[0]).absolute().parent / f".msi-{REGISTRY_FILE}")
+    registry = registry_path or str(registry_beside(Path(paths[0]).absolute()))
     return send_files(
         paths,
         root,

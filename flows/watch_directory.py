@@ -11,7 +11,7 @@ from msi_prefect.prefect_layer.transfers.crypto import KafkaCryptoSettings
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.prefect_layer.transfers.streaming import run_watch_directory
-from msi_prefect.transfer import REGISTRY_FILE, StopConditions
+from msi_prefect.transfer import StopConditions, registry_beside
 
 
 @flow(
@@ -34,7 +34,7 @@ def watch_directory_flow(
         directory: The instrument folder to watch (sub-folders are kept).
         kafka_block: Name of the MSI Kafka Cluster block.
         transfer_block: Name of the MSI Transfer Settings block (topic, filters, window).
-        registry_path: Producer registry file; default: DIRECTORY/../.msi-registry.sqlite
+        registry_path: Producer registry file; default: DIRECTORY/../.msi-producer-registry.sqlite
             beside the folder, so it survives restarts and is not itself watched.
         stop_after_files: End after this many files (for tests and scripts).
         idle_timeout_s: End after this long with nothing to send.
@@ -45,7 +45,7 @@ def watch_directory_flow(
         Files per outcome.
     """
     folder = Path(directory)
-    registry = Path(registry_path) if registry_path else folder.parent / f".msi-{REGISTRY_FILE}"
+    registry = Path(registry_path) if registry_path else registry_beside(folder)
     return run_watch_directory(
         folder,
         load_block(KafkaCluster, kafka_block),

@@ -48,8 +48,6 @@ REPORT_FORMAT = 1
 #: A detail longer than this (an analysis result) is cut in the text output, not in --json.
 MAX_TEXT_VALUE_CHARS = 100
 _GLOB_CHARS = "*?["
-# msi_prefect.transfer.REGISTRY_FILE, not imported: the facade would load on every start.
-REGISTRY_FILE_NAME = "producer-registry.sqlite"
 
 
 class Step(StrEnum):
@@ -373,6 +371,7 @@ def not_sent_files(registry: Path, pattern: str) -> list[NotSent]:
 def stack_registry(args: argparse.Namespace) -> Path | None:
     """The registry of the watch-directory deployment of the stack next to us, if any."""
     from msi_prefect.stack.config import StateDir
+    from msi_prefect.transfer import registry_beside
 
     try:
         config = StateDir.from_env(args.state_dir).load_config()
@@ -380,7 +379,7 @@ def stack_registry(args: argparse.Namespace) -> Path | None:
         return None
     if config is None or config.watch_dir is None:
         return None
-    path = Path(config.watch_dir).parent / f".msi-{REGISTRY_FILE_NAME}"
+    path = registry_beside(Path(config.watch_dir))
     return path if path.is_file() else None
 
 

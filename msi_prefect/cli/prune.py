@@ -83,10 +83,10 @@ def _prune(args: argparse.Namespace) -> int:
     from msi_prefect.prefect_layer.prune import (
         PruneIncompleteError,
         PruneReport,
-        default_registry_path,
         prune_source,
     )
     from msi_prefect.prefect_layer.transfers.settings import TransferSettings
+    from msi_prefect.transfer import registry_beside
 
     incomplete: str | None = None
     # The prune runs as a task run of its own, outside a flow run: its logs stay here.
@@ -100,7 +100,7 @@ def _prune(args: argparse.Namespace) -> int:
             try:
                 report = prune_source(
                     directory,
-                    args.registry or default_registry_path(directory),
+                    args.registry or registry_beside(directory),
                     settings.topic,
                     days,
                     load_block(BackupStorage, args.backup_block),

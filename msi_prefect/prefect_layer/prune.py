@@ -47,7 +47,6 @@ from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import RESOURCE_PREFIX, EventName, FileFacts, file_event
 from msi_prefect.prefect_layer.flow_inputs import FileInputError
 from msi_prefect.transfer import (
-    REGISTRY_FILE,
     CopyStatus,
     FileRecord,
     FileState,
@@ -73,7 +72,6 @@ __all__ = [
     "Reason",
     "Verdict",
     "decide",
-    "default_registry_path",
     "plan_prune",
     "prune_source",
 ]
@@ -373,12 +371,6 @@ class PruneReport:
             "deleted": self.deleted,
             "freed_bytes": self.freed_bytes,
         }
-
-
-def default_registry_path(directory: Path) -> Path:
-    """The producer registry ``watch-directory`` keeps for a folder (beside it)."""
-    # The same default as flows/watch_directory.py.
-    return directory.parent / f".msi-{REGISTRY_FILE}"
 
 
 def _walk_files(directory: Path) -> Iterator[tuple[Path, str, DiskIdentity]]:

@@ -39,8 +39,10 @@ if TYPE_CHECKING:
     )
     from msi_prefect.transfer.layout import (
         EVENT_OUTBOX_FILE,
+        REGISTRY_FILE,
         STATE_DIR_NAME,
         DestinationLayout,
+        registry_beside,
         user_state_dir,
     )
     from msi_prefect.transfer.paths import (
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
         Reassembler,
         ReassemblerSettings,
     )
-    from msi_prefect.transfer.registry import REGISTRY_FILE, FileRecord, FileState, Registry
+    from msi_prefect.transfer.registry import FileRecord, FileState, Registry
     from msi_prefect.transfer.sinks import (
         ChecksumMismatchError,
         CopyStatus,
@@ -106,7 +108,9 @@ _DEFINED_IN: dict[str, str] = {
     "ensure_topic": "kafka",
     "DestinationLayout": "layout",
     "EVENT_OUTBOX_FILE": "layout",
+    "REGISTRY_FILE": "layout",
     "STATE_DIR_NAME": "layout",
+    "registry_beside": "layout",
     "user_state_dir": "layout",
     "UnsafePathError": "paths",
     "relative_posix": "paths",
@@ -124,7 +128,6 @@ _DEFINED_IN: dict[str, str] = {
     "FileEventKind": "reassembler",
     "Reassembler": "reassembler",
     "ReassemblerSettings": "reassembler",
-    "REGISTRY_FILE": "registry",
     "FileRecord": "registry",
     "FileState": "registry",
     "Registry": "registry",
@@ -199,6 +202,7 @@ __all__ = [
     "file_id_for",
     "iter_upload_files",
     "provision_node",
+    "registry_beside",
     "relative_posix",
     "resolve_inside",
     "sink_for",

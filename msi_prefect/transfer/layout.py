@@ -12,6 +12,10 @@ A local destination holds, besides the rebuilt files::
 A remote destination (an fsspec URL) needs an explicit work directory, which then also
 holds the staging files (``staging/``). The reassembler, the backup audit, the
 reconstruct flow and the CLI all find these files through :class:`DestinationLayout`.
+
+The sending side keeps one file, its producer registry (what was sent, by content): in the
+stack's state folder for the CLI, or beside a watched folder for the Prefect flows
+(:func:`registry_beside`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ QUARANTINE_DIR_NAME: Final = "quarantine"
 REMOTE_STAGING_DIR_NAME: Final = "staging"
 EVENT_OUTBOX_FILE: Final = "event-outbox.sqlite"
 BATCH_OUTBOX_FILE: Final = "dispatch-outbox.sqlite"
+#: The producer registry's file name (in a state folder; hidden as ``.msi-...`` beside one).
+REGISTRY_FILE: Final = "producer-registry.sqlite"
 # Where the transfer commands and a host's downstream runs keep their state outside a
 # stack's project folder.
 XDG_STATE_ENV: Final = "XDG_STATE_HOME"
@@ -88,6 +94,15 @@ class DestinationLayout:
         """Create the work, staging and quarantine directories (existing ones are kept)."""
         for directory in (self.work_dir, self.staging_dir, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
+
+
+def registry_beside(path: Path) -> Path:
+    """The producer registry the Prefect flows keep for a watched folder (or a sent file).
+
+    It sits beside ``path``, hidden: ``PARENT/.msi-producer-registry.sqlite``. The
+    watch-directory flow, the prune-source flow and ``msi-prefect files`` all find it here.
+    """
+    return path.parent / f".msi-{REGISTRY_FILE}"
 
 
 def user_state_dir() -> Path:

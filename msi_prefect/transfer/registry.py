@@ -58,10 +58,6 @@ _COLUMNS = "topic, relpath, size, mtime_ns, inode, sha256, generation, state, re
 _SELECT_FILE = f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?"
 
 
-#: The registry's file name in a state folder.
-REGISTRY_FILE = "producer-registry.sqlite"
-
-
 class FileState(enum.StrEnum):
     """Where a file stands on the producer side."""
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from msi_prefect.cli.files import (
-    REGISTRY_FILE_NAME,
     build_histories,
     literal_prefix,
     not_sent_files,
@@ -82,7 +81,6 @@ def test_files_claimed_but_not_sent_come_from_the_registry_with_their_reason(
 ) -> None:
     from msi_prefect.transfer import REGISTRY_FILE, Registry
 
-    assert REGISTRY_FILE_NAME == REGISTRY_FILE
     path = tmp_path / REGISTRY_FILE
     with Registry(path) as registry:
         for name in ("run1/a.tif", "run1/b.tif", "run1/c.tif", "notes.txt"):

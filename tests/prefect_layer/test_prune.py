@@ -24,10 +24,9 @@ from msi_prefect.prefect_layer.prune import (
     Reason,
     Verdict,
     decide,
-    default_registry_path,
 )
 from msi_prefect.prefect_layer.transfers.settings import TransferSettings
-from msi_prefect.transfer import CopyStatus, FileRecord, FileState, Registry
+from msi_prefect.transfer import CopyStatus, FileRecord, FileState, Registry, registry_beside
 from msi_prefect.transfer.registry import FileIdentity
 from msi_prefect.transfer.wire import file_id_for
 from tests.conftest import RunningStack
@@ -195,7 +194,7 @@ def test_retention_is_off_by_default_and_validated() -> None:
 
 
 def test_the_default_registry_is_the_watch_flows(tmp_path: Path) -> None:
-    assert default_registry_path(tmp_path / "inbox") == tmp_path / ".msi-producer-registry.sqlite"
+    assert registry_beside(tmp_path / "inbox") == tmp_path / ".msi-producer-registry.sqlite"
 
 
 # --------------------------------------------------------------------------- flow (stack)
@@ -228,7 +227,7 @@ class Instrument:
         self.inbox = root / "inbox"
         self.inbox.mkdir()
         self.topic = topic
-        self.registry = default_registry_path(self.inbox)
+        self.registry = registry_beside(self.inbox)
 
     def path(self, relpath: str) -> Path:
         return self.inbox.joinpath(*relpath.split("/"))
