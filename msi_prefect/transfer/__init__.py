@@ -57,14 +57,14 @@ if TYPE_CHECKING:
         UploadResult,
         UploadTally,
     )
-    from msi_prefect.transfer.progress import FileProgress, ProgressStore
+    from msi_prefect.transfer.progress import FileProgress, ProgressState, ProgressStore
     from msi_prefect.transfer.reassembler import (
         FileEvent,
         FileEventKind,
         Reassembler,
         ReassemblerSettings,
     )
-    from msi_prefect.transfer.registry import REGISTRY_FILE, Registry
+    from msi_prefect.transfer.registry import REGISTRY_FILE, FileState, Registry
     from msi_prefect.transfer.sinks import (
         ChecksumMismatchError,
         CopyStatus,
@@ -120,12 +120,14 @@ _DEFINED_IN: dict[str, str] = {
     "UploadTally": "producer",
     "FileProgress": "progress",
     "ProgressStore": "progress",
+    "ProgressState": "progress",
     "FileEvent": "reassembler",
     "FileEventKind": "reassembler",
     "Reassembler": "reassembler",
     "ReassemblerSettings": "reassembler",
     "REGISTRY_FILE": "registry",
     "Registry": "registry",
+    "FileState": "registry",
     "ChecksumMismatchError": "sinks",
     "CopyStatus": "sinks",
     "Sink": "sinks",
@@ -169,11 +171,13 @@ __all__ = [
     "FileFilter",
     "FileProducer",
     "FileProgress",
+    "FileState",
     "HeaderName",
     "KafkaConnection",
     "NodeFiles",
     "NodeRole",
     "ProducerSettings",
+    "ProgressState",
     "ProgressStore",
     "ProvisioningSecrets",
     "Reassembler",

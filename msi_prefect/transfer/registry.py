@@ -422,6 +422,34 @@ class Registry(SqliteStore):
             for row in rows
         ]
 
+    def sent_since(self, topic: str, since: float) -> int:
+        """How many files of a topic were last sent at or after ``since`` (Unix time)."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM files WHERE topic = ? AND state = ? AND updated_at >= ?",
+                (topic, FileState.SENT.value, since),
+            ).fetchone()
+        return int(row[0])
+
+    def last_sent(self, topic: str) -> FileRecord | None:
+        """The file of a topic sent last, or None."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND state = ?"
+                " ORDER BY updated_at DESC LIMIT 1",
+                (topic, FileState.SENT.value),
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def first_watched(self, topic: str, root: str) -> int | None:
+        """When ``root`` was first watched for ``topic`` (in ns), without recording it."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                "SELECT first_watched_ns FROM watched_folders WHERE topic = ? AND root = ?",
+                (topic, root),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
     def counts(self, topic: str) -> dict[FileState, int]:
         """Return how many files of a topic are in each state (zero included)."""
         result = dict.fromkeys(FileState, 0)

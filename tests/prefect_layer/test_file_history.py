@@ -146,3 +146,34 @@ def test_a_backup_writes_the_files_history_found_by_its_key(
     ]
     assert rows[2]["details"].startswith("backup_url file://")
     assert rows[2]["run"] == f"backup {relpath}"
+
+
+def test_rejections_are_written_from_a_bounded_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from msi_prefect.prefect_layer import file_history
+
+    release = threading.Event()
+    written: list[str] = []
+
+    def slow_record(spec: object, run_name: str | None = None) -> bool:
+        release.wait(10)
+        written.append(str(spec.payload["path"]))
+        return True
+
+    monkeypatch.setattr(file_history, "record_file_step", slow_record)
+    writer = file_history.RejectionHistoryWriter(max_queued=1)
+
+    def rejected(path: str) -> object:
+        facts = FileFacts(topic="lab", file_id="f" * 32, path=path, generation=1)
+        return file_event(EventName.REJECTED, facts)
+
+    writer.submit(file_event(EventName.UPLOADED, FileFacts("lab", "f" * 32, "sent.dat", 1)))
+    writer.submit(rejected(""))  # a message rejected before it named a file: no row
+    for index in range(3):
+        writer.submit(rejected(f"bad{index}.dat"))
+    assert writer.dropped >= 1  # the writer holds one, the queue one: the rest are dropped
+    release.set()
+    writer.close()
+    assert writer.written == len(written) == 3 - writer.dropped
+    assert all(path.startswith("bad") for path in written)
