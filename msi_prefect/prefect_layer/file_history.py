@@ -3,9 +3,10 @@
 A scientist looks for a file on the UI's Artifacts page by typing part of its name: every
 file has one table artifact, keyed :func:`file_history_key` (``file-<slug of the path>-<10
 hex digits of a hash of topic and path>``, e.g. ``file-run7-sample-01-tif-3f9c2a1b7e``), with
-a row per step of each generation: sent, rejected, rebuilt, backup, metadata, analysis and
-a backup the audit found missing, when it happened, the run that did it and what it says
-(``msi-prefect files`` shows the same, from the events). Each version of the key holds the
+a row per step of each generation: sent, rejected, rebuilt, backup, metadata and analysis,
+when it happened, the run that did it and what it says (``msi-prefect files`` shows the
+same from the events, and also a backup the audit found missing; the audit's repair
+backup updates the ``backup`` row). Each version of the key holds the
 whole history known at that moment; the UI shows the newest and keeps the older ones.
 
 Who writes it, and why so:
@@ -26,8 +27,10 @@ Backup, metadata and analysis of one file run at the same time. Each writer read
 newest version, adds its row, writes a new version, then reads the newest again: if a
 version written meanwhile lacks one of its rows, it writes the union once more (at most
 :data:`MAX_WRITE_ROUNDS` writes). The writer whose version is last read every version
-before it, so the last version holds every row. A failure to write is logged and never
-fails the step: the events remain the record.
+before it, so the last version holds every row. The calls have a short timeout and no
+retries, like the downstream events' first post: a step never waits for an absent
+server. A failure is logged, pauses the history of the process for
+:data:`PAUSE_AFTER_FAILURE_S`, and never fails the step: the events remain the record.
 
 Nothing here imports Prefect at module level: :func:`file_history_key` is used by the CLI.
 """
@@ -41,6 +44,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -75,8 +79,13 @@ EVENTS_LOOKBACK = timedelta(days=30)
 MAX_DETAIL_CHARS = 200
 #: Rejected files waiting for their row in :class:`RejectionHistoryWriter`.
 MAX_QUEUED_REJECTIONS = 100
-#: How long the end of a reconstruct run waits for the rejections' rows.
-REJECTION_DRAIN_WAIT_S = 15.0
+#: How long the end of a reconstruct run waits for the rejections' rows (short: `down`
+#: kills a transfer 10 s after asking it to stop).
+REJECTION_DRAIN_WAIT_S = 3.0
+#: Timeout of one call of the history (no retries: a step does not wait for the server).
+CALL_TIMEOUT_S = 5.0
+#: After a failed call, the history of this process is not written for this long.
+PAUSE_AFTER_FAILURE_S = 30.0
 
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
@@ -224,19 +233,28 @@ def _table_rows(artifact: Mapping[str, Any] | None) -> list[HistoryRow]:
 
 
 class _HistoryApi:
-    """The few calls the history needs, on the run's Prefect client."""
+    """The calls the history makes: one kept client per process, short timeout, no retries.
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    A step never waits for an absent server (Prefect's client would retry for about a
+    minute): a failed call pauses the history of this process for
+    :data:`PAUSE_AFTER_FAILURE_S`, as the downstream event outbox does.
+    """
+
+    def __init__(self) -> None:
+        from msi_prefect.prefect_layer.event_outbox import PrefectEventPoster
+
+        self._poster = PrefectEventPoster(timeout_s=CALL_TIMEOUT_S, retries=False)
+        # One write at a time per process (a batch run's files, the rejection writer).
+        self.lock = threading.Lock()
+        self.paused_until = 0.0
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._poster.post_json(path, body)
 
     def latest(self, key: str) -> dict[str, Any] | None:
-        response = self._client.request(
-            "POST",
-            "/artifacts/latest/filter",
-            json={"artifacts": {"key": {"any_": [key]}}, "limit": 1},
+        found = self.post(
+            "/artifacts/latest/filter", {"artifacts": {"key": {"any_": [key]}}, "limit": 1}
         )
-        response.raise_for_status()
-        found = response.json()
         return found[0] if found else None
 
     def file_events(self, topic: str, file_id: str) -> list[dict[str, Any]]:
@@ -253,10 +271,38 @@ class _HistoryApi:
             },
             "limit": MAX_FILE_EVENTS,
         }
-        response = self._client.request("POST", "/events/filter", json=body)
-        response.raise_for_status()
-        events: list[dict[str, Any]] = response.json().get("events", [])
+        events: list[dict[str, Any]] = self.post("/events/filter", body).get("events", [])
         return events
+
+    def create_table(self, key: str, rows: list[HistoryRow], description: str) -> str:
+        """A new version of ``key``, attached to the current task and flow run."""
+        from prefect.utilities.context import get_task_and_flow_run_ids
+
+        task_run_id, flow_run_id = get_task_and_flow_run_ids()
+        created = self.post(
+            "/artifacts/",
+            {
+                "key": key,
+                "type": "table",
+                "description": description,
+                "data": json.dumps([asdict(row) for row in rows]),
+                "task_run_id": str(task_run_id) if task_run_id else None,
+                "flow_run_id": str(flow_run_id) if flow_run_id else None,
+            },
+        )
+        return str(created["id"])
+
+
+_API: _HistoryApi | None = None
+_API_LOCK = threading.Lock()
+
+
+def _api() -> _HistoryApi:
+    global _API
+    with _API_LOCK:
+        if _API is None:
+            _API = _HistoryApi()
+        return _API
 
 
 def _this_run_name() -> str:
@@ -294,41 +340,40 @@ def record_file_step(spec: FileEventSpec, run_name: str | None = None) -> bool:
         run=_this_run_name() if run_name is None else run_name,
         details=details_of(step, payload),
     )
-    try:
-        _write(str(topic), str(path), str(payload.get("file_id") or ""), own)
-    except Exception as exc:  # the history is a view; the step's work is done
-        logger.warning("could not update the history artifact of %s: %r", path, exc)
-        return False
+    api = _api()
+    with api.lock:
+        if time.monotonic() < api.paused_until:
+            logger.debug("history of %s not written: the server failed a moment ago", path)
+            return False
+        try:
+            _write(api, str(topic), str(path), str(payload.get("file_id") or ""), own)
+        except Exception as exc:  # the history is a view; the step's work is done
+            api.paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
+            logger.warning("could not update the history artifact of %s: %r", path, exc)
+            return False
     return True
 
 
-def _write(topic: str, path: str, file_id: str, own: HistoryRow) -> None:
-    from prefect.artifacts import create_table_artifact
-    from prefect.client.orchestration import get_client
-
+def _write(api: _HistoryApi, topic: str, path: str, file_id: str, own: HistoryRow) -> None:
     key = file_history_key(topic, path)
     description = (
         f"History of `{path}` (topic `{topic}`): each generation's steps. "
         f"`msi-prefect files '{path}'` shows the same from the events."
     )
-    with get_client(sync_client=True) as client:
-        api = _HistoryApi(client)
-        rows = merge_rows(_table_rows(api.latest(key)), [own])
-        seen = {(row.generation, row.step) for row in rows if row.generation == own.generation}
-        if file_id and not {step for _, step in seen} >= _TRANSFER_STEPS and own.step != "sent":
-            rows = merge_rows(rows_from_events(api.file_events(topic, file_id)), rows)
-        for _ in range(MAX_WRITE_ROUNDS):
-            written = create_table_artifact(
-                table=[asdict(row) for row in rows], key=key, description=description
-            )
-            newest = api.latest(key)
-            if newest is None or str(newest.get("id")) == str(written):
-                return
-            theirs = _table_rows(newest)
-            if set(rows) <= set(theirs):
-                return
-            # A writer of this file read before our version and wrote after it.
-            rows = merge_rows(theirs, rows)
+    rows = merge_rows(_table_rows(api.latest(key)), [own])
+    seen = {row.step for row in rows if row.generation == own.generation}
+    if file_id and not seen >= _TRANSFER_STEPS and own.step != "sent":
+        rows = merge_rows(rows_from_events(api.file_events(topic, file_id)), rows)
+    for _ in range(MAX_WRITE_ROUNDS):
+        written = api.create_table(key, rows, description)
+        newest = api.latest(key)
+        if newest is None or str(newest.get("id")) == written:
+            return
+        theirs = _table_rows(newest)
+        if set(rows) <= set(theirs):
+            return
+        # A writer of this file read before our version and wrote after it.
+        rows = merge_rows(theirs, rows)
 
 
 class RejectionHistoryWriter:
@@ -344,6 +389,7 @@ class RejectionHistoryWriter:
         self._queue: queue.Queue[FileEventSpec | None] = queue.Queue(maxsize=max_queued)
         self.dropped = 0
         self.written = 0
+        self._stopping = False
         context = contextvars.copy_context()
         self._thread = threading.Thread(
             target=context.run, args=(self._loop,), name="msi-rejection-history", daemon=True
@@ -360,20 +406,21 @@ class RejectionHistoryWriter:
             self.dropped += 1
 
     def _loop(self) -> None:
-        while (spec := self._queue.get()) is not None:
+        while not self._stopping and (spec := self._queue.get()) is not None:
             if record_file_step(spec):
                 self.written += 1
 
     def close(self, wait_s: float = REJECTION_DRAIN_WAIT_S) -> None:
-        """Write what is queued (waiting at most ``wait_s``), then stop the thread."""
+        """Write what is queued, waiting at most ``wait_s``; the rest is left (counted)."""
         try:
-            self._queue.put(None, timeout=wait_s)
+            self._queue.put_nowait(None)
         except queue.Full:
-            return
+            self._stopping = True  # the thread stops after the item in hand
         self._thread.join(wait_s)
-        if self.dropped:
+        left = self._queue.qsize()
+        if self.dropped or left:
             logger.warning(
-                "%d rejected files got no history row (too many at once); their "
-                "msi.file.rejected events have them",
-                self.dropped,
+                "%d rejected files got no history row (too many at once, or the server "
+                "was slow); their msi.file.rejected events have them",
+                self.dropped + left,
             )
