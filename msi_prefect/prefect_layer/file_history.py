@@ -27,10 +27,11 @@ Backup, metadata and analysis of one file run at the same time. Each writer read
 newest version, adds its row, writes a new version, then reads the newest again: if a
 version written meanwhile lacks one of its rows, it writes the union once more (at most
 :data:`MAX_WRITE_ROUNDS` writes). The writer whose version is last read every version
-before it, so the last version holds every row. The calls have a short timeout and no
-retries, like the downstream events' first post: a step never waits for an absent
-server. A failure is logged, pauses the history of the process for
-:data:`PAUSE_AFTER_FAILURE_S`, and never fails the step: the events remain the record.
+before it, so the last version holds every row. The calls are retried while the server is
+busy (503, timeouts) for at most :data:`CALL_DEADLINE_S`, not for the minute Prefect's
+client would: a step never waits long for an absent server. A failure is logged, pauses
+the history of the process for :data:`PAUSE_AFTER_FAILURE_S`, and never fails the step:
+the events remain the record.
 
 Nothing here imports Prefect at module level: :func:`file_history_key` is used by the CLI.
 """
@@ -82,8 +83,14 @@ MAX_QUEUED_REJECTIONS = 100
 #: How long the end of a reconstruct run waits for the rejections' rows (short: `down`
 #: kills a transfer 10 s after asking it to stop).
 REJECTION_DRAIN_WAIT_S = 3.0
-#: Timeout of one call of the history (no retries: a step does not wait for the server).
-CALL_TIMEOUT_S = 5.0
+#: Timeout of one attempt of a call of the history.
+CALL_TIMEOUT_S = 10.0
+#: A call is retried (busy server: 503, timeouts) until this long after it began; not
+#: Prefect's client's minute of retries, so a step never waits long for the server.
+CALL_DEADLINE_S = 15.0
+FIRST_RETRY_PAUSE_S = 0.5
+#: Answers that say "not now" rather than "no".
+RETRIED_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 #: After a failed call, the history of this process is not written for this long.
 PAUSE_AFTER_FAILURE_S = 30.0
 
@@ -233,7 +240,7 @@ def _table_rows(artifact: Mapping[str, Any] | None) -> list[HistoryRow]:
 
 
 class _HistoryApi:
-    """The calls the history makes: one kept client per process, short timeout, no retries.
+    """The calls the history makes: one kept client per process, short retries of its own.
 
     A step never waits for an absent server (Prefect's client would retry for about a
     minute): a failed call pauses the history of this process for
@@ -249,7 +256,27 @@ class _HistoryApi:
         self.paused_until = 0.0
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        return self._poster.post_json(path, body)
+        """One call, retried while the server says "not now" (busy, 503), up to a deadline.
+
+        A server that is away refuses at once: that fails within seconds.
+        """
+        import httpx
+
+        deadline = time.monotonic() + CALL_DEADLINE_S
+        pause = FIRST_RETRY_PAUSE_S
+        while True:
+            try:
+                return self._poster.post_json(path, body)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code not in RETRIED_STATUS_CODES:
+                    raise
+                error: Exception = exc
+            except httpx.TransportError as exc:
+                error = exc
+            if time.monotonic() + pause >= deadline:
+                raise error
+            time.sleep(pause)
+            pause *= 2
 
     def latest(self, key: str) -> dict[str, Any] | None:
         found = self.post(

@@ -190,18 +190,31 @@ def test_each_file_has_its_history_artifact_and_status_counts_it(lab_stack: User
     assert set(keys) == set(DROPPED)
     way = [(1, step) for step in ("sent", "rebuilt", "backup", "metadata", "analysis")]
 
+    seen: dict[str, Any] = {}
+
     def histories_complete() -> bool:
         for key in keys.values():
             latest = httpx.get(f"{lab_stack.api}/artifacts/{key}/latest", timeout=API_TIMEOUT_S)
+            seen[key] = latest.status_code
             if latest.status_code != 200:
                 return False
             rows = json.loads(latest.json()["data"])
-            if [(row["generation"], row["step"]) for row in rows] != way:
+            seen[key] = [(row["generation"], row["step"]) for row in rows]
+            if seen[key] != way:
                 return False
         return True
 
     # Backup, metadata and analysis each add their row, at the same time.
-    _poll(histories_complete, "a history artifact lacks a step")
+    try:
+        _poll(histories_complete, "a history artifact lacks a step")
+    except AssertionError:
+        warnings = httpx.post(
+            f"{lab_stack.api}/logs/filter",
+            json={"logs": {"level": {"ge_": 30}}, "limit": 50},
+            timeout=API_TIMEOUT_S,
+        ).json()
+        said = [log["message"] for log in warnings if "history" in log["message"]]
+        raise AssertionError(f"history artifacts incomplete: {seen}; warnings: {said}") from None
     found = httpx.post(
         f"{lab_stack.api}/artifacts/filter",
         json={"artifacts": {"key": {"like_": "beta-dat"}}},
