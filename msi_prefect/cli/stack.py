@@ -264,7 +264,10 @@ def _print_status(manager: StackManager, as_json: bool, with_transfers: bool = F
     status = manager.status()
     transfers: list[TransferStatus] = []
     if with_transfers and (manager.config.watch_dir or manager.config.destination_dir):
-        transfers.append(transfer_status(manager.config))
+        stopped = frozenset(
+            Component(row.name) for row in status.components if row.health is Health.STOPPED
+        )
+        transfers.append(transfer_status(manager.config, stopped=stopped))
     if as_json:
         data = status.to_json_dict()
         if with_transfers:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
-from msi_prefect.stack.config import StackConfig
+from msi_prefect.stack.config import Component, StackConfig
 
 #: The window of the "last hour" counts.
 WINDOW_S = 3600.0
@@ -160,7 +160,10 @@ def _iso(epoch: float) -> str:
 
 
 def transfer_status(
-    config: StackConfig, now: float | None = None, block_name: str = EMBEDDED_BLOCK
+    config: StackConfig,
+    now: float | None = None,
+    block_name: str = EMBEDDED_BLOCK,
+    stopped: frozenset[Component] = frozenset(),
 ) -> TransferStatus:
     """How the stack's transfer is doing; every source read on its own (see the module).
 
@@ -168,10 +171,20 @@ def transfer_status(
         config: The stack's settings (folders, ports).
         now: Unix time the window ends at (default: now).
         block_name: The transfer settings block the deployments use.
+        stopped: Parts known to be stopped: not asked (a note says so), so a stopped
+            broker costs no timeout.
     """
     now = time.time() if now is None else now
     notes: list[str] = []
-    block = _transfer_block(config, block_name, notes)
+    prefect_up = Component.PREFECT not in stopped
+    if prefect_up:
+        block = _transfer_block(config, block_name, notes)
+    else:
+        block = {}
+        notes.append(
+            "transfer settings, downstream runs: the Prefect server is stopped; assuming "
+            f"topic {DEFAULT_TOPIC!r} and group {DEFAULT_CONSUMER_GROUP!r}"
+        )
     status = TransferStatus(
         topic=str(block.get("topic") or DEFAULT_TOPIC),
         consumer_group=str(block.get("consumer_group") or DEFAULT_CONSUMER_GROUP),
@@ -184,8 +197,12 @@ def transfer_status(
         _read_producer(status, Path(config.watch_dir), block, since)
     if config.destination_dir:
         _read_consumer(status, Path(config.destination_dir), since)
-    _read_broker(status, config)
-    _read_runs(status, config)
+    if Component.BROKER in stopped:
+        status.notes.append("broker: stopped; no consumer lag")
+    else:
+        _read_broker(status, config)
+    if prefect_up:
+        _read_runs(status, config)
     return status
 
 
