@@ -81,8 +81,11 @@ _OBSERVER_JOIN_TIMEOUT_S: Final = 5.0
 # Reading the file is not needed to know we may: opening it is enough, and O_NONBLOCK
 # keeps a FIFO swapped in after the stat from blocking us.
 _READ_CHECK_FLAGS: Final = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
-# Paths whose skip was told, kept to tell each (path, reason) once; cleared when full.
+# Paths whose skip was told, kept to tell each (path, reason) once. When full, new skips
+# are not told until the next reset (at most hourly, which also forgets deleted files):
+# a folder of many excluded files costs no steady stream of re-told skips.
 _MAX_SKIPS_TOLD: Final = 10_000
+_SKIPS_TOLD_RESET_S: Final = 3600.0
 # A path that vanished, or one of whose parents is no longer a directory.
 _GONE_ERRORS: Final = (FileNotFoundError, NotADirectoryError)
 
@@ -449,6 +452,7 @@ class DirectoryWatcher:
         self._unreadable: dict[str, _Unreadable] = {}
         self._dir_problems: dict[str, str] = {}
         self._skips_told: dict[str, SkipReason] = {}
+        self._skips_told_reset_at = clock()
         self._seq = 0
         self._scan_id = 0
         self._next_scan_at: float | None = None  # None until the initial scan ran
@@ -625,24 +629,31 @@ class DirectoryWatcher:
         """The filter, telling ``on_skipped`` about each excluded file once."""
         if self._settings.filter.matches(relpath):
             return True
-        if self._skips_told.get(relpath) is not SkipReason.EXCLUDED:
+        if self._should_tell(relpath, SkipReason.EXCLUDED):
             self._tell_skipped(relpath, SkipReason.EXCLUDED, self._settings.filter.explain(relpath))
         return False
 
+    def _should_tell(self, relpath: str, reason: SkipReason) -> bool:
+        if self._settings.on_skipped is None or self._skips_told.get(relpath) is reason:
+            return False
+        if len(self._skips_told) < _MAX_SKIPS_TOLD:
+            return True
+        now = self._clock()
+        if now - self._skips_told_reset_at < _SKIPS_TOLD_RESET_S:
+            return False
+        self._skips_told.clear()
+        self._skips_told_reset_at = now
+        return True
+
     def _tell_skipped(self, relpath: str, reason: SkipReason, detail: str) -> None:
         on_skipped = self._settings.on_skipped
-        if on_skipped is None or self._skips_told.get(relpath) is reason:
+        if on_skipped is None or not self._should_tell(relpath, reason):
             return
-        if len(self._skips_told) >= _MAX_SKIPS_TOLD:
-            self._skips_told.clear()  # bounded memory; a path told again is harmless
         self._skips_told[relpath] = reason
         on_skipped(SkippedFile(relpath, reason, detail, time.time()))
 
     def _tell_changing(self, relpath: str) -> None:
-        if (
-            self._settings.on_skipped is not None
-            and self._skips_told.get(relpath) is not SkipReason.STILL_CHANGING
-        ):
+        if self._should_tell(relpath, SkipReason.STILL_CHANGING):
             self._tell_skipped(
                 relpath,
                 SkipReason.STILL_CHANGING,

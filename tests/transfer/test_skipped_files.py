@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+import pytest
+
 from msi_prefect.transfer.filters import FileFilter
 from msi_prefect.transfer.registry import (
     MAX_SKIPPED_FILES,
@@ -105,3 +107,27 @@ def test_the_buffer_is_bounded_and_flushes_into_the_registry(tmp_path: Path) -> 
         buffer.flush(registry, "lab")
         buffer.flush(registry, "lab")  # nothing left: no change
         assert [r.skipped.relpath for r in registry.skipped()] == ["a.tmp", "b.tmp"]
+
+
+def test_many_excluded_files_are_told_up_to_a_bound_then_again_after_the_reset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from msi_prefect.transfer import watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "_MAX_SKIPS_TOLD", 3)
+    fs = FakeFS()
+    told: list[SkippedFile] = []
+    clock = [0.0]
+    settings = WatchSettings(
+        root=Path("/watched"), filter=FileFilter(exclude=("*.log",)), on_skipped=told.append
+    )
+    watcher = DirectoryWatcher(settings, fs=fs, clock=lambda: clock[0])
+    for index in range(5):
+        fs.write(f"run{index}.log", 1)
+    watcher.poll_ready(0.0)
+    watcher.poll_ready(1.0)  # the next scan tells nothing new: the bound holds
+    assert len(told) == 3
+    clock[0] = watcher_module._SKIPS_TOLD_RESET_S + 1
+    watcher.poll_ready(2.0)
+    # Forgotten once an hour: the files never told are told now, still within the bound.
+    assert [s.relpath for s in told[3:]] == ["run3.log", "run4.log"]
