@@ -145,11 +145,22 @@ class GenerationHistory:
 
 @dataclass
 class FileHistory:
-    """One file (a path on a topic) and its generations, oldest first."""
+    """One file (a path on a topic) and its generations, oldest first.
+
+    Attributes:
+        path: The relative path.
+        topic: The topic.
+        generations: Each generation's steps.
+        artifact_key: The key of its history artifact in the UI (written by its downstream
+            steps and, for a rejection, by the reconstruct run).
+        artifact_url: That artifact's page in the UI, when the UI's address is known.
+    """
 
     path: str
     topic: str
     generations: list[GenerationHistory] = field(default_factory=list)
+    artifact_key: str = ""
+    artifact_url: str | None = None
 
 
 @dataclass
@@ -175,6 +186,25 @@ class NotSent:
 
 
 @dataclass
+class SkippedByWatcher:
+    """A file the watcher skipped and has not sent since, from the producer registry.
+
+    Attributes:
+        path: The relative path.
+        topic: The topic it would go to.
+        reason: ``excluded``, ``still-changing`` or ``unreadable``.
+        detail: The rule that excluded it, or the error.
+        at: When it was skipped (ISO 8601, UTC).
+    """
+
+    path: str
+    topic: str
+    reason: str
+    detail: str
+    at: str
+
+
+@dataclass
 class FilesReport:
     """What ``msi-prefect files --json`` prints.
 
@@ -187,6 +217,7 @@ class FilesReport:
         files: The matching files, by path then topic.
         registry: The producer registry read, or None.
         not_sent: The matching files the registry holds as not sent.
+        skipped: The matching files the watcher skipped, with its reason.
     """
 
     format: int
@@ -197,6 +228,7 @@ class FilesReport:
     files: list[FileHistory]
     registry: str | None = None
     not_sent: list[NotSent] = field(default_factory=list)
+    skipped: list[SkippedByWatcher] = field(default_factory=list)
 
 
 def literal_prefix(pattern: str) -> str:
@@ -368,6 +400,45 @@ def not_sent_files(registry: Path, pattern: str) -> list[NotSent]:
     ]
 
 
+def skipped_files(registry: Path, pattern: str) -> list[SkippedByWatcher]:
+    """The files matching ``pattern`` that the watcher skipped and has not sent since.
+
+    Raises:
+        MsiError: The registry cannot be read.
+    """
+    import sqlite3
+
+    from msi_prefect.transfer import Registry
+
+    try:
+        with Registry(registry) as store:
+            records = store.skipped()
+    except (sqlite3.Error, OSError) as exc:
+        raise MsiError(f"cannot read the producer registry {registry}: {exc}") from exc
+    return [
+        SkippedByWatcher(
+            path=record.skipped.relpath,
+            topic=record.topic,
+            reason=record.skipped.reason.value,
+            detail=record.skipped.detail,
+            at=datetime.fromtimestamp(record.skipped.at, UTC).isoformat(),
+        )
+        for record in records
+        if fnmatch.fnmatchcase(record.skipped.relpath, pattern)
+    ]
+
+
+def add_artifact_keys(files: list[FileHistory], ui_url: str | None) -> None:
+    """Name each file's history artifact (and its page in the UI)."""
+    # Here, not at the top: the Prefect layer's modules load the transfer core.
+    from msi_prefect.prefect_layer.file_history import file_history_key
+
+    for history in files:
+        history.artifact_key = file_history_key(history.topic, history.path)
+        if ui_url:
+            history.artifact_url = f"{ui_url}/artifacts/key/{history.artifact_key}"
+
+
 def stack_registry(args: argparse.Namespace) -> Path | None:
     """The registry of the watch-directory deployment of the stack next to us, if any."""
     from msi_prefect.stack.config import StateDir
@@ -389,6 +460,7 @@ def file_report(client: Any, pattern: str, since_days: float, ui_url: str | None
     events, truncated = read_file_events(client, pattern, since)
     files = build_histories(events, pattern)
     add_run_states(client, files, ui_url)
+    add_artifact_keys(files, ui_url)
     return FilesReport(
         format=REPORT_FORMAT,
         pattern=pattern,
@@ -409,6 +481,8 @@ def _print_text(report: FilesReport) -> None:
         print(f"no file matching {report.pattern!r} in the events since {report.since}")
     for history in report.files:
         print(f"{history.path}  (topic {history.topic})")
+        where = f"  {history.artifact_url}" if history.artifact_url else ""
+        print(f"  history artifact {history.artifact_key}{where}")
         for generation in history.generations:
             waiting = (
                 f"; waiting for {', '.join(generation.waiting_for)}"
@@ -432,6 +506,13 @@ def _print_text(report: FilesReport) -> None:
             f"  {entry.path}  (topic {entry.topic}) generation {entry.generation} "
             f"{entry.state} since {entry.updated_at}{reason}"
         )
+    if report.skipped:
+        print(f"never sent, skipped by the watcher (producer registry {report.registry}):")
+    for skipped in report.skipped:
+        print(
+            f"  {skipped.path}  (topic {skipped.topic}) {skipped.reason} since {skipped.at}: "
+            f"{skipped.detail}"
+        )
     if report.truncated:
         print(f"(only the newest {report.events_read} events were read)")
 
@@ -453,6 +534,7 @@ def _files(args: argparse.Namespace) -> int:
     if registry is not None:
         report.registry = str(registry)
         report.not_sent = not_sent_files(registry, args.pattern)
+        report.skipped = skipped_files(registry, args.pattern)
     if args.json:
         print(json.dumps(asdict(report), indent=2, default=str))
     else:

@@ -25,6 +25,7 @@ from msi_prefect.stack.config import (
 # provisioning) are imported on use: keeps `msi-prefect upload` start-up short.
 if TYPE_CHECKING:
     from msi_prefect.stack.manager import StackManager
+    from msi_prefect.stack.transfer_status import TransferStatus
 
 EXIT_OK = 0
 EXIT_UNHEALTHY = 1
@@ -250,15 +251,28 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    return _print_status(_manager(args), as_json=args.json)
+    return _print_status(_manager(args), as_json=args.json, with_transfers=True)
 
 
-def _print_status(manager: StackManager, as_json: bool) -> int:
+def _print_status(manager: StackManager, as_json: bool, with_transfers: bool = False) -> int:
+    """Print the parts of the stack and, with ``with_transfers``, how the transfer does."""
+    from dataclasses import asdict
+
     from msi_prefect.stack.manager import Health
+    from msi_prefect.stack.transfer_status import transfer_status
 
     status = manager.status()
+    transfers: list[TransferStatus] = []
+    if with_transfers and (manager.config.watch_dir or manager.config.destination_dir):
+        stopped = frozenset(
+            Component(row.name) for row in status.components if row.health is Health.STOPPED
+        )
+        transfers.append(transfer_status(manager.config, stopped=stopped))
     if as_json:
-        print(json.dumps(status.to_json_dict(), indent=2))
+        data = status.to_json_dict()
+        if with_transfers:
+            data["transfers"] = [asdict(transfer) for transfer in transfers]
+        print(json.dumps(data, indent=2))
     else:
         print(f"state dir     {status.state_dir}")
         print(f"prefect UI    {status.prefect_ui_url}")
@@ -278,7 +292,43 @@ def _print_status(manager: StackManager, as_json: bool) -> int:
         unhealthy = [r for r in status.components if r.health is not Health.HEALTHY]
         for row in unhealthy:
             print(f"  {row.name}: {row.health.value}; see {row.log_file}")
+        for transfer in transfers:
+            _print_transfer(transfer)
     return EXIT_OK if status.all_healthy else EXIT_UNHEALTHY
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _print_transfer(transfer: TransferStatus) -> None:
+    """The transfer's lines of `status` (a ``?`` where a source did not answer)."""
+    producer, consumer, downstream = transfer.producer, transfer.consumer, transfer.downstream
+    print()
+    print(f"transfer      {transfer.watch_dir} -> topic {transfer.topic} -> "
+          f"{transfer.destination_dir}")  # fmt: skip
+    print(
+        f"last hour     sent {_count(producer.sent_last_hour)}, rebuilt "
+        f"{_count(consumer.rebuilt_last_hour)}, rejected {_count(consumer.rejected_last_hour)}"
+    )
+    for label, last in (("last sent", producer.last_sent), ("last rebuilt", consumer.last_rebuilt)):
+        if last is not None:
+            print(f"{label:<13} {last.path} (generation {last.generation}) at {last.at}")
+    cut = "+" if producer.folder_scan_cut else ""
+    print(
+        f"waiting       {_count(producer.waiting_in_folder)}{cut} files in the watched folder, "
+        f"{_count(transfer.messages_on_topic)} messages on the topic, "
+        f"{_count(consumer.receiving)} files being received, "
+        f"{_count(downstream.files_waiting_for_batch)} files waiting for their batch"
+    )
+    print(
+        f"downstream    runs: {_count(downstream.runs_scheduled)} scheduled, "
+        f"{_count(downstream.runs_pending)} pending, {_count(downstream.runs_running)} running"
+    )
+    if producer.skipped:
+        print(f"skipped       {producer.skipped} files (msi-prefect files shows why)")
+    for note in transfer.notes:
+        print(f"  note: {note}")
 
 
 def _env(args: argparse.Namespace) -> int:

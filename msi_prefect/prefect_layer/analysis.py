@@ -33,6 +33,7 @@ from msi_prefect.errors import MsiError
 from msi_prefect.metadata import extract_metadata
 from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
+from msi_prefect.prefect_layer.file_history import record_file_step
 from msi_prefect.prefect_layer.flow_inputs import (
     FileInputError,
     RebuiltFile,
@@ -245,6 +246,8 @@ def analyze_file(
     small = len(encoded) <= MAX_EVENT_RESULT_CHARS
     facts = file.facts(analysis=analysis, result=result if small else None, result_cut=not small)
     unique = f"{dedup_key or file.file_id}:{analysis}"
-    emit_downstream_event(file_event(EventName.ANALYZED, facts, unique))
+    event = file_event(EventName.ANALYZED, facts, unique)
+    emit_downstream_event(event)
+    record_file_step(event)
     logger.info("Analysis %s of %s done", analysis, file.path)
     return AnalysisResult(relpath=relpath, analysis=analysis, result=result)

@@ -368,6 +368,17 @@ class PrefectEventPoster:
         response = self._request("/events/filter", body)
         return {str(event["id"]) for event in response.json().get("events", [])}
 
+    def post_json(self, path: str, body: Any) -> Any:
+        """POST ``body`` to ``path`` of the API and return the answer's JSON.
+
+        For the file history (:mod:`msi_prefect.prefect_layer.file_history`), which
+        reads and writes artifacts with the same quick, kept client.
+
+        Raises:
+            httpx.HTTPError: The server is unreachable or did not accept it.
+        """
+        return self._request(path, body).json()
+
     def _request(self, path: str, body: Any) -> Any:
         """POST ``body`` to ``path`` with the kept client; drop the client on a failure."""
         from prefect.client.orchestration import get_client

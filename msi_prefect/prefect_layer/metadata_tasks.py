@@ -34,6 +34,7 @@ from msi_prefect.metadata import FileMetadata, extract_metadata, metadata_markdo
 from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
+from msi_prefect.prefect_layer.file_history import record_file_step
 from msi_prefect.prefect_layer.flow_inputs import (
     FileInputError,
     RebuiltFile,
@@ -289,5 +290,7 @@ def publish_file_metadata(
         extractor=metadata.extractor,
         warnings=len(metadata.warnings),
     )
-    emit_downstream_event(file_event(EventName.METADATA_EXTRACTED, facts))
+    event = file_event(EventName.METADATA_EXTRACTED, facts)
+    emit_downstream_event(event)
+    record_file_step(event)
     return published

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
         UploadResult,
         UploadTally,
     )
-    from msi_prefect.transfer.progress import FileProgress, ProgressStore
+    from msi_prefect.transfer.progress import FileProgress, ProgressState, ProgressStore
     from msi_prefect.transfer.reassembler import (
         FileEvent,
         FileEventKind,
@@ -124,6 +124,7 @@ _DEFINED_IN: dict[str, str] = {
     "UploadTally": "producer",
     "FileProgress": "progress",
     "ProgressStore": "progress",
+    "ProgressState": "progress",
     "FileEvent": "reassembler",
     "FileEventKind": "reassembler",
     "Reassembler": "reassembler",
@@ -181,6 +182,7 @@ __all__ = [
     "NodeFiles",
     "NodeRole",
     "ProducerSettings",
+    "ProgressState",
     "ProgressStore",
     "ProvisioningSecrets",
     "Reassembler",

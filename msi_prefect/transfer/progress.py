@@ -783,6 +783,46 @@ class ProgressStore(SqliteStore):
                 conn, (topic, file_id, generation), ProgressState.ABORTED, reason
             )
 
+    def count_since(self, topic: str, since: float) -> dict[ProgressState, int]:
+        """How many generations of a topic reached each state at or after ``since``.
+
+        Args:
+            topic: Kafka topic.
+            since: Unix time.
+
+        Returns:
+            A count for every state (zero included).
+        """
+        result = dict.fromkeys(ProgressState, 0)
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                "SELECT state, COUNT(*) FROM progress WHERE topic = ? AND updated_at >= ?"
+                " GROUP BY state",
+                (topic, since),
+            ).fetchall()
+        for state, count in rows:
+            result[ProgressState(state)] = int(count)
+        return result
+
+    def count_receiving(self, topic: str) -> int:
+        """How many generations of a topic are being received (in flight)."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM progress WHERE topic = ? AND state = ?",
+                (topic, ProgressState.RECEIVING.value),
+            ).fetchone()
+        return int(row[0])
+
+    def last_finished(self, topic: str, state: ProgressState) -> FileProgress | None:
+        """The generation of a topic that last reached ``state`` (e.g. COMPLETE), or None."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM progress WHERE topic = ? AND state = ?"
+                " ORDER BY updated_at DESC LIMIT 1",
+                (topic, state.value),
+            ).fetchone()
+        return None if row is None else _progress(row)
+
     def prune_finished(self, older_than_seconds: float) -> int:
         """Delete finished generations last changed more than ``older_than_seconds`` ago.
 

@@ -51,11 +51,68 @@ _SCHEMA = (
     first_watched_ns INTEGER NOT NULL,
     PRIMARY KEY (topic, root)
 )""",
+    # What the watcher skipped and why (excluded, still changing, unreadable): a few
+    # recent rows per topic, not a log (Registry.record_skipped keeps MAX_SKIPPED_FILES).
+    # Added without a schema version change: older code simply ignores the table.
+    """CREATE TABLE IF NOT EXISTS skipped_files (
+    topic TEXT NOT NULL,
+    relpath TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (topic, relpath)
+)""",
+    "CREATE INDEX IF NOT EXISTS skipped_by_time ON skipped_files (topic, at)",
 )
 
 _COLUMNS = "topic, relpath, size, mtime_ns, inode, sha256, generation, state, reason, updated_at"
 # Built once: it runs for every file sent.
 _SELECT_FILE = f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND relpath = ?"
+
+
+#: Skipped files kept per topic (the newest); older ones are dropped.
+MAX_SKIPPED_FILES = 1000
+
+
+class SkipReason(enum.StrEnum):
+    """Why the watcher did not send a file (yet)."""
+
+    EXCLUDED = "excluded"
+    """An include/exclude rule leaves it out."""
+    STILL_CHANGING = "still-changing"
+    """It changed within its stability window; it goes once it stops changing."""
+    UNREADABLE = "unreadable"
+    """It could not be stat-ed or opened; it is tried again when it changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedFile:
+    """A file the watcher skipped, and why.
+
+    Attributes:
+        relpath: Relative POSIX path below the watched folder.
+        reason: Why.
+        detail: The rule that excluded it, or the error.
+        at: Unix time the watcher skipped it.
+    """
+
+    relpath: str
+    reason: SkipReason
+    detail: str
+    at: float
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A skipped file as the registry holds it.
+
+    Attributes:
+        topic: The topic the watcher sends to.
+        skipped: The file, why and when it was skipped.
+    """
+
+    topic: str
+    skipped: SkippedFile
 
 
 class FileState(enum.StrEnum):
@@ -319,6 +376,77 @@ class Registry(SqliteStore):
                 (FileState.SENT.value,),
             ).fetchall()
         return [_record(row) for row in rows]
+
+    def record_skipped(self, topic: str, skipped: list[SkippedFile]) -> None:
+        """Record files the watcher skipped (one transaction), keeping the newest per topic.
+
+        A path's newer record replaces its older one; beyond :data:`MAX_SKIPPED_FILES`
+        rows for the topic the oldest are dropped, so the table stays small.
+        """
+        if not skipped:
+            return
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO skipped_files (topic, relpath, reason, detail, at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(topic, s.relpath, s.reason.value, s.detail, s.at) for s in skipped],
+            )
+            conn.execute(
+                "DELETE FROM skipped_files WHERE topic = ? AND rowid NOT IN ("
+                " SELECT rowid FROM skipped_files WHERE topic = ? ORDER BY at DESC LIMIT ?)",
+                (topic, topic, MAX_SKIPPED_FILES),
+            )
+
+    def skipped(self) -> list[SkippedRecord]:
+        """The skipped files not sent since, by topic and path.
+
+        A record older than the file's last claim or send is left out: the file went after
+        all (it stopped changing, became readable, or the rules changed).
+        """
+        with self._db.reading() as conn:
+            rows = conn.execute(
+                "SELECT s.topic, s.relpath, s.reason, s.detail, s.at FROM skipped_files s"
+                " LEFT JOIN files f ON f.topic = s.topic AND f.relpath = s.relpath"
+                " WHERE f.updated_at IS NULL OR f.updated_at < s.at"
+                " ORDER BY s.topic, s.relpath"
+            ).fetchall()
+        return [
+            SkippedRecord(
+                topic=row["topic"],
+                skipped=SkippedFile(
+                    row["relpath"], SkipReason(row["reason"]), row["detail"], row["at"]
+                ),
+            )
+            for row in rows
+        ]
+
+    def sent_since(self, topic: str, since: float) -> int:
+        """How many files of a topic were last sent at or after ``since`` (Unix time)."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM files WHERE topic = ? AND state = ? AND updated_at >= ?",
+                (topic, FileState.SENT.value, since),
+            ).fetchone()
+        return int(row[0])
+
+    def last_sent(self, topic: str) -> FileRecord | None:
+        """The file of a topic sent last, or None."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE topic = ? AND state = ?"
+                " ORDER BY updated_at DESC LIMIT 1",
+                (topic, FileState.SENT.value),
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def first_watched(self, topic: str, root: str) -> int | None:
+        """When ``root`` was first watched for ``topic`` (in ns), without recording it."""
+        with self._db.reading() as conn:
+            row = conn.execute(
+                "SELECT first_watched_ns FROM watched_folders WHERE topic = ? AND root = ?",
+                (topic, root),
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def counts(self, topic: str) -> dict[FileState, int]:
         """Return how many files of a topic are in each state (zero included)."""

@@ -17,7 +17,7 @@ from msi_prefect.transfer.producer import (
     UploadResult,
     UploadTally,
 )
-from msi_prefect.transfer.registry import FileState, Registry
+from msi_prefect.transfer.registry import FileState, Registry, SkippedFile
 from msi_prefect.transfer.stopping import StopConditions
 from msi_prefect.transfer.watcher import DirectoryWatcher, FileStat, ReadyFile, WatchSettings
 
@@ -26,6 +26,37 @@ READY_QUEUE_SIZE = 10_000
 LOOP_TICK_S = 0.2
 PENDING_TICK_S = 0.01
 TIMESTAMP_SLACK_NS = 1_000_000_000
+#: How often the files the watcher skipped go to the registry (one transaction each time).
+SKIP_FLUSH_S = 2.0
+#: Skipped files waiting for that; more are dropped (the registry keeps a few anyway).
+MAX_PENDING_SKIPS = 1000
+
+
+class SkipBuffer:
+    """The files the watcher skipped, from its thread, until the loop records them.
+
+    Bounded: beyond :data:`MAX_PENDING_SKIPS` waiting, more are dropped (and counted).
+    """
+
+    def __init__(self, limit: int = MAX_PENDING_SKIPS) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[SkippedFile] = []
+        self._limit = limit
+        self.dropped = 0
+
+    def add(self, skipped: SkippedFile) -> None:
+        """Keep one (called on the watcher's thread)."""
+        with self._lock:
+            if len(self._pending) < self._limit:
+                self._pending.append(skipped)
+            else:
+                self.dropped += 1
+
+    def flush(self, registry: Registry, topic: str) -> None:
+        """Record what waits in the registry."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        registry.record_skipped(topic, pending)
 
 
 def registry_wants(
@@ -89,7 +120,10 @@ def watch_and_send(
     producer = FileProducer(connection, producer_settings, registry, on_result=record, codec=codec)
     root_key = str(watch_settings.root.resolve())
     wants = registry_wants(registry, topic, registry.first_watched_ns(topic, root_key))
-    watcher = DirectoryWatcher(replace(watch_settings, existing_needs_upload=wants))
+    skips = SkipBuffer()
+    watcher = DirectoryWatcher(
+        replace(watch_settings, existing_needs_upload=wants, on_skipped=skips.add)
+    )
     ready: queue.Queue[ReadyFile] = queue.Queue(maxsize=READY_QUEUE_SIZE)
     watcher_errors: list[BaseException] = []
 
@@ -103,8 +137,12 @@ def watch_and_send(
     thread = threading.Thread(target=run_watcher, name="msi-watcher", daemon=True)
     thread.start()
     last_activity = time.monotonic()
+    next_skip_flush = last_activity + SKIP_FLUSH_S
     try:
         while not stop.is_set():
+            if time.monotonic() >= next_skip_flush:
+                skips.flush(registry, topic)
+                next_skip_flush = time.monotonic() + SKIP_FLUSH_S
             # Short waits while chunks are in flight, so each file is reported soon after
             # the broker acknowledged it.
             tick = PENDING_TICK_S if producer.pending_files else LOOP_TICK_S
@@ -130,6 +168,7 @@ def watch_and_send(
         stop.set()
         producer.flush()
         thread.join(timeout=10)
+        skips.flush(registry, topic)
     if watcher_errors:
         error = watcher_errors[0]
         if not watch_settings.root.is_dir():

@@ -65,7 +65,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from msi_prefect.transfer.filters import FileFilter
-from msi_prefect.transfer.registry import FileIdentity
+from msi_prefect.transfer.registry import FileIdentity, SkippedFile, SkipReason
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,11 @@ _OBSERVER_JOIN_TIMEOUT_S: Final = 5.0
 # Reading the file is not needed to know we may: opening it is enough, and O_NONBLOCK
 # keeps a FIFO swapped in after the stat from blocking us.
 _READ_CHECK_FLAGS: Final = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+# Paths whose skip was told, kept to tell each (path, reason) once. When full, new skips
+# are not told until the next reset (at most hourly, which also forgets deleted files):
+# a folder of many excluded files costs no steady stream of re-told skips.
+_MAX_SKIPS_TOLD: Final = 10_000
+_SKIPS_TOLD_RESET_S: Final = 3600.0
 # A path that vanished, or one of whose parents is no longer a directory.
 _GONE_ERRORS: Final = (FileNotFoundError, NotADirectoryError)
 
@@ -107,6 +112,10 @@ class WatchSettings:
             as a candidate when this returns True for its relpath and stat. The producer
             passes its registry here, so files that changed, or whose send was cut short,
             while the watcher was down are sent after all.
+        on_skipped: Told once per file and reason when a file is skipped: excluded by
+            the filter (seen by a scan), changed again within its stability window, or
+            unreadable. Runs on the watcher's thread, so it must be quick (the watch loop
+            queues it for the registry).
     """
 
     root: Path
@@ -118,6 +127,7 @@ class WatchSettings:
     follow_symlinks: bool = False
     unreadable_retry_s: float = 60.0
     existing_needs_upload: Callable[[str, FileStat], bool] | None = None
+    on_skipped: Callable[[SkippedFile], None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -441,6 +451,8 @@ class DirectoryWatcher:
         self._known: dict[str, _Known] = {}
         self._unreadable: dict[str, _Unreadable] = {}
         self._dir_problems: dict[str, str] = {}
+        self._skips_told: dict[str, SkipReason] = {}
+        self._skips_told_reset_at = clock()
         self._seq = 0
         self._scan_id = 0
         self._next_scan_at: float | None = None  # None until the initial scan ran
@@ -595,7 +607,9 @@ class DirectoryWatcher:
         scan_id = self._scan_id
         baseline = initial and not self._settings.include_existing
         dir_problems: dict[str, str] = {}
-        for item in self._fs.walk(self._settings.filter.matches):
+        telling = self._settings.on_skipped is not None
+        accept = self._accept if telling else self._settings.filter.matches
+        for item in self._fs.walk(accept):
             if isinstance(item, ScanProblem):
                 if item.kind is EntryKind.DIRECTORY:
                     dir_problems[item.relpath] = str(item.error)
@@ -610,6 +624,42 @@ class DirectoryWatcher:
         if not initial:
             self._sweep(scan_id, now)
         self._next_scan_at = now + self._settings.poll_interval_s
+
+    def _accept(self, relpath: str) -> bool:
+        """The filter, telling ``on_skipped`` about each excluded file once."""
+        if self._settings.filter.matches(relpath):
+            return True
+        if self._should_tell(relpath, SkipReason.EXCLUDED):
+            self._tell_skipped(relpath, SkipReason.EXCLUDED, self._settings.filter.explain(relpath))
+        return False
+
+    def _should_tell(self, relpath: str, reason: SkipReason) -> bool:
+        if self._settings.on_skipped is None or self._skips_told.get(relpath) is reason:
+            return False
+        if len(self._skips_told) < _MAX_SKIPS_TOLD:
+            return True
+        now = self._clock()
+        if now - self._skips_told_reset_at < _SKIPS_TOLD_RESET_S:
+            return False
+        self._skips_told.clear()
+        self._skips_told_reset_at = now
+        return True
+
+    def _tell_skipped(self, relpath: str, reason: SkipReason, detail: str) -> None:
+        on_skipped = self._settings.on_skipped
+        if on_skipped is None or not self._should_tell(relpath, reason):
+            return
+        self._skips_told[relpath] = reason
+        on_skipped(SkippedFile(relpath, reason, detail, time.time()))
+
+    def _tell_changing(self, relpath: str) -> None:
+        if self._should_tell(relpath, SkipReason.STILL_CHANGING):
+            self._tell_skipped(
+                relpath,
+                SkipReason.STILL_CHANGING,
+                f"changed within its stability window ({self._window:g} s); sent once it "
+                "stops changing",
+            )
 
     def _existing_needs_upload(self, item: FileSeen) -> bool:
         check = self._settings.existing_needs_upload
@@ -647,6 +697,7 @@ class DirectoryWatcher:
                 # Its heap entry is moved on lazily when it surfaces.
                 candidate.identity = identity
                 candidate.changed_at = now
+                self._tell_changing(relpath)
             return
         known = self._known.get(relpath)
         if known is not None:
@@ -699,6 +750,7 @@ class DirectoryWatcher:
             return None
         if current.identity != candidate.identity:
             # Changed after the last time we looked: the window starts again now.
+            self._tell_changing(relpath)
             candidate.identity = current.identity
             candidate.changed_at = now
             heapq.heappush(self._due, (now + self._window, candidate.seq, relpath))
@@ -713,6 +765,7 @@ class DirectoryWatcher:
             self._note_unreadable(relpath, current, exc, now, candidate.scan_id)
             return None
         del self._candidates[relpath]
+        self._skips_told.pop(relpath, None)
         if self._unreadable.pop(relpath, None) is not None:
             logger.info("%s is readable now", relpath)
         self._known[relpath] = _Known.of(current, candidate.scan_id)
@@ -748,11 +801,13 @@ class DirectoryWatcher:
                 error,
                 retry_s,
             )
+            self._tell_skipped(relpath, SkipReason.UNREADABLE, str(error))
         self._unreadable[relpath] = _Unreadable(identity, ctime_ns, now + retry_s, scan_id)
 
     def _forget_missing(self, relpath: str) -> None:
         if self._candidates.pop(relpath, None) is not None:
             logger.debug("%s disappeared before it became ready; dropped", relpath)
+        self._skips_told.pop(relpath, None)
         self._known.pop(relpath, None)
         self._unreadable.pop(relpath, None)
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -182,6 +182,62 @@ def test_files_shows_every_step_of_each_dropped_file(lab_stack: UserStack) -> No
     assert text.returncode == 0, text.stderr
     for word in ("alpha.dat", "generation 1: reached analysis", "backup", "s3://"):
         assert word in text.stdout, word
+
+
+def test_each_file_has_its_history_artifact_and_status_counts_it(lab_stack: UserStack) -> None:
+    report = _files_json(lab_stack)
+    keys = {history["path"]: history["artifact_key"] for history in report["files"]}
+    assert set(keys) == set(DROPPED)
+    way = [(1, step) for step in ("sent", "rebuilt", "backup", "metadata", "analysis")]
+
+    seen: dict[str, Any] = {}
+
+    def histories_complete() -> bool:
+        for key in keys.values():
+            latest = httpx.get(f"{lab_stack.api}/artifacts/{key}/latest", timeout=API_TIMEOUT_S)
+            seen[key] = latest.status_code
+            if latest.status_code != 200:
+                return False
+            rows = json.loads(latest.json()["data"])
+            seen[key] = [(row["generation"], row["step"]) for row in rows]
+            if seen[key] != way:
+                return False
+        return True
+
+    # Backup, metadata and analysis each add their row, at the same time.
+    try:
+        _poll(histories_complete, "a history artifact lacks a step")
+    except AssertionError:
+        warnings = httpx.post(
+            f"{lab_stack.api}/logs/filter",
+            json={"logs": {"level": {"ge_": 30}}, "limit": 50},
+            timeout=API_TIMEOUT_S,
+        ).json()
+        said = [log["message"] for log in warnings if "history" in log["message"]]
+        raise AssertionError(f"history artifacts incomplete: {seen}; warnings: {said}") from None
+    found = httpx.post(
+        f"{lab_stack.api}/artifacts/filter",
+        json={"artifacts": {"key": {"like_": "beta-dat"}}},
+        timeout=API_TIMEOUT_S,
+    ).json()
+    assert keys["run7/beta.dat"] in {artifact["key"] for artifact in found}
+
+    def transfer_status() -> dict[str, Any]:
+        status = cli(lab_stack.state_dir, "status", "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        (transfer,) = json.loads(status.stdout)["transfers"]
+        return cast(dict[str, Any], transfer)
+
+    # The group commits its offsets after each batch: the topic is drained soon after.
+    _poll(lambda: transfer_status()["messages_on_topic"] == 0, "messages left on the topic")
+    transfer = transfer_status()
+    assert transfer["topic"] == TOPIC
+    assert transfer["producer"]["sent_last_hour"] >= len(DROPPED)
+    assert transfer["consumer"]["rebuilt_last_hour"] >= len(DROPPED)
+    assert transfer["consumer"]["last_rebuilt"]["path"] in DROPPED
+    assert transfer["producer"]["waiting_in_folder"] == 0
+    assert transfer["downstream"]["runs_pending"] is not None
+    assert transfer["notes"] == []
 
 
 def _forge_rejected_file(stack: UserStack) -> None:

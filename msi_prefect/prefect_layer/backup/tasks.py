@@ -43,6 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from msi_prefect.prefect_layer.backup.storage import BackupStorage
 from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
+from msi_prefect.prefect_layer.file_history import record_file_step
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, retry_unless_input_error
 from msi_prefect.transfer import ChecksumMismatchError, CopyStatus
 
@@ -125,7 +126,9 @@ def backup_file(
         logger.info("Backed up %s to %s (SHA-256 verified)", file.path, backup_url)
     facts = file.facts(backup_url=backup_url, backup=sink.describe())
     # Durable: the server may die with an event in memory (msi_prefect.prefect_layer.event_outbox).
-    emit_downstream_event(file_event(EventName.BACKED_UP, facts, dedup_key))
+    event = file_event(EventName.BACKED_UP, facts, dedup_key)
+    emit_downstream_event(event)
+    record_file_step(event)
     return BackupResult(
         relpath=file.path.as_posix(),
         source_url=file.url,

@@ -38,6 +38,7 @@ from msi_prefect.prefect_layer.events import (
     from_reassembler,
     from_upload,
 )
+from msi_prefect.prefect_layer.file_history import RejectionHistoryWriter
 from msi_prefect.prefect_layer.transfers.crypto import KafkaCryptoSettings
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 from msi_prefect.prefect_layer.transfers.settings import TransferSettings
@@ -295,6 +296,7 @@ def run_reconstruct_files(
     dispatch = transfer.downstream_dispatch
     batcher: FileBatcher | None = None
     events: EventChannel | None = None
+    rejections: RejectionHistoryWriter | None = None
 
     def on_event(event: FileEvent) -> None:
         rebuilt = event.kind is FileEventKind.RECONSTRUCTED
@@ -308,6 +310,8 @@ def run_reconstruct_files(
         # Counted once the event is on disk: a failed write retries the batch, which would
         # otherwise count the file twice.
         counts.add(event.kind.value, event.relpath)
+        if not rebuilt and rejections is not None:
+            rejections.submit(spec)  # a rejected file starts no run that would write it
         if batcher is not None and rebuilt and label is DownstreamDispatch.BATCH:
             batcher.add(facts_of(spec))
 
@@ -331,6 +335,8 @@ def run_reconstruct_files(
         # The downstream runs of the files rebuilt here run on this host; what they leave
         # in their event outbox is delivered, and what they posted confirmed, from here.
         cleanup.enter_context(DownstreamEventRelay())
+        rejections = RejectionHistoryWriter()
+        cleanup.callback(rejections.close)
         if dispatch is not DownstreamDispatch.PER_FILE:
             outbox = cleanup.enter_context(batch_outbox(reassembler.layout.batch_outbox))
             gate = None
