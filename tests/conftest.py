@@ -6,7 +6,10 @@ opt-in chaos runs, and which tests share a pytest-xdist worker.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,10 +19,18 @@ import pytest
 # A Prefect call that misses the test server's address must fail, not start a temporary
 # server of its own (a process no test would stop). Set before Prefect is first imported.
 os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+# `msi-prefect up` makes its stack's profile the active one in Prefect's profiles file
+# (msi_prefect/stack/profile.py): the tests' stacks use a file of their own, never the
+# user's ~/.prefect/profiles.toml. Children (`msi-prefect up` in a subprocess) inherit it.
+os.environ["PREFECT_PROFILES_PATH"] = os.path.join(
+    tempfile.mkdtemp(prefix="msi-test-prefect-profiles-"), "profiles.toml"
+)
 
 from msi_prefect.stack.components import Component, s3_env
 from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir, free_port_map
 from msi_prefect.stack.manager import StackManager
+
+atexit.register(shutil.rmtree, os.path.dirname(os.environ["PREFECT_PROFILES_PATH"]), True)
 
 CHAOS_ENV = "MSI_CHAOS"
 # Tansu lets a consumer join a group in about half of session.timeout.ms; keep it short.

@@ -151,9 +151,11 @@ def _manager(args: argparse.Namespace) -> StackManager:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from msi_prefect.stack.deploy import deploy_flows
+    from msi_prefect.stack.deploy import deploy_flows, project_dir
     from msi_prefect.stack.manager import StackManager
 
+    if not args.no_deploy:
+        project_dir()  # a folder whose prefect.yaml is not ours fails before anything starts
     state = StateDir.from_env(args.state_dir)
     state.ensure_writable()
     manager = StackManager.open(state)
@@ -219,6 +221,7 @@ def _set_up_notifications(
         remembered_target,
         set_up_notifications,
     )
+    from msi_prefect.stack.project import automations_project
 
     asked = bool(args.notify_url or args.notify_block)
     if asked:
@@ -229,12 +232,9 @@ def _set_up_notifications(
         target = remembered_target(manager.state.root)
         if target is None or args.no_deploy or set(components) != set(manager.config.components):
             return
-    project = project_dir()
-    if Component.PREFECT not in components or project is None:
-        raise MsiError(
-            "notifications need the Prefect server (not --only without prefect) and the "
-            "project's deployments/automations folder (run up from a checkout)"
-        )
+    if Component.PREFECT not in components:
+        raise MsiError("notifications need the Prefect server (not --only without prefect)")
+    project = automations_project(project_dir())
     assert target is not None
     applied = set_up_notifications(
         manager.config.prefect_api_url, project, target, manager.state.root

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.event_outbox import (
     DOWNSTREAM_OUTBOX_DIR_ENV,
     DOWNSTREAM_OUTBOX_SUBDIR,
@@ -28,6 +29,7 @@ from msi_prefect.stack.config import (
 )
 from msi_prefect.stack.prefect_api import UP_RETRY, RetryPolicy, checked, request
 from msi_prefect.stack.processes import LOOPBACK, ProcessSpec, port_is_listening
+from msi_prefect.stack.project import bundled_project_dir
 from msi_prefect.warm_start import FLOWS_ENV
 
 # The health checks import httpx (and confluent-kafka) inside the functions: every stack
@@ -285,13 +287,17 @@ def worker_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
     Its flow runs inherit them, the heartbeat frequency (`HEARTBEAT_ENV`) among them: the
     warm server hands each run its launcher's environment. `MSI_WARM_START_FLOWS` names the
-    project's `flows/` folder, whose scripts the warm server loads once
-    (`msi_prefect.warm_start.prewarm`).
+    bundled project's `flows/` folder (`msi_prefect.stack.project`), whose scripts the warm
+    server loads once (`msi_prefect.warm_start.prewarm`).
     """
     environ = os.environ if environ is None else environ
     tuning = {**WORKER_POLLING, **CLIENT_SETTINGS, **RUN_SETTINGS}
-    flows = Path(__file__).resolve().parents[2] / "flows"
-    if flows.is_dir():
+    flows: Path | None
+    try:
+        flows = bundled_project_dir() / "flows"
+    except MsiError:  # an install without project files: `up` says so when it deploys
+        flows = None
+    if flows is not None and flows.is_dir():
         tuning[FLOWS_ENV] = str(flows)
     return {name: environ.get(name, value) for name, value in tuning.items()}
 

@@ -3,12 +3,15 @@
 `msi-prefect up` calls this once every part is healthy, so a user who drops a file into
 the watched folder sees it rebuilt, backed up, described and analysed with no further
 step. It runs the same commands a user would (`blocks/create_embedded_blocks.py`,
-`prefect deploy --all`), in child processes that see the stack's environment.
+`prefect deploy --all`), in child processes that see the stack's environment, in the
+project `msi_prefect.stack.project` finds: the current folder's (a lab project of
+`msi-prefect init`, or a checkout), else the one the package carries (an install).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +29,12 @@ from msi_prefect.stack.crypto import (
 )
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.prefect_api import checked, request
+from msi_prefect.stack.project import (
+    CHECKOUT_DIR,
+    blocks_script,
+    bundled_project_dir,
+    project_for_up,
+)
 from msi_prefect.stack.runs import (
     ACTIVE_STATES,
     TRANSFER_DEPLOYMENTS,
@@ -34,12 +43,16 @@ from msi_prefect.stack.runs import (
 )
 from msi_prefect.stack.unresponsive_runs import apply_stack_automations, heartbeat_s
 
-# The checkout this package was installed from (editable install), holding prefect.yaml.
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+logger = logging.getLogger(__name__)
+
+# The checkout of an editable install (tests read the project files there).
+PROJECT_DIR = CHECKOUT_DIR
 # `flow name/deployment name`: each long-running flow has one deployment of its name.
 LONG_RUNNING_DEPLOYMENTS = tuple(f"{name}/{name}" for name in TRANSFER_DEPLOYMENTS)
 #: Run without parameters, it re-runs every crashed downstream run of the last day.
 RERUN_SWEEP_DEPLOYMENT = "rerun-crashed/rerun-crashed"
+#: The deployments `up` starts or schedules by name: a project must declare them.
+UP_DEPLOYMENTS = (*TRANSFER_DEPLOYMENTS, RERUN_SWEEP_DEPLOYMENT.split("/")[1])
 #: Tag of the sweeps `up` schedules after it started the server.
 SWEEP_AFTER_START_TAG = "msi.sweep-after-start"
 # A deployment with a run in one of these has its transfer running or about to.
@@ -57,15 +70,21 @@ SWEEP_DELAYS_AFTER_SERVER_START_S = (60.0, 180.0)
 SWEEP_WINDOW_AFTER_SERVER_START_S = 15 * 60.0
 
 
-def project_dir() -> Path | None:
-    """The project folder with prefect.yaml, or None when installed without it."""
-    return PROJECT_DIR if (PROJECT_DIR / "prefect.yaml").is_file() else None
+def project_dir(folder: Path | None = None) -> Path:
+    """The project `up` deploys when run in ``folder`` (default: the current folder).
+
+    Raises:
+        MsiError: The folder's prefect.yaml is not an msi-prefect project, or the
+            installation carries no project files (see `msi_prefect.stack.project`).
+    """
+    return project_for_up(folder or Path.cwd(), UP_DEPLOYMENTS)
 
 
 def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
     """Create the blocks, deploy every flow, and start the long-running deployments.
 
-    The stack's own automations are applied (`msi_prefect.stack.unresponsive_runs`: a run
+    The project is the current folder's, else the package's (:func:`project_dir`). The
+    stack's own automations are applied (`msi_prefect.stack.unresponsive_runs`: a run
     whose heartbeats stopped is marked crashed, with no `up` needed). Runs left active by a
     stack that died (their processes are gone) are marked crashed before the transfers are
     started, so they start again (see `msi_prefect.stack.runs`). After a start of
@@ -80,14 +99,11 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         The long-running deployments this call started (those already running are kept).
 
     Raises:
-        MsiError: prefect.yaml is not available, or a step failed (with its output).
+        MsiError: No project to deploy (see :func:`project_dir`), or a step failed (with
+            its output).
     """
     project = project_dir()
-    if project is None:
-        raise MsiError(
-            "prefect.yaml is not next to this installation; run `msi-prefect up` from a "
-            "checkout of the project, or deploy with `prefect deploy --all` yourself"
-        )
+    logger.info("deploying %s", project / "prefect.yaml")
     config = manager.config
     assert config.watch_dir is not None and config.destination_dir is not None
     for folder in (config.watch_dir, config.destination_dir):
@@ -103,7 +119,7 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         env[CRYPTO_DIR_ENV] = str(provision_embedded_nodes(manager.state.root))
     status = json.dumps({**asdict(manager.status()), "components": []}, default=str)
     _run(
-        [sys.executable, str(project / "blocks" / "create_embedded_blocks.py")],
+        [sys.executable, str(blocks_script(project))],
         env,
         project,
         "creating the blocks",
@@ -115,7 +131,7 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         project,
         "deploying the flows",
     )
-    apply_stack_automations(config.prefect_api_url, project, heartbeat_s())
+    apply_stack_automations(config.prefect_api_url, bundled_project_dir(), heartbeat_s())
     orphans = crash_orphaned_runs(config, worker_just_started)
     if any(run.deployment_name not in TRANSFER_DEPLOYMENTS for run in orphans):
         # Downstream work cut off by a power cut: their Crashed events follow state events

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from msi_prefect.errors import MsiError
-from msi_prefect.stack import postgres, runs
+from msi_prefect.stack import postgres, profile, runs
 from msi_prefect.stack.components import (
     HEALTH_CHECKS,
     START_TIMEOUT_S,
@@ -190,11 +190,25 @@ class StackManager:
         return started
 
     def _prepare_server(self, started: list[Component]) -> None:
-        """Create or update the work pool; the server stays up if that fails."""
+        """Create or update the work pool; the server stays up if that fails.
+
+        Then make the stack's Prefect CLI profile the active one (`msi_prefect.stack.profile`).
+        """
         try:
             ensure_work_pool(self.config)
         except MsiError as exc:
             raise self._failed("preparing the Prefect server", exc, started) from exc
+        try:
+            record = profile.activate_stack_profile(self.state, self.config)
+        except MsiError as exc:  # the stack works without it: say how to point the CLI
+            logger.warning('%s; point the Prefect CLI with: eval "$(msi-prefect env)"', exc)
+        else:
+            logger.info(
+                "the Prefect CLI uses this stack: profile %s is active in %s (down restores %s)",
+                record.profile,
+                record.profiles_path,
+                record.previous_active or "the default",
+            )
 
     def _failed(self, step: str, exc: MsiError, started: list[Component]) -> MsiError:
         """The error `up` raises when ``step`` failed, saying what is left running."""
@@ -211,11 +225,17 @@ class StackManager:
     def down(self) -> list[Component]:
         """Stop every component of this state dir, in reverse start order.
 
+        The Prefect CLI profile active before `up` is made active again.
+
         Returns:
             The components that were running and are now stopped.
         """
         stopped = []
         with self._exclusive():
+            try:
+                profile.restore_previous_profile(self.state)
+            except MsiError as exc:  # `down` must stop the processes all the same
+                logger.warning("could not restore the Prefect CLI profile: %s", exc)
             server_up = self.process(Component.PREFECT).state() is ProcessState.RUNNING
             if server_up and self.process(Component.WORKER).state() is ProcessState.RUNNING:
                 self._settle_runs(runs.cancel_transfers, "cancel the transfers")
