@@ -498,3 +498,30 @@ def test_damaged_copies_of_made_files_get_generic_facts(tmp_path: Path, name: st
         meta = extract_metadata(copy)
         assert_generic_facts(meta, bytes(damaged))
         assert len(meta.to_json_bytes()) < MAX_RECORD_CHARS
+
+
+# --------------------------------------------------------------------------- DM tags
+
+
+def test_dm4_instrument_tags_fill_the_normalised_block(tmp_path: Path) -> None:
+    """A DM4 stack with the tags DigitalMicrograph writes (made by the bench's writer)."""
+    from bench.dm4_writer import StackSpec, write_dm4_stack
+
+    spec = StackSpec(frames=3, rows=16, columns=8, voltage_v=300_000.0, magnification=8e5)
+    path = tmp_path / "stack.dm4"
+    write_dm4_stack(path, spec)
+
+    meta = extract_metadata(path)
+
+    assert meta.extractor == "rosettasciio" and meta.warnings == []
+    normalized = meta.normalized
+    assert normalized["shape"] == [3, 16, 8]
+    assert normalized["axes"] == ["z", "y", "x"]
+    assert normalized["dtype"] == "uint16"
+    assert normalized["pixel_size"] == {"x": quantity(0.25, "nm"), "y": quantity(0.25, "nm")}
+    # From the image's tags, through RosettaSciIO's mapping into HyperSpy's schema.
+    assert normalized["beam_energy"] == quantity(300.0, "keV")
+    assert normalized["magnification"] == 8e5
+    assert normalized["operator"] == "bench"
+    assert normalized["acquired_at"] == "2026-12-05T14:00:00"
+    assert normalized["instrument"]["model"] == "Bench TEM"
