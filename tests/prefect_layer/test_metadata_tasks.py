@@ -271,3 +271,37 @@ def test_extract_metadata_flow_refuses_a_url_that_is_not_a_local_file(
 
     assert state.is_failed()
     assert "only file:// URLs" in str(state.result(raise_on_failure=False))
+
+
+@pytest.mark.stack
+def test_metadata_batch_hashes_only_the_files_touched_since_its_event(
+    kafka_block: str, topic: str, metadata_topic_cleanup: str, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    # Unchanged since the event, and announced with a SHA-256 its bytes do not have: it
+    # passes only if the run trusts the event instead of hashing the file.
+    kept = {**file_params(dest, "runs/kept.csv", CSV, topic), "sha256": NOT_THE_FILES_SHA256}
+    touched = file_params(dest, "runs/touched.csv", CSV, topic)
+    announced_at = datetime.now(UTC)
+    time.sleep(CLOCK_TICK_MARGIN_S)
+    (dest / "runs" / "touched.csv").write_bytes(CSV.replace(b"4.2", b"9.9"))  # same size
+    batch_flow = load_flow("flows/extract_metadata_batch.py:extract_metadata_batch_flow")
+
+    state = batch_flow(
+        files=[kept, touched],
+        kafka_block=kafka_block,
+        backup_block="",
+        announced_at=announced_at,
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    error = str(state.result(raise_on_failure=False))
+    assert error.startswith("Metadata: 1 of 2 files failed: runs/touched.csv: failed"), error
+    resource = f"msi.file.{topic}.{kept['file_id']}"
+    (event,) = read_events(EventName.METADATA_EXTRACTED, resource)
+    assert event.payload["sha256"] == NOT_THE_FILES_SHA256
+    # The touched file failed before its publication: no event (one look suffices, as
+    # the kept file's, emitted earlier in the run, has arrived).
+    touched_resource = f"msi.file.{topic}.{touched['file_id']}"
+    assert read_events(EventName.METADATA_EXTRACTED, touched_resource, timeout_s=0) == []
