@@ -5,6 +5,8 @@ Its trigger renders the parameters from a ``msi.file.reconstructed`` event paylo
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from prefect import flow
 
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, load_block
@@ -34,6 +36,7 @@ def extract_metadata_flow(
     sha256: str,
     kafka_block: str = "embedded",
     backup_block: str | None = "embedded",
+    announced_at: datetime | None = None,
 ) -> PublishedMetadata:
     """Extract and publish the metadata of the file an event announced.
 
@@ -48,6 +51,8 @@ def extract_metadata_flow(
         kafka_block: Name of the ``MSI Kafka Cluster`` block of the broker.
         backup_block: Name of the ``MSI Backup Storage`` block the preview pictures of
             image-like files are stored in, beside the backups; empty: no previews.
+        announced_at: When the announcing event occurred (the trigger renders it); a file
+            unchanged since is not hashed again. None (a manual run): it is.
     """
     file = RebuiltFile.from_parameters(
         topic=topic,
@@ -61,5 +66,5 @@ def extract_metadata_flow(
     metadata_topic(file.topic)  # refuse a topic too long for the suffix before any work
     kafka = load_block(KafkaCluster, kafka_block)
     preview_storage = load_preview_storage(backup_block)
-    metadata = extract_file_metadata(file, preview_storage)
+    metadata = extract_file_metadata(file, preview_storage, announced_at)
     return publish_file_metadata(file, metadata, kafka)

@@ -6,6 +6,7 @@ gets its extract and publish task runs and its own ``msi.file.metadata-extracted
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from prefect import flow
@@ -37,6 +38,7 @@ def extract_metadata_batch_flow(
     files: list[dict[str, Any]],
     kafka_block: str = "embedded",
     backup_block: str | None = "embedded",
+    announced_at: datetime | None = None,
 ) -> list[BatchEntryResult]:
     """Extract and publish the metadata of the files a batch event announced.
 
@@ -46,6 +48,8 @@ def extract_metadata_batch_flow(
         kafka_block: Name of the ``MSI Kafka Cluster`` block of the broker.
         backup_block: Name of the ``MSI Backup Storage`` block the preview pictures of
             image-like files are stored in, beside the backups; empty: no previews.
+        announced_at: When the batch event occurred (the trigger renders it): every file
+            of the batch was rebuilt before, so one unchanged since is not hashed again.
     """
     check_batch_size(files)
     kafka = load_block(KafkaCluster, kafka_block)
@@ -53,7 +57,7 @@ def extract_metadata_batch_flow(
 
     def extract_and_publish(file: RebuiltFile) -> State[Any]:
         metadata_topic(file.topic)  # a topic too long for the suffix fails before any work
-        extracted = extract_file_metadata(file, preview_storage, return_state=True)
+        extracted = extract_file_metadata(file, preview_storage, announced_at, return_state=True)
         if not extracted.is_completed():
             return extracted
         return publish_file_metadata(file, extracted.result(), kafka, return_state=True)

@@ -5,11 +5,14 @@ and Velox), MRC, Phenom, Bruker, MSA and many more. Every reader is called with
 ``lazy=True``: the data comes back as a dask array whose shape and dtype are known from the
 header and whose values are never computed here, so a 4 GiB DM4 costs its tag tree only.
 
-The reader's own ``metadata`` (HyperSpy's schema: ``General``, ``Acquisition_instrument``)
-fills the normalised block; where a reader leaves facts only in ``original_metadata`` (TIA's
-``ExperimentalDescription``, EMD's ``microscope`` and ``user`` groups) they are taken from
-there. Formats are chosen by suffix: their containers (HDF5, XML, raw binary) say too
-little for content sniffing to be safe, and RosettaSciIO itself works by suffix.
+The reader's own ``metadata`` (HyperSpy's schema: ``General``, ``Acquisition_instrument``),
+completed by its ``mapping`` as HyperSpy completes it on loading (a DM file's
+``Microscope Info.Voltage`` becomes ``Acquisition_instrument.TEM.beam_energy``, its
+``DataBar`` acquisition date ``General.date``, ...), fills the normalised block; where a
+reader leaves facts only in ``original_metadata`` (TIA's ``ExperimentalDescription``, EMD's
+``microscope`` and ``user`` groups, DM's microscope name) they are taken from there.
+Formats are chosen by suffix: their containers (HDF5, XML, raw binary) say too little for
+content sniffing to be safe, and RosettaSciIO itself works by suffix.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ _SOFTWARE: Final[dict[str, str]] = {
 MRC_HEADER_BYTES: Final = 1024
 #: Signals (datasets) of one file described in the details.
 MAX_SIGNALS: Final = 16
+#: A reader's mapping rule: (target path in HyperSpy's schema, converter or None).
+MAPPING_RULE_LENGTH: Final = 2
 #: Units of axes whose scale is not a pixel size: energy, time, reciprocal space, angle.
 _NON_SPATIAL_UNITS: Final = frozenset({"ev", "kev", "s", "ms", "µs", "us", "ns", "1/nm", "mrad"})
 
@@ -112,6 +117,69 @@ def _from_signal(signal: Mapping[str, Any], normalized: NormalizedMetadata) -> N
         if unit is not None and unit.lower() in _NON_SPATIAL_UNITS:
             continue
         normalized.pixel_size[name] = Quantity(scale, unit)
+
+
+def _tree_item(tree: Any, dotted: str) -> Any:
+    """The value at a mapping's dotted path of ``original_metadata``, or None.
+
+    Readers name a level either as the format spells it (``Microscope Info``) or as
+    attribute access does (``Microscope_Info``).
+    """
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping):
+            return None
+        if part in tree:
+            tree = tree[part]
+            continue
+        spelled = [key for key in tree if str(key).replace(" ", "_") == part]
+        if not spelled:
+            return None
+        tree = tree[spelled[0]]
+    return tree
+
+
+def _mapped_metadata(signal: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The reader's ``metadata`` with its ``mapping`` from ``original_metadata`` applied.
+
+    RosettaSciIO leaves this step to HyperSpy: ``mapping`` says, per path of the format's
+    tree, where the value goes in HyperSpy's schema and how to convert it. A conversion
+    that fails is noted and skipped.
+    """
+    metadata = _plain_tree(signal.get("metadata") or {})
+    mapping = signal.get("mapping") or {}
+    original = signal.get("original_metadata") or {}
+    if not isinstance(mapping, Mapping) or not isinstance(metadata, dict):
+        return metadata if isinstance(metadata, dict) else {}
+    for source, rule in mapping.items():
+        value = _tree_item(original, str(source))
+        if value is None or not isinstance(rule, tuple) or len(rule) != MAPPING_RULE_LENGTH:
+            continue
+        target, convert = rule
+        if convert is not None:
+            try:
+                value = convert(value)
+            except Exception as exc:  # a reader's converter on an odd value
+                notes.append(f"{source}: not converted: {exc!r}")
+                continue
+        if value is None:
+            continue
+        *parents, leaf = str(target).split(".")
+        branch = metadata
+        for part in parents:
+            nested = branch.setdefault(part, {})
+            if not isinstance(nested, dict):
+                break
+            branch = nested
+        else:
+            branch[leaf] = value
+    return metadata
+
+
+def _plain_tree(tree: Any) -> Any:
+    """A copy of nested mappings as dicts (readers return Box or DictionaryTreeBrowser)."""
+    if isinstance(tree, Mapping):
+        return {key: _plain_tree(value) for key, value in tree.items()}
+    return tree
 
 
 def _from_hyperspy_metadata(metadata: Mapping[str, Any], normalized: NormalizedMetadata) -> None:
@@ -159,6 +227,24 @@ def _from_tia(original: Mapping[str, Any], normalized: NormalizedMetadata) -> No
     normalized.magnification = magnification(mag) if mag is not None else normalized.magnification
     normalized.detector = text_or_none(acquire.get("CameraNamePath")) or normalized.detector
     normalized.acquired_at = iso_time(info.get("AcquireDate")) or normalized.acquired_at
+
+
+#: Where DigitalMicrograph files name the microscope, in the image's ``ImageTags``.
+_DM_MICROSCOPE_TAGS: Final = (
+    "Session Info.Microscope",
+    "Microscope Info.Name",
+    "Microscope Info.Microscope",
+)
+
+
+def _from_digitalmicrograph(original: Mapping[str, Any], normalized: NormalizedMetadata) -> None:
+    """The microscope's name, which DM keeps in the image's tags and no mapping carries."""
+    image_tags = _tree_item(original, "ImageList.TagGroup0.ImageTags")
+    for path in _DM_MICROSCOPE_TAGS:
+        model = text_or_none(_tree_item(image_tags, path))
+        if model:
+            normalized.instrument = replace(normalized.instrument, model=model)
+            return
 
 
 def _from_berkeley_emd(original: Mapping[str, Any], normalized: NormalizedMetadata) -> None:
@@ -226,13 +312,16 @@ class RosettaSciioExtractor:
         details["signals"] = [_signal_summary(s) for s in signals[:MAX_SIGNALS]]
         details["signal_count"] = len(signals)
         main = signals[0]
-        metadata = main.get("metadata", {}) or {}
+        notes: list[str] = []
+        metadata = _mapped_metadata(main, notes)
         original = main.get("original_metadata", {}) or {}
         details["metadata"] = metadata
         details["original_metadata"] = original
         _from_signal(main, normalized)
         _from_hyperspy_metadata(metadata, normalized)
-        if module_name == "rsciio.tia":
+        if module_name == "rsciio.digitalmicrograph":
+            _from_digitalmicrograph(original, normalized)
+        elif module_name == "rsciio.tia":
             _from_tia(original, normalized)
         elif module_name == "rsciio.emd":
             _from_berkeley_emd(original, normalized)
@@ -240,4 +329,6 @@ class RosettaSciioExtractor:
             truncation = _mrc_truncation(original, main.get("data"), path.stat().st_size)
             if truncation:
                 raise ExtractionError(truncation, details=details, normalized=normalized)
+        if notes:
+            raise ExtractionError(*notes, details=details, normalized=normalized)
         return Extraction(normalized, details)

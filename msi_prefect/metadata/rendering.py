@@ -125,7 +125,7 @@ def metadata_markdown(meta: FileMetadata, max_detail_rows: int = 60) -> str:
         f"| Size | {human_size(meta.size)} ({meta.size:,} bytes) |",
         f"| MIME type | {_md(meta.mime_type)} |",
         f"| SHA-256 | `{meta.sha256}` |",
-        f"| MD5 | {f'`{meta.md5}`' if meta.md5 else '-'} |",
+        *([f"| MD5 | `{meta.md5}` |"] if meta.md5 else []),
         f"| Modified | {_md(meta.modified_at)} |",
         f"| Extracted | {_md(meta.extracted_at)} |",
         f"| Extractor | {_md(meta.extractor)} {_md(meta.extractor_version)} |",

@@ -2,10 +2,16 @@
 
 The ``extract-metadata`` deployment runs, for every ``msi.file.reconstructed`` event:
 
-1. :func:`extract_file_metadata`: :func:`~msi_prefect.metadata.extract_metadata` on the
-   rebuilt file (which also hashes it: a file changed since it was rebuilt fails here);
-   for an image-like file its preview picture, stored beside the backup and shown as an
-   image artifact ``preview-<first 12 digits of the file id>``
+1. :func:`extract_file_metadata`: :func:`describe_rebuilt_file`, i.e.
+   :func:`~msi_prefect.metadata.extract_metadata` on the rebuilt file. The reassembler
+   verified the content's SHA-256 before it announced the file, so the file is not read
+   again to hash it when it can be shown unchanged since: its size is the announced one and
+   its change time (``ctime``, which every write, ``utime`` or rename moves to "now") is not
+   later than the announcing event (``announced_at``, rendered from the event's
+   ``occurred`` by the deployment trigger). Otherwise (no ``announced_at``, as in a manual
+   run, or a later change time) the file is hashed and a SHA-256 other than the announced
+   one fails the run. Then, for an image-like file, its preview picture, stored beside the
+   backup and shown as an image artifact ``preview-<first 12 digits of the file id>``
    (:mod:`msi_prefect.prefect_layer.previews`; a preview that fails is only a warning);
    and a markdown artifact ``metadata-<first 12 digits of the file id>`` with the result
    and a link to the preview;
@@ -20,9 +26,11 @@ Downstream consumers read ``<topic>.metadata`` like any topic; the JSON object i
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -36,6 +44,7 @@ from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.file_history import record_file_step
 from msi_prefect.prefect_layer.flow_inputs import (
+    FileChangedError,
     FileInputError,
     RebuiltFile,
     retry_unless_input_error,
@@ -50,9 +59,11 @@ __all__ = [
     "MetadataPublishError",
     "PublishedMetadata",
     "artifact_key",
+    "describe_rebuilt_file",
     "extract_file_metadata",
     "metadata_topic",
     "publish_file_metadata",
+    "unchanged_since_announced",
 ]
 
 #: Suffix of the topic that receives the metadata of a file topic's files.
@@ -69,6 +80,8 @@ PUBLISH_RETRIES = 3
 PUBLISH_RETRY_DELAYS_S: list[float] = [10.0, 30.0, 60.0]
 
 _ARTIFACT_KEY_BAD_CHARS = re.compile(r"[^a-z0-9-]+")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NS_PER_MICROSECOND = 1000
 
 
 class MetadataPublishError(MsiError):
@@ -115,6 +128,74 @@ def artifact_key(prefix: str, file_id: str) -> str:
     return _ARTIFACT_KEY_BAD_CHARS.sub("-", raw).strip("-")
 
 
+def _ns_since_epoch(moment: datetime) -> int:
+    """Nanoseconds since the epoch of an aware datetime, exactly (no float rounding)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1) * _NS_PER_MICROSECOND
+
+
+def unchanged_since_announced(file: RebuiltFile, announced_at: datetime | None) -> bool:
+    """Whether the file on disk can be shown unchanged since its event announced it.
+
+    It can when it still has the announced size and its change time is not later than the
+    event. The change time (``ctime``) is set by the kernel to "now" on every write,
+    truncation, ``utime`` (so a restored mtime does not hide a rewrite), rename or
+    ``chmod``; a new generation renamed into place is a new inode with a new one. The
+    reassembler renamed the file into place and verified its SHA-256 before it built the
+    event, so a file unchanged since keeps that SHA-256.
+
+    Args:
+        file: The rebuilt file.
+        announced_at: When the event that announced the file occurred; None (a manual run,
+            an older trigger): the file cannot be shown unchanged.
+
+    Raises:
+        FileInputError: ``announced_at`` has no time zone.
+        FileChangedError: The file cannot be examined.
+    """
+    if announced_at is None:
+        return False
+    if announced_at.tzinfo is None or announced_at.utcoffset() is None:
+        raise FileInputError(
+            f"announced_at {announced_at.isoformat()} has no time zone; give the event's "
+            "occurred time as rendered by the trigger (it is UTC)"
+        )
+    try:
+        info = os.lstat(file.local_path)
+    except OSError as exc:
+        raise FileChangedError(f"{file.path} cannot be examined: {exc}") from exc
+    return info.st_size == file.size and info.st_ctime_ns <= _ns_since_epoch(announced_at)
+
+
+def describe_rebuilt_file(file: RebuiltFile, announced_at: datetime | None = None) -> FileMetadata:
+    """The metadata of a rebuilt file, its SHA-256 the announced one (checked if need be).
+
+    Hashes the whole file only when :func:`unchanged_since_announced` cannot show it
+    unchanged; the metadata's ``md5`` is None either way (it is only informational, and a
+    second digest of every byte is not worth its time on a large file).
+
+    Args:
+        file: The rebuilt file, validated from the event parameters.
+        announced_at: When the event that announced the file occurred, if known.
+
+    Returns:
+        The metadata; its ``sha256`` is the announced one.
+
+    Raises:
+        FileChangedError: The file is gone, of another size, or hashes to another SHA-256.
+        FileInputError: It cannot be read, or ``announced_at`` has no time zone.
+    """
+    file.check_unchanged(hash_content=False)
+    known_sha256 = file.sha256 if unchanged_since_announced(file, announced_at) else None
+    try:
+        metadata = extract_metadata(
+            file.local_path, file.path.as_posix(), known_sha256=known_sha256
+        )
+    except (OSError, ValueError) as exc:
+        raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
+    file.check_sha256(metadata.sha256)
+    return metadata
+
+
 @task(
     name="extract-file-metadata",
     task_run_name="extract metadata of {file.path}",
@@ -124,7 +205,9 @@ def artifact_key(prefix: str, file_id: str) -> str:
     cache_policy=NO_CACHE,
 )
 def extract_file_metadata(
-    file: RebuiltFile, preview_storage: BackupStorage | None = None
+    file: RebuiltFile,
+    preview_storage: BackupStorage | None = None,
+    announced_at: datetime | None = None,
 ) -> FileMetadata:
     """Extract the metadata of a rebuilt file and show it (and its preview) as artifacts.
 
@@ -132,6 +215,8 @@ def extract_file_metadata(
         file: The rebuilt file, validated from the event parameters.
         preview_storage: The backup storage the preview of an image-like file is stored
             in; None: no preview.
+        announced_at: When the event that announced the file occurred; with it, a file
+            unchanged since is not hashed again (:func:`describe_rebuilt_file`).
 
     Returns:
         The metadata (its SHA-256 matches the event's).
@@ -139,12 +224,7 @@ def extract_file_metadata(
     Raises:
         FileChangedError: The file is gone or no longer the one the event announced.
     """
-    file.check_unchanged(hash_content=False)
-    try:
-        metadata = extract_metadata(file.local_path, file.path.as_posix())
-    except (OSError, ValueError) as exc:
-        raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
-    file.check_sha256(metadata.sha256)
+    metadata = describe_rebuilt_file(file, announced_at)
     preview = store_file_preview(
         file, metadata, preview_storage, artifact_key("preview", file.file_id)
     )

@@ -86,7 +86,7 @@ def assert_generic_facts(meta: FileMetadata, path: Path) -> None:
     data = path.read_bytes()
     assert meta.size == len(data) == path.stat().st_size
     assert meta.sha256 == hashlib.sha256(data).hexdigest()
-    assert meta.md5 == hashlib.md5(data).hexdigest()
+    assert meta.md5 is None  # only on request (compute_md5=True)
     mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
     assert datetime.fromisoformat(meta.modified_at) == mtime
     assert meta.modified_at.endswith("Z")
@@ -268,10 +268,16 @@ def test_unknown_binary_gets_generic_facts(tmp_path: Path) -> None:
     assert_generic_facts(meta, path)
 
 
-def test_md5_is_optional(tmp_path: Path) -> None:
-    meta = extract_metadata(write(tmp_path / "a.bin", b"abc"), compute_md5=False)
+def test_md5_only_on_request(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.bin", b"abc")
+    meta = extract_metadata(path)
     assert meta.md5 is None
     assert meta.sha256 == hashlib.sha256(b"abc").hexdigest()
+    assert "MD5" not in metadata_markdown(meta)
+    asked = extract_metadata(path, compute_md5=True)
+    assert asked.md5 == hashlib.md5(b"abc").hexdigest()
+    assert asked.sha256 == meta.sha256
+    assert f"| MD5 | `{asked.md5}` |" in metadata_markdown(asked)
 
 
 @pytest.mark.parametrize(
@@ -291,7 +297,7 @@ def test_empty_file(
     meta = extract_metadata(path)
     assert meta.size == 0
     assert meta.sha256 == hashlib.sha256(b"").hexdigest()
-    assert meta.md5 == hashlib.md5(b"").hexdigest()
+    assert meta.md5 is None
     assert meta.extractor == extractor
     assert bool(meta.warnings) is warned
     if details is not None:

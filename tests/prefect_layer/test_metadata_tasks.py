@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from msi_prefect.prefect_layer.events import EventName
-from msi_prefect.prefect_layer.flow_inputs import FileInputError
-from msi_prefect.prefect_layer.metadata_tasks import artifact_key, metadata_topic
+from msi_prefect.prefect_layer.flow_inputs import FileChangedError, FileInputError, RebuiltFile
+from msi_prefect.prefect_layer.metadata_tasks import (
+    artifact_key,
+    describe_rebuilt_file,
+    metadata_topic,
+    unchanged_since_announced,
+)
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 from tests.flow_helpers import (
     delete_block,
@@ -24,6 +35,12 @@ from tests.flow_helpers import (
 )
 
 CONSUME_TIMEOUT_S = 20.0
+REPO = Path(__file__).resolve().parents[2]
+CSV = b"sample,temperature_K,counts\nA1,4.2,1200\nA2,4.3,1180\n"
+#: A SHA-256 the file does not have: a hashing pass would refuse the file.
+NOT_THE_FILES_SHA256 = "ab" * 32
+#: Longer than a tick of the kernel's coarse clock that stamps file times (HZ >= 100).
+CLOCK_TICK_MARGIN_S = 0.05
 
 # --------------------------------------------------------------------------- unit
 
@@ -38,6 +55,105 @@ def test_metadata_topic_fits_kafka_limits() -> None:
     assert len(metadata_topic("t" * 240)) == 249
     with pytest.raises(FileInputError, match="too long"):
         metadata_topic("t" * 241)
+
+
+def rebuilt(tmp_path: Path, data: bytes = CSV, **override: Any) -> RebuiltFile:
+    """The rebuilt file ``dest/runs/7/peaks.csv`` holding ``data``, as an event names it."""
+    params = file_params(tmp_path / "dest", "runs/7/peaks.csv", data, "lab.raw")
+    return RebuiltFile.from_parameters(**{**params, **override})
+
+
+def just_before_last_change(path: Path) -> datetime:
+    """A moment 1 µs before the file's change time (ctime)."""
+    ctime_ns = os.stat(path).st_ctime_ns
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ctime_ns // 1000 - 1)
+
+
+def test_a_file_unchanged_since_its_event_is_not_hashed_again(tmp_path: Path) -> None:
+    # The event claims a SHA-256 the bytes do not have: had the file been hashed, the
+    # claim would have been refused, so the result shows that no hashing pass ran.
+    file = rebuilt(tmp_path, sha256=NOT_THE_FILES_SHA256)
+    announced_at = datetime.now(UTC)  # the event follows the rename into place
+
+    assert unchanged_since_announced(file, announced_at)
+    metadata = describe_rebuilt_file(file, announced_at)
+
+    assert metadata.sha256 == NOT_THE_FILES_SHA256
+    assert metadata.md5 is None
+    assert metadata.size == len(CSV)
+    assert metadata.mime_type == "text/csv"
+    assert metadata.details["columns"] == ["sample", "temperature_K", "counts"]
+
+
+def test_a_file_changed_after_its_event_is_hashed_and_refused(tmp_path: Path) -> None:
+    file = rebuilt(tmp_path)
+    event_before_the_change = just_before_last_change(file.local_path)
+
+    assert not unchanged_since_announced(file, event_before_the_change)
+    # Hashed: the true SHA-256 passes, a wrong claim is refused.
+    assert describe_rebuilt_file(file, event_before_the_change).sha256 == file.sha256
+    claimed = rebuilt(tmp_path, sha256=NOT_THE_FILES_SHA256)
+    with pytest.raises(FileChangedError, match="SHA-256 is now"):
+        describe_rebuilt_file(claimed, just_before_last_change(claimed.local_path))
+
+
+def test_a_same_size_rewrite_with_its_mtime_restored_is_still_hashed(tmp_path: Path) -> None:
+    file = rebuilt(tmp_path)
+    announced_at = datetime.now(UTC)
+    before = os.stat(file.local_path)
+    time.sleep(CLOCK_TICK_MARGIN_S)
+    file.local_path.write_bytes(CSV.replace(b"4.2", b"9.9"))
+    os.utime(file.local_path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    assert os.stat(file.local_path).st_mtime_ns == before.st_mtime_ns
+    assert not unchanged_since_announced(file, announced_at)
+    with pytest.raises(FileChangedError, match="SHA-256 is now"):
+        describe_rebuilt_file(file, announced_at)
+
+
+def test_without_the_event_time_the_file_is_hashed(tmp_path: Path) -> None:
+    file = rebuilt(tmp_path, sha256=NOT_THE_FILES_SHA256)
+    assert not unchanged_since_announced(file, None)
+    with pytest.raises(FileChangedError, match="SHA-256 is now"):
+        describe_rebuilt_file(file, None)
+    assert describe_rebuilt_file(rebuilt(tmp_path)).sha256 == hashlib.sha256(CSV).hexdigest()
+
+
+def test_a_file_of_another_size_is_refused_before_any_read(tmp_path: Path) -> None:
+    file = rebuilt(tmp_path, size=len(CSV) + 1)
+    assert not unchanged_since_announced(file, datetime.now(UTC))
+    with pytest.raises(FileChangedError, match="the event announced"):
+        describe_rebuilt_file(file, datetime.now(UTC))
+
+
+def test_an_event_time_without_a_time_zone_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FileInputError, match="no time zone"):
+        describe_rebuilt_file(rebuilt(tmp_path), datetime.now(UTC).replace(tzinfo=None))
+
+
+@pytest.mark.parametrize("deployment", ["extract-metadata", "extract-metadata-batch"])
+def test_the_triggers_render_the_event_time_as_the_flow_takes_it(deployment: str) -> None:
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.server.utilities.user_templates import render_user_template_sync
+    from pydantic import TypeAdapter
+
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (trigger,) = next(d for d in project["deployments"] if d["name"] == deployment)["triggers"]
+    template = trigger["parameters"]["announced_at"]
+    occurred = datetime(2026, 12, 5, 14, 0, 0, 123456, tzinfo=UTC)
+    event = ReceivedEvent(
+        event="msi.file.reconstructed",
+        resource={"prefect.resource.id": "msi.file.lab.raw.x"},
+        occurred=occurred,
+        id=uuid.uuid4(),
+    )
+    # The server turns a one-expression template into "{{ expr | tojson }}" and loads the
+    # JSON (a plain datetime would not serialise: the template must make it a string).
+    expression = template.strip().removeprefix("{{").removesuffix("}}").strip()
+    rendered = json.loads(
+        render_user_template_sync(f"{{{{ {expression} | tojson }}}}", {"event": event})
+    )
+    assert TypeAdapter(datetime).validate_python(rendered) == occurred
 
 
 # --------------------------------------------------------------------------- flow (stack)
@@ -105,7 +221,9 @@ def test_extract_metadata_flow_publishes_shows_and_announces(
     params = file_params(tmp_path / "dest", "runs/7/peaks.csv", data, topic)
     extract_metadata_flow = load_flow("flows/extract_metadata.py:extract_metadata_flow")
 
-    state = extract_metadata_flow(**params, kafka_block=kafka_block, return_state=True)
+    state = extract_metadata_flow(
+        **params, kafka_block=kafka_block, announced_at=datetime.now(UTC), return_state=True
+    )
 
     assert state.is_completed(), state.message
     published = state.result()
@@ -153,3 +271,37 @@ def test_extract_metadata_flow_refuses_a_url_that_is_not_a_local_file(
 
     assert state.is_failed()
     assert "only file:// URLs" in str(state.result(raise_on_failure=False))
+
+
+@pytest.mark.stack
+def test_metadata_batch_hashes_only_the_files_touched_since_its_event(
+    kafka_block: str, topic: str, metadata_topic_cleanup: str, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    # Unchanged since the event, and announced with a SHA-256 its bytes do not have: it
+    # passes only if the run trusts the event instead of hashing the file.
+    kept = {**file_params(dest, "runs/kept.csv", CSV, topic), "sha256": NOT_THE_FILES_SHA256}
+    touched = file_params(dest, "runs/touched.csv", CSV, topic)
+    announced_at = datetime.now(UTC)
+    time.sleep(CLOCK_TICK_MARGIN_S)
+    (dest / "runs" / "touched.csv").write_bytes(CSV.replace(b"4.2", b"9.9"))  # same size
+    batch_flow = load_flow("flows/extract_metadata_batch.py:extract_metadata_batch_flow")
+
+    state = batch_flow(
+        files=[kept, touched],
+        kafka_block=kafka_block,
+        backup_block="",
+        announced_at=announced_at,
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    error = str(state.result(raise_on_failure=False))
+    assert error.startswith("Metadata: 1 of 2 files failed: runs/touched.csv: failed"), error
+    resource = f"msi.file.{topic}.{kept['file_id']}"
+    (event,) = read_events(EventName.METADATA_EXTRACTED, resource)
+    assert event.payload["sha256"] == NOT_THE_FILES_SHA256
+    # The touched file failed before its publication: no event (one look suffices, as
+    # the kept file's, emitted earlier in the run, has arrived).
+    touched_resource = f"msi.file.{topic}.{touched['file_id']}"
+    assert read_events(EventName.METADATA_EXTRACTED, touched_resource, timeout_s=0) == []
