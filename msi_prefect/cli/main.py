@@ -17,7 +17,7 @@ from pathlib import Path
 
 from msi_prefect import __version__
 from msi_prefect.cli import crypto as crypto_commands
-from msi_prefect.cli import files, inspect_files, rerun
+from msi_prefect.cli import files, inspect_files, rerun, worker
 from msi_prefect.cli import stack as stack_commands
 from msi_prefect.cli import transfer as transfer_commands
 from msi_prefect.errors import MsiError
@@ -34,6 +34,7 @@ COMMAND_GROUPS: tuple[Registrar, ...] = (
     rerun.register,
     inspect_files.register,
     files.register,
+    worker.register,
 )
 
 

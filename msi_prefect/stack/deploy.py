@@ -26,6 +26,7 @@ from msi_prefect.stack.crypto import (
 )
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.prefect_api import checked, request
+from msi_prefect.stack.roles import single_host_pools
 from msi_prefect.stack.runs import (
     ACTIVE_STATES,
     TRANSFER_DEPLOYMENTS,
@@ -98,6 +99,9 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         "MSI_PROJECT_DIR": str(project),
         "MSI_WATCH_DIR": config.watch_dir,
         "MSI_DESTINATION_DIR": config.destination_dir,
+        # One machine, one worker: the instrument, storage and compute deployments share
+        # its pool (a facility gives each kind of host its own: msi_prefect.stack.roles).
+        **single_host_pools(config.work_pool),
     }
     if config.encrypted:
         env[CRYPTO_DIR_ENV] = str(provision_embedded_nodes(manager.state.root))
