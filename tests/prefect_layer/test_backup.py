@@ -104,7 +104,7 @@ def test_changed_file_is_reported(params: dict[str, Any]) -> None:
     with pytest.raises(FileChangedError, match="now has 5 bytes"):
         file.check_unchanged(hash_content=False)
     file.local_path.unlink()
-    with pytest.raises(FileChangedError, match="no longer exists"):
+    with pytest.raises(FileChangedError, match=r"is not at .*: it was moved or deleted"):
         file.check_unchanged()
 
 
