@@ -3,7 +3,7 @@
 Each group of subcommands is a module of this package (:mod:`~msi_prefect.cli.stack`,
 :mod:`~msi_prefect.cli.transfer`, :mod:`~msi_prefect.cli.crypto`, :mod:`~msi_prefect.cli.rerun`,
 :mod:`~msi_prefect.cli.inspect_files`, :mod:`~msi_prefect.cli.files`,
-:mod:`~msi_prefect.cli.prune`, :mod:`~msi_prefect.cli.init`)
+:mod:`~msi_prefect.cli.prune`, :mod:`~msi_prefect.cli.init`, :mod:`~msi_prefect.cli.worker`)
 and registers itself here through a `register(subparsers)` function, so adding a command
 never touches the others.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from msi_prefect import __version__
 from msi_prefect.cli import crypto as crypto_commands
-from msi_prefect.cli import files, init, inspect_files, prune, rerun
+from msi_prefect.cli import files, init, inspect_files, prune, rerun, worker
 from msi_prefect.cli import stack as stack_commands
 from msi_prefect.cli import transfer as transfer_commands
 from msi_prefect.errors import MsiError
@@ -37,6 +37,7 @@ COMMAND_GROUPS: tuple[Registrar, ...] = (
     files.register,
     prune.register,
     init.register,
+    worker.register,
 )
 
 

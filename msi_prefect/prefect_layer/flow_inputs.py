@@ -6,9 +6,12 @@ from a ``msi.file.reconstructed`` (or ``msi.backup.missing``) event payload: ``t
 events can set them, so :meth:`RebuiltFile.from_parameters` checks every one of them before
 a file is touched, and each refusal says which parameter is wrong and why:
 
-* ``url`` must be a local ``file://`` URL of a file whose last path segments are ``path``;
-  the directory above them is the destination, and ``path`` must stay inside it (no
-  absolute path, no ``..``, no symlink on the way);
+* ``url`` must be a local ``file://`` URL of a file whose last path segments are ``path``
+  (the directory above them is the destination, and ``path`` must stay inside it: no
+  absolute path, no ``..``, no symlink on the way), or the ``s3://`` URL of the object
+  ``reconstruct-files`` rebuilt it into, ending with ``path``; a worker on another host
+  than ``reconstruct-files`` reads the file by that URL
+  (:mod:`msi_prefect.prefect_layer.remote_files`);
 * ``file_id`` must be the file id of ``path`` (wire format v1: a uuid5 of the path);
 * ``size``, ``generation`` and ``sha256`` must be well formed.
 
@@ -35,6 +38,14 @@ from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.events import REBUILT_FILE_FIELDS, FileFacts
+from msi_prefect.prefect_layer.remote_files import (
+    REMOTE_PROTOCOLS,
+    RemoteFileMismatchError,
+    RemoteFileMissingError,
+    RemoteSettingMissingError,
+    fetch_root,
+    fetch_verified,
+)
 from msi_prefect.transfer import (
     UnsafePathError,
     check_topic_name,
@@ -94,8 +105,8 @@ def _local_path_of(url: str) -> Path:
     if parts.scheme.lower() != "file":
         shown = f"{parts.scheme}://" if parts.scheme else "a plain path"
         raise FileInputError(
-            f"url {url!r} is {shown}; only file:// URLs of files rebuilt on this worker are "
-            "supported (the reconstruct flow must write to a local destination)"
+            f"url {url!r} is {shown}; only file:// URLs of files rebuilt on this host and "
+            "s3:// URLs (reconstruct-files into an S3 destination) are supported"
         )
     if parts.netloc not in _LOCAL_HOSTS:
         raise FileInputError(f"url {url!r} names host {parts.netloc!r}; file:// URLs are local")
@@ -109,6 +120,25 @@ def _local_path_of(url: str) -> Path:
     return Path(local)
 
 
+def _remote_url_of(url: str, relpath: PurePosixPath) -> str:
+    """Check an ``s3://`` URL of a rebuilt file: a plain object URL that ends with its path."""
+    parts = urlsplit(url)
+    if not parts.netloc or "@" in parts.netloc:
+        raise FileInputError(
+            f"url {url!r} must name a bucket and no credentials (s3://bucket/prefix/path)"
+        )
+    if parts.query or parts.fragment:
+        raise FileInputError(f"url {url!r} has a query or fragment; give a plain s3:// URL")
+    if ".." in parts.path.split("/") or "\0" in url:
+        raise FileInputError(f"url {url!r} has a '..' segment; give the file's direct URL")
+    if not parts.path.endswith("/" + relpath.as_posix()):
+        raise FileInputError(
+            f"url {url!r} does not end with path {relpath.as_posix()!r}; the file must lie at "
+            "<destination>/<path>"
+        )
+    return url
+
+
 @dataclass(frozen=True)
 class RebuiltFile:
     """One rebuilt, verified file, as announced by an event; validated.
@@ -118,11 +148,14 @@ class RebuiltFile:
         file_id: The file id (uuid5 of ``path``, 32 hex digits).
         generation: Version of the file; grows each time the file is sent anew.
         path: Relative POSIX path below the destination.
-        url: ``file://`` URL of the rebuilt file, as announced.
-        destination: The destination directory (the URL's path without ``path``).
-        local_path: The rebuilt file on this machine.
+        url: ``file://`` or ``s3://`` URL of the rebuilt file, as announced.
+        destination: The destination directory (the URL's path without ``path``); for a
+            file read by URL, the local folder its verified copy is fetched into.
+        local_path: The rebuilt file on this machine (for a file read by URL, its local
+            copy, there once :meth:`check_unchanged` has fetched it).
         size: Size in bytes announced by the event.
         sha256: Lower-case hex SHA-256 announced by the event.
+        remote_url: The ``s3://`` URL the file is read from; None for a local file.
     """
 
     topic: str
@@ -134,6 +167,7 @@ class RebuiltFile:
     local_path: Path
     size: int
     sha256: str
+    remote_url: str | None = None
 
     @classmethod
     def from_parameters(
@@ -154,13 +188,14 @@ class RebuiltFile:
             file_id: File id from the event.
             generation: File generation from the event.
             path: Relative POSIX path from the event.
-            url: ``file://`` URL of the rebuilt file from the event.
+            url: ``file://`` or ``s3://`` URL of the rebuilt file from the event.
             size: Size in bytes from the event.
             sha256: Hex SHA-256 from the event.
 
         Raises:
-            FileInputError: A parameter is malformed, the URL is not a local ``file://``
-                URL, it does not end with ``path``, or ``path`` leaves the destination.
+            FileInputError: A parameter is malformed, the URL is neither a local
+                ``file://`` URL nor an ``s3://`` URL, it does not end with ``path``, or
+                ``path`` leaves the destination.
         """
         _check_topic(topic)
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
@@ -179,6 +214,21 @@ class RebuiltFile:
             raise FileInputError(
                 f"file_id {file_id} is not the id of path {path!r} ({file_id_for(path)}); "
                 "the parameters do not come from one event"
+            )
+        if isinstance(url, str) and urlsplit(url).scheme.lower() in REMOTE_PROTOCOLS:
+            # Fetched on first use into a folder of this file's own (one per generation).
+            copies = fetch_root() / f"{file_id}-{generation}"
+            return cls(
+                topic=topic,
+                file_id=file_id,
+                generation=generation,
+                path=relpath,
+                url=url,
+                destination=copies,
+                local_path=copies.joinpath(*relpath.parts),
+                size=size,
+                sha256=sha256.lower(),
+                remote_url=_remote_url_of(url, relpath),
             )
         local = _local_path_of(url)
         depth = len(relpath.parts)
@@ -225,18 +275,29 @@ class RebuiltFile:
     def check_unchanged(self, *, hash_content: bool = True) -> None:
         """Check the file is still a regular file of the announced size (and SHA-256).
 
+        A file read by URL is fetched here (once per process), its size and SHA-256
+        checked on the way, whatever ``hash_content`` says.
+
         Args:
             hash_content: Also stream the file through SHA-256 (one read of the file).
 
         Raises:
             FileChangedError: The file is gone, not a regular file, or differs from the event.
+            FileInputError: This worker lacks a setting to read the file's URL.
+            RemoteReadError: The store of the URL could not be read (retry).
         """
+        if self.remote_url is not None:
+            self._fetch()
+            return
         try:
             info = os.lstat(self.local_path)
         except FileNotFoundError:
             raise FileChangedError(
-                f"{self.path} no longer exists at {self.local_path}; was it moved or deleted "
-                "after it was rebuilt?"
+                f"{self.path} is not at {self.local_path}: it was moved or deleted after it "
+                "was rebuilt, or this worker runs on another host than reconstruct-files and "
+                "cannot see its destination folder (then rebuild into an S3 destination, "
+                "MSI_DESTINATION_DIR=s3://bucket/prefix, so the file is read by its URL, or "
+                "run this deployment on the storage host's pool, MSI_STORAGE_POOL)"
             ) from None
         except OSError as exc:
             raise FileChangedError(f"{self.path} cannot be read: {exc}") from exc
@@ -252,6 +313,15 @@ class RebuiltFile:
             )
         if hash_content:
             self.check_sha256(self._hash())
+
+    def _fetch(self) -> None:
+        assert self.remote_url is not None
+        try:
+            fetch_verified(self.remote_url, self.local_path, self.size, self.sha256)
+        except (RemoteFileMissingError, RemoteFileMismatchError) as exc:
+            raise FileChangedError(str(exc)) from exc
+        except RemoteSettingMissingError as exc:
+            raise FileInputError(str(exc)) from exc
 
     def check_sha256(self, actual: str) -> None:
         """Compare a SHA-256 computed from the file with the announced one.

@@ -185,7 +185,9 @@ def describe_rebuilt_file(file: RebuiltFile, announced_at: datetime | None = Non
         FileInputError: It cannot be read, or ``announced_at`` has no time zone.
     """
     file.check_unchanged(hash_content=False)
-    known_sha256 = file.sha256 if unchanged_since_announced(file, announced_at) else None
+    # A file read by URL was just fetched into a private copy, its SHA-256 checked on the way.
+    verified = file.remote_url is not None or unchanged_since_announced(file, announced_at)
+    known_sha256 = file.sha256 if verified else None
     try:
         metadata = extract_metadata(
             file.local_path, file.path.as_posix(), known_sha256=known_sha256

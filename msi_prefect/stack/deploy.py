@@ -35,6 +35,7 @@ from msi_prefect.stack.project import (
     bundled_project_dir,
     project_for_up,
 )
+from msi_prefect.stack.roles import single_host_pools
 from msi_prefect.stack.runs import (
     ACTIVE_STATES,
     TRANSFER_DEPLOYMENTS,
@@ -114,6 +115,9 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         "MSI_PROJECT_DIR": str(project),
         "MSI_WATCH_DIR": config.watch_dir,
         "MSI_DESTINATION_DIR": config.destination_dir,
+        # One machine, one worker: the instrument, storage and compute deployments share
+        # its pool (a facility gives each kind of host its own: msi_prefect.stack.roles).
+        **single_host_pools(config.work_pool),
     }
     if config.encrypted:
         env[CRYPTO_DIR_ENV] = str(provision_embedded_nodes(manager.state.root))

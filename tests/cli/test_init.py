@@ -22,6 +22,7 @@ from msi_prefect.prefect_layer.analysis import load_callable
 from msi_prefect.prefect_layer.project_steps import import_from_directory
 from msi_prefect.stack.deploy import UP_DEPLOYMENTS
 from msi_prefect.stack.project import bundled_project_dir, deployment_names, project_for_up
+from msi_prefect.stack.roles import ROLE_DEPLOYMENTS, pool_env
 
 ANALYSIS_DEPLOYMENTS = ("analyze-file", "analyze-batch")
 
@@ -63,10 +64,12 @@ def test_the_projects_prefect_yaml_names_every_flow_the_package_deploys(project:
     deployments = _deployments(project)
 
     assert set(deployments) == deployment_names(bundled_project_dir() / "prefect.yaml")
+    role_of = {name: role for role, names in ROLE_DEPLOYMENTS.items() for name in names}
     for name, entry in deployments.items():
         script, _, function = entry["entrypoint"].partition(":")
         assert f"def {function}(" in (project / script).read_text(), name
-        assert entry["work_pool"]["name"] == "msi-process"
+        # The pool of the kind of host that runs it (`up` sets all three to its one pool).
+        assert entry["work_pool"]["name"] == f"{{{{ ${pool_env(role_of[name])} }}}}", name
 
 
 def test_the_analysis_stub_is_what_the_analyze_flows_call(

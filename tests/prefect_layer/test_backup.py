@@ -50,7 +50,11 @@ def test_valid_parameters_name_the_file(params: dict[str, Any], tmp_path: Path) 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"url": "s3://bucket/run1/frame%200001.tif"}, "only file:// URLs"),
+        ({"url": "ftp://host/run1/frame%200001.tif"}, "only file:// URLs of files rebuilt"),
+        ({"url": "s3://bucket/run1/frame%200001.tif"}, "does not end with path"),
+        ({"url": "s3://key:secret@bucket/run1/frame 0001.tif"}, "no credentials"),
+        ({"url": "s3://bucket/x/../run1/frame 0001.tif"}, "'..' segment"),
+        ({"url": "s3://bucket/run1/frame 0001.tif?versionId=1"}, "query or fragment"),
         ({"url": "/dest/run1/frame 0001.tif"}, "plain path"),
         ({"url": "file://otherhost/dest/run1/frame%200001.tif"}, "names host"),
         ({"url": "file:///somewhere/else.tif"}, "does not end with path"),
@@ -100,7 +104,7 @@ def test_changed_file_is_reported(params: dict[str, Any]) -> None:
     with pytest.raises(FileChangedError, match="now has 5 bytes"):
         file.check_unchanged(hash_content=False)
     file.local_path.unlink()
-    with pytest.raises(FileChangedError, match="no longer exists"):
+    with pytest.raises(FileChangedError, match=r"is not at .*: it was moved or deleted"):
         file.check_unchanged()
 
 

@@ -266,11 +266,11 @@ def test_extract_metadata_flow_refuses_a_url_that_is_not_a_local_file(
     extract_metadata_flow = load_flow("flows/extract_metadata.py:extract_metadata_flow")
 
     state = extract_metadata_flow(
-        **{**params, "url": "s3://bucket/a.csv"}, kafka_block="unused", return_state=True
+        **{**params, "url": "ftp://host/a.csv"}, kafka_block="unused", return_state=True
     )
 
     assert state.is_failed()
-    assert "only file:// URLs" in str(state.result(raise_on_failure=False))
+    assert "only file:// URLs of files rebuilt" in str(state.result(raise_on_failure=False))
 
 
 @pytest.mark.stack
