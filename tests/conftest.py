@@ -6,6 +6,7 @@ opt-in chaos runs, and which tests share a pytest-xdist worker.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Iterator
@@ -63,36 +64,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Skip the opt-in chaos runs unless asked for; run the longest tests first.
 
     pytest-xdist hands out the groups in this order (``--no-loadscope-reorder`` in
-    pyproject.toml): the whole-stack modules, longest first, then the session Prefect
-    server's group, then the rest. Without workers (-n 0) too: the longest tests first,
-    the quick ones fill in after.
+    pyproject.toml): the chaos runs when asked for (the longest by far), the whole-stack
+    tests, longest first, then the session Prefect server's group, then the rest. Without
+    workers (-n 0) too: the longest tests first, the quick ones fill in after.
     """
-    _skip_chaos_unless_asked(config, items)
-    items.sort(key=_start_order)
+    chaos_asked = _chaos_asked(config)
+    if not chaos_asked:
+        skip = pytest.mark.skip(
+            reason=f"long fault-injection run: opt in with -m chaos or {CHAOS_ENV}=1"
+        )
+        for item in items:
+            if "chaos" in item.keywords:
+                item.add_marker(skip)
+    items.sort(key=lambda item: _start_order(item, chaos_asked))
 
 
-def _start_order(item: pytest.Item) -> tuple[int, float]:
-    """Sort key: whole-stack modules (longest first), the Prefect server's group, the rest."""
+def _chaos_asked(config: pytest.Config) -> bool:
+    """Whether the long fault-injection runs were asked for (``-m chaos`` or MSI_CHAOS=1)."""
+    markexpr = config.getoption("markexpr", default="") or ""
+    return "chaos" in markexpr or os.environ.get(CHAOS_ENV) == "1"
+
+
+def _start_order(item: pytest.Item, chaos_asked: bool) -> tuple[int, float]:
+    """Sort key: the chaos runs (if asked for), the whole-stack groups (longest first), the
+    Prefect server's group, the rest (skipped chaos runs among them, in their place)."""
     group = _worker_group(item) or ""
+    if group == CHAOS_GROUP and chaos_asked:
+        return 0, -math.inf
     if group.startswith(OWN_STACK_GROUP_PREFIX):
         key = group.removeprefix(OWN_STACK_GROUP_PREFIX)
         return 0, -OWN_STACK_SECONDS.get(key, NEW_OWN_STACK_SECONDS)
     if group == PREFECT_SERVER_GROUP:
         return 1, 0.0
     return 2, 0.0
-
-
-def _skip_chaos_unless_asked(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the long fault-injection runs unless asked for (``-m chaos`` or MSI_CHAOS=1)."""
-    markexpr = config.getoption("markexpr", default="") or ""
-    if "chaos" in markexpr or os.environ.get(CHAOS_ENV) == "1":
-        return
-    skip = pytest.mark.skip(
-        reason=f"long fault-injection run: opt in with -m chaos or {CHAOS_ENV}=1"
-    )
-    for item in items:
-        if "chaos" in item.keywords:
-            item.add_marker(skip)
 
 
 def _worker_group(item: pytest.Item) -> str | None:
