@@ -7,6 +7,7 @@ opt-in chaos runs, and which tests share a pytest-xdist worker.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import tempfile
@@ -36,10 +37,27 @@ CHAOS_ENV = "MSI_CHAOS"
 # Tansu lets a consumer join a group in about half of session.timeout.ms; keep it short.
 TEST_SESSION_TIMEOUT_MS = 6000
 TEST_STORAGE_ENV = "MSI_TEST_BROKER_STORAGE"
-# The xdist groups of the tests that start a whole stack of their own, and of the tests
-# that need the session's Prefect server (see _worker_group).
-OWN_STACK_GROUP = "own-stack"
+# The xdist groups (see _worker_group): a whole-stack test (prefix and test id, or module
+# path for the tests of one module-scoped stack), the opt-in chaos runs, and the tests
+# that need the session's Prefect server.
+OWN_STACK_GROUP_PREFIX = "own-stack:"
+CHAOS_GROUP = "chaos"
 PREFECT_SERVER_GROUP = "prefect-server"
+#: Seconds each whole-stack group takes on a quiet 2-core machine (from ``--durations``,
+#: both workers busy). Only the order matters: the longest go out first, so the two
+#: workers each start a long one and the short ones fill in after.
+OWN_STACK_SECONDS = {
+    "tests/stack/test_stack.py::test_up_twice_status_and_down_leave_nothing_behind": 185,
+    "tests/integration/test_stack_faults.py": 100,  # the power cut (one module stack)
+    "tests/stack/test_postgres_stack.py::"
+    "test_the_stack_on_postgresql_carries_a_file_through_and_recovers": 85,
+    "tests/integration/test_lab_operations.py": 75,
+    "tests/integration/test_stack_faults.py::"
+    "test_a_run_crashed_by_a_server_restart_is_run_again_within_minutes": 72,
+    "tests/stack/test_crypto_stack.py::test_up_encrypted_deploys_encrypted_transfers": 55,
+}
+# A group not in the table yet: as long as a stack's start, a file and its `down`.
+NEW_OWN_STACK_SECONDS = 60
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
@@ -54,41 +72,65 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the opt-in chaos runs unless asked for; run the whole-stack tests first."""
-    _skip_chaos_unless_asked(config, items)
-    # Without workers (-n 0) too: the longest tests first, the quick ones fill in after.
-    items.sort(key=lambda item: _worker_group(item) != OWN_STACK_GROUP)
+    """Skip the opt-in chaos runs unless asked for; run the longest tests first.
+
+    pytest-xdist hands out the groups in this order (``--no-loadscope-reorder`` in
+    pyproject.toml): the chaos runs when asked for (the longest by far), the whole-stack
+    tests, longest first, then the session Prefect server's group, then the rest. Without
+    workers (-n 0) too: the longest tests first, the quick ones fill in after.
+    """
+    chaos_asked = _chaos_asked(config)
+    if not chaos_asked:
+        skip = pytest.mark.skip(
+            reason=f"long fault-injection run: opt in with -m chaos or {CHAOS_ENV}=1"
+        )
+        for item in items:
+            if "chaos" in item.keywords:
+                item.add_marker(skip)
+    items.sort(key=lambda item: _start_order(item, chaos_asked))
 
 
-def _skip_chaos_unless_asked(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the long fault-injection runs unless asked for (``-m chaos`` or MSI_CHAOS=1)."""
+def _chaos_asked(config: pytest.Config) -> bool:
+    """Whether the long fault-injection runs were asked for (``-m chaos`` or MSI_CHAOS=1)."""
     markexpr = config.getoption("markexpr", default="") or ""
-    if "chaos" in markexpr or os.environ.get(CHAOS_ENV) == "1":
-        return
-    skip = pytest.mark.skip(
-        reason=f"long fault-injection run: opt in with -m chaos or {CHAOS_ENV}=1"
-    )
-    for item in items:
-        if "chaos" in item.keywords:
-            item.add_marker(skip)
+    return "chaos" in markexpr or os.environ.get(CHAOS_ENV) == "1"
+
+
+def _start_order(item: pytest.Item, chaos_asked: bool) -> tuple[int, float]:
+    """Sort key: the chaos runs (if asked for), the whole-stack groups (longest first), the
+    Prefect server's group, the rest (skipped chaos runs among them, in their place)."""
+    group = _worker_group(item) or ""
+    if group == CHAOS_GROUP and chaos_asked:
+        return 0, -math.inf
+    if group.startswith(OWN_STACK_GROUP_PREFIX):
+        key = group.removeprefix(OWN_STACK_GROUP_PREFIX)
+        return 0, -OWN_STACK_SECONDS.get(key, NEW_OWN_STACK_SECONDS)
+    if group == PREFECT_SERVER_GROUP:
+        return 1, 0.0
+    return 2, 0.0
 
 
 def _worker_group(item: pytest.Item) -> str | None:
     """Which tests must share a pytest-xdist worker (``--dist loadgroup``), or None.
 
-    * Tests that start a whole stack of their own (marked ``own_stack``) and the chaos runs
-      form one group, so that at most one such stack runs at a time on the 2 cores.
+    * A test that starts a whole stack of its own (marked ``own_stack``) is a group of its
+      own, and so are the tests of one module that share a module-scoped stack. They go
+      out longest first (:func:`_start_order`), so each of the two workers runs one such
+      stack at a time: at most two at once, each on its own free ports and folders.
+    * The opt-in chaos runs form one group: one at a time, as they measure recovery.
     * Tests that share a module-scoped fixture run on one worker, so it is built once.
     * Tests that need the session's Prefect server (``prefect_stack``) run on one worker:
       a second server would cost its start and its services' CPU for the whole run.
 
     Every other test goes to whichever worker is free. Each worker starts the session's
-    broker and S3 store (``kafka_stack``) only if one of its tests asks for them. The
-    groups go out largest first (pytest-xdist's ``--loadscope-reorder``), so the two
-    long ones start at once, one on each worker.
+    broker and S3 store (``kafka_stack``) only if one of its tests asks for them.
     """
-    if "own_stack" in item.keywords or "chaos" in item.keywords:
-        return OWN_STACK_GROUP
+    if "chaos" in item.keywords:
+        return CHAOS_GROUP
+    if "own_stack" in item.keywords:
+        test_id = item.nodeid.split("@")[0]
+        shared = test_id.split("::")[0] if _uses_module_fixture(item) else test_id
+        return OWN_STACK_GROUP_PREFIX + shared
     if _uses_module_fixture(item):
         return item.nodeid.split("::")[0]
     if "prefect_stack" in getattr(item, "fixturenames", ()):

@@ -55,12 +55,17 @@ KIB = 1024
 MIB = 1024 * KIB
 
 
+# A CLI command, `up` included: about a minute on a quiet machine, over 5 when two stacks
+# start at once on a machine shared with other work (load average 15-20).
+CLI_TIMEOUT_S = 600
+
+
 def cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "msi_prefect.cli", "--state-dir", str(state_dir), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=CLI_TIMEOUT_S,
         check=False,
     )
 
@@ -193,14 +198,19 @@ def user_stack(root: Path, *up_args: str) -> Iterator[UserStack]:
         )
         yield stack
     finally:
-        down = cli(stack.state_dir, "down")
-        # `down` stops every process it knows by PID; if it could not (a test left the
-        # stack half-dead), kill what is left of this stack by PID, as a power cut would.
-        leftovers = flow_run_processes(stack.api)
-        if down.returncode != 0 or leftovers:
-            kill_everything(stack.state_dir, stack.api)
+        stopped, said = False, "`down` did not finish"
+        try:
+            down = cli(stack.state_dir, "down")
+            stopped, said = down.returncode == 0, down.stdout + down.stderr
+        finally:
+            # `down` stops every process it knows by PID; if it could not (a test left the
+            # stack half-dead, or the test's timeout cut `down` short on a busy machine),
+            # kill what is left of this stack by PID, as a power cut would.
+            leftovers = flow_run_processes(stack.api)
+            if not stopped or leftovers:
+                kill_everything(stack.state_dir, stack.api)
     # Only when the test passed: a failure in it stays the error reported.
-    assert down.returncode == 0, down.stdout + down.stderr
+    assert stopped, said
     assert leftovers == []
 
 

@@ -13,7 +13,8 @@ from msi_prefect.stack.config import free_port_map
 from tests.conftest import TEST_SESSION_TIMEOUT_MS
 from tests.stack_helpers import cli
 
-pytestmark = [pytest.mark.stack, pytest.mark.own_stack]
+# `up`, a file and `down`: about a minute on a quiet machine, many on a shared one.
+pytestmark = [pytest.mark.stack, pytest.mark.own_stack, pytest.mark.timeout(600)]
 
 ARRIVAL_TIMEOUT_S = 180
 MARKER = b"MSI-STACK-PLAINTEXT-MARKER-51c2"

@@ -249,9 +249,10 @@ def _assert_secret_nowhere(api: str, secret: str) -> None:
     assert leaks == []
 
 
-# The whole user journey: about 3 minutes on a quiet machine, up to twice that when busy.
+# The whole user journey: about 3 minutes on a quiet machine, up to four times that when
+# the machine is shared (measured: over 10 minutes at a load average of 15-20).
 @pytest.mark.own_stack
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     ports = free_port_map()
     port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
