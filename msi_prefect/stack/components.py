@@ -79,9 +79,18 @@ REDIS_DOCKET_DB = 1
 # The event persister and the task-run recorder read up to this many messages per Redis
 # round trip (Prefect's default reads one at a time: a round trip per event).
 REDIS_READ_BATCH = "100"
+# Each process's pool of database connections: 20 kept, 20 more at peaks (Prefect's
+# default is 5 + 10). At 10 files/s the API process, relieved of the services, took
+# every request the flow runs made, and with 15 connections its requests waited 30 s for
+# one and failed ("QueuePool limit of size 5 overflow 10 reached"); with 20 + 20 all 600
+# files were done (bench/RESULTS.md, issue 13). PostgreSQL allows 100 connections.
+DATABASE_POOL_SIZE = "20"
+DATABASE_POOL_OVERFLOW = "20"
 SPLIT_SERVICES = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": REDIS_READ_BATCH,
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": REDIS_READ_BATCH,
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": DATABASE_POOL_SIZE,
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": DATABASE_POOL_OVERFLOW,
 }
 # Every Prefect client (in the worker and in each flow run) first asks the server for its
 # API version (`GET /admin/version`, and once more for the events client, with a TLS
@@ -151,7 +160,8 @@ def server_layout_env(config: StackConfig) -> dict[str, str]:
         "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": REDIS_ORDERING,
         "PREFECT_REDIS_MESSAGING_URL": config.redis_url,
         "PREFECT_SERVER_DOCKET_URL": docket_url,
-        **SPLIT_SERVICES,
+        # Benchmarks compare a setting with its default: a value the caller set wins.
+        **{name: os.environ.get(name, value) for name, value in SPLIT_SERVICES.items()},
     }
 
 

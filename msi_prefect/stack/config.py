@@ -8,7 +8,7 @@ import secrets
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
@@ -73,6 +73,7 @@ class ServerLayout(StrEnum):
     # The API and UI in one process (`prefect server start --no-services`), the services in
     # another (`prefect server services start`), messages between them through a Redis
     # server of the stack's own (prefect-redis): the services' CPU no longer delays the API.
+    # PostgreSQL only.
     SPLIT = "split"
 
 
@@ -156,6 +157,20 @@ class StackConfig(BaseModel):
         if clashes:
             raise ValueError(f"the same port is given to two servers: {sorted(clashes)}")
         return merged
+
+    @model_validator(mode="after")
+    def _split_needs_postgresql(self) -> StackConfig:
+        # Two processes writing one SQLite file take turns through its file lock: measured
+        # slower than one process (bench/RESULTS.md, issue 13), so it is not offered.
+        if (
+            self.server_layout is ServerLayout.SPLIT
+            and self.database is not PrefectDatabase.POSTGRESQL
+        ):
+            raise ValueError(
+                "the split server layout needs the PostgreSQL database: "
+                "use --server-layout split with --database postgresql"
+            )
+        return self
 
     @property
     def components(self) -> tuple[Component, ...]:

@@ -2,8 +2,9 @@
 
 The API in one process (`prefect server start --no-services`), its services (event
 persister, triggers, actions, task-run recorder...) in another, their messages through a
-Redis server of the stack's own. Most tests run without a server; the last one starts
-Redis, the API and the services (no broker, S3 or worker) and checks that an event posted
+Redis server of the stack's own, on the stack's PostgreSQL. Most tests run without a
+server; the last one starts PostgreSQL, Redis, the API and the services (no broker, S3 or
+worker) and checks that an event posted
 to the API is stored by the other process, also across a restart of that process (about a
 minute).
 """
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
+from msi_prefect.stack import postgres
 from msi_prefect.stack.components import (
     REDIS_MESSAGING,
     build_spec,
@@ -28,6 +31,7 @@ from msi_prefect.stack.components import (
 )
 from msi_prefect.stack.config import (
     Component,
+    PrefectDatabase,
     ServerLayout,
     StackConfig,
     StateDir,
@@ -38,8 +42,9 @@ from msi_prefect.stack.processes import port_is_free
 from tests.listening import not_on_loopback
 from tests.stack_helpers import cli, pid_alive
 
-SPLIT = StackConfig(server_layout=ServerLayout.SPLIT)
+SPLIT = StackConfig(server_layout=ServerLayout.SPLIT, database=PrefectDatabase.POSTGRESQL)
 REDIS_MISSING = not Path(redis_binary()).is_file()
+POSTGRES_MISSING = bool(postgres.locate_programs().missing())
 # An event posted to the API is stored within a second or two on a quiet machine.
 STORED_TIMEOUT_S = 60
 # How long an event must stay unstored while the services process is down.
@@ -58,6 +63,7 @@ def test_split_runs_redis_before_the_api_and_the_services_after_it() -> None:
     assert SPLIT.components == (
         Component.S3,
         Component.BROKER,
+        Component.POSTGRES,
         Component.REDIS,
         Component.PREFECT,
         Component.PREFECT_SERVICES,
@@ -65,9 +71,14 @@ def test_split_runs_redis_before_the_api_and_the_services_after_it() -> None:
     )
 
 
+def test_split_on_sqlite_is_refused_with_a_clear_error() -> None:
+    with pytest.raises(ValidationError, match="--database postgresql"):
+        StackConfig(server_layout=ServerLayout.SPLIT)
+
+
 def test_split_specs_share_one_redis_bus_on_loopback(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
-    config = StackConfig(ports=free_port_map(), server_layout=ServerLayout.SPLIT)
+    config = SPLIT.model_copy(update={"ports": free_port_map()})
     api = build_spec(Component.PREFECT, config, state)
     services = build_spec(Component.PREFECT_SERVICES, config, state)
     redis = build_spec(Component.REDIS, config, state)
@@ -95,6 +106,7 @@ def test_a_one_process_stack_refuses_to_start_redis(tmp_path: Path) -> None:
 def test_the_split_layout_brings_redis_and_the_services_with_the_server(tmp_path: Path) -> None:
     manager = StackManager(StateDir(tmp_path), SPLIT)
     assert manager.wanted_components([Component.PREFECT]) == [
+        Component.POSTGRES,
         Component.REDIS,
         Component.PREFECT,
         Component.PREFECT_SERVICES,
@@ -139,6 +151,7 @@ def _wait_stored(api: str, event_id: str, since: float, timeout_s: float) -> boo
 
 @pytest.mark.stack
 @pytest.mark.skipif(REDIS_MISSING, reason="Debian's redis-server is not installed")
+@pytest.mark.skipif(POSTGRES_MISSING, reason="PostgreSQL's server programs are not installed")
 @pytest.mark.timeout(600)
 def test_the_services_process_stores_the_apis_events_and_resumes_after_a_restart(
     tmp_path: Path,
@@ -146,14 +159,15 @@ def test_the_services_process_stores_the_apis_events_and_resumes_after_a_restart
     ports = free_port_map()
     port_args = [arg for name, port in ports.items() for arg in ("--port", f"{name}={port}")]
     state_dir = tmp_path / "state"
-    up = ["up", "--only", "prefect", "--server-layout", "split", *port_args]
+    up = ["up", "--only", "prefect", "--server-layout", "split", "--database", "postgresql"]
+    up += port_args
     result = cli(state_dir, *up)
     try:
         assert result.returncode == 0, result.stdout + result.stderr
         report = json.loads(cli(state_dir, "status", "--json").stdout)
         assert report["server_layout"] == "split"
         rows = {row["name"]: row for row in report["components"]}
-        parts = ("redis", "prefect", "prefect-services")
+        parts = ("postgres", "redis", "prefect", "prefect-services")
         assert all(rows[name]["health"] == "healthy" for name in parts), rows
         pids = {name: rows[name]["pid"] for name in parts}
         assert not_on_loopback(set(pids.values())) == []
