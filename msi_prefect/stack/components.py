@@ -74,7 +74,7 @@ SERVER_SERVICES = {
 # Redis server, through prefect-redis, instead of in each process's memory.
 REDIS_MESSAGING = "prefect_redis.messaging"
 REDIS_ORDERING = "prefect_redis.ordering"
-# Messages are batched in Redis streams of their own database; docket in another.
+# The messages' streams live in Redis database 0, docket's task queues in database 1.
 REDIS_DOCKET_DB = 1
 # The event persister and the task-run recorder read up to this many messages per Redis
 # round trip (Prefect's default reads one at a time: a round trip per event).
@@ -83,7 +83,8 @@ REDIS_READ_BATCH = "100"
 # default is 5 + 10). At 10 files/s the API process, relieved of the services, took
 # every request the flow runs made, and with 15 connections its requests waited 30 s for
 # one and failed ("QueuePool limit of size 5 overflow 10 reached"); with 20 + 20 all 600
-# files were done (bench/RESULTS.md, issue 13). PostgreSQL allows 100 connections.
+# files were done (bench/RESULTS.md, issue 13). Two processes at 40 each stay below
+# PostgreSQL's default limit of 100 connections.
 DATABASE_POOL_SIZE = "20"
 DATABASE_POOL_OVERFLOW = "20"
 SPLIT_SERVICES = {
