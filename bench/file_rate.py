@@ -125,7 +125,10 @@ RUNS_PAGE = 200
 RSS_SAMPLE_S = 0.5
 RSS_KEYS = ("server", "worker", "flow runs")
 # `MODE+NAME=VALUE` with one of these names is an option of `up`, not an environment variable.
-UP_OPTIONS = {"database": "--database"}
+UP_OPTIONS = {"database": "--database", "server_layout": "--server-layout"}
+# The processes of the Prefect server: one, or with `--server-layout split` the API, its
+# services and their Redis bus (their RSS is summed as the server's).
+SERVER_COMPONENTS = ("prefect", "prefect-services", "redis")
 # The server reports its queues' depths this often (msi_prefect.stack.queue_probe).
 QUEUE_REPORT_S = "2"
 QUEUE_REPORT_ENV = "MSI_SERVER_QUEUE_REPORT_S"
@@ -269,13 +272,13 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _sample_rss(api_url: str, server_pid: int, worker_pid: int, result: ModeResult) -> None:
+def _sample_rss(api_url: str, server_pids: list[int], worker_pid: int, result: ModeResult) -> None:
     """Record the RSS of the server, the worker (+ warm server) and the flow runs."""
     wanted = f"PREFECT_API_URL={api_url}".encode()
     worker = _rss_mb(worker_pid)
     flow_runs = 0.0
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in (server_pid, worker_pid):
+        if not entry.name.isdigit() or int(entry.name) in (*server_pids, worker_pid):
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
@@ -290,7 +293,7 @@ def _sample_rss(api_url: str, server_pid: int, worker_pid: int, result: ModeResu
             worker += _rss_mb(int(entry.name))  # the warm server
         else:
             flow_runs += _rss_mb(int(entry.name))
-    server = _rss_mb(server_pid)
+    server = sum(_rss_mb(pid) for pid in server_pids)
     for key, value in (("server", server), ("worker", worker), ("flow runs", flow_runs)):
         result.peak_rss_mb[key] = round(max(result.peak_rss_mb.get(key, 0.0), value), 1)
     result.rss_timeline.append((result.done, round(server, 1), round(worker, 1)))
@@ -341,6 +344,8 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
             cli(state, ["status", "--json"], log, STATUS_TIMEOUT_S, extra_env).stdout
         )
         pids = {row["name"]: row["pid"] for row in status["components"]}
+        server_pids = [pids[name] for name in SERVER_COMPONENTS if pids.get(name)]
+        result.notes["load_at_drop"] = format_load(os.getloadavg())
         api_url = status["prefect_api_url"]
         with httpx.Client(base_url=status["prefect_api_url"], timeout=HTTP_TIMEOUT_S) as client:
             stack_ready(client, status["bootstrap_servers"], DEFAULT_GROUP, result.notes, deadline)
@@ -356,9 +361,10 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
             while time.monotonic() < limit and not deadline.passed():
                 sample_until = time.monotonic() + EVENT_POLL_S
                 while time.monotonic() < sample_until:
-                    _sample_rss(api_url, pids["prefect"], pids["worker"], result)
+                    _sample_rss(api_url, server_pids, pids["worker"], result)
                     time.sleep(RSS_SAMPLE_S)
                 if not dropper.is_alive() and limit == float("inf"):
+                    result.notes["load_after_drops"] = format_load(os.getloadavg())
                     print(f"[{tag}] dropped {len(names)} files", flush=True)
                     limit = time.monotonic() + scenario.drain_timeout_s
                 if not result.dropped_at:
@@ -375,9 +381,11 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
                 if result.done == len(names):
                     break
             dropper.join()
-            _sample_rss(api_url, pids["prefect"], pids["worker"], result)  # with the final count
+            _sample_rss(api_url, server_pids, pids["worker"], result)  # with the final count
             result.first_drop = min(result.dropped_at.values())
             result.last_drop = max(result.dropped_at.values())
+            # A starved harness drops more slowly than asked: the rate really offered.
+            result.notes["dropped_in_s"] = round(result.last_drop - result.first_drop, 1)
             try:
                 result.flow_runs = _count_runs(client)
                 result.run_starts = _run_starts(client)
@@ -521,9 +529,16 @@ def main() -> int:
     if opts.files < 1 or opts.rate <= 0:
         parser.error("--files must be >= 1 and --rate > 0")
     load = os.getloadavg()
-    results = [
-        run_mode(scenario, mode, opts) for scenario in _scenarios(opts) for mode in opts.modes
-    ]
+    results = []
+    for scenario in _scenarios(opts):
+        for mode in opts.modes:
+            try:
+                results.append(run_mode(scenario, mode, opts))
+            except Exception as exc:  # one mode that cannot start must not lose the others
+                print(f"[{scenario.name}/{mode}] failed: {exc!r}", flush=True)
+                failed = ModeResult(scenario.name, mode, scenario.files, scenario.rate)
+                failed.notes["error"] = repr(exc)
+                results.append(failed)
     text = report(results, opts, load)
     print(text)
     if not opts.no_write:

@@ -16,6 +16,7 @@ from msi_prefect.stack.config import (
     BrokerStorage,
     Component,
     PrefectDatabase,
+    ServerLayout,
     StackConfig,
     StateDir,
     parse_port_overrides,
@@ -57,6 +58,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the Prefect server's database: sqlite (a file in the state dir, default) or "
         "postgresql (a PostgreSQL server of the stack's own, on 127.0.0.1, needs Debian's "
         "postgresql-15); kept for later runs, changed only while the stack is down",
+    )
+    up.add_argument(
+        "--server-layout",
+        choices=[layout.value for layout in ServerLayout],
+        default=None,
+        help="the Prefect server as one process (default) or split: its API in one "
+        "process, its services (event persister, triggers...) in another, with a Redis "
+        "server of the stack's own (127.0.0.1, needs Debian's redis-server) between them; "
+        "kept for later runs, changed only while the stack is down",
     )
     up.add_argument(
         "--only",
@@ -169,6 +179,8 @@ def _up(args: argparse.Namespace) -> int:
         changes["downstream_dispatch"] = DownstreamDispatch(args.dispatch)
     if args.database:
         changes["database"] = PrefectDatabase(args.database)
+    if args.server_layout:
+        changes["server_layout"] = ServerLayout(args.server_layout)
     folders = {
         "watch_dir": args.watch_dir or manager.config.watch_dir or state.root.parent / "inbox",
         "destination_dir": args.destination_dir
@@ -279,16 +291,17 @@ def _print_status(manager: StackManager, as_json: bool, with_transfers: bool = F
         print(f"broker        {status.bootstrap_servers} (storage: {status.broker_storage})")
         print(f"s3 endpoint   {status.s3_endpoint} (backup bucket: {status.backup_bucket})")
         print(f"database      {status.database} (the Prefect server's)")
+        print(f"server layout {status.server_layout}")
         if status.watch_dir:
             print(f"watched dir   {status.watch_dir}")
         if status.destination_dir:
             print(f"destination   {status.destination_dir}")
             print(f"dispatch      {status.downstream_dispatch}")
         print()
-        print(f"{'component':<10} {'health':<10} {'pid':>8}  address")
+        print(f"{'component':<16} {'health':<10} {'pid':>8}  address")
         for row in status.components:
             pid = str(row.pid) if row.pid else "-"
-            print(f"{row.name:<10} {row.health.value:<10} {pid:>8}  {row.address}")
+            print(f"{row.name:<16} {row.health.value:<10} {pid:>8}  {row.address}")
         unhealthy = [r for r in status.components if r.health is not Health.HEALTHY]
         for row in unhealthy:
             print(f"  {row.name}: {row.health.value}; see {row.log_file}")

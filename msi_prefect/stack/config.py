@@ -8,7 +8,7 @@ import secrets
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from msi_prefect.errors import MsiError
 from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
@@ -44,6 +44,9 @@ DEFAULT_PORTS: dict[str, int] = {
     # The stack's own PostgreSQL server (`up --database postgresql` only): not 5432, so a
     # system PostgreSQL on this machine and the stack's never meet.
     "postgres": 15432,
+    # The stack's own Redis server (`up --server-layout split` only): the message bus
+    # between the Prefect API process and its services process.
+    "redis": 16379,
 }
 
 
@@ -61,14 +64,33 @@ class PrefectDatabase(StrEnum):
     POSTGRESQL = "postgresql"  # a PostgreSQL server of the stack's own, under the state dir
 
 
+class ServerLayout(StrEnum):
+    """How the Prefect server's work is spread over processes."""
+
+    # One process: the API, the UI and every service (event persister, triggers, actions,
+    # task-run recorder, scheduler...) on one Python event loop; messages in memory.
+    ONE_PROCESS = "one-process"
+    # The API and UI in one process (`prefect server start --no-services`), the services in
+    # another (`prefect server services start`), messages between them through a Redis
+    # server of the stack's own (prefect-redis): the services' CPU no longer delays the API.
+    # PostgreSQL only.
+    SPLIT = "split"
+
+
 class Component(StrEnum):
     """The processes of the stack, in start order."""
 
     S3 = "s3"
     BROKER = "broker"
     POSTGRES = "postgres"  # only with PrefectDatabase.POSTGRESQL
+    REDIS = "redis"  # only with ServerLayout.SPLIT
     PREFECT = "prefect"
+    PREFECT_SERVICES = "prefect-services"  # only with ServerLayout.SPLIT
     WORKER = "worker"
+
+
+# The components that only a split server layout runs.
+SPLIT_LAYOUT_COMPONENTS = (Component.REDIS, Component.PREFECT_SERVICES)
 
 
 class S3Credentials(BaseModel):
@@ -113,6 +135,11 @@ class StackConfig(BaseModel):
         default=PrefectDatabase.SQLITE,
         description="The Prefect server's database: SQLite, or the stack's own PostgreSQL.",
     )
+    server_layout: ServerLayout = Field(
+        default=ServerLayout.ONE_PROCESS,
+        description="The Prefect server in one process, or its API and services split "
+        "over two processes with a Redis message bus between them.",
+    )
 
     @field_validator("ports")
     @classmethod
@@ -131,14 +158,35 @@ class StackConfig(BaseModel):
             raise ValueError(f"the same port is given to two servers: {sorted(clashes)}")
         return merged
 
+    @model_validator(mode="after")
+    def _split_needs_postgresql(self) -> StackConfig:
+        # Two processes writing one SQLite file take turns through its file lock: measured
+        # slower than one process (bench/RESULTS.md, issue 13), so it is not offered.
+        if (
+            self.server_layout is ServerLayout.SPLIT
+            and self.database is not PrefectDatabase.POSTGRESQL
+        ):
+            raise ValueError(
+                "the split server layout needs the PostgreSQL database: "
+                "use --server-layout split with --database postgresql"
+            )
+        return self
+
     @property
     def components(self) -> tuple[Component, ...]:
-        """The processes this stack runs, in start order (PostgreSQL only when chosen)."""
+        """The processes this stack runs, in start order (PostgreSQL, Redis only when chosen)."""
+        split = self.server_layout is ServerLayout.SPLIT
         return tuple(
             component
             for component in Component
-            if component is not Component.POSTGRES or self.database is PrefectDatabase.POSTGRESQL
+            if (component is not Component.POSTGRES or self.database is PrefectDatabase.POSTGRESQL)
+            and (component not in SPLIT_LAYOUT_COMPONENTS or split)
         )
+
+    @property
+    def redis_url(self) -> str:
+        """The stack's Redis server (split server layout only), database 0."""
+        return f"redis://{LOOPBACK}:{self.ports['redis']}/0"
 
     @property
     def prefect_api_url(self) -> str:

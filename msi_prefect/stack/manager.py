@@ -23,7 +23,13 @@ from msi_prefect.stack.components import (
     prefect_env,
     s3_env,
 )
-from msi_prefect.stack.config import BACKUP_BUCKET, StackConfig, StateDir
+from msi_prefect.stack.config import (
+    BACKUP_BUCKET,
+    SPLIT_LAYOUT_COMPONENTS,
+    ServerLayout,
+    StackConfig,
+    StateDir,
+)
 from msi_prefect.stack.processes import (
     ManagedProcess,
     ProcessState,
@@ -68,6 +74,7 @@ class StackStatus:
     backup_bucket: str
     broker_storage: str
     database: str
+    server_layout: str
     watch_dir: str | None
     destination_dir: str | None
     downstream_dispatch: str
@@ -135,7 +142,25 @@ class StackManager:
         wanted = set(requested)
         if Component.PREFECT in wanted and Component.POSTGRES in configured:
             wanted.add(Component.POSTGRES)
+        wanted |= self._split_server_parts(wanted)
         return [component for component in configured if component in wanted]
+
+    def _split_server_parts(self, wanted: set[Component]) -> set[Component]:
+        """The split layout's Redis and services process, which go with the Prefect server.
+
+        Raises:
+            MsiError: One of them is asked for, but the server runs as one process.
+        """
+        parts = set(SPLIT_LAYOUT_COMPONENTS)
+        if self.config.server_layout is ServerLayout.SPLIT:
+            return parts if wanted & {Component.PREFECT, *parts} else set()
+        if wanted & parts:
+            raise MsiError(
+                "this stack's Prefect server runs as one process; it has no Redis or services "
+                "process to start. Choose them with 'msi-prefect up --server-layout split' "
+                "(while the stack is down)."
+            )
+        return set()
 
     def up(self, components: Sequence[Component] | None = None) -> list[Component]:
         """Start the named components (in dependency order) and wait until each is healthy.
@@ -293,6 +318,7 @@ class StackManager:
             backup_bucket=BACKUP_BUCKET,
             broker_storage=self.config.broker_storage.value,
             database=self.config.database.value,
+            server_layout=self.config.server_layout.value,
             watch_dir=self.config.watch_dir,
             destination_dir=self.config.destination_dir,
             downstream_dispatch=self.config.downstream_dispatch.value,
