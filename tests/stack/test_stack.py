@@ -91,7 +91,9 @@ def _wait_for_retry(api: str, flow_run_id: str) -> bool:
                 json={"flow_runs": {"id": {"any_": [flow_run_id]}}},
                 timeout=API_TIMEOUT_S,
             ).json()
-            if any(t["state"]["name"] in ("AwaitingRetry", "Retrying") for t in task_runs):
+            # A task run just created may have no state yet (None).
+            states = [(t.get("state") or {}).get("name") for t in task_runs]
+            if any(state in ("AwaitingRetry", "Retrying") for state in states):
                 return True
         time.sleep(POLL_S)
     return False
