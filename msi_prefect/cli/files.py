@@ -25,14 +25,21 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from msi_prefect.cli.rerun import prefect_api_and_ui
 from msi_prefect.errors import MsiError
+
+if TYPE_CHECKING:
+    from msi_prefect.transfer import Registry
+
+#: A kind of record read from the producer registry.
+T = TypeVar("T")
 
 API_TIMEOUT_S = 30.0
 EXIT_OK = 0
@@ -371,8 +378,8 @@ def add_run_states(client: Any, files: list[FileHistory], ui_url: str | None) ->
                         record.run.ui_url = f"{ui_url}/runs/flow-run/{record.run.id}"
 
 
-def not_sent_files(registry: Path, pattern: str) -> list[NotSent]:
-    """The files matching ``pattern`` that a producer registry holds as not sent.
+def _read_registry(registry: Path, read: Callable[[Registry], list[T]]) -> list[T]:
+    """What ``read`` returns from the producer registry at ``registry``.
 
     Raises:
         MsiError: The registry cannot be read.
@@ -383,9 +390,20 @@ def not_sent_files(registry: Path, pattern: str) -> list[NotSent]:
 
     try:
         with Registry(registry) as store:
-            records = store.not_sent()
+            return read(store)
     except (sqlite3.Error, OSError) as exc:
         raise MsiError(f"cannot read the producer registry {registry}: {exc}") from exc
+
+
+def not_sent_files(registry: Path, pattern: str) -> list[NotSent]:
+    """The files matching ``pattern`` that a producer registry holds as not sent.
+
+    Raises:
+        MsiError: The registry cannot be read.
+    """
+    from msi_prefect.transfer import Registry
+
+    records = _read_registry(registry, Registry.not_sent)
     return [
         NotSent(
             path=record.relpath,
@@ -406,15 +424,9 @@ def skipped_files(registry: Path, pattern: str) -> list[SkippedByWatcher]:
     Raises:
         MsiError: The registry cannot be read.
     """
-    import sqlite3
-
     from msi_prefect.transfer import Registry
 
-    try:
-        with Registry(registry) as store:
-            records = store.skipped()
-    except (sqlite3.Error, OSError) as exc:
-        raise MsiError(f"cannot read the producer registry {registry}: {exc}") from exc
+    records = _read_registry(registry, Registry.skipped)
     return [
         SkippedByWatcher(
             path=record.skipped.relpath,

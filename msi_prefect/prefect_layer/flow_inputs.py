@@ -139,6 +139,29 @@ def _remote_url_of(url: str, relpath: PurePosixPath) -> str:
     return url
 
 
+def _local_destination(url: str, path: str, relpath: PurePosixPath) -> tuple[Path, Path]:
+    """The destination folder and the file of a local ``file://`` URL that ends with path.
+
+    Raises:
+        FileInputError: The URL is not a local file URL, does not end with ``path``, or
+            ``path`` leaves the destination.
+    """
+    local = _local_path_of(url)
+    depth = len(relpath.parts)
+    if local.parts[-depth:] != relpath.parts or len(local.parts) <= depth:
+        raise FileInputError(
+            f"url {url!r} does not end with path {path!r}; the file must lie at "
+            "<destination>/<path>"
+        )
+    destination = Path(*local.parts[:-depth])
+    try:
+        return destination, resolve_inside(destination, relpath)
+    except UnsafePathError as exc:
+        raise FileInputError(
+            f"path {path!r} is outside the destination {destination}: {exc}"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class RebuiltFile:
     """One rebuilt, verified file, as announced by an event; validated.
@@ -215,35 +238,14 @@ class RebuiltFile:
                 f"file_id {file_id} is not the id of path {path!r} ({file_id_for(path)}); "
                 "the parameters do not come from one event"
             )
+        remote_url: str | None = None
         if isinstance(url, str) and urlsplit(url).scheme.lower() in REMOTE_PROTOCOLS:
             # Fetched on first use into a folder of this file's own (one per generation).
-            copies = fetch_root() / f"{file_id}-{generation}"
-            return cls(
-                topic=topic,
-                file_id=file_id,
-                generation=generation,
-                path=relpath,
-                url=url,
-                destination=copies,
-                local_path=copies.joinpath(*relpath.parts),
-                size=size,
-                sha256=sha256.lower(),
-                remote_url=_remote_url_of(url, relpath),
-            )
-        local = _local_path_of(url)
-        depth = len(relpath.parts)
-        if local.parts[-depth:] != relpath.parts or len(local.parts) <= depth:
-            raise FileInputError(
-                f"url {url!r} does not end with path {path!r}; the file must lie at "
-                "<destination>/<path>"
-            )
-        destination = Path(*local.parts[:-depth])
-        try:
-            local_path = resolve_inside(destination, relpath)
-        except UnsafePathError as exc:
-            raise FileInputError(
-                f"path {path!r} is outside the destination {destination}: {exc}"
-            ) from exc
+            remote_url = _remote_url_of(url, relpath)
+            destination = fetch_root() / f"{file_id}-{generation}"
+            local_path = destination.joinpath(*relpath.parts)
+        else:
+            destination, local_path = _local_destination(url, path, relpath)
         return cls(
             topic=topic,
             file_id=file_id,
@@ -254,6 +256,7 @@ class RebuiltFile:
             local_path=local_path,
             size=size,
             sha256=sha256.lower(),
+            remote_url=remote_url,
         )
 
     @classmethod

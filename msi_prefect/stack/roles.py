@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
 
 __all__ = [
     "ROLE_DEPLOYMENTS",
@@ -45,15 +46,7 @@ class HostRole(StrEnum):
 ROLE_DEPLOYMENTS: dict[HostRole, tuple[str, ...]] = {
     HostRole.INSTRUMENT: ("watch-directory", "upload-file", "prune-source"),
     HostRole.STORAGE: ("reconstruct-files", "audit-backups"),
-    HostRole.COMPUTE: (
-        "backup-file",
-        "extract-metadata",
-        "analyze-file",
-        "backup-batch",
-        "extract-metadata-batch",
-        "analyze-batch",
-        "rerun-crashed",
-    ),
+    HostRole.COMPUTE: (*FILE_FLOWS, "rerun-crashed"),
 }
 
 
