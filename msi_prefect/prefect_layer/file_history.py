@@ -72,6 +72,9 @@ MAX_SLUG_CHARS = 60
 KEY_HASH_DIGITS = 10
 #: Writes of one step at most (its own, then repairs after concurrent writers).
 MAX_WRITE_ROUNDS = 3
+#: Versions of a file's history read to gather its rows (each carries all rows known when
+#: it was written, so the newest few suffice).
+MAX_VERSIONS_READ = 20
 #: Events of one file read at most for its sent and rebuilt rows.
 MAX_FILE_EVENTS = 50
 #: How far back the file's events are looked for.
@@ -279,10 +282,23 @@ class _HistoryApi:
             pause *= 2
 
     def latest(self, key: str) -> dict[str, Any] | None:
+        """The version of ``key`` the UI shows (its collection's latest)."""
         found = self.post(
             "/artifacts/latest/filter", {"artifacts": {"key": {"any_": [key]}}, "limit": 1}
         )
         return found[0] if found else None
+
+    def versions(self, key: str) -> list[dict[str, Any]]:
+        """The newest versions of ``key``, newest first (at most :data:`MAX_VERSIONS_READ`)."""
+        found: list[dict[str, Any]] = self.post(
+            "/artifacts/filter",
+            {
+                "artifacts": {"key": {"any_": [key]}},
+                "sort": "CREATED_DESC",
+                "limit": MAX_VERSIONS_READ,
+            },
+        )
+        return found
 
     def file_events(self, topic: str, file_id: str) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
@@ -382,25 +398,30 @@ def record_file_step(spec: FileEventSpec, run_name: str | None = None) -> bool:
 
 
 def _write(api: _HistoryApi, topic: str, path: str, file_id: str, own: HistoryRow) -> None:
+    """Add ``own`` to the file's history: a new version holding every row known so far.
+
+    The steps of one file (backup, metadata, analysis) write at the same moment, and a
+    version is a whole table: a writer that read before another's write would drop that
+    row from the newest version. So every version carries the rows of all recent versions,
+    and each writer looks again after its write: while the newest version lacks a row some
+    version has, it writes the union once more. The last writer's look comes after every
+    write, so the newest version ends complete.
+    """
     key = file_history_key(topic, path)
     description = (
         f"History of `{path}` (topic `{topic}`): each generation's steps. "
         f"`msi-prefect files '{path}'` shows the same from the events."
     )
-    rows = merge_rows(_table_rows(api.latest(key)), [own])
+    rows = merge_rows(*(_table_rows(version) for version in api.versions(key)), [own])
     seen = {row.step for row in rows if row.generation == own.generation}
     if file_id and not seen >= _TRANSFER_STEPS and own.step != "sent":
         rows = merge_rows(rows_from_events(api.file_events(topic, file_id)), rows)
     for _ in range(MAX_WRITE_ROUNDS):
-        written = api.create_table(key, rows, description)
-        newest = api.latest(key)
-        if newest is None or str(newest.get("id")) == written:
+        api.create_table(key, rows, description)
+        known = merge_rows(*(_table_rows(version) for version in api.versions(key)), rows)
+        if set(known) <= set(_table_rows(api.latest(key))):
             return
-        theirs = _table_rows(newest)
-        if set(rows) <= set(theirs):
-            return
-        # A writer of this file read before our version and wrote after it.
-        rows = merge_rows(theirs, rows)
+        rows = known
 
 
 class RejectionHistoryWriter:

@@ -141,29 +141,46 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         # Downstream work cut off by a power cut: their Crashed events follow state events
         # the restarted server never saw, and Prefect holds such events back from the
         # triggers for 15 minutes. The sweep re-runs them now.
-        _run(
-            [sys.executable, "-m", "prefect", "deployment", "run", RERUN_SWEEP_DEPLOYMENT],
-            env,
-            project,
-            "re-running the crashed downstream runs",
-        )
+        start_deployment_run(manager, RERUN_SWEEP_DEPLOYMENT, {})
     schedule_sweeps_after_server_start(manager)
     started = []
     for deployment in LONG_RUNNING_DEPLOYMENTS:
         if not _has_active_run(manager, deployment):
-            params = (
-                ["--param", f"crypto_block={DEPLOYMENT_CRYPTO_BLOCKS[deployment]}"]
-                if config.encrypted
-                else []
+            parameters = (
+                {"crypto_block": DEPLOYMENT_CRYPTO_BLOCKS[deployment]} if config.encrypted else {}
             )
-            _run(
-                [sys.executable, "-m", "prefect", "deployment", "run", deployment, *params],
-                env,
-                project,
-                f"starting {deployment}",
-            )
+            start_deployment_run(manager, deployment, parameters)
             started.append(deployment)
     return started
+
+
+def start_deployment_run(
+    manager: StackManager, deployment: str, parameters: dict[str, str]
+) -> str:
+    """Create a run of ``deployment`` (``flow/deployment``) to start now; return its id.
+
+    What ``prefect deployment run`` does, through the API: not a new interpreter that
+    imports Prefect (seconds per run, on every `up`). Parameters not given are the
+    deployment's.
+
+    Raises:
+        PrefectApiError: The API did not answer within `up`'s deadline, or refused.
+    """
+    import httpx
+
+    flow_name, deployment_name = deployment.split("/")
+    what = f"starting {deployment}"
+    with httpx.Client(base_url=manager.config.prefect_api_url) as client:
+        found = request(client, "GET", f"/deployments/name/{flow_name}/{deployment_name}", what)
+        deployment_id = checked(found, what).json()["id"]
+        created = request(
+            client,
+            "POST",
+            f"/deployments/{deployment_id}/create_flow_run",
+            what,
+            json={"parameters": parameters},
+        )
+        return str(checked(created, what).json()["id"])
 
 
 def _run(

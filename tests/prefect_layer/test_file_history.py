@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ from msi_prefect.prefect_layer.events import EventName, FileFacts, file_event
 from msi_prefect.prefect_layer.file_history import (
     MAX_SLUG_CHARS,
     HistoryRow,
+    _write,
     file_history_key,
     merge_rows,
     rows_from_events,
@@ -177,3 +181,55 @@ def test_rejections_are_written_from_a_bounded_queue(monkeypatch: pytest.MonkeyP
     writer.close()
     assert writer.written == len(written) == 3 - writer.dropped
     assert all(path.startswith("bad") for path in written)
+
+
+# --------------------------------------------------------------- concurrent writers
+
+
+class _InMemoryHistories:
+    """The artifact calls of the history against versions kept as the server keeps them;
+    ``before_first_write`` runs another writer between this one's read and its write."""
+
+    def __init__(self) -> None:
+        self.stored: list[dict[str, str]] = []  # oldest first
+        self.before_first_write: list[Callable[[], None]] = []
+
+    def latest(self, key: str) -> dict[str, str] | None:
+        versions = self.versions(key)
+        return versions[0] if versions else None
+
+    def versions(self, key: str) -> list[dict[str, str]]:
+        return [version for version in reversed(self.stored) if version["key"] == key]
+
+    def create_table(self, key: str, rows: list[HistoryRow], description: str) -> str:
+        while self.before_first_write:
+            self.before_first_write.pop()()
+        data = json.dumps([asdict(row) for row in rows])
+        self.stored.append({"key": key, "id": str(len(self.stored)), "data": data})
+        return self.stored[-1]["id"]
+
+    def file_events(self, topic: str, file_id: str) -> list[dict[str, str]]:
+        return []
+
+
+def _row(step: str, second: int) -> HistoryRow:
+    return HistoryRow(
+        generation=1, step=step, at=f"2026-12-05T10:00:0{second}+00:00", run=step, details=""
+    )
+
+
+def test_a_step_written_between_anothers_read_and_write_is_not_lost() -> None:
+    """Metadata writes while analysis is between its read and its write: analysis's version
+    lacks the metadata row, and only a look after the write (at every version) repairs it."""
+    server = _InMemoryHistories()
+    api = cast(Any, server)
+    file = ("lab.raw", "run1/a.tif", "ab" * 16)
+    _write(api, *file, _row("rebuilt", 1))
+    server.before_first_write.append(lambda: _write(api, *file, _row("metadata", 2)))
+
+    _write(api, *file, _row("analysis", 3))
+
+    latest = server.latest(file_history_key("lab.raw", "run1/a.tif"))
+    assert latest is not None
+    steps = [row["step"] for row in json.loads(latest["data"])]
+    assert sorted(steps) == ["analysis", "metadata", "rebuilt"]
