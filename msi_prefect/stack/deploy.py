@@ -154,9 +154,7 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
     return started
 
 
-def start_deployment_run(
-    manager: StackManager, deployment: str, parameters: dict[str, str]
-) -> str:
+def start_deployment_run(manager: StackManager, deployment: str, parameters: dict[str, str]) -> str:
     """Create a run of ``deployment`` (``flow/deployment``) to start now; return its id.
 
     What ``prefect deployment run`` does, through the API: not a new interpreter that

@@ -21,10 +21,8 @@ and adds a note saying what is missing and why; status never fails because of it
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,45 +273,29 @@ def _read_producer(
         status.notes.append(f"producer: cannot read the registry {registry_path}: {exc}")
 
 
-def _walk_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """Every regular file below ``root`` (symlinks skipped, as the watcher does)."""
-    pending = [root]
-    while pending:
-        folder = pending.pop()
-        try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            pending.append(Path(entry.path))
-                        elif entry.is_file(follow_symlinks=False):
-                            relpath = Path(entry.path).relative_to(root).as_posix()
-                            yield relpath, entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue  # gone or unreadable: the watcher reports those
-        except OSError:
-            continue
-
-
 def _count_waiting(
     registry: Any, topic: str, root: Path, rules: Any, older_stay_ns: int | None
 ) -> tuple[int, bool]:
     """Files in the folder whose current version the registry has not sent; was it cut?"""
-    from msi_prefect.transfer import FileState
+    from msi_prefect.transfer import FileSeen, FileState, LocalFileSystem
 
     waiting = 0
-    for looked, (relpath, info) in enumerate(_walk_files(root)):
+    # The watcher's own walk (symlinks skipped, as the watcher does); a file unreadable
+    # meanwhile is the watcher's to report.
+    seen = LocalFileSystem(root).walk(lambda _relpath: True)
+    files = (item for item in seen if isinstance(item, FileSeen))
+    for looked, file in enumerate(files):
         if looked >= MAX_FOLDER_FILES:
             return waiting, True
-        if not rules.matches(relpath):
+        if not rules.matches(file.relpath):
             continue
-        record = registry.get(topic, relpath)
+        record = registry.get(topic, file.relpath)
         if record is None:
-            if older_stay_ns is None or info.st_ctime_ns >= older_stay_ns:
+            if older_stay_ns is None or file.stat.ctime_ns >= older_stay_ns:
                 waiting += 1
             continue
         identity = record.identity
-        current = (info.st_size, info.st_mtime_ns, info.st_ino)
+        current = (file.stat.size, file.stat.mtime_ns, file.stat.inode)
         if record.state is not FileState.SENT or current != (
             identity.size,
             identity.mtime_ns,

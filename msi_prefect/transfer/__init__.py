@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from msi_prefect.transfer.stopping import StopConditions, StopOnSignal
     from msi_prefect.transfer.upload_list import iter_upload_files
     from msi_prefect.transfer.watch_loop import watch_and_send
-    from msi_prefect.transfer.watcher import WatchSettings
+    from msi_prefect.transfer.watcher import FileSeen, LocalFileSystem, WatchSettings
     from msi_prefect.transfer.wire import (
         DEFAULT_CHUNK_SIZE,
         FORMAT_VERSION,
@@ -142,6 +142,8 @@ _DEFINED_IN: dict[str, str] = {
     "StopOnSignal": "stopping",
     "iter_upload_files": "upload_list",
     "watch_and_send": "watch_loop",
+    "FileSeen": "watcher",
+    "LocalFileSystem": "watcher",
     "WatchSettings": "watcher",
     "DEFAULT_CHUNK_SIZE": "wire",
     "DecodeLimits": "wire",
@@ -176,9 +178,11 @@ __all__ = [
     "FileProducer",
     "FileProgress",
     "FileRecord",
+    "FileSeen",
     "FileState",
     "HeaderName",
     "KafkaConnection",
+    "LocalFileSystem",
     "NodeFiles",
     "NodeRole",
     "ProducerSettings",
