@@ -33,6 +33,7 @@ from msi_prefect.stack.config import BACKUP_BUCKET, StackConfig, StateDir, free_
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, terminate
 from msi_prefect.stack.roles import ROLE_DEPLOYMENTS, HostRole, default_pool, pool_env
+from msi_prefect.stack.storage_host import REBUILD_SUBDIR
 from tests.stack_helpers import DONE_EVENTS, file_events, pid_alive, wait_until_done
 
 pytestmark = [pytest.mark.stack, pytest.mark.own_stack, pytest.mark.timeout(420)]
@@ -42,7 +43,10 @@ REPO = Path(__file__).resolve().parents[2]
 FILES = {"run1/a.csv": b"t,v\n" + b"1,2\n" * 2000}
 DONE_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
+# The storage worker's own copy of reconstruct-files is named after its host.
+STORAGE_HOST = "storage-host"
 ROLE_OF = {name: role for role, names in ROLE_DEPLOYMENTS.items() for name in names}
+ROLE_OF[STORAGE_HOST] = HostRole.STORAGE
 # Prefect's worker asks for runs every 10 s by default; a test waits for several hops.
 WORKER_POLL = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
 
@@ -74,7 +78,7 @@ def servers(root: Path) -> Iterator[StackManager]:
 def role_worker_argv(role: HostRole, work_dir: Path, hidden: Path | None) -> list[str]:
     worker = [
         sys.executable, "-m", "msi_prefect.cli", "worker",
-        "--role", role.value, "--work-dir", str(work_dir), "--name", f"{role.value}-host",
+        "--role", role.value, "--work-dir", str(work_dir), "--host-name", f"{role.value}-host",
     ]  # fmt: skip
     if hidden is None:
         return worker
@@ -140,8 +144,8 @@ def test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_
                 ],
                 deploy_env,
             )
-            staging = hosts[HostRole.STORAGE] / "staging"
-            run_deployment(api, "reconstruct-files", {"work_dir": str(staging)})
+            # The storage worker started its host's rebuilder itself (once it was deployed).
+            rebuild_dir = hosts[HostRole.STORAGE] / REBUILD_SUBDIR
             run_deployment(api, "watch-directory", {})
             since = time.time()
             for relpath, data in FILES.items():
@@ -156,7 +160,7 @@ def test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_
             # The compute host never saw the storage host's folder ...
             compute_pid = workers[HostRole.COMPUTE].pid
             assert pid_alive(compute_pid)
-            assert any(staging.iterdir()), "the storage host staged its files there"
+            assert (rebuild_dir / "progress.sqlite").is_file(), "the storage host's rebuilder"
             assert list(Path(f"/proc/{compute_pid}/root{hosts[HostRole.STORAGE]}").iterdir()) == []
             # ... so it read each file by its s3:// URL, and ran every downstream step.
             events = file_events(api, since, DONE_EVENTS)
@@ -164,7 +168,7 @@ def test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_
                 f"s3://{BACKUP_BUCKET}/{prefix}/{relpath}" for relpath in FILES
             }
             ran = pools_of_runs(api)
-            assert {"watch-directory", "reconstruct-files"} <= set(ran)
+            assert {"watch-directory", STORAGE_HOST} <= set(ran)
             assert {"backup-file", "backup-batch"} & set(ran), ran
             assert ran == {name: {default_pool(ROLE_OF[name])} for name in ran}
         finally:
