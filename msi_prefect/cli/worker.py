@@ -50,6 +50,8 @@ FETCH_SUBDIR = "fetched"
 DEFAULT_QUEUE = "default"
 #: How often a storage worker looks for the deployment its rebuilder is copied from.
 TEMPLATE_POLL_S = 5.0
+#: How long it waits for audit-backups once reconstruct-files is there (a deploy under way).
+AUDIT_TEMPLATE_WAIT_S = 120.0
 
 
 def worker_env(work_dir: Path, environ: dict[str, str]) -> dict[str, str]:
@@ -139,18 +141,31 @@ def _start_host_rebuilder(
     )
 
     host = StorageHost(api_url, host_name, pool, work_dir, args.destination, args.template)
-    said = False
+    said: set[str] = set()
+    audit_wait_until: float | None = None  # set once the rebuilder's template is there
     while True:
+        audit_required = audit_wait_until is None or time.monotonic() < audit_wait_until
         try:
-            started = ensure_host_rebuilder(host, UP_RETRY)
+            setup = ensure_host_rebuilder(host, UP_RETRY, audit_required)
             break
         except TemplateMissingError as missing:
-            if not said:
+            if missing.template not in said:
                 print(f"{missing}; waiting for it", flush=True)
-                said = True
+                said.add(missing.template)
+            if missing.template != host.template and audit_wait_until is None:
+                # `prefect deploy --all` may be half-way; a project without the audit
+                # gets none.
+                audit_wait_until = time.monotonic() + AUDIT_TEMPLATE_WAIT_S
             time.sleep(TEMPLATE_POLL_S)
+    for run in setup.crashed_runs:
+        print(f"run {run} of {host.deployment} had no process: marked crashed", flush=True)
+    started = setup.started_run
     state = f"started run {started}" if started else "a run is already scheduled or running"
     print(f"rebuilder {host.deployment} (work folder {host.rebuild_dir}): {state}", flush=True)
+    if setup.audit is not None:
+        print(f"audit {host.audit_deployment}: this host's files, on its queue", flush=True)
+    else:
+        print("no audit-backups deployed: this host's files are not audited", flush=True)
     return (DEFAULT_QUEUE, host_name)
 
 

@@ -18,8 +18,11 @@ the same flow for its host:
 * with its own concurrency limit of 1, ``CANCEL_NEW``: one rebuilder per host, whatever
   starts it.
 
-Registering is an upsert (``POST /deployments/`` replaces a deployment of the same flow
-and name), so a worker that starts again changes nothing. The worker then marks crashed
+Each host's progress store holds what that host delivered, so the worker also copies
+``audit-backups`` into ``audit-backups/<host>`` (the host's work folder as ``work_dir``, its
+queue, the template's schedules) and pauses the template, which knows no host's work
+folder. Registering is an upsert (``POST /deployments/`` replaces a deployment of the same
+flow and name), so a worker that starts again changes nothing. The worker then marks crashed
 the host's runs that Prefect still holds active but whose process is gone (a power cut,
 ``kill -9`` of the worker's machine), and starts a run unless one is active or about to
 be. Two rebuilders that would share one work or staging folder anyway (two workers given
@@ -41,20 +44,27 @@ from msi_prefect.stack.processes import live_flow_runs
 from msi_prefect.stack.runs import ACTIVE_STATES, RunState
 
 __all__ = [
+    "AUDIT_TEMPLATE",
     "REBUILD_SUBDIR",
     "TEMPLATE_DEPLOYMENT",
+    "HostDeployment",
+    "HostSetup",
     "StorageHost",
     "TemplateMissingError",
     "check_host_name",
     "crash_orphaned_host_runs",
     "ensure_host_rebuilder",
+    "host_audit_body",
     "host_deployment_body",
+    "register_host_audit",
     "register_host_deployment",
     "start_host_run",
 ]
 
 #: The deployment of prefect.yaml each host's copy is made from (``flow/deployment``).
 TEMPLATE_DEPLOYMENT: Final = "reconstruct-files/reconstruct-files"
+#: The audit each host also gets a copy of: it reads the host's own progress store.
+AUDIT_TEMPLATE: Final = "audit-backups/audit-backups"
 #: The host's rebuilder keeps its progress store, staging files and outboxes here.
 REBUILD_SUBDIR: Final = "rebuild"
 #: A host name: what Prefect accepts as a deployment and work-queue name, and a DNS label
@@ -76,10 +86,25 @@ _COPIED_FIELDS: Final = (
     "version",
 )
 _SCHEDULED_OR_ACTIVE: Final = (RunState.SCHEDULED, *ACTIVE_STATES)
+# The fields of a template's schedule its copy is created with.
+_SCHEDULE_FIELDS: Final = ("schedule", "active", "max_scheduled_runs", "parameters", "slug")
 
 
 class TemplateMissingError(MsiError):
-    """The deployment the host's copy is made from is not on the server (not deployed yet)."""
+    """The deployment a host's copy is made from is not on the server (not deployed yet).
+
+    Attributes:
+        template: That deployment (``flow/deployment``).
+    """
+
+    def __init__(self, template: str, api_url: str) -> None:
+        super().__init__(
+            f"the deployment {template} does not exist on {api_url}: deploy the flows first "
+            "(prefect deploy --all from the project folder, with MSI_STORAGE_POOL and "
+            "MSI_DESTINATION_DIR set; docs/deployment.md); each storage host's copy is made "
+            "from it"
+        )
+        self.template = template
 
 
 def check_host_name(name: str, template: str = TEMPLATE_DEPLOYMENT) -> str:
@@ -95,11 +120,12 @@ def check_host_name(name: str, template: str = TEMPLATE_DEPLOYMENT) -> str:
             f"{name!r} cannot name a storage host: use 1 to 63 letters, digits, '.', '_' or "
             "'-', starting with a letter or digit (pass --host-name NAME)"
         )
-    if name == template.split("/")[1]:
-        raise MsiError(
-            f"the host name {name!r} is the name of the deployment every host's copy is made "
-            f"from ({template}); pass another --host-name"
-        )
+    for taken in (template, AUDIT_TEMPLATE):
+        if name == taken.split("/")[1]:
+            raise MsiError(
+                f"the host name {name!r} is the name of the deployment every host's copy is "
+                f"made from ({taken}); pass another --host-name"
+            )
     return name
 
 
@@ -133,6 +159,41 @@ class StorageHost:
         """``flow/deployment`` of the host's copy."""
         return f"{self.template.split('/')[0]}/{self.name}"
 
+    @property
+    def audit_deployment(self) -> str:
+        """``flow/deployment`` of the host's copy of the audit."""
+        return f"{AUDIT_TEMPLATE.split('/')[0]}/{self.name}"
+
+
+@dataclass(frozen=True)
+class HostDeployment:
+    """A host's copy of a deployment, as the server saved it.
+
+    Attributes:
+        id: The deployment's id.
+        destination: Its ``destination`` parameter.
+    """
+
+    id: str
+    destination: str
+
+
+@dataclass(frozen=True)
+class HostSetup:
+    """What a storage worker found or did at its start.
+
+    Attributes:
+        rebuilder: The host's ``reconstruct-files`` copy.
+        started_run: The run started, or None when one was scheduled or running already.
+        crashed_runs: Runs marked crashed because their process was gone.
+        audit: The host's ``audit-backups`` copy, or None when that is not deployed.
+    """
+
+    rebuilder: HostDeployment
+    started_run: str | None
+    crashed_runs: list[str]
+    audit: HostDeployment | None
+
 
 def host_deployment_body(template: dict[str, Any], host: StorageHost) -> dict[str, Any]:
     """The ``POST /deployments/`` body of ``host``'s copy of the ``template`` deployment.
@@ -153,24 +214,57 @@ def host_deployment_body(template: dict[str, Any], host: StorageHost) -> dict[st
             f"{host.template} has no destination parameter: deploy it with "
             "MSI_DESTINATION_DIR set, or give this host one (--destination)"
         )
-    description = template.get("description") or "Rebuild every file of the topic."
+    return {
+        **_copy_body(template, host, parameters, "rebuilder"),
+        "concurrency_limit": HOST_CONCURRENCY_LIMIT,
+        "concurrency_options": {"collision_strategy": HOST_COLLISION_STRATEGY},
+    }
+
+
+def host_audit_body(
+    template: dict[str, Any], host: StorageHost, destination: str
+) -> dict[str, Any]:
+    """The ``POST /deployments/`` body of ``host``'s copy of the ``audit-backups`` template.
+
+    It audits what this host's rebuilder delivered (its progress store is in the
+    rebuilder's work folder), on the host's queue, on the template's schedules.
+
+    Args:
+        template: The audit deployment as ``GET /deployments/name/...`` returns it.
+        host: The storage host.
+        destination: The destination of the host's rebuilder.
+    """
+    parameters = {
+        **(template.get("parameters") or {}),
+        "destination": destination,
+        "work_dir": str(host.rebuild_dir),
+    }
+    schedules = [
+        {key: schedule[key] for key in _SCHEDULE_FIELDS if schedule.get(key) is not None}
+        for schedule in template.get("schedules") or []
+    ]
+    return {**_copy_body(template, host, parameters, "files"), "schedules": schedules}
+
+
+def _copy_body(
+    template: dict[str, Any], host: StorageHost, parameters: dict[str, Any], what: str
+) -> dict[str, Any]:
+    description = template.get("description") or ""
     return {
         **{key: template[key] for key in _COPIED_FIELDS if key in template},
         "name": host.name,
         "flow_id": template["flow_id"],
-        "description": f"{description} Storage host {host.name}'s rebuilder.",
+        "description": f"{description} Storage host {host.name}'s {what}.".strip(),
         "parameters": parameters,
         "tags": sorted({*template.get("tags", []), STORAGE_HOST_TAG}),
         "work_pool_name": host.pool,
         "work_queue_name": host.name,
-        "concurrency_limit": HOST_CONCURRENCY_LIMIT,
-        "concurrency_options": {"collision_strategy": HOST_COLLISION_STRATEGY},
         "paused": False,
     }
 
 
-def register_host_deployment(host: StorageHost, policy: RetryPolicy) -> str:
-    """Create or update ``host``'s deployment (and its pool and queue); return its id.
+def register_host_deployment(host: StorageHost, policy: RetryPolicy) -> HostDeployment:
+    """Create or update ``host``'s rebuilder deployment (and its pool and queue).
 
     Raises:
         TemplateMissingError: The template deployment does not exist (the flows are not
@@ -188,15 +282,53 @@ def register_host_deployment(host: StorageHost, policy: RetryPolicy) -> str:
             checked(created, what)
         found = request(client, "GET", f"/deployments/name/{host.template}", what, policy)
         if found.status_code == HTTPStatus.NOT_FOUND:
-            raise TemplateMissingError(
-                f"the deployment {host.template} does not exist on {host.api_url}: deploy the "
-                "flows first (prefect deploy --all from the project folder, with "
-                "MSI_STORAGE_POOL and MSI_DESTINATION_DIR set; docs/deployment.md); each "
-                "storage host's rebuilder is a copy of it"
-            )
+            raise TemplateMissingError(host.template, host.api_url)
         body = host_deployment_body(checked(found, what).json(), host)
         saved = request(client, "POST", "/deployments/", what, policy, json=body)
-        return str(checked(saved, what).json()["id"])
+        return HostDeployment(str(checked(saved, what).json()["id"]),
+                              body["parameters"]["destination"])  # fmt: skip
+
+
+def register_host_audit(
+    host: StorageHost, destination: str, policy: RetryPolicy, required: bool = True
+) -> HostDeployment | None:
+    """Create or update ``host``'s copy of ``audit-backups``; pause the template's schedule.
+
+    Each host's progress store holds what that host delivered, so each host audits its
+    own files, on its own queue; the template, which knows no host's work folder, would
+    run on any storage worker and find no progress store, so it is paused (a
+    ``prefect deploy --all`` activates it again, until a storage worker starts).
+
+    Args:
+        host: The storage host.
+        destination: The destination of the host's rebuilder.
+        policy: How each API call is retried.
+        required: Whether a missing template is an error (else: no copy, None).
+
+    Returns:
+        The copy, or None when the template is not deployed and not required.
+
+    Raises:
+        TemplateMissingError: The template is not deployed and ``required``.
+    """
+    import httpx
+
+    what = f"registering {host.audit_deployment}"
+    with httpx.Client(base_url=host.api_url) as client:
+        found = request(client, "GET", f"/deployments/name/{AUDIT_TEMPLATE}", what, policy)
+        if found.status_code == HTTPStatus.NOT_FOUND:
+            if required:
+                raise TemplateMissingError(AUDIT_TEMPLATE, host.api_url)
+            return None
+        template = checked(found, what).json()
+        body = host_audit_body(template, host, destination)
+        saved = request(client, "POST", "/deployments/", what, policy, json=body)
+        copy = HostDeployment(str(checked(saved, what).json()["id"]), destination)
+        if not template.get("paused"):
+            paused = request(client, "PATCH", f"/deployments/{template['id']}", what, policy,
+                             json={"paused": True})  # fmt: skip
+            checked(paused, what)
+        return copy
 
 
 def _host_runs(
@@ -271,16 +403,23 @@ def start_host_run(host: StorageHost, deployment_id: str, policy: RetryPolicy) -
         return str(checked(created, what).json()["id"])
 
 
-def ensure_host_rebuilder(host: StorageHost, policy: RetryPolicy) -> str | None:
-    """Register the host's deployment, clear its orphaned runs and start its rebuilder.
+def ensure_host_rebuilder(
+    host: StorageHost, policy: RetryPolicy, audit_required: bool = True
+) -> HostSetup:
+    """Register the host's deployments, clear its orphaned runs and start its rebuilder.
 
-    Returns:
-        The id of the run started, or None when one was scheduled or running already.
+    Args:
+        host: The storage host.
+        policy: How each API call is retried.
+        audit_required: Whether a missing ``audit-backups`` template is an error (else
+            the host gets no audit).
 
     Raises:
-        TemplateMissingError: The flows are not deployed yet (see
-            :func:`register_host_deployment`).
+        TemplateMissingError: A template is not deployed yet (the rebuilder's, or the
+            audit's when required); its ``template`` says which. Registering again later
+            is safe.
     """
-    deployment_id = register_host_deployment(host, policy)
-    crash_orphaned_host_runs(host, deployment_id, policy)
-    return start_host_run(host, deployment_id, policy)
+    rebuilder = register_host_deployment(host, policy)
+    audit = register_host_audit(host, rebuilder.destination, policy, audit_required)
+    crashed = crash_orphaned_host_runs(host, rebuilder.id, policy)
+    return HostSetup(rebuilder, start_host_run(host, rebuilder.id, policy), crashed, audit)

@@ -18,6 +18,7 @@ from msi_prefect.stack.storage_host import (
     STORAGE_HOST_TAG,
     StorageHost,
     check_host_name,
+    host_audit_body,
     host_deployment_body,
 )
 
@@ -47,8 +48,9 @@ def test_a_host_name_must_name_a_deployment_and_a_queue() -> None:
     for bad in ("", "-x", "a/b", "a b", "50%", "x" * 64):
         with pytest.raises(MsiError, match="cannot name a storage host"):
             check_host_name(bad)
-    with pytest.raises(MsiError, match="is the name of the deployment every host's copy"):
-        check_host_name("reconstruct-files")
+    for template in ("reconstruct-files", "audit-backups"):
+        with pytest.raises(MsiError, match="is the name of the deployment every host's copy"):
+            check_host_name(template)
 
 
 def test_the_hosts_deployment_is_the_template_with_its_own_folder_queue_and_limit(
@@ -79,6 +81,33 @@ def test_the_hosts_deployment_is_the_template_with_its_own_folder_queue_and_limi
     assert host_deployment_body(TEMPLATE, local)["parameters"]["destination"] == "/archive"
     with pytest.raises(MsiError, match="has no destination parameter"):
         host_deployment_body({**TEMPLATE, "parameters": {}}, host)
+
+
+def test_the_hosts_audit_reads_its_rebuilders_work_folder_on_the_templates_schedule(
+    tmp_path: Path,
+) -> None:
+    audit = {
+        **TEMPLATE,
+        "name": "audit-backups",
+        "parameters": {"destination": "s3://lab/rebuilt", "backup_block": "lab"},
+        "schedules": [{"id": "s-1", "deployment_id": "d-2", "created": "x", "active": True,
+                       "schedule": {"cron": "17 * * * *", "timezone": "UTC"},
+                       "max_scheduled_runs": None, "parameters": {}, "slug": None}],
+    }  # fmt: skip
+    host = StorageHost("http://server/api", "storage-2", "msi-storage", tmp_path)
+    body = host_audit_body(audit, host, "s3://lab/other")
+
+    assert host.audit_deployment == "audit-backups/storage-2"
+    assert body["parameters"] == {
+        "destination": "s3://lab/other",  # the host's rebuilder's
+        "backup_block": "lab",
+        "work_dir": str(tmp_path / "rebuild"),
+    }
+    assert body["schedules"] == [
+        {"schedule": {"cron": "17 * * * *", "timezone": "UTC"}, "active": True, "parameters": {}}
+    ]
+    assert (body["work_pool_name"], body["work_queue_name"]) == ("msi-storage", "storage-2")
+    assert "concurrency_limit" not in body
 
 
 def test_a_storage_worker_polls_the_default_queue_and_its_own() -> None:
