@@ -51,7 +51,7 @@ DEFAULT_QUEUE = "default"
 #: How often a storage worker looks for the deployment its rebuilder is copied from.
 TEMPLATE_POLL_S = 5.0
 #: How long it waits for audit-backups once reconstruct-files is there (a deploy under way).
-AUDIT_TEMPLATE_WAIT_S = 120.0
+AUDIT_TEMPLATE_WAIT_S = 60.0
 
 
 def worker_env(work_dir: Path, environ: dict[str, str]) -> dict[str, str]:

@@ -136,19 +136,22 @@ def api_post(api: str, path: str, body: dict[str, Any]) -> Any:
 
 
 def host_runs(api: str, pool: str) -> dict[str, dict[str, Any]]:
-    """Host name (its deployment's name) -> its newest flow run, in the storage pool."""
-    runs = api_post(api, "/flow_runs/filter", {
-        "work_pools": {"name": {"any_": [pool]}}, "sort": "START_TIME_ASC", "limit": 50,
-    })  # fmt: skip
-    deployments = api_post(api, "/deployments/filter", {
-        "work_pools": {"name": {"any_": [pool]}}, "limit": 50,
-    })  # fmt: skip
+    """Host name (its deployment's name) -> its rebuilder's newest run, in the storage pool."""
+    rebuilders = {
+        "work_pools": {"name": {"any_": [pool]}},
+        "flows": {"name": {"any_": ["reconstruct-files"]}},
+    }
+    runs = api_post(api, "/flow_runs/filter",
+                    {**rebuilders, "sort": "START_TIME_ASC", "limit": 50})  # fmt: skip
+    deployments = api_post(api, "/deployments/filter", {**rebuilders, "limit": 50})
     names = {d["id"]: d["name"] for d in deployments}
     return {names[run["deployment_id"]]: run for run in runs if run["deployment_id"] in names}
 
 
-def deploy_template(api: str, pool: str, bucket: str, kafka_name: str, transfer_name: str) -> None:
-    """What the operator does once: `prefect deploy` of reconstruct-files from prefect.yaml."""
+def deploy_templates(api: str, pool: str, bucket: str, kafka_name: str, transfer_name: str) -> None:
+    """What the operator does once: `prefect deploy` of the storage deployments of
+    prefect.yaml (the templates each storage host copies), reconstruct-files with the
+    test's blocks."""
     env = {
         **os.environ,
         "PREFECT_API_URL": api,
@@ -159,12 +162,15 @@ def deploy_template(api: str, pool: str, bucket: str, kafka_name: str, transfer_
         "MSI_STORAGE_POOL": pool,
         "MSI_COMPUTE_POOL": pool,
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "reconstruct-files",
-         "--param", f"kafka_block={kafka_name}", "--param", f"transfer_block={transfer_name}"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT_S, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    deploy = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name"]
+    for argv in (
+        [*deploy, "audit-backups"],
+        [*deploy, "reconstruct-files", "--param", f"kafka_block={kafka_name}",
+         "--param", f"transfer_block={transfer_name}"],
+    ):  # fmt: skip
+        result = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True,
+                                timeout=DEPLOY_TIMEOUT_S, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_storage_hosts_run_killed_mid_file_hands_its_partitions_over_with_nothing_lost(
@@ -180,7 +186,7 @@ def test_a_storage_hosts_run_killed_mid_file_hands_its_partitions_over_with_noth
     api = prefect_api
     pool = f"storage-{uuid.uuid4().hex[:8]}"
     api_post(api, "/work_pools/", {"name": pool, "type": "process"})
-    deploy_template(api, pool, bucket, kafka_name, transfer_name)
+    deploy_templates(api, pool, bucket, kafka_name, transfer_name)
     src = tmp_path / "src"
     expected: dict[str, str] = {}
     for relpath, size in SIZES.items():
@@ -289,9 +295,14 @@ def stop_hosts(api: str, pool: str, workers: list[subprocess.Popen[bytes]]) -> N
     terminate([p.pid for p in live_flow_runs(api) if p.flow_run_id in ours])
     for worker in workers:
         Processes.terminate(worker, timeout_s=STOP_TIMEOUT_S)
-    # Nothing of this test stays "active" on the session's server.
+    # Nothing of this test stays "active" or scheduled (the hosts' hourly audits) on the
+    # session's server.
     with contextlib.suppress(Exception):
         for run in host_runs(api, pool).values():
             if run["state_type"] in ("RUNNING", "PENDING", "SCHEDULED", "CANCELLING"):
                 api_post(api, f"/flow_runs/{run['id']}/set_state",
                          {"state": {"type": "CANCELLED"}, "force": True})  # fmt: skip
+        with httpx.Client(timeout=API_TIMEOUT_S) as client:
+            for deployment in api_post(api, "/deployments/filter",
+                                       {"work_pools": {"name": {"any_": [pool]}}}):  # fmt: skip
+                client.delete(f"{api}/deployments/{deployment['id']}")
