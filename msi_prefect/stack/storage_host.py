@@ -86,6 +86,8 @@ _COPIED_FIELDS: Final = (
     "version",
 )
 _SCHEDULED_OR_ACTIVE: Final = (RunState.SCHEDULED, *ACTIVE_STATES)
+#: A host has one rebuilder; more than this many active runs of it is not looked at.
+MAX_RUNS_PER_QUERY: Final = 50
 # The fields of a template's schedule its copy is created with.
 _SCHEDULE_FIELDS: Final = ("schedule", "active", "max_scheduled_runs", "parameters", "slug")
 
@@ -343,7 +345,7 @@ def _host_runs(
         json={
             "deployments": {"id": {"any_": [deployment_id]}},
             "flow_runs": {"state": {"type": {"any_": [state.value for state in states]}}},
-            "limit": 50,
+            "limit": MAX_RUNS_PER_QUERY,
         },
     )
     runs: list[dict[str, Any]] = checked(response, what).json()

@@ -1,27 +1,38 @@
-"""A storage host's own rebuilder deployment (msi_prefect/stack/storage_host.py), no server.
+"""A storage host's own deployments (msi_prefect/stack/storage_host.py).
 
-The whole path, three storage workers and their runs sharing a topic, is
+The registration against the session's server (1.5 s); the whole path, three storage
+workers and their runs sharing a topic, is
 tests/integration/test_consumer_group.py.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from msi_prefect.cli.main import main
 from msi_prefect.cli.worker import worker_argv
 from msi_prefect.errors import MsiError
+from msi_prefect.stack.prefect_api import RetryPolicy
 from msi_prefect.stack.storage_host import (
     STORAGE_HOST_TAG,
+    TEMPLATE_DEPLOYMENT,
     StorageHost,
+    TemplateMissingError,
     check_host_name,
+    ensure_host_rebuilder,
     host_audit_body,
     host_deployment_body,
 )
 
+API_TIMEOUT_S = 30.0
+# The tests' server is up: a short deadline.
+ONCE = RetryPolicy(deadline_s=30.0)
 # What GET /deployments/name/reconstruct-files/reconstruct-files returns, in part.
 TEMPLATE: dict[str, Any] = {
     "id": "d-1",
@@ -127,3 +138,78 @@ def test_a_storage_worker_refuses_a_bad_name_or_destination_before_it_starts(
     with pytest.raises(SystemExit):
         main([*worker, "--host-name", "s1", "--destination", "relative/folder"])
     assert "neither an absolute folder nor a URL" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- against the server
+
+
+@pytest.fixture
+def templates(prefect_api: str) -> Iterator[tuple[str, str]]:
+    """The two storage templates, as `prefect deploy` leaves them, in a pool of their own.
+
+    Yields the API URL and the pool; every deployment of the pool is deleted afterwards.
+    """
+    pool = f"storage-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=prefect_api, timeout=API_TIMEOUT_S) as client:
+        client.post("/work_pools/", json={"name": pool, "type": "process"}).raise_for_status()
+        try:
+            yield prefect_api, pool
+        finally:
+            listed = client.post("/deployments/filter",
+                                 json={"work_pools": {"name": {"any_": [pool]}}})  # fmt: skip
+            for deployment in listed.json():
+                client.delete(f"/deployments/{deployment['id']}")
+
+
+def _deploy(client: httpx.Client, flow: str, pool: str, extra: dict[str, Any]) -> dict[str, Any]:
+    flow_id = client.post("/flows/", json={"name": flow}).json()["id"]
+    body = {"name": flow, "flow_id": flow_id, "work_pool_name": pool, "work_queue_name": "default",
+            "entrypoint": f"flows/{flow}.py:flow", "path": "/opt/msi", **extra}  # fmt: skip
+    response = client.post("/deployments/", json=body)
+    response.raise_for_status()
+    deployment: dict[str, Any] = response.json()
+    return deployment
+
+
+@pytest.mark.stack
+def test_a_storage_host_registers_once_clears_its_orphans_and_starts_one_run(
+    templates: tuple[str, str], tmp_path: Path
+) -> None:
+    api, pool = templates
+    host = StorageHost(api, f"h-{pool}", pool, tmp_path)
+    with pytest.raises(TemplateMissingError) as missing:
+        ensure_host_rebuilder(host, ONCE)
+    assert missing.value.template == TEMPLATE_DEPLOYMENT
+    with httpx.Client(base_url=api, timeout=API_TIMEOUT_S) as client:
+        _deploy(client, "reconstruct-files", pool, {
+            "parameters": {"destination": "s3://lab/rebuilt"},
+            "concurrency_limit": 1, "concurrency_options": {"collision_strategy": "CANCEL_NEW"},
+        })  # fmt: skip
+        assert ensure_host_rebuilder(host, ONCE, audit_required=False).audit is None
+        audit_template = _deploy(client, "audit-backups", pool, {
+            "parameters": {"destination": "s3://lab/rebuilt"},
+            "schedules": [{"schedule": {"cron": "17 * * * *"}, "active": True}],
+        })  # fmt: skip
+
+        setup = ensure_host_rebuilder(host, ONCE)
+
+        # One run, scheduled on the host's queue; the audit copied; the template paused.
+        assert setup.started_run is None  # the first call started it
+        runs = client.post("/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [setup.rebuilder.id]}}}).json()  # fmt: skip
+        (run,) = runs
+        assert run["work_queue_name"] == host.name
+        assert run["parameters"]["work_dir"] == str(tmp_path / "rebuild")
+        assert setup.audit is not None
+        audit = client.get(f"/deployments/{setup.audit.id}").json()
+        assert audit["parameters"]["work_dir"] == str(tmp_path / "rebuild")
+        assert [s["schedule"]["cron"] for s in audit["schedules"]] == ["17 * * * *"]
+        assert client.get(f"/deployments/{audit_template['id']}").json()["paused"]
+
+        # A power cut: the run is Running, with no process on this machine.
+        client.post(f"/flow_runs/{run['id']}/set_state",
+                    json={"state": {"type": "RUNNING"}, "force": True}).raise_for_status()
+        again = ensure_host_rebuilder(host, ONCE)
+        assert again.crashed_runs == [run["id"]]
+        assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] == "CRASHED"
+        assert again.started_run is not None and again.rebuilder.id == setup.rebuilder.id
