@@ -6,8 +6,6 @@ deployment's trigger re-runs them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -31,21 +29,32 @@ def audit_backups_flow(
     topic: str | None = None,
     backup_block: str = "embedded",
     max_missing_events: int = DEFAULT_MAX_MISSING_EVENTS,
+    work_dir: str | None = None,
 ) -> dict[str, int]:
-    """Audit the backups of one destination directory.
+    """Audit the backups of the files one rebuilder delivered.
 
     Args:
-        destination: Absolute directory the reconstruct flow delivers files to.
+        destination: Where the reconstruct flow delivers files: an absolute directory, or
+            a URL such as s3://bucket/prefix.
         topic: Only files of this topic; all topics when empty.
         backup_block: Name of the ``MSI Backup Storage`` block to check.
         max_missing_events: At most this many ``msi.backup.missing`` events per audit.
+        work_dir: The reconstruct flow's work_dir, where its progress store is; required
+            for a URL destination (and for a folder whose rebuilder was given one).
 
     Returns:
         Files per status (``ok``, ``missing``, ``wrong-size``, ``wrong-hash``,
         ``unreadable``), ``checked``, ``events_emitted`` and ``events_skipped``.
     """
-    root = Path(destination)
-    progress_store_path(root)  # a wrong destination fails the run before any work
+    # A wrong destination or work_dir fails the run before any work.
+    progress_store_path(destination, work_dir or None)
     storage = load_block(BackupStorage, backup_block)
-    report = audit_backups(root, storage, topic or None, str(flow_run.id or ""), max_missing_events)
+    report = audit_backups(
+        destination,
+        storage,
+        topic or None,
+        str(flow_run.id or ""),
+        max_missing_events,
+        work_dir or None,
+    )
     return report.as_dict()

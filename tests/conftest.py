@@ -57,8 +57,9 @@ OWN_STACK_SECONDS = {
     "tests/stack/test_crypto_stack.py::test_up_encrypted_deploys_encrypted_transfers": 55,
     # Estimates at a low load from their authors' runs (load 5-12: 148 s and 127 s).
     "tests/stack/test_install.py": 90,  # the wheel, `up` from the install, then `init`
+    # With the storage host's audit run (issue 18): 58 s at load 3, 128 s at load 7.
     "tests/integration/test_hosts.py::"
-    "test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_no_disk": 80,
+    "test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_no_disk": 90,
 }
 # A group not in the table yet: as long as a stack's start, a file and its `down`.
 NEW_OWN_STACK_SECONDS = 60

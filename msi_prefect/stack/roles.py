@@ -5,7 +5,9 @@
 * **instrument** (``MSI_INSTRUMENT_POOL``): ``watch-directory``, ``upload-file`` and
   ``prune-source`` read (and prune) the instrument's folder, so they run on the instrument PC;
 * **storage** (``MSI_STORAGE_POOL``): ``reconstruct-files`` writes the destination and
-  ``audit-backups`` reads its progress store, so they run on the storage host;
+  ``audit-backups`` reads its progress store, so they run on the storage host; each
+  storage host's worker runs its own copy of ``reconstruct-files``, ``reconstruct-files/
+  <host>``, on a queue of its own (``msi_prefect.stack.storage_host``);
 * **compute** (``MSI_COMPUTE_POOL``): backup, metadata and analysis (per file and per
   batch) and ``rerun-crashed``; they read each rebuilt file by its URL, so they may run
   on any number of compute hosts.

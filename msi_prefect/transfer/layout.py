@@ -8,6 +8,7 @@ A local destination holds, besides the rebuilt files::
         quarantine/               files that failed verification
         event-outbox.sqlite       events not yet confirmed by Prefect (reconstruct flow)
         dispatch-outbox.sqlite    files waiting for their batch (reconstruct flow)
+        rebuilder.lock            held by the one rebuilder using the folder (work_lock.py)
 
 A remote destination (an fsspec URL) needs an explicit work directory, which then also
 holds the staging files (``staging/``). The reassembler, the backup audit, the

@@ -71,6 +71,7 @@ from msi_prefect.transfer.wire import (
     RejectReason,
     WireFormatError,
 )
+from msi_prefect.transfer.work_lock import FolderLock
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,9 @@ class ReassemblerSettings:
         abandon_after_s: An unfinished file silent this long stops holding back commits.
         wire_format: How files are laid out on the topic: ours, or OpenMSIStream's. A format
             that spreads a file over partitions allows one reassembler per group only.
+        owner_label: Who this reassembler is (a flow run's name and id), written into the
+            work and staging folders' locks so that a second one names it in its error;
+            default: the process's command line.
     """
 
     topic: str
@@ -234,6 +238,7 @@ class ReassemblerSettings:
     batch_messages: int = DEFAULT_BATCH_MESSAGES
     abandon_after_s: float = DEFAULT_ABANDON_AFTER_S
     wire_format: WireFormat = WireFormat.NATIVE
+    owner_label: str | None = None
 
 
 @dataclass
@@ -381,7 +386,18 @@ class Reassembler:
         self._staging_dir_text = os.fspath(self.staging_dir)
         self.quarantine_dir = layout.quarantine_dir
         layout.create()
-        self.progress = ProgressStore(layout.progress_store)
+        # One reassembler per progress store and staging folder (work_lock.py); released
+        # by close(), or by the kernel when the process dies.
+        self._locks = [FolderLock(layout.work_dir, "work folder", settings.owner_label)]
+        try:
+            if not layout.staging_dir.is_relative_to(layout.work_dir):
+                self._locks.append(
+                    FolderLock(layout.staging_dir, "staging folder", settings.owner_label)
+                )
+            self.progress = ProgressStore(layout.progress_store)
+        except BaseException:
+            self._release_locks()
+            raise
         self._open: OrderedDict[tuple[str, int], _OpenStaging] = OrderedDict()
         self._ledgers: dict[int, _Ledger] = {}
         self._consumer: Any = None
@@ -536,6 +552,11 @@ class Reassembler:
             self._consumer = None
         self.progress.close()
         self._fsync_pool.shutdown()
+        self._release_locks()
+
+    def _release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
 
     def _handle_batch_with_retry(self, messages: list[Any], stop: threading.Event) -> None:
         """Handle a batch; on a local error (disk full) rewind and retry it later.

@@ -33,7 +33,14 @@ from msi_prefect.stack.config import BACKUP_BUCKET, StackConfig, StateDir, free_
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.processes import flow_run_processes, terminate
 from msi_prefect.stack.roles import ROLE_DEPLOYMENTS, HostRole, default_pool, pool_env
-from tests.stack_helpers import DONE_EVENTS, file_events, pid_alive, wait_until_done
+from msi_prefect.stack.storage_host import REBUILD_SUBDIR
+from tests.stack_helpers import (
+    DONE_EVENTS,
+    FINAL_STATES,
+    file_events,
+    pid_alive,
+    wait_until_done,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.own_stack, pytest.mark.timeout(420)]
 
@@ -42,7 +49,11 @@ REPO = Path(__file__).resolve().parents[2]
 FILES = {"run1/a.csv": b"t,v\n" + b"1,2\n" * 2000}
 DONE_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
+RUN_TIMEOUT_S = 90.0
+# The storage worker's own copy of reconstruct-files is named after its host.
+STORAGE_HOST = "storage-host"
 ROLE_OF = {name: role for role, names in ROLE_DEPLOYMENTS.items() for name in names}
+ROLE_OF[STORAGE_HOST] = HostRole.STORAGE
 # Prefect's worker asks for runs every 10 s by default; a test waits for several hops.
 WORKER_POLL = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
 
@@ -74,7 +85,7 @@ def servers(root: Path) -> Iterator[StackManager]:
 def role_worker_argv(role: HostRole, work_dir: Path, hidden: Path | None) -> list[str]:
     worker = [
         sys.executable, "-m", "msi_prefect.cli", "worker",
-        "--role", role.value, "--work-dir", str(work_dir), "--name", f"{role.value}-host",
+        "--role", role.value, "--work-dir", str(work_dir), "--host-name", f"{role.value}-host",
     ]  # fmt: skip
     if hidden is None:
         return worker
@@ -140,8 +151,8 @@ def test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_
                 ],
                 deploy_env,
             )
-            staging = hosts[HostRole.STORAGE] / "staging"
-            run_deployment(api, "reconstruct-files", {"work_dir": str(staging)})
+            # The storage worker started its host's rebuilder itself (once it was deployed).
+            rebuild_dir = hosts[HostRole.STORAGE] / REBUILD_SUBDIR
             run_deployment(api, "watch-directory", {})
             since = time.time()
             for relpath, data in FILES.items():
@@ -156,15 +167,22 @@ def test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_
             # The compute host never saw the storage host's folder ...
             compute_pid = workers[HostRole.COMPUTE].pid
             assert pid_alive(compute_pid)
-            assert any(staging.iterdir()), "the storage host staged its files there"
+            assert (rebuild_dir / "progress.sqlite").is_file(), "the storage host's rebuilder"
             assert list(Path(f"/proc/{compute_pid}/root{hosts[HostRole.STORAGE]}").iterdir()) == []
             # ... so it read each file by its s3:// URL, and ran every downstream step.
             events = file_events(api, since, DONE_EVENTS)
             assert {event["payload"]["url"] for event in events} == {
                 f"s3://{BACKUP_BUCKET}/{prefix}/{relpath}" for relpath in FILES
             }
+            # The storage host audits the backups of what it rebuilt, from its rebuilder's
+            # work folder (an S3 destination holds no progress store); the template, which
+            # knows no host's folder, is paused.
+            audit = wait_final(api, run_named(api, f"audit-backups/{STORAGE_HOST}"))
+            assert audit["state_type"] == "COMPLETED", audit["state"]
+            assert audit["parameters"]["work_dir"] == str(rebuild_dir)
+            assert read_deployment(api, "audit-backups/audit-backups")["paused"]
             ran = pools_of_runs(api)
-            assert {"watch-directory", "reconstruct-files"} <= set(ran)
+            assert {"watch-directory", STORAGE_HOST} <= set(ran)
             assert {"backup-file", "backup-batch"} & set(ran), ran
             assert ran == {name: {default_pool(ROLE_OF[name])} for name in ran}
         finally:
@@ -180,6 +198,36 @@ def run_deployment(api: str, name: str, parameters: dict[str, Any]) -> None:
             f"{api}/deployments/{deployment.json()['id']}/create_flow_run",
             json={"parameters": parameters},
         ).raise_for_status()
+
+
+def read_deployment(api: str, name: str) -> dict[str, Any]:
+    """``flow/deployment`` as the server has it."""
+    with httpx.Client(timeout=30) as client:
+        response = client.get(f"{api}/deployments/name/{name}")
+        response.raise_for_status()
+        found: dict[str, Any] = response.json()
+        return found
+
+
+def run_named(api: str, name: str) -> str:
+    """Start a run of ``flow/deployment`` with its own parameters; return its id."""
+    with httpx.Client(timeout=30) as client:
+        created = client.post(
+            f"{api}/deployments/{read_deployment(api, name)['id']}/create_flow_run", json={}
+        )
+        created.raise_for_status()
+        return str(created.json()["id"])
+
+
+def wait_final(api: str, run_id: str) -> dict[str, Any]:
+    """The run once it is in a final state (or as it is after :data:`RUN_TIMEOUT_S`)."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    with httpx.Client(timeout=30) as client:
+        while True:
+            run: dict[str, Any] = client.get(f"{api}/flow_runs/{run_id}").json()
+            if run["state_type"] in FINAL_STATES or time.monotonic() > deadline:
+                return run
+            time.sleep(0.5)
 
 
 def create_pools(api: str, names: Iterable[str]) -> None:

@@ -32,13 +32,22 @@ CHUNK_SIZE = 64
 EVENT_PARAMS = ("topic", "file_id", "generation", "path", "url", "size", "sha256")
 
 
-def deliver(destination: Path, topic: str, relpath: str, data: bytes, generation: int = 1) -> None:
+def deliver(
+    destination: Path,
+    topic: str,
+    relpath: str,
+    data: bytes,
+    generation: int = 1,
+    work_dir: Path | None = None,
+) -> None:
     """Put a file in the destination and record it as COMPLETE, as the reassembler does."""
     target = destination.joinpath(*relpath.split("/"))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     sha256 = hashlib.sha256(data).hexdigest()
-    with ProgressStore(destination / ".msi-state" / "progress.sqlite") as store:
+    state = work_dir or destination / ".msi-state"
+    state.mkdir(parents=True, exist_ok=True)
+    with ProgressStore(state / "progress.sqlite") as store:
         header = ChunkHeader.for_chunk(
             relpath=relpath,
             size=len(data),
@@ -103,6 +112,34 @@ def test_audit_destination_tells_each_status(destination: Path, tmp_path: Path) 
     everything = list(audit_destination(destination, backup))
     assert [entry.file.relpath for entry in everything][-1] == "short.bin"
     assert len(everything) == len(files) + 1
+
+
+def test_an_s3_destination_is_audited_from_its_rebuilders_work_dir(tmp_path: Path) -> None:
+    # The rebuilder of s3://lab/rebuilt kept its progress store in its work_dir; the
+    # objects themselves are not needed: the audit checks the backups.
+    work_dir = tmp_path / "storage-2" / "rebuild"
+    files = {"run/ok.bin": b"fine", "run/gone.bin": b"lost"}
+    backup = LocalDirectorySink(tmp_path / "backup")
+    for relpath, data in files.items():
+        deliver(tmp_path / "objects", "lab.raw", relpath, data, work_dir=work_dir)
+    data = files["run/ok.bin"]
+    backup.store_copy(tmp_path / "objects" / "run" / "ok.bin", PurePosixPath("run/ok.bin"),
+                      len(data), hashlib.sha256(data).hexdigest())  # fmt: skip
+
+    entries = list(audit_destination("s3://lab/rebuilt", backup, work_dir=work_dir))
+
+    assert {entry.file.relpath: (entry.status, entry.url) for entry in entries} == {
+        "run/gone.bin": (AuditStatus.MISSING, "s3://lab/rebuilt/run/gone.bin"),
+        "run/ok.bin": (AuditStatus.OK, "s3://lab/rebuilt/run/ok.bin"),
+    }
+    assert progress_store_path("s3://lab/rebuilt", str(work_dir)) == work_dir / "progress.sqlite"
+    # Without the work_dir, or with a wrong one, the audit says which setting is missing.
+    with pytest.raises(FileInputError, match=r"s3://lab/rebuilt is not a folder.*give work_dir"):
+        progress_store_path("s3://lab/rebuilt")
+    with pytest.raises(FileInputError, match=r"work_dir .* has no progress\.sqlite"):
+        progress_store_path("s3://lab/rebuilt", tmp_path)
+    with pytest.raises(FileInputError, match="work_dir 'rel' is relative"):
+        progress_store_path("s3://lab/rebuilt", "rel")
 
 
 def test_audit_destination_marks_unreadable_backups(destination: Path) -> None:

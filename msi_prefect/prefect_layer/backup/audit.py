@@ -1,7 +1,12 @@
 """Audit the backups of a destination and re-trigger the missing ones.
 
-The consumer's progress store (``<destination>/.msi-state/progress.sqlite``) knows every file
-it delivered, with its size and SHA-256. :func:`audit_destination` checks the backup of each
+The consumer's progress store knows every file it delivered, with its size and SHA-256. It
+is in the rebuilder's work directory: ``<destination>/.msi-state/progress.sqlite`` for a
+local destination by default, ``<work_dir>/progress.sqlite`` when the rebuilder was given a
+``work_dir``, which a remote destination (``s3://...``) always needs; so the audit of a
+remote destination is given that ``work_dir`` too (:func:`progress_store_path`). Several
+rebuilders into one destination (storage hosts) each have their own progress store, and
+each host audits what it delivered. :func:`audit_destination` checks the backup of each
 one (:meth:`~msi_prefect.transfer.sinks.Sink.check`: size, and the stored or streamed
 SHA-256) and :func:`audit_backups`, the task of the scheduled ``audit-backups`` deployment,
 
@@ -18,10 +23,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -39,6 +44,7 @@ from msi_prefect.transfer import (
     Sink,
     SinkError,
     UnsafePathError,
+    sink_for,
     validate_relative_path,
 )
 
@@ -50,6 +56,7 @@ __all__ = [
     "AuditStatus",
     "audit_backups",
     "audit_destination",
+    "is_remote",
     "progress_store_path",
 ]
 
@@ -93,7 +100,7 @@ class AuditEntry:
     Attributes:
         file: The file's progress row (topic, id, generation, path, size, SHA-256).
         status: How its backup stands.
-        url: ``file://`` URL of the delivered file.
+        url: URL of the delivered file (``file://``, or the remote destination's object).
         detail: Why it is unreadable, or empty.
     """
 
@@ -138,34 +145,69 @@ class AuditReport:
         }
 
 
-def progress_store_path(destination: Path) -> Path:
-    """The consumer's progress store of a destination directory.
+def is_remote(destination: str | Path) -> bool:
+    """Whether ``destination`` is a URL (``s3://bucket/prefix``) rather than a folder."""
+    return "://" in str(destination) and not str(destination).startswith("file://")
+
+
+def progress_store_path(destination: str | Path, work_dir: str | Path | None = None) -> Path:
+    """The progress store of the rebuilder that delivers to ``destination``.
+
+    Args:
+        destination: The reconstruct flow's destination: an absolute folder, or a URL.
+        work_dir: The reconstruct flow's ``work_dir``, if it was given one (a remote
+            destination always is).
 
     Raises:
-        FileInputError: ``destination`` is not an absolute directory with a progress store.
+        FileInputError: ``destination`` is a relative or missing folder, a remote
+            destination comes without ``work_dir``, or there is no progress store where
+            it should be.
     """
-    if not destination.is_absolute():
-        raise FileInputError(
-            f"destination {str(destination)!r} is relative; give the absolute directory the "
-            "reconstruct flow writes to (flows run in other working directories)"
-        )
-    if not destination.is_dir():
-        raise FileInputError(f"destination {destination} is not a directory")
+    if is_remote(destination):
+        if work_dir is None or not str(work_dir).strip():
+            raise FileInputError(
+                f"the destination {destination} is not a folder, so its rebuilder's progress "
+                "store is not in it: give work_dir, the work_dir of the reconstruct-files run "
+                "that rebuilds into it (its progress.sqlite is there; WORK_DIR/rebuild on a "
+                "storage host of `msi-prefect worker --role storage`)"
+            )
+    else:
+        destination = Path(destination)
+        if not destination.is_absolute():
+            raise FileInputError(
+                f"destination {str(destination)!r} is relative; give the absolute directory "
+                "the reconstruct flow writes to (flows run in other working directories)"
+            )
+        if not destination.is_dir():
+            raise FileInputError(f"destination {destination} is not a directory")
+    if work_dir is not None and str(work_dir).strip():
+        work = Path(work_dir)
+        if not work.is_absolute():
+            raise FileInputError(f"work_dir {str(work)!r} is relative; give an absolute folder")
+        store = DestinationLayout.of_remote(work).progress_store
+        if not store.is_file():
+            raise FileInputError(
+                f"work_dir {work} has no {store.name}; is it the work_dir of the "
+                f"reconstruct-files run that rebuilds into {destination}?"
+            )
+        return store
+    assert isinstance(destination, Path)
     store = DestinationLayout.of_local(destination).progress_store
     if not store.is_file():
         raise FileInputError(
             f"{destination} has no {store.relative_to(destination)}; is it the directory "
-            "the reconstruct flow delivers files to?"
+            "the reconstruct flow delivers files to? (a rebuilder given a work_dir keeps it "
+            "there: give that work_dir)"
         )
     return store
 
 
-def _check_one(sink: Sink, root: Path, row: FileProgress) -> AuditEntry:
+def _check_one(sink: Sink, url_of: Callable[[PurePosixPath], str], row: FileProgress) -> AuditEntry:
     try:
         relpath = validate_relative_path(row.relpath)
     except UnsafePathError as exc:
         return AuditEntry(row, AuditStatus.UNREADABLE, "", f"unsafe path in the store: {exc}")
-    url = root.joinpath(*relpath.parts).as_uri()
+    url = url_of(relpath)
     if row.sha256 is None:
         return AuditEntry(row, AuditStatus.UNREADABLE, url, "no SHA-256 recorded")
     try:
@@ -176,27 +218,36 @@ def _check_one(sink: Sink, root: Path, row: FileProgress) -> AuditEntry:
 
 
 def audit_destination(
-    destination: Path, sink: Sink, topic: str | None = None
+    destination: str | Path,
+    sink: Sink,
+    topic: str | None = None,
+    work_dir: str | Path | None = None,
 ) -> Iterator[AuditEntry]:
     """Check the backup of every file delivered to ``destination``.
 
     Args:
-        destination: The reconstruct flow's destination directory (absolute).
+        destination: The reconstruct flow's destination: an absolute folder, or a URL.
         sink: The backup storage.
         topic: Only files of this topic; all when ``None``.
+        work_dir: The reconstruct flow's ``work_dir`` (required for a remote destination).
 
     Yields:
         One entry per delivered file (its newest complete generation), in path order.
 
     Raises:
-        FileInputError: ``destination`` has no progress store.
+        FileInputError: No progress store (see :func:`progress_store_path`).
     """
-    store_path = progress_store_path(destination)
-    root = Path(os.path.abspath(destination))
+    store_path = progress_store_path(destination, work_dir)
+    url_of: Callable[[PurePosixPath], str]
+    if is_remote(destination):
+        url_of = sink_for(str(destination)).url_of  # the URL reconstruct-files announced
+    else:
+        root = Path(os.path.abspath(destination))
+        url_of = lambda relpath: root.joinpath(*relpath.parts).as_uri()  # noqa: E731
     with ProgressStore(store_path) as store:
         rows = store.completed(topic)
     for row in rows:
-        yield _check_one(sink, root, row)
+        yield _check_one(sink, url_of, row)
 
 
 def _missing_event_facts(entry: AuditEntry, run_id: str, backup: str) -> FileFacts:
@@ -237,26 +288,28 @@ def _table_rows(problems: list[AuditEntry], good: list[AuditEntry]) -> list[dict
     cache_policy=NO_CACHE,
 )
 def audit_backups(
-    destination: Path,
+    destination: str | Path,
     storage: BackupStorage,
     topic: str | None = None,
     run_id: str | None = None,
     max_missing_events: int = DEFAULT_MAX_MISSING_EVENTS,
+    work_dir: str | Path | None = None,
 ) -> AuditReport:
     """Check every delivered file's backup; announce the missing and wrong ones.
 
     Args:
-        destination: The reconstruct flow's destination directory (absolute).
+        destination: The reconstruct flow's destination: an absolute folder, or a URL.
         storage: The backup storage to check.
         topic: Only files of this topic; all when ``None``.
         run_id: Identifies this audit in event ids (the flow run id); random if ``None``.
         max_missing_events: ``msi.backup.missing`` events sent at most.
+        work_dir: The reconstruct flow's ``work_dir`` (required for a remote destination).
 
     Returns:
         The counts per status and the events sent.
 
     Raises:
-        FileInputError: ``destination`` has no progress store.
+        FileInputError: No progress store (see :func:`progress_store_path`).
         AuditIncompleteError: Some backups could not be checked (after reporting the rest).
     """
     logger = get_run_logger()
@@ -267,7 +320,7 @@ def audit_backups(
     problems: list[AuditEntry] = []
     good: list[AuditEntry] = []
     first_unreadable = ""
-    for entry in audit_destination(destination, sink, topic):
+    for entry in audit_destination(destination, sink, topic, work_dir):
         report.counts[entry.status] += 1
         if entry.status is AuditStatus.OK:
             if len(good) < MAX_TABLE_ROWS:

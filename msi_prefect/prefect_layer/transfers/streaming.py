@@ -291,6 +291,7 @@ def run_reconstruct_files(
         work_dir=work_dir,
         limits=DecodeLimits(max_file_size=transfer.max_file_size),
         wire_format=wire_format or transfer.wire_format,
+        owner_label=_flow_run_label(),
     )
     counts = RunCounts(f"Rebuilding {transfer.topic} into {destination}", "reconstruct-files")
     dispatch = transfer.downstream_dispatch
@@ -331,6 +332,8 @@ def run_reconstruct_files(
             )
         except OSError as exc:
             raise MsiError(f"cannot use the destination {destination}: {exc}") from exc
+        # run() closes it; this closes it (and frees its folders' locks) if a step below fails.
+        cleanup.callback(reassembler.close)
         events = cleanup.enter_context(EventChannel(reassembler.layout.event_outbox))
         # The downstream runs of the files rebuilt here run on this host; what they leave
         # in their event outbox is delivered, and what they posted confirmed, from here.
@@ -363,3 +366,10 @@ def run_reconstruct_files(
         "rejected_messages": stats.messages_rejected,
         "bytes_written": stats.bytes_written,
     }
+
+
+def _flow_run_label() -> str | None:
+    """``flow run NAME (ID)`` inside a flow run: what another rebuilder's error names."""
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.name!r} ({flow_run.id})" if flow_run.id else None
