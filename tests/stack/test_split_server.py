@@ -24,7 +24,9 @@ from pydantic import ValidationError
 from msi_prefect.errors import MsiError
 from msi_prefect.stack import postgres
 from msi_prefect.stack.components import (
+    API_WORKERS_ENV,
     REDIS_MESSAGING,
+    api_workers,
     build_spec,
     redis_binary,
     server_layout_env,
@@ -95,6 +97,27 @@ def test_split_specs_share_one_redis_bus_on_loopback(tmp_path: Path) -> None:
     )
     assert "--no-services" not in one.argv
     assert "PREFECT_MESSAGING_BROKER" not in one.env
+
+
+def test_the_split_api_runs_as_many_processes_as_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = StateDir(tmp_path)
+    config = SPLIT.model_copy(update={"ports": free_port_map()})
+    monkeypatch.delenv(API_WORKERS_ENV, raising=False)
+    assert "--workers" not in build_spec(Component.PREFECT, config, state).argv
+    monkeypatch.setenv(API_WORKERS_ENV, "2")
+    api = build_spec(Component.PREFECT, config, state).argv
+    assert api[api.index("--workers") + 1] == "2"
+    one = config.model_copy(update={"server_layout": "one-process", "database": "sqlite"})
+    with pytest.raises(MsiError, match="split server layout"):
+        build_spec(Component.PREFECT, one, state)
+
+
+@pytest.mark.parametrize("raw", ["0", "two", "-1", "9"])
+def test_a_bad_number_of_api_processes_is_refused_with_its_value(raw: str) -> None:
+    with pytest.raises(MsiError, match=f"{API_WORKERS_ENV} must be .*{raw!r}"):
+        api_workers({API_WORKERS_ENV: raw})
 
 
 def test_a_one_process_stack_refuses_to_start_redis(tmp_path: Path) -> None:
