@@ -91,7 +91,8 @@ REDIS_READ_BATCH = "100"
 DATABASE_POOL_SIZE = "20"
 DATABASE_POOL_OVERFLOW = "20"
 # The split layout's API as several processes (`prefect server start --workers N`, which
-# needs PostgreSQL and Redis messaging, both in that layout): for measuring; default one.
+# needs PostgreSQL and Redis messaging, both in that layout; the one-process layout ignores
+# it): for measuring; default one.
 API_WORKERS_ENV = "MSI_PREFECT_API_WORKERS"
 MAX_API_WORKERS = 8
 SPLIT_SERVICES = {
@@ -344,13 +345,10 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
         if component is Component.PREFECT:
             command = ["server", "start", "--host", LOOPBACK, "--port", str(ports["prefect"])]
             command += ["--no-services"] if split else []
+            # Several API processes need the split layout's PostgreSQL and Redis; the
+            # one-process layout keeps its one (the setting is checked either way).
             workers = api_workers()
-            if workers > 1 and not split:
-                raise MsiError(
-                    f"{API_WORKERS_ENV}={workers} needs the split server layout "
-                    "(--server-layout split --database postgresql)"
-                )
-            command += ["--workers", str(workers)] if workers > 1 else []
+            command += ["--workers", str(workers)] if split and workers > 1 else []
             listens = {"prefect": ports["prefect"]}
         else:
             command, listens = ["server", "services", "start"], {}
