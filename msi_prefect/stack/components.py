@@ -94,6 +94,7 @@ DATABASE_POOL_OVERFLOW = "20"
 # needs PostgreSQL and Redis messaging, both in that layout; the one-process layout ignores
 # it): for measuring; default one.
 API_WORKERS_ENV = "MSI_PREFECT_API_WORKERS"
+MIGRATE_ON_START_ENV = "PREFECT_SERVER_DATABASE_MIGRATE_ON_START"
 MAX_API_WORKERS = 8
 SPLIT_SERVICES = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": REDIS_READ_BATCH,
@@ -434,10 +435,35 @@ def prefect_server_main() -> None:
     """
     sqlite_writes_begin_immediate()
     queue_probe.install()  # only with $MSI_SERVER_QUEUE_REPORT_S (benchmarks)
+    migrate_once_for_several_api_processes(sys.argv[1:])
     sys.argv = ["prefect", *sys.argv[1:]]
     from prefect.cli import app
 
     app()
+
+
+def migrate_once_for_several_api_processes(
+    args: list[str], upgrade: Callable[[], None] | None = None
+) -> bool:
+    """With `server start --workers N` (N > 1), migrate the database here, once.
+
+    Each of uvicorn's API processes migrates the database when it starts, all at the same
+    time, and on PostgreSQL they collide (`DuplicateTableError` on an index, "Application
+    startup failed"): the API never comes up. Migrated once here, before uvicorn starts
+    them, they are told not to (`PREFECT_SERVER_DATABASE_MIGRATE_ON_START=false`, which
+    they inherit). Returns whether it migrated.
+    """
+    if "--workers" not in args[:-1] or not args[args.index("--workers") + 1].isdigit():
+        return False
+    if int(args[args.index("--workers") + 1]) <= 1:
+        return False
+    if upgrade is None:
+        from prefect.server.database.alembic_commands import alembic_upgrade
+
+        upgrade = alembic_upgrade
+    upgrade()
+    os.environ[MIGRATE_ON_START_ENV] = "false"
+    return True
 
 
 def sqlite_writes_begin_immediate() -> None:

@@ -12,6 +12,7 @@ minute).
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -25,9 +26,11 @@ from msi_prefect.errors import MsiError
 from msi_prefect.stack import postgres
 from msi_prefect.stack.components import (
     API_WORKERS_ENV,
+    MIGRATE_ON_START_ENV,
     REDIS_MESSAGING,
     api_workers,
     build_spec,
+    migrate_once_for_several_api_processes,
     redis_binary,
     server_layout_env,
 )
@@ -111,6 +114,23 @@ def test_the_split_api_runs_as_many_processes_as_asked(
     assert api[api.index("--workers") + 1] == "2"
     one = config.model_copy(update={"server_layout": "one-process", "database": "sqlite"})
     assert "--workers" not in build_spec(Component.PREFECT, one, state).argv
+
+
+def test_several_api_processes_find_the_database_migrated_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Set, then removed: the monkeypatch then restores it (the function sets it itself).
+    monkeypatch.setenv(MIGRATE_ON_START_ENV, "true")
+    monkeypatch.delenv(MIGRATE_ON_START_ENV)
+    upgrades: list[str] = []
+    one = ["server", "start", "--host", "127.0.0.1", "--no-services"]
+    assert not migrate_once_for_several_api_processes(one, lambda: upgrades.append("up"))
+    assert not migrate_once_for_several_api_processes([*one, "--workers", "1"], lambda: None)
+    assert upgrades == [] and MIGRATE_ON_START_ENV not in os.environ
+    several = [*one, "--workers", "2"]
+    assert migrate_once_for_several_api_processes(several, lambda: upgrades.append("up"))
+    assert upgrades == ["up"]
+    assert os.environ[MIGRATE_ON_START_ENV] == "false"  # uvicorn's processes inherit it
 
 
 @pytest.mark.parametrize("raw", ["0", "two", "-1", "9"])
