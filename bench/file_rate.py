@@ -79,6 +79,7 @@ from bench.trigger_latency import (
     DEFAULT_GROUP,
     DOWN_TIMEOUT_S,
     HTTP_TIMEOUT_S,
+    REPO_DIR,
     STATUS_TIMEOUT_S,
     UP_TIMEOUT_S,
     Deadline,
@@ -325,6 +326,8 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
     extra_env.setdefault(QUEUE_REPORT_ENV, QUEUE_REPORT_S)
     if code:
         extra_env["PYTHONPATH"] = code
+    # Its CLI too (`up` writes the command lines and settings of everything it starts).
+    checkout = Path(code) if code else REPO_DIR
     work = Path(tempfile.mkdtemp(prefix=f"msi-file-rate-{scenario.name}-{mode}-"))
     state, watch, dest, staging = (work / n for n in ("state", "inbox", "received", "staging"))
     staging.mkdir()
@@ -336,12 +339,12 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
         tag = f"{scenario.name}/{result.mode}"
         print(f"[{tag}] msi-prefect up ...", flush=True)
         started = time.monotonic()
-        up = cli(state, up_args, log, UP_TIMEOUT_S, extra_env)
+        up = cli(state, up_args, log, UP_TIMEOUT_S, extra_env, checkout)
         if up.returncode != 0:
             raise RuntimeError(f"up failed (exit {up.returncode}), see {log}")
         result.notes["up_s"] = round(time.monotonic() - started, 1)
         status = json.loads(
-            cli(state, ["status", "--json"], log, STATUS_TIMEOUT_S, extra_env).stdout
+            cli(state, ["status", "--json"], log, STATUS_TIMEOUT_S, extra_env, checkout).stdout
         )
         pids = {row["name"]: row["pid"] for row in status["components"]}
         server_pids = [pids[name] for name in SERVER_COMPONENTS if pids.get(name)]
@@ -395,7 +398,7 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
         result.notes.update(server_queue_notes(state / "logs" / "prefect.log"))
         print(f"[{scenario.name}/{result.mode}] msi-prefect down ...", flush=True)
         try:
-            down = cli(state, ["down"], log, DOWN_TIMEOUT_S, extra_env)
+            down = cli(state, ["down"], log, DOWN_TIMEOUT_S, extra_env, checkout)
             result.notes["down_exit"] = down.returncode
         except subprocess.TimeoutExpired:
             result.notes["down_exit"] = "timeout"
@@ -485,14 +488,21 @@ def report(
 
 
 def _memory_trend(result: ModeResult) -> str:
-    """RSS once a tenth of the files were done (after warm-up) against at the end."""
+    """RSS once a tenth of the files were done (after warm-up) against at the end, and the
+    RSS at each further tenth (a soak's growth curve)."""
     timeline = result.rss_timeline
     if not timeline or not result.done:
         return "n/a"
     warm = next((row for row in timeline if row[0] >= result.done / 10), timeline[0])
     end = timeline[-1]
+    tenths = [
+        next((row for row in timeline if row[0] >= result.done * tenth / 10), end)
+        for tenth in range(1, 11)
+    ]
+    curve = ", ".join(f"{row[0]}: {row[1]:.0f}/{row[2]:.0f}" for row in tenths)
     return (
-        f"{warm[1]} / {warm[2]} with {warm[0]} files done -> {end[1]} / {end[2]} with {end[0]} done"
+        f"{warm[1]} / {warm[2]} with {warm[0]} files done -> {end[1]} / {end[2]} with {end[0]} "
+        f"done; at each tenth of the files done (files: server/worker MB): {curve}"
     )
 
 

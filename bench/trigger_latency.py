@@ -426,6 +426,7 @@ def cli(
     log: Path,
     timeout: float,
     extra_env: dict[str, str] | None = None,
+    checkout: Path = REPO_DIR,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m msi_prefect.cli --state-dir STATE ARGS`` and log its output.
 
@@ -435,6 +436,8 @@ def cli(
         log: File receiving the command line, stdout and stderr.
         timeout: Seconds before the command is killed.
         extra_env: Variables added to this process's environment for the command.
+        checkout: The checkout whose CLI runs (its working directory: ``python -m`` puts
+            it first on ``sys.path``, before ``PYTHONPATH``).
 
     Returns:
         The finished process.
@@ -448,7 +451,7 @@ def cli(
         out.flush()
         result = subprocess.run(
             command,
-            cwd=REPO_DIR,
+            cwd=checkout,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -31,7 +31,7 @@ from msi_prefect.stack.config import (
 from msi_prefect.stack.prefect_api import UP_RETRY, RetryPolicy, checked, request
 from msi_prefect.stack.processes import LOOPBACK, ProcessSpec, port_is_listening
 from msi_prefect.stack.project import bundled_project_dir
-from msi_prefect.warm_start import FLOWS_ENV
+from msi_prefect.warm_start import FLOWS_ENV, WORKER_TYPE
 
 # The health checks import httpx (and confluent-kafka) inside the functions: every stack
 # command loads this module, and `down` and `env` never probe anything.
@@ -54,11 +54,12 @@ LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 # `prefect worker start` beside a warm server that forks each flow run from a process that
 # has Prefect and the flows' libraries imported already (msi_prefect.warm_start).
 WARM_WORKER_MODULE = "msi_prefect.warm_start.worker"
-# The worker asks for runs to start every 0.5 s, not every 10 s (Prefect's default): on an
-# idle stack a file's runs otherwise wait 5 s on average before they are even seen. Each
-# poll costs the server ~17 ms of CPU (measured: 0.5 s is ~3.5% of one core, 0.25 s ~7%),
-# and created -> PENDING was 0.4-0.7 s at 1 s, 0.36 s at 0.5 s, 0.14 s at 0.25 s (medians).
-WORKER_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "0.5"}
+# The worker is woken when a run is scheduled (msi_prefect.warm_start.wake_ups: an idle
+# stack's run is polled for within tens of milliseconds) and also polls every second, for
+# an announcement missed. Prefect's default is 10 s. Each poll costs the server ~17 ms of
+# CPU (measured: 0.5 s was ~3.5% of one core); polled every 0.5 s without wake-ups,
+# created -> PENDING was 0.36 s (median), 0.4-0.7 s at 1 s, 0.14 s at 0.25 s.
+WORKER_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
 # The server's event consumers, for bursts of file events (bench/RESULTS.md, "Downstream
 # latency"). Prefect's task-run recorder writes every task-run state event in a transaction
 # of its own (3 per task run, 4 task runs per file): batches of up to 200, flushed every
@@ -89,6 +90,12 @@ REDIS_READ_BATCH = "100"
 # PostgreSQL's default limit of 100 connections.
 DATABASE_POOL_SIZE = "20"
 DATABASE_POOL_OVERFLOW = "20"
+# The split layout's API as several processes (`prefect server start --workers N`, which
+# needs PostgreSQL and Redis messaging, both in that layout; the one-process layout ignores
+# it): for measuring; default one.
+API_WORKERS_ENV = "MSI_PREFECT_API_WORKERS"
+MIGRATE_ON_START_ENV = "PREFECT_SERVER_DATABASE_MIGRATE_ON_START"
+MAX_API_WORKERS = 8
 SPLIT_SERVICES = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": REDIS_READ_BATCH,
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": REDIS_READ_BATCH,
@@ -99,7 +106,15 @@ SPLIT_SERVICES = {
 # API version (`GET /admin/version`, and once more for the events client, with a TLS
 # context of its own): the stack's server and worker run from the same installation, so
 # the answer is known. Saves a request and ~20 ms of CPU per flow run.
-CLIENT_SETTINGS = {"PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false"}
+# Likewise every client's first change (POST, PATCH) asked for a CSRF token
+# (`GET /csrf-token`), which the stack's server, CSRF protection off (Prefect's default),
+# refuses with 422: about 4 sequential requests per flow run before it is RUNNING, for
+# nothing. A server with `PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED=true` needs
+# `PREFECT_CLIENT_CSRF_SUPPORT_ENABLED=true` in `up`'s environment.
+CLIENT_SETTINGS = {
+    "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
+    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false",
+}
 #: Seconds between a flow run's ``prefect.flow-run.heartbeat`` events (Prefect's default
 #: is 180 s, its minimum 30 s). The stack's ``msi: crash unresponsive runs`` automation
 #: (`msi_prefect.stack.unresponsive_runs`) marks a run Crashed when they stop: its process
@@ -331,6 +346,10 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
         if component is Component.PREFECT:
             command = ["server", "start", "--host", LOOPBACK, "--port", str(ports["prefect"])]
             command += ["--no-services"] if split else []
+            # Several API processes need the split layout's PostgreSQL and Redis; the
+            # one-process layout keeps its one (the setting is checked either way).
+            workers = api_workers()
+            command += ["--workers", str(workers)] if split and workers > 1 else []
             listens = {"prefect": ports["prefect"]}
         else:
             command, listens = ["server", "services", "start"], {}
@@ -353,7 +372,7 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
         "--pool",
         config.work_pool,
         "--type",
-        "process",
+        WORKER_TYPE,  # Prefect's process worker, started sooner (warm_start.process_worker)
         "--name",
         f"msi-worker-{ports['prefect']}",
     ]
@@ -365,6 +384,21 @@ def build_spec(component: Component, config: StackConfig, state: StateDir) -> Pr
         cwd=data_dir,
         niceness=WORKER_NICENESS,
     )
+
+
+def api_workers(environ: Mapping[str, str] | None = None) -> int:
+    """How many API processes the split layout's server runs (`API_WORKERS_ENV`, default 1).
+
+    Raises:
+        MsiError: The value is not a whole number from 1 to `MAX_API_WORKERS`.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get(API_WORKERS_ENV, "1").strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_API_WORKERS:
+        raise MsiError(
+            f"{API_WORKERS_ENV} must be a whole number from 1 to {MAX_API_WORKERS}, not {raw!r}"
+        )
+    return int(raw)
 
 
 def server_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -401,10 +435,35 @@ def prefect_server_main() -> None:
     """
     sqlite_writes_begin_immediate()
     queue_probe.install()  # only with $MSI_SERVER_QUEUE_REPORT_S (benchmarks)
+    migrate_once_for_several_api_processes(sys.argv[1:])
     sys.argv = ["prefect", *sys.argv[1:]]
     from prefect.cli import app
 
     app()
+
+
+def migrate_once_for_several_api_processes(
+    args: list[str], upgrade: Callable[[], None] | None = None
+) -> bool:
+    """With `server start --workers N` (N > 1), migrate the database here, once.
+
+    Each of uvicorn's API processes migrates the database when it starts, all at the same
+    time, and on PostgreSQL they collide (`DuplicateTableError` on an index, "Application
+    startup failed"): the API never comes up. Migrated once here, before uvicorn starts
+    them, they are told not to (`PREFECT_SERVER_DATABASE_MIGRATE_ON_START=false`, which
+    they inherit). Returns whether it migrated.
+    """
+    if "--workers" not in args[:-1] or not args[args.index("--workers") + 1].isdigit():
+        return False
+    if int(args[args.index("--workers") + 1]) <= 1:
+        return False
+    if upgrade is None:
+        from prefect.server.database.alembic_commands import alembic_upgrade
+
+        upgrade = alembic_upgrade
+    upgrade()
+    os.environ[MIGRATE_ON_START_ENV] = "false"
+    return True
 
 
 def sqlite_writes_begin_immediate() -> None:

@@ -25,3 +25,7 @@ LAUNCH_MODULE = "msi_prefect.warm_start.launch"
 #: once (:mod:`msi_prefect.warm_start.prewarm`); a run whose entrypoint is one of them,
 #: unchanged, reuses that module.
 FLOWS_ENV = "MSI_WARM_START_FLOWS"
+#: ``prefect worker start --type`` of the stack's worker
+#: (:class:`msi_prefect.warm_start.process_worker.WarmProcessWorker`, registered when that
+#: module is imported); its pool stays of Prefect's type ``process``.
+WORKER_TYPE = "msi-warm-process"

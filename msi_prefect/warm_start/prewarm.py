@@ -17,7 +17,12 @@ work in every run:
   whose file is unchanged (same path, size, modification time and inode) is that module,
   a cache hit, and any other script loads as before.
 
-Neither starts a thread, so the server stays safe to fork.
+- **The server's default result storage**: Prefect asks the server for it (``GET
+  /admin/storage``) each time it sets up a result store, three times per run, once before
+  the run is RUNNING. :func:`remember_default_result_storage` makes a run ask once a
+  minute (:data:`DEFAULT_STORAGE_TTL_S`); a failed request is not remembered.
+
+None of them starts a thread, so the server stays safe to fork.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import os
 import ssl
 import sys
+import time
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -94,6 +100,53 @@ def share_api_tls_contexts() -> bool:
     # environment names another builds that one once.
     shared.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
     orchestration.ssl = shared
+    return True
+
+
+#: Seconds a run reuses the server's answer on its default result storage.
+DEFAULT_STORAGE_TTL_S = 60.0
+
+
+def remember_default_result_storage(
+    ttl_s: float = DEFAULT_STORAGE_TTL_S, clock: Callable[[], float] = time.monotonic
+) -> bool:
+    """Make Prefect's clients reuse the server's default result storage for ``ttl_s`` seconds.
+
+    Patches ``read_server_default_result_storage`` of Prefect's async and sync API clients;
+    the answers are per API URL and per process (a forked run starts with none). Returns
+    False (and changes nothing) when Prefect's clients are not as expected.
+    """
+    try:
+        from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+    except ImportError:
+        return False
+    async_read = getattr(PrefectClient, "read_server_default_result_storage", None)
+    sync_read = getattr(SyncPrefectClient, "read_server_default_result_storage", None)
+    if async_read is None or sync_read is None:
+        logger.warning("warm start: Prefect's clients read no default result storage")
+        return False
+    answers: dict[str, tuple[float, Any]] = {}
+
+    def remembered(client: Any) -> Any | None:
+        hit = answers.get(str(client.api_url))
+        if hit is None or clock() - hit[0] > ttl_s:
+            return None
+        return hit[1].model_copy()
+
+    def remember(client: Any, answer: Any) -> Any:
+        answers[str(client.api_url)] = (clock(), answer)
+        return answer.model_copy()
+
+    async def read_async(self: PrefectClient) -> Any:
+        hit = remembered(self)
+        return hit if hit is not None else remember(self, await async_read(self))
+
+    def read_sync(self: SyncPrefectClient) -> Any:
+        hit = remembered(self)
+        return hit if hit is not None else remember(self, sync_read(self))
+
+    PrefectClient.read_server_default_result_storage = read_async  # type: ignore[method-assign]
+    SyncPrefectClient.read_server_default_result_storage = read_sync  # type: ignore[method-assign]
     return True
 
 

@@ -4,7 +4,8 @@
 :mod:`msi_prefect.warm_start.worker`). It imports :data:`DEFAULT_PRELOAD` (plus the modules
 named in ``MSI_WARM_START_PRELOAD``, comma-separated, for a lab's own analysis package),
 then does once what every run would otherwise repeat (:mod:`msi_prefect.warm_start.prewarm`:
-one TLS context for Prefect's API clients, the flow scripts of ``MSI_WARM_START_FLOWS``
+one TLS context for Prefect's API clients, the server's default result storage asked
+once a minute, the flow scripts of ``MSI_WARM_START_FLOWS``
 executed; ``MSI_WARM_START_PREWARM=0`` turns that off), then listens on a Unix socket that
 only its own user may use. For each launcher that connects it forks; the child takes the
 launcher's streams, environment and working directory, starts a session of its own (as the
@@ -42,6 +43,7 @@ from msi_prefect.warm_start.prewarm import (
     PREWARM_ENV,
     flow_script_folders,
     preload_flow_scripts,
+    remember_default_result_storage,
     share_api_tls_contexts,
 )
 from msi_prefect.warm_start.protocol import (
@@ -103,6 +105,7 @@ def prewarm() -> None:
         return
     try:
         share_api_tls_contexts()
+        remember_default_result_storage()
         preload_flow_scripts(flow_script_folders())
     except Exception:
         logger.exception("warm start: prewarming failed; runs do that work themselves")

@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.argv = ["prefect", "worker", "start", *args]
             from prefect.cli import app
 
+            # Registers `--type msi-warm-process` (WORKER_TYPE) with Prefect's worker types.
+            import msi_prefect.warm_start.process_worker  # noqa: F401
+
             app()
         finally:
             server.terminate()

@@ -228,12 +228,21 @@ def test_adaptive_full_batches_go_at_once_whatever_the_backlog(outbox: DurableQu
     assert rig.batcher.waiting == 1
 
 
-def test_adaptive_without_a_fresh_reading_spaces_dispatches_by_time(
-    outbox: DurableQueue,
-) -> None:
-    rig = adaptive(outbox)
-    rig.backlog.set(waiting=99)  # then the server stops answering
+def test_adaptive_without_a_fresh_reading_batches(outbox: DurableQueue) -> None:
+    rig = adaptive(outbox, max_wait_s=5.0)
+    rig.backlog.set(waiting=0)  # quiet, then the server stops answering (or is too slow)
     rig.clock.now += BACKLOG_STALE_S + 0.1
+    for name in "ab":  # no file goes alone into a server that cannot answer in time
+        assert not rig.batcher.dispatch_alone()
+        rig.batcher.add(facts(name))
+    assert rig.batcher.send_due() == 0
+    rig.clock.now += 5.0  # the oldest has waited max_wait_s: the batch goes
+    assert rig.batcher.send_due() == 1
+    assert rig.sent.batches == [["a", "b"]]
+
+
+def test_adaptive_before_any_reading_spaces_dispatches_by_time(outbox: DurableQueue) -> None:
+    rig = adaptive(outbox)
     assert rig.batcher.dispatch_alone()
     rig.clock.now += 0.5
     assert not rig.batcher.dispatch_alone()

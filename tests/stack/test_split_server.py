@@ -12,6 +12,7 @@ minute).
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -24,8 +25,12 @@ from pydantic import ValidationError
 from msi_prefect.errors import MsiError
 from msi_prefect.stack import postgres
 from msi_prefect.stack.components import (
+    API_WORKERS_ENV,
+    MIGRATE_ON_START_ENV,
     REDIS_MESSAGING,
+    api_workers,
     build_spec,
+    migrate_once_for_several_api_processes,
     redis_binary,
     server_layout_env,
 )
@@ -95,6 +100,43 @@ def test_split_specs_share_one_redis_bus_on_loopback(tmp_path: Path) -> None:
     )
     assert "--no-services" not in one.argv
     assert "PREFECT_MESSAGING_BROKER" not in one.env
+
+
+def test_the_split_api_runs_as_many_processes_as_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = StateDir(tmp_path)
+    config = SPLIT.model_copy(update={"ports": free_port_map()})
+    monkeypatch.delenv(API_WORKERS_ENV, raising=False)
+    assert "--workers" not in build_spec(Component.PREFECT, config, state).argv
+    monkeypatch.setenv(API_WORKERS_ENV, "2")
+    api = build_spec(Component.PREFECT, config, state).argv
+    assert api[api.index("--workers") + 1] == "2"
+    one = config.model_copy(update={"server_layout": "one-process", "database": "sqlite"})
+    assert "--workers" not in build_spec(Component.PREFECT, one, state).argv
+
+
+def test_several_api_processes_find_the_database_migrated_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Set, then removed: the monkeypatch then restores it (the function sets it itself).
+    monkeypatch.setenv(MIGRATE_ON_START_ENV, "true")
+    monkeypatch.delenv(MIGRATE_ON_START_ENV)
+    upgrades: list[str] = []
+    one = ["server", "start", "--host", "127.0.0.1", "--no-services"]
+    assert not migrate_once_for_several_api_processes(one, lambda: upgrades.append("up"))
+    assert not migrate_once_for_several_api_processes([*one, "--workers", "1"], lambda: None)
+    assert upgrades == [] and MIGRATE_ON_START_ENV not in os.environ
+    several = [*one, "--workers", "2"]
+    assert migrate_once_for_several_api_processes(several, lambda: upgrades.append("up"))
+    assert upgrades == ["up"]
+    assert os.environ[MIGRATE_ON_START_ENV] == "false"  # uvicorn's processes inherit it
+
+
+@pytest.mark.parametrize("raw", ["0", "two", "-1", "9"])
+def test_a_bad_number_of_api_processes_is_refused_with_its_value(raw: str) -> None:
+    with pytest.raises(MsiError, match=f"{API_WORKERS_ENV} must be .*{raw!r}"):
+        api_workers({API_WORKERS_ENV: raw})
 
 
 def test_a_one_process_stack_refuses_to_start_redis(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from msi_prefect.stack.processes import (
     find_free_ports,
     port_is_free,
 )
+from msi_prefect.warm_start import WORKER_TYPE
 
 
 def test_port_overrides_parse_and_reject_bad_items() -> None:
@@ -214,14 +215,18 @@ def test_every_server_is_pinned_to_loopback_and_prefect_keeps_leases_on_disk(
     assert hasattr(importlib.import_module(LEASE_STORAGE), "ConcurrencyLeaseStorage")
 
 
-def test_the_worker_polls_twice_a_second_and_skips_the_version_check_unless_told_otherwise(
+def test_the_worker_is_woken_polls_every_second_and_skips_the_version_check_unless_told_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PREFECT_WORKER_QUERY_SECONDS", raising=False)
     monkeypatch.delenv("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", raising=False)
-    env = build_spec(Component.WORKER, StackConfig(), StateDir(tmp_path)).env
-    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "0.5"
+    monkeypatch.delenv("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", raising=False)
+    worker = build_spec(Component.WORKER, StackConfig(), StateDir(tmp_path))
+    env = worker.env
+    assert worker.argv[worker.argv.index("--type") + 1] == WORKER_TYPE  # woken by events
+    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "1"
     assert env["PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"] == "false"
+    assert env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "false"  # the server has no CSRF
     assert Path(env["MSI_WARM_START_FLOWS"], "backup_file.py").is_file()
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "5")
     env = build_spec(Component.WORKER, StackConfig(), StateDir(tmp_path)).env

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,3 +254,46 @@ def test_a_preloaded_flow_script_is_a_cache_hit_until_it_changes(
     assert sys.path[:2] == [str(folder.resolve()), str(tmp_path)]
     script.write_text("VALUE = 2\n")  # changed (size and mtime): loaded afresh
     assert importtools.import_object(f"flows/{script.name}:VALUE") == 2
+
+
+def test_a_run_asks_for_the_servers_default_result_storage_once_per_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import anyio
+    from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+    from prefect.client.schemas.objects import ServerDefaultResultStorage
+
+    from msi_prefect.warm_start.prewarm import remember_default_result_storage
+
+    asked: list[str] = []
+    failures = [OSError("server gone")]
+
+    def sync_read(client: object) -> ServerDefaultResultStorage:
+        asked.append("sync")
+        if failures:
+            raise failures.pop()
+        return ServerDefaultResultStorage(default_result_storage_block_id=None)
+
+    async def async_read(client: object) -> ServerDefaultResultStorage:
+        asked.append("async")
+        return ServerDefaultResultStorage(default_result_storage_block_id=None)
+
+    monkeypatch.setattr(SyncPrefectClient, "read_server_default_result_storage", sync_read)
+    monkeypatch.setattr(PrefectClient, "read_server_default_result_storage", async_read)
+    now = [0.0]
+    assert remember_default_result_storage(ttl_s=60.0, clock=lambda: now[0])
+
+    class Client:
+        api_url = "http://127.0.0.1:1/api"
+
+    client: Any = Client()
+    with pytest.raises(OSError):  # a failure is Prefect's to handle, and not remembered
+        SyncPrefectClient.read_server_default_result_storage(client)
+    first = SyncPrefectClient.read_server_default_result_storage(client)
+    again = SyncPrefectClient.read_server_default_result_storage(client)
+    assert anyio.run(PrefectClient.read_server_default_result_storage, client) == first
+    assert again == first and again is not first
+    assert asked == ["sync", "sync"]
+    now[0] = 61.0
+    SyncPrefectClient.read_server_default_result_storage(client)
+    assert asked == ["sync", "sync", "sync"]

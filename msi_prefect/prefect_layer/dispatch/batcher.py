@@ -52,8 +52,9 @@ DEFAULT_MAX_RUNNING = 3
 BACKLOG_POLL_S = 0.5
 #: The poller rests after this long without a dispatch or a waiting file.
 BACKLOG_ACTIVE_S = 30.0
-#: A reading older than this is no view of the server (it is unreachable or slow): the
-#: gate then spaces dispatches by time alone.
+#: A reading older than this is no view of the server (it is unreachable or slow): files
+#: then gather into batches. (Per-file dispatch there, spaced by time, sent 3 runs per file
+#: into an overloaded server: 400 runs waited in a soak at 1.2 files/s, bench/RESULTS.md.)
 BACKLOG_STALE_S = 5.0
 
 
@@ -222,8 +223,9 @@ class AdaptiveGate:
 
     Quiet means: the last dispatch is at least ``min_gap_s`` old, and a reading of the
     server taken after its runs could show shows no run waiting to start and fewer than
-    ``max_running`` running. Without a fresh reading (the server is unreachable or slow)
-    only the time gap counts.
+    ``max_running`` running. Before the first reading only the time gap counts; a
+    reading gone stale (the server is unreachable or slow) is never quiet, so files gather
+    into batches (sent when full or when the oldest has waited ``max_wait_s``).
 
     Args:
         backlog: Where the run counts come from.
@@ -251,8 +253,13 @@ class AdaptiveGate:
         if now - self._last_dispatch < self._min_gap_s:
             return False
         reading = self._backlog.latest()
-        if reading is None or now - reading.taken_at > BACKLOG_STALE_S:
-            return True
+        if reading is None:
+            return True  # no reading yet (the stack is starting): time alone decides
+        if now - reading.taken_at > BACKLOG_STALE_S:
+            # The server answers slowly or not at all: files gather into batches (one run
+            # per deployment for many files), never three runs per file into an
+            # overloaded server, where a slow answer would make every file look quiet.
+            return False
         if reading.taken_at < self._last_dispatch + TRIGGER_LAG_S:
             return False  # taken before the last dispatch's runs existed
         return reading.counts.waiting == 0 and reading.counts.running < self._max_running

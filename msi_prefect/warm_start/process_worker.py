@@ -1,0 +1,145 @@
+"""The stack's worker: Prefect's process worker, quicker from a run's creation to its start.
+
+:class:`WarmProcessWorker` is Prefect's ``ProcessWorker`` (its runs, logs, cancellation,
+Crashed states, concurrency limits and retries are Prefect's own code) with three changes
+to what happens before a run's process starts:
+
+- **wake-ups** (:mod:`msi_prefect.warm_start.wake_ups`): a new run announced on the events
+  websocket is polled for at once, instead of at the next interval poll;
+- **shared reads** (:mod:`msi_prefect.warm_start.short_lived_reads`): the run's deployment
+  is read once, not twice, and its flow at the same time, not after it;
+- **labels in the background**: the worker's labels on the run (its name and pool, for the
+  UI) are written while the run starts, not before.
+
+It presents itself to the server as a ``process`` worker (the pool's type and job template
+stay Prefect's), but is registered under its own key, :data:`WORKER_TYPE`, so that
+Prefect's process worker is not replaced: ``prefect worker start --type msi-warm-process``
+in a process that imported this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import anyio
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+from prefect.workers.process import ProcessWorker
+
+from msi_prefect.warm_start import WORKER_TYPE
+from msi_prefect.warm_start.short_lived_reads import share_deployment_and_flow_reads
+from msi_prefect.warm_start.wake_ups import (
+    SCHEDULED_EVENT,
+    RecentRuns,
+    RunWakeUps,
+    flow_run_id_of,
+)
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
+logger = logging.getLogger("msi_prefect.warm_start")
+
+#: Seconds before the events websocket is tried again after it failed for good.
+RESUBSCRIBE_S = 5.0
+
+
+class WarmProcessWorker(ProcessWorker):
+    """Prefect's process worker that starts a new run sooner (see the module docstring)."""
+
+    type = "process"
+
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        return WORKER_TYPE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._taken = RecentRuns()
+        self._wake_ups: RunWakeUps | None = None
+
+    async def setup(self) -> None:
+        await super().setup()
+        share_deployment_and_flow_reads(self.client)
+
+    async def _initialize_after_sync(self) -> None:
+        await super()._initialize_after_sync()
+        if self._wake_ups is None and self._work_pool is not None:
+            assert self._runs_task_group is not None
+            self._wake_ups = RunWakeUps(self._woken_poll, self._is_taken)
+            # Runs in the runs' task group (entered in `setup`, which may not be the task
+            # that syncs); the exit stack unwinds last in, first out, so it is cancelled
+            # before that group waits for its tasks.
+            scope = anyio.CancelScope()
+            self._exit_stack.callback(scope.cancel)
+            self._runs_task_group.start_soon(self._serve_wake_ups, scope, self._work_pool.id)
+
+    async def _serve_wake_ups(self, scope: anyio.CancelScope, work_pool_id: UUID) -> None:
+        assert self._wake_ups is not None
+        with scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._wake_ups.serve)
+                group.start_soon(self._follow_announcements, work_pool_id)
+
+    def _is_taken(self, flow_run_id: UUID) -> bool:
+        return flow_run_id in self._taken or flow_run_id in self._submitting_flow_run_ids
+
+    async def _woken_poll(self) -> list[UUID]:
+        return [run.id for run in await self.get_and_submit_flow_runs()]
+
+    async def _follow_announcements(self, work_pool_id: UUID) -> None:
+        """Announce every run scheduled in this pool to the wake-ups, for good."""
+        assert self._wake_ups is not None
+        announced = EventFilter(
+            event=EventNameFilter(name=[SCHEDULED_EVENT]),
+            any_resource=EventAnyResourceFilter(id=[f"prefect.work-pool.{work_pool_id}"]),
+        )
+        while True:
+            try:
+                async with get_events_subscriber(
+                    filter=announced, reconnect_on_clean_close=True
+                ) as subscriber:
+                    async for event in subscriber:
+                        flow_run_id = flow_run_id_of(event.resource.id)
+                        if flow_run_id is not None:
+                            self._wake_ups.announce(flow_run_id)
+            except Exception:
+                logger.warning(
+                    "warm start: no run announcements (events websocket); polling only, "
+                    "trying again in %.0f s",
+                    RESUBSCRIBE_S,
+                    exc_info=True,
+                )
+            await anyio.sleep(RESUBSCRIBE_S)
+
+    async def _submit_run(self, flow_run: FlowRun) -> None:
+        self._taken.add(flow_run.id)
+        if flow_run.deployment_id is not None:
+            # The deployment and the flow at once; Prefect's reads then take these answers.
+            async with anyio.create_task_group() as reads:
+                reads.start_soon(
+                    self._read_quietly, self.client.read_deployment, flow_run.deployment_id
+                )
+                reads.start_soon(self._read_quietly, self.client.read_flow, flow_run.flow_id)
+        await super()._submit_run(flow_run)
+
+    @staticmethod
+    async def _read_quietly(read: Any, object_id: UUID) -> None:
+        # A failure (a deleted deployment) is Prefect's to handle, when it reads again.
+        try:
+            await read(object_id)
+        except Exception:
+            logger.debug("warm start: an early read failed; Prefect reads again", exc_info=True)
+
+    async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
+        # For the UI only; the run needs not wait for them.
+        assert self._runs_task_group is not None
+        self._runs_task_group.start_soon(self._label_quietly, flow_run_id)
+
+    async def _label_quietly(self, flow_run_id: UUID) -> None:
+        try:
+            await super()._give_worker_labels_to_flow_run(flow_run_id)
+        except Exception:
+            logger.warning("warm start: could not label flow run %s", flow_run_id, exc_info=True)
