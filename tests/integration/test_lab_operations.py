@@ -294,7 +294,11 @@ def _lose_a_backup_and_audit(stack: UserStack) -> None:
             )
     with httpx.Client(base_url=stack.api, timeout=API_TIMEOUT_S) as client:
         deployment = client.get("/deployments/name/audit-backups/audit-backups").json()
-        created = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={})
+        # alpha.dat was delivered moments ago: no grace, or the audit would wait for it.
+        created = client.post(
+            f"/deployments/{deployment['id']}/create_flow_run",
+            json={"parameters": {"grace_minutes": 0}},
+        )
         assert created.status_code == 201, created.text
 
 

@@ -100,7 +100,7 @@ def test_audit_destination_tells_each_status(destination: Path, tmp_path: Path) 
     (tmp_path / "backup" / "short.bin").write_bytes(b"cut")
     (tmp_path / "backup" / "bad.bin").write_bytes(b"FLIP")
 
-    entries = list(audit_destination(destination, backup, "lab.raw"))
+    entries = list(audit_destination(destination, backup, "lab.raw", grace_minutes=0))
 
     assert {entry.file.relpath: entry.status for entry in entries} == {
         "bad.bin": AuditStatus.WRONG_HASH,
@@ -109,9 +109,19 @@ def test_audit_destination_tells_each_status(destination: Path, tmp_path: Path) 
         "short.bin": AuditStatus.WRONG_SIZE,
     }
     assert entries[0].url == (destination / "bad.bin").as_uri()
-    everything = list(audit_destination(destination, backup))
+    everything = list(audit_destination(destination, backup, grace_minutes=0))
     assert [entry.file.relpath for entry in everything][-1] == "short.bin"
     assert len(everything) == len(files) + 1
+    # Within the grace period (the default), a backup not right yet may still be on its
+    # way: recent, not a problem; a good backup is good at once.
+    recent = {entry.file.relpath: entry.status for entry in audit_destination(destination, backup)}
+    assert recent == {
+        "bad.bin": AuditStatus.RECENT,
+        "gone.bin": AuditStatus.RECENT,
+        "ok.bin": AuditStatus.OK,
+        "other.bin": AuditStatus.RECENT,
+        "short.bin": AuditStatus.RECENT,
+    }
 
 
 def test_an_s3_destination_is_audited_from_its_rebuilders_work_dir(tmp_path: Path) -> None:
@@ -126,7 +136,9 @@ def test_an_s3_destination_is_audited_from_its_rebuilders_work_dir(tmp_path: Pat
     backup.store_copy(tmp_path / "objects" / "run" / "ok.bin", PurePosixPath("run/ok.bin"),
                       len(data), hashlib.sha256(data).hexdigest())  # fmt: skip
 
-    entries = list(audit_destination("s3://lab/rebuilt", backup, work_dir=work_dir))
+    entries = list(
+        audit_destination("s3://lab/rebuilt", backup, work_dir=work_dir, grace_minutes=0)
+    )
 
     assert {entry.file.relpath: (entry.status, entry.url) for entry in entries} == {
         "run/gone.bin": (AuditStatus.MISSING, "s3://lab/rebuilt/run/gone.bin"),
@@ -190,8 +202,25 @@ def test_audit_finds_missing_backups_and_the_backup_flow_repairs_them(
     audit_backups_flow = load_flow("flows/audit_backups.py:audit_backups_flow")
     backup_file_flow = load_flow("flows/backup_file.py:backup_file_flow")
 
+    within_grace = audit_backups_flow(
+        destination=str(destination), backup_block=backup_storage.name
+    )
+    assert within_grace["recent"] == 2
+    assert within_grace["events_emitted"] == 0
+    wrong_grace = audit_backups_flow(
+        destination=str(destination),
+        backup_block=backup_storage.name,
+        grace_minutes=-1,
+        return_state=True,
+    )
+    assert wrong_grace.is_failed()
+    assert "grace_minutes must be 0 or more" in (wrong_grace.message or "")
+
     state = audit_backups_flow(
-        destination=str(destination), backup_block=backup_storage.name, return_state=True
+        destination=str(destination),
+        backup_block=backup_storage.name,
+        grace_minutes=0,
+        return_state=True,
     )
 
     assert state.is_completed(), state.message

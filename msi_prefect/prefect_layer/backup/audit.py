@@ -22,6 +22,7 @@ SHA-256) and :func:`audit_backups`, the task of the scheduled ``audit-backups`` 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,7 +68,12 @@ MAX_TABLE_ROWS = 1000
 #: ``msi.backup.missing`` events one audit emits at most (a broken store must not start
 #: thousands of backup runs at once; the next audit re-triggers the rest).
 DEFAULT_MAX_MISSING_EVENTS = 1000
+#: A file delivered less than this long ago whose backup is not there yet is counted as
+#: ``recent``, not re-triggered: its backup run may still be queued behind a backlog, and
+#: re-triggering it would only add runs to that backlog.
+DEFAULT_GRACE_MINUTES = 15.0
 AUDIT_RETRIES = 1
+SECONDS_PER_MINUTE = 60.0
 AUDIT_RETRY_DELAY_S = 60
 
 
@@ -79,6 +85,7 @@ class AuditStatus(StrEnum):
     WRONG_SIZE = "wrong-size"
     WRONG_HASH = "wrong-hash"
     UNREADABLE = "unreadable"
+    RECENT = "recent"
 
 
 _FROM_COPY_STATUS = {
@@ -202,7 +209,9 @@ def progress_store_path(destination: str | Path, work_dir: str | Path | None = N
     return store
 
 
-def _check_one(sink: Sink, url_of: Callable[[PurePosixPath], str], row: FileProgress) -> AuditEntry:
+def _check_one(
+    sink: Sink, url_of: Callable[[PurePosixPath], str], row: FileProgress, recent_since: float
+) -> AuditEntry:
     try:
         relpath = validate_relative_path(row.relpath)
     except UnsafePathError as exc:
@@ -214,6 +223,10 @@ def _check_one(sink: Sink, url_of: Callable[[PurePosixPath], str], row: FileProg
         status = sink.check(relpath, row.size, row.sha256)
     except SinkError as exc:
         return AuditEntry(row, AuditStatus.UNREADABLE, url, str(exc))
+    if status is not CopyStatus.OK and row.updated_at >= recent_since:
+        return AuditEntry(
+            row, AuditStatus.RECENT, url, f"delivered recently; its backup is {status.value} so far"
+        )
     return AuditEntry(row, _FROM_COPY_STATUS[status], url)
 
 
@@ -222,6 +235,7 @@ def audit_destination(
     sink: Sink,
     topic: str | None = None,
     work_dir: str | Path | None = None,
+    grace_minutes: float = DEFAULT_GRACE_MINUTES,
 ) -> Iterator[AuditEntry]:
     """Check the backup of every file delivered to ``destination``.
 
@@ -230,6 +244,8 @@ def audit_destination(
         sink: The backup storage.
         topic: Only files of this topic; all when ``None``.
         work_dir: The reconstruct flow's ``work_dir`` (required for a remote destination).
+        grace_minutes: A file delivered less than this long ago whose backup is not right
+            yet is ``recent`` (its backup may still be on its way), not a problem.
 
     Yields:
         One entry per delivered file (its newest complete generation), in path order.
@@ -238,6 +254,7 @@ def audit_destination(
         FileInputError: No progress store (see :func:`progress_store_path`).
     """
     store_path = progress_store_path(destination, work_dir)
+    recent_since = time.time() - grace_minutes * SECONDS_PER_MINUTE
     url_of: Callable[[PurePosixPath], str]
     if is_remote(destination):
         url_of = sink_for(str(destination)).url_of  # the URL reconstruct-files announced
@@ -247,7 +264,7 @@ def audit_destination(
     with ProgressStore(store_path) as store:
         rows = store.completed(topic)
     for row in rows:
-        yield _check_one(sink, url_of, row)
+        yield _check_one(sink, url_of, row, recent_since)
 
 
 def _missing_event_facts(entry: AuditEntry, run_id: str, backup: str) -> FileFacts:
@@ -294,6 +311,7 @@ def audit_backups(
     run_id: str | None = None,
     max_missing_events: int = DEFAULT_MAX_MISSING_EVENTS,
     work_dir: str | Path | None = None,
+    grace_minutes: float = DEFAULT_GRACE_MINUTES,
 ) -> AuditReport:
     """Check every delivered file's backup; announce the missing and wrong ones.
 
@@ -304,6 +322,7 @@ def audit_backups(
         run_id: Identifies this audit in event ids (the flow run id); random if ``None``.
         max_missing_events: ``msi.backup.missing`` events sent at most.
         work_dir: The reconstruct flow's ``work_dir`` (required for a remote destination).
+        grace_minutes: Files delivered less than this long ago are not re-triggered yet.
 
     Returns:
         The counts per status and the events sent.
@@ -320,9 +339,9 @@ def audit_backups(
     problems: list[AuditEntry] = []
     good: list[AuditEntry] = []
     first_unreadable = ""
-    for entry in audit_destination(destination, sink, topic, work_dir):
+    for entry in audit_destination(destination, sink, topic, work_dir, grace_minutes):
         report.counts[entry.status] += 1
-        if entry.status is AuditStatus.OK:
+        if entry.status in (AuditStatus.OK, AuditStatus.RECENT):
             if len(good) < MAX_TABLE_ROWS:
                 good.append(entry)
             continue
