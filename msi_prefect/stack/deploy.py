@@ -2,10 +2,12 @@
 
 `msi-prefect up` calls this once every part is healthy, so a user who drops a file into
 the watched folder sees it rebuilt, backed up, described and analysed with no further
-step. It runs the same commands a user would (`blocks/create_embedded_blocks.py`,
-`prefect deploy --all`), in child processes that see the stack's environment, in the
-project `msi_prefect.stack.project` finds: the current folder's (a lab project of
-`msi-prefect init`, or a checkout), else the one the package carries (an install).
+step. It does what a user would (`blocks/create_embedded_blocks.py`, `prefect deploy
+--all`) with the stack's environment, in the project `msi_prefect.stack.project` finds:
+the current folder's (a lab project of `msi-prefect init`, or a checkout), else the one
+the package carries (an install). The bundled blocks script runs in this process, the
+deploy in a child process, and only when something it reads has changed
+(`msi_prefect.stack.deploy_record`).
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ def create_blocks(project: Path, status: dict[str, Any], env: dict[str, str]) ->
             saved = create_embedded_blocks(json.loads(json.dumps(status, default=str)), env)
         except (MsiError, ValidationError) as exc:
             raise MsiError(f"creating the blocks failed:\n{exc}") from exc
+        except Exception as exc:  # Prefect's client: its HTTP and connection errors
+            raise MsiError(f"creating the blocks failed: {exc!r}") from exc
         logger.info("saved the blocks %s", ", ".join(saved))
         return
     _run(

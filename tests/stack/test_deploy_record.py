@@ -1,13 +1,17 @@
-"""When `up` may skip ``prefect deploy --all``: the record of this stack's last deploy."""
+"""When `up` may skip ``prefect deploy --all`` (the record of this stack's last deploy), and
+where it runs a project's blocks script."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
+from msi_prefect.errors import MsiError
+from msi_prefect.stack.deploy import create_blocks
 from msi_prefect.stack.deploy_record import (
     RECORD_FILE,
     DeployRecord,
@@ -19,7 +23,7 @@ from msi_prefect.stack.deploy_record import (
     save_record,
     server_deployments,
 )
-from msi_prefect.stack.project import bundled_project_dir
+from msi_prefect.stack.project import BLOCKS_SCRIPT, bundled_project_dir
 
 ENV = {
     "MSI_WATCH_DIR": "/lab/inbox",
@@ -115,3 +119,16 @@ def test_a_deployment_deleted_or_made_again_makes_the_record_stale(prefect_api: 
         assert not deploy_is_current(record, "abc", prefect_api, names)
         client.create_deployment(flow_id, names[0])  # the same name, a new deployment
         assert not deploy_is_current(record, "abc", prefect_api, names)
+
+
+def test_a_projects_own_blocks_script_runs_in_a_process_of_its_own(tmp_path: Path) -> None:
+    # Only the script the package carries runs inside `up`; a lab's own version of it runs
+    # as the user would run it, the status on its stdin, its failure reported with its output.
+    project = tmp_path / "lab"
+    (project / BLOCKS_SCRIPT).parent.mkdir(parents=True)
+    (project / BLOCKS_SCRIPT).write_text(
+        "import sys\nprint('the lab script read', sys.stdin.read())\nsys.exit(3)\n"
+    )
+    with pytest.raises(MsiError, match="creating the blocks failed") as failed:
+        create_blocks(project, {"backup_bucket": "lab-bucket"}, dict(os.environ))
+    assert 'the lab script read {"backup_bucket": "lab-bucket"}' in str(failed.value)
