@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_UNHEALTHY = 1
+#: What `up` says when the stack's last deploy is current (`msi_prefect.stack.deploy_record`).
+DEPLOY_CURRENT = "flows unchanged since this stack's last deploy: not deployed again"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -212,8 +214,11 @@ def _up(args: argparse.Namespace) -> int:
     if started:
         print(f"started: {', '.join(c.value for c in started)}")
     if not args.no_deploy and set(components) == set(manager.config.components):
-        transfers = deploy_flows(manager, worker_just_started=Component.WORKER in started)
-        print("flows deployed" + (f"; started: {', '.join(transfers)}" if transfers else ""))
+        outcome = deploy_flows(manager, worker_just_started=Component.WORKER in started)
+        print(
+            ("flows deployed" if outcome.deployed else DEPLOY_CURRENT)
+            + (f"; started: {', '.join(outcome.started)}" if outcome.started else "")
+        )
     _set_up_notifications(manager, args, components)
     _print_status(manager, as_json=False)
     return EXIT_OK  # `up` raised already if a part it started did not become healthy

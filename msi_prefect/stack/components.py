@@ -16,7 +16,7 @@ from msi_prefect.prefect_layer.event_outbox import (
     DOWNSTREAM_OUTBOX_DIR_ENV,
     DOWNSTREAM_OUTBOX_SUBDIR,
 )
-from msi_prefect.stack import postgres, queue_probe
+from msi_prefect.stack import postgres, queue_probe, sqlite_template
 from msi_prefect.stack.config import (
     BACKUP_BUCKET,
     BROKER_BUCKET,
@@ -430,9 +430,11 @@ def worker_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 def prefect_server_main() -> None:
     """`python -m prefect ARGS` for the stack's Prefect server, its SQLite writes made IMMEDIATE.
 
+    A new SQLite database is copied from a migrated one (`msi_prefect.stack.sqlite_template`).
     See `sqlite_writes_begin_immediate`, and `queue_probe` for an opt-in report of the
     server's event queues. The arguments (`server start ...`) are Prefect's.
     """
+    sqlite_template.seed_new_database()  # a new SQLite database: copied, not migrated
     sqlite_writes_begin_immediate()
     queue_probe.install()  # only with $MSI_SERVER_QUEUE_REPORT_S (benchmarks)
     migrate_once_for_several_api_processes(sys.argv[1:])

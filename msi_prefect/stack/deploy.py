@@ -2,10 +2,12 @@
 
 `msi-prefect up` calls this once every part is healthy, so a user who drops a file into
 the watched folder sees it rebuilt, backed up, described and analysed with no further
-step. It runs the same commands a user would (`blocks/create_embedded_blocks.py`,
-`prefect deploy --all`), in child processes that see the stack's environment, in the
-project `msi_prefect.stack.project` finds: the current folder's (a lab project of
-`msi-prefect init`, or a checkout), else the one the package carries (an install).
+step. It does what a user would (`blocks/create_embedded_blocks.py`, `prefect deploy
+--all`) with the stack's environment, in the project `msi_prefect.stack.project` finds:
+the current folder's (a lab project of `msi-prefect init`, or a checkout), else the one
+the package carries (an install). The bundled blocks script runs in this process, the
+deploy in a child process, and only when something it reads has changed
+(`msi_prefect.stack.deploy_record`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.config import Component
@@ -27,12 +32,24 @@ from msi_prefect.stack.crypto import (
     DEPLOYMENT_CRYPTO_BLOCKS,
     provision_embedded_nodes,
 )
+from msi_prefect.stack.deploy_record import (
+    DeployRecord,
+    deploy_fingerprint,
+    deploy_is_current,
+    forget_record,
+    load_record,
+    save_record,
+    server_deployments,
+)
 from msi_prefect.stack.manager import StackManager
 from msi_prefect.stack.prefect_api import checked, request
 from msi_prefect.stack.project import (
+    BLOCKS_SCRIPT,
     CHECKOUT_DIR,
+    PROJECT_FILE,
     blocks_script,
     bundled_project_dir,
+    deployment_names,
     project_for_up,
 )
 from msi_prefect.stack.roles import single_host_pools
@@ -81,10 +98,26 @@ def project_dir(folder: Path | None = None) -> Path:
     return project_for_up(folder or Path.cwd(), UP_DEPLOYMENTS)
 
 
-def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
+@dataclass(frozen=True)
+class DeployOutcome:
+    """What :func:`deploy_flows` did.
+
+    Attributes:
+        deployed: ``prefect deploy --all`` ran (False: this stack's last deploy was
+            current, `msi_prefect.stack.deploy_record`).
+        started: The long-running deployments started (those already running are kept).
+    """
+
+    deployed: bool
+    started: list[str]
+
+
+def deploy_flows(manager: StackManager, worker_just_started: bool) -> DeployOutcome:
     """Create the blocks, deploy every flow, and start the long-running deployments.
 
-    The project is the current folder's, else the package's (:func:`project_dir`). The
+    The project is the current folder's, else the package's (:func:`project_dir`). Its
+    ``prefect deploy --all`` is skipped when this stack's last one read the same files
+    and settings and its deployments are still there (:func:`deploy_project`). The
     stack's own automations are applied (`msi_prefect.stack.unresponsive_runs`: a run
     whose heartbeats stopped is marked crashed, with no `up` needed). Runs left active by a
     stack that died (their processes are gone) are marked crashed before the transfers are
@@ -97,7 +130,7 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
         worker_just_started: This `up` started the worker (it was not running).
 
     Returns:
-        The long-running deployments this call started (those already running are kept).
+        Whether it deployed, and the long-running deployments it started.
 
     Raises:
         MsiError: No project to deploy (see :func:`project_dir`), or a step failed (with
@@ -121,20 +154,9 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
     }
     if config.encrypted:
         env[CRYPTO_DIR_ENV] = str(provision_embedded_nodes(manager.state.root))
-    status = json.dumps({**asdict(manager.status()), "components": []}, default=str)
-    _run(
-        [sys.executable, str(blocks_script(project))],
-        env,
-        project,
-        "creating the blocks",
-        stdin=status,
-    )
-    _run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
-        env,
-        project,
-        "deploying the flows",
-    )
+    status = {**asdict(manager.status()), "components": []}
+    create_blocks(project, status, env)
+    deployed = deploy_project(manager, project, env)
     apply_stack_automations(config.prefect_api_url, bundled_project_dir(), heartbeat_s())
     orphans = crash_orphaned_runs(config, worker_just_started)
     if any(run.deployment_name not in TRANSFER_DEPLOYMENTS for run in orphans):
@@ -151,7 +173,69 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> list[str]:
             )
             start_deployment_run(manager, deployment, parameters)
             started.append(deployment)
-    return started
+    return DeployOutcome(deployed=deployed, started=started)
+
+
+def create_blocks(project: Path, status: dict[str, Any], env: dict[str, str]) -> None:
+    """Save the embedded stack's blocks with the project's blocks script.
+
+    The script the package carries is run in this process (`up` has Prefect imported
+    already; a new interpreter costs seconds of CPU); a project's own script, as a user
+    would, in a child process.
+
+    Raises:
+        MsiError: The blocks could not be saved (with the script's output).
+    """
+    from msi_prefect.stack.embedded_blocks import create_embedded_blocks  # imports Prefect
+
+    script = blocks_script(project)
+    if script.read_bytes() == (bundled_project_dir() / BLOCKS_SCRIPT).read_bytes():
+        try:
+            saved = create_embedded_blocks(json.loads(json.dumps(status, default=str)), env)
+        except (MsiError, ValidationError) as exc:
+            raise MsiError(f"creating the blocks failed:\n{exc}") from exc
+        except Exception as exc:  # Prefect's client: its HTTP and connection errors
+            raise MsiError(f"creating the blocks failed: {exc!r}") from exc
+        logger.info("saved the blocks %s", ", ".join(saved))
+        return
+    _run(
+        [sys.executable, str(script)],
+        env,
+        project,
+        "creating the blocks",
+        stdin=json.dumps(status, default=str),
+    )
+
+
+def deploy_project(manager: StackManager, project: Path, env: dict[str, str]) -> bool:
+    """Run ``prefect deploy --all`` in ``project``, unless this stack's last deploy is current.
+
+    See `msi_prefect.stack.deploy_record`: the deploy is skipped when it would read the
+    same files and environment as the last one, whose deployments the server still holds.
+
+    Returns:
+        Whether it deployed (False: the last deploy is current).
+
+    Raises:
+        MsiError: The deploy failed (with its output).
+        PrefectApiError: The API did not answer within `up`'s deadline.
+    """
+    api_url = manager.config.prefect_api_url
+    names = deployment_names(project / PROJECT_FILE)
+    fingerprint = deploy_fingerprint(project, env)
+    state_root = manager.state.root
+    if deploy_is_current(load_record(state_root), fingerprint, api_url, names):
+        logger.info("the deployments are those of %s already: not deployed again", project)
+        return False
+    forget_record(state_root)
+    _run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        env,
+        project,
+        "deploying the flows",
+    )
+    save_record(state_root, DeployRecord(fingerprint, server_deployments(api_url, names)))
+    return True
 
 
 def start_deployment_run(manager: StackManager, deployment: str, parameters: dict[str, str]) -> str:

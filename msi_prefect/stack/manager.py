@@ -6,6 +6,8 @@ import contextlib
 import fcntl
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -26,11 +28,13 @@ from msi_prefect.stack.components import (
 from msi_prefect.stack.config import (
     BACKUP_BUCKET,
     SPLIT_LAYOUT_COMPONENTS,
+    BrokerStorage,
     ServerLayout,
     StackConfig,
     StateDir,
 )
 from msi_prefect.stack.processes import (
+    HEALTH_POLL_S,
     ManagedProcess,
     ProcessState,
     flow_run_processes,
@@ -41,6 +45,32 @@ logger = logging.getLogger(__name__)
 
 # Every process a stack may have; a stack runs those of `StackConfig.components`.
 ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
+
+
+def start_needs(component: Component, config: StackConfig) -> set[Component]:
+    """The parts that must be healthy before ``component`` starts (if this `up` starts them).
+
+    The broker keeps its topics in the S3 store (unless in memory); the Prefect server
+    needs its database and, split, its Redis; the services process and the worker need
+    the server (the worker its work pool too, which the server's preparation creates).
+    """
+    if component is Component.BROKER:
+        return {Component.S3} if config.broker_storage is BrokerStorage.S3 else set()
+    if component is Component.PREFECT:
+        return {Component.POSTGRES, Component.REDIS}
+    if component is Component.PREFECT_SERVICES:
+        return {Component.PREFECT}
+    if component is Component.WORKER:
+        return {Component.PREFECT, Component.PREFECT_SERVICES}
+    return set()
+
+
+class _ServerNotPrepared(Exception):
+    """The Prefect server is healthy but did not take the work pool (`cause` says why)."""
+
+    def __init__(self, cause: MsiError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class Health(StrEnum):
@@ -163,18 +193,21 @@ class StackManager:
         return set()
 
     def up(self, components: Sequence[Component] | None = None) -> list[Component]:
-        """Start the named components (in dependency order) and wait until each is healthy.
+        """Start the named components and wait until each is healthy.
 
-        Components already running are left alone, so calling `up` twice starts nothing twice.
-        A component that does not become healthy is stopped again; the ones that did stay
-        running (a later step failing says nothing against them), so `up` run again goes
-        on from where this one stopped.
+        Each part starts as soon as the parts it needs are healthy (`START_NEEDS`), so
+        the Prefect server, the slowest to start, starts beside the S3 store and the
+        broker rather than after them. Components already running are left alone, so
+        calling `up` twice starts nothing twice. A component that does not become
+        healthy is stopped again, with any still starting beside it; the ones that did
+        become healthy stay running (a later step failing says nothing against them), so
+        `up` run again goes on from where this one stopped.
 
         Args:
             components: The parts to start (default: every part of this stack's settings).
 
         Returns:
-            The components this call started.
+            The components this call started, in start order (`Component`'s).
 
         Raises:
             MsiError: a port is taken, a binary is missing, a part did not become healthy,
@@ -187,42 +220,94 @@ class StackManager:
             postgres.require_programs()  # before anything starts: a clear error
         with self._exclusive():
             self.state.save_config(self.config)
+            ready: set[Component] = set()  # healthy: running already, or started now
+            waiting: list[Component] = []
             for component in wanted:
-                process = self.process(component)
-                if process.state() is ProcessState.RUNNING:
+                if self.process(component).state() is ProcessState.RUNNING:
                     logger.info("%s is already running", component.value)
+                    ready.add(component)
                     if component is Component.PREFECT:  # an earlier `up` may have failed here
-                        self._prepare_server(started)
-                    continue
-                try:
+                        try:
+                            self._prepare_server()
+                        except _ServerNotPrepared as exc:
+                            step = "preparing the Prefect server"
+                            raise self._failed(step, exc.cause, started) from exc.cause
+                else:
+                    waiting.append(component)
+            self._start_in_order(waiting, set(wanted), ready, started)
+        return sorted(started, key=ALL_COMPONENTS.index)
+
+    def _start_in_order(
+        self,
+        waiting: list[Component],
+        wanted: set[Component],
+        ready: set[Component],
+        started: list[Component],
+    ) -> None:
+        """Start each of ``waiting`` once what it needs of ``wanted`` is in ``ready``.
+
+        Every part is started and health-checked from this one thread: it starts a part's
+        process, then looks at every part still starting in turn.
+
+        Raises:
+            MsiError: A part did not start or become healthy (it and any part still
+                starting are stopped again), or the server's preparation failed.
+        """
+        starting: dict[Component, tuple[ManagedProcess, float]] = {}
+        step = ""
+        try:
+            while waiting or starting:
+                for component in list(waiting):
+                    if not start_needs(component, self.config) & wanted <= ready:
+                        continue
+                    waiting.remove(component)
+                    process = self.process(component)
+                    starting[component] = (process, math.inf)  # stopped if its start fails
+                    step = f"starting {component.value}"
                     if component is Component.POSTGRES:
                         postgres.ensure_cluster(self.state)
                         if postgres.remove_stale_lock(self.state):
                             logger.info("removed the lock file a killed PostgreSQL left")
                     process.start()
+                    starting[component] = (process, time.monotonic() + START_TIMEOUT_S[component])
+                if not starting:  # cannot happen: what a part needs comes before it
+                    step = "starting the stack"
+                    raise MsiError(f"nothing to wait for before {waiting[0].value}")
+                for component, (process, deadline) in list(starting.items()):
+                    step = f"starting {component.value}"
                     check = functools.partial(HEALTH_CHECKS[component], self.config)
-                    process.wait_healthy(check, START_TIMEOUT_S[component])
-                except MsiError as exc:
-                    # Only the part that did not come up is stopped: it is half-started.
-                    process.stop()
-                    raise self._failed(f"starting {component.value}", exc, started) from exc
-                except BaseException:  # Ctrl-C, or a bug
-                    process.stop()
-                    raise
-                started.append(component)
-                if component is Component.PREFECT:
-                    self._prepare_server(started)
-        return started
+                    if not process.poll_healthy(check, deadline, START_TIMEOUT_S[component]):
+                        continue
+                    del starting[component]
+                    ready.add(component)
+                    started.append(component)
+                    if component is Component.PREFECT:
+                        step = "preparing the Prefect server"
+                        self._prepare_server()
+                if starting:
+                    time.sleep(HEALTH_POLL_S)
+        except BaseException as exc:  # a part failed; or Ctrl-C, or a bug
+            # Only the parts still starting are stopped: they are half-started.
+            for process, _ in starting.values():
+                process.stop()
+            if isinstance(exc, _ServerNotPrepared):
+                raise self._failed(step, exc.cause, started) from exc.cause
+            if isinstance(exc, MsiError):
+                raise self._failed(step, exc, started) from exc
+            raise
 
-    def _prepare_server(self, started: list[Component]) -> None:
+    def _prepare_server(self) -> None:
         """Create or update the work pool; the server stays up if that fails.
 
         Then make the stack's Prefect CLI profile the active one (`msi_prefect.stack.profile`).
+
+        Raises:
+            _ServerNotPrepared: The API did not take the work pool.
         """
         try:
             ensure_work_pool(self.config)
         except MsiError as exc:
-            raise self._failed("preparing the Prefect server", exc, started) from exc
+            raise _ServerNotPrepared(exc) from exc
         try:
             record = profile.activate_stack_profile(self.state, self.config)
         except MsiError as exc:  # the stack works without it: say how to point the CLI

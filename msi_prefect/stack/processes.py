@@ -35,6 +35,8 @@ DEFAULT_STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 15
 #: How long a failed start waits for the log relay to write the part's last lines.
 LOG_FLUSH_TIMEOUT_S = 2.0
+#: Pause between two health checks of a starting process.
+HEALTH_POLL_S = 0.25
 
 
 class ProcessState(StrEnum):
@@ -335,21 +337,35 @@ class ManagedProcess:
             MsiError: the process exited, or the check did not pass in time.
         """
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.state() is not ProcessState.RUNNING:
-                self._wait_for_log(self.read_pid())
-                raise MsiError(
-                    f"{self.spec.name} exited during start-up. Last lines of {self.log_file}:\n"
-                    + self.log_tail()
-                )
-            with contextlib.suppress(Exception):
-                if check():
-                    return
-            time.sleep(0.25)
-        raise MsiError(
-            f"{self.spec.name} did not become healthy within {timeout_s:.0f} s. "
-            f"Last lines of {self.log_file}:\n" + self.log_tail()
-        )
+        while not self.poll_healthy(check, deadline, timeout_s):
+            time.sleep(HEALTH_POLL_S)
+
+    def poll_healthy(self, check: Callable[[], bool], deadline: float, timeout_s: float) -> bool:
+        """One look at a starting process: whether `check` passes now.
+
+        Args:
+            check: The health check.
+            deadline: ``time.monotonic()`` by which it must pass.
+            timeout_s: The time it was given, for the message.
+
+        Raises:
+            MsiError: the process exited, or the deadline has passed.
+        """
+        if self.state() is not ProcessState.RUNNING:
+            self._wait_for_log(self.read_pid())
+            raise MsiError(
+                f"{self.spec.name} exited during start-up. Last lines of {self.log_file}:\n"
+                + self.log_tail()
+            )
+        with contextlib.suppress(Exception):
+            if check():
+                return True
+        if time.monotonic() >= deadline:
+            raise MsiError(
+                f"{self.spec.name} did not become healthy within {timeout_s:.0f} s. "
+                f"Last lines of {self.log_file}:\n" + self.log_tail()
+            )
+        return False
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> bool:
         """Stop the process group by PID: SIGTERM, then SIGKILL after `timeout_s`.

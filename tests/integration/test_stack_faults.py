@@ -5,8 +5,9 @@ steady rate; once some are rebuilt and downstream runs are running, every proces
 stack is killed at once; ``up``; ``down`` and ``up`` again while the stack is catching up;
 more files are dropped after each restart. The verdict is read from the destination, the
 per-file events on the server and the backup store's object versions, never from flow-run
-names. The long runs (100 files, 5 cycles, a dead worker or server mid-burst) are in
-tests/chaos/test_stack_faults.py.
+names. Then, on the same stack, a run crashed by a kill -9 of the server alone is run again
+by the sweep `up` schedules. The long runs (100 files, 5 cycles, a dead worker or server
+mid-burst) are in tests/chaos/test_stack_faults.py.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from msi_prefect.prefect_layer.crashed_runs import RERUN_OF_TAG
+from msi_prefect.stack.config import Component
 from msi_prefect.stack.deploy import (
     SWEEP_AFTER_START_TAG,
     SWEEP_DELAYS_AFTER_SERVER_START_S,
@@ -110,72 +112,84 @@ def test_every_file_in_flight_at_the_cut_is_announced_and_processed(
 # Past the first sweep `up` schedules after it started the server, the worker picking it
 # up and the sweep's run; far below the 15 minutes Prefect holds the Crashed event back.
 RERUN_AFTER_RESTART_S = SWEEP_DELAYS_AFTER_SERVER_START_S[0] + 90.0
+#: The server starts of this module's stack, all within the sweeps' window of 15 minutes.
+SERVER_STARTS = 4
 
 
-def test_a_run_crashed_by_a_server_restart_is_run_again_within_minutes(tmp_path: Path) -> None:
+def test_a_run_crashed_by_a_server_restart_is_run_again_within_minutes(
+    power_cut_run: PowerCutRun,
+) -> None:
     # A downstream run whose process outlived the server's kill -9, and crashed once the
     # server was back (as the worker records it): its Crashed event follows a state event
     # only the dead server saw, so Prefect holds it back from `rerun-crashed` for 15
     # minutes. The sweep `up` schedules after starting the server runs it again sooner.
-    with user_stack(tmp_path) as stack:
-        api = stack.api
-        audit = httpx.get(f"{api}/deployments/name/audit-backups/audit-backups", timeout=30)
-        created = httpx.post(
-            f"{api}/deployments/{audit.json()['id']}/create_flow_run",
-            json={"state": {"type": "RUNNING"}},
-            timeout=30,
-        )
-        assert created.is_success, created.text
-        run_id = created.json()["id"]
-        # Its process, as `up` sees processes: alive through the restart.
-        stand_in = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(600)"],
-            env={**os.environ, "PREFECT_API_URL": api, "PREFECT__FLOW_RUN_ID": run_id},
-        )
-        try:
-            kill_server(stack)
-            stack.up()
-            assert run_id in {run.flow_run_id for run in live_flow_runs(api)}
-        finally:
-            stand_in.kill()
-            stand_in.wait()
-        crashed = httpx.post(
-            f"{api}/flow_runs/{run_id}/set_state",
-            json={"state": {"type": "CRASHED", "message": "lost the API"}, "force": True},
-            timeout=30,
-        )
-        assert crashed.is_success, crashed.text
-        marked = time.monotonic()
+    # On the power cut's stack, once its verdict is in: a stack of its own would cost an
+    # `up` and a `down` more (the module's tests only read the verdict).
+    stack = power_cut_run.run.stack
+    api = stack.api
+    audit = httpx.get(f"{api}/deployments/name/audit-backups/audit-backups", timeout=30)
+    created = httpx.post(
+        f"{api}/deployments/{audit.json()['id']}/create_flow_run",
+        json={"state": {"type": "RUNNING"}},
+        timeout=30,
+    )
+    assert created.is_success, created.text
+    run_id = created.json()["id"]
+    # Its process, as `up` sees processes: alive through the restart.
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        env={**os.environ, "PREFECT_API_URL": api, "PREFECT__FLOW_RUN_ID": run_id},
+    )
+    try:
+        kill_server(stack)
+        stack.up()
+        assert run_id in {run.flow_run_id for run in live_flow_runs(api)}
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    crashed = httpx.post(
+        f"{api}/flow_runs/{run_id}/set_state",
+        json={"state": {"type": "CRASHED", "message": "lost the API"}, "force": True},
+        timeout=30,
+    )
+    assert crashed.is_success, crashed.text
+    marked = time.monotonic()
 
-        def reruns() -> list[dict[str, Any]]:
-            found = httpx.post(
-                f"{api}/flow_runs/filter",
-                json={"flow_runs": {"tags": {"all_": [f"{RERUN_OF_TAG}:{run_id}"]}}},
-                timeout=30,
-            )
-            return list(found.json()) if found.is_success else []
-
-        while not reruns():
-            assert time.monotonic() - marked < RERUN_AFTER_RESTART_S, "no re-run came"
-            time.sleep(2.0)
-        print(f"re-run created {time.monotonic() - marked:.1f} s after the crash was recorded")
-        assert len(reruns()) == 1
-        # By a sweep: the trigger's run (its parameter the crashed run) has not come, as
-        # Prefect holds the Crashed event back.
-        sweeps = httpx.post(
+    def reruns() -> list[dict[str, Any]]:
+        found = httpx.post(
             f"{api}/flow_runs/filter",
-            json={"flow_runs": {"tags": {"all_": [SWEEP_AFTER_START_TAG]}}},
+            json={"flow_runs": {"tags": {"all_": [f"{RERUN_OF_TAG}:{run_id}"]}}},
             timeout=30,
-        ).json()
-        assert len(sweeps) == len(SWEEP_DELAYS_AFTER_SERVER_START_S) * 2  # two server starts
-        # An `up` run again (after a failure, say) schedules the same sweeps, not more.
-        again = schedule_sweeps_after_server_start(stack.manager())
-        assert set(again) <= {sweep["id"] for sweep in sweeps} and len(again) == len(
-            SWEEP_DELAYS_AFTER_SERVER_START_S
         )
-        triggered = httpx.post(
-            f"{api}/flow_runs/filter",
-            json={"flow_runs": {"name": {"like_": run_id}}},
-            timeout=30,
-        ).json()
-        print(f"runs of the Crashed event's trigger so far: {len(triggered)}")
+        return list(found.json()) if found.is_success else []
+
+    while not reruns():
+        assert time.monotonic() - marked < RERUN_AFTER_RESTART_S, "no re-run came"
+        time.sleep(2.0)
+    print(f"re-run created {time.monotonic() - marked:.1f} s after the crash was recorded")
+    assert len(reruns()) == 1
+    # By a sweep: the trigger's run (its parameter the crashed run) has not come, as
+    # Prefect holds the Crashed event back.
+    sweeps = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"tags": {"all_": [SWEEP_AFTER_START_TAG]}}},
+        timeout=30,
+    ).json()
+    # As many per start of the server as it has delays, for each start (the power
+    # cut's: the first `up`, the `up` after the cut, `down` and `up`; and this test's).
+    starts = Counter(sweep["idempotency_key"].split(":")[1] for sweep in sweeps)
+    assert set(starts.values()) == {len(SWEEP_DELAYS_AFTER_SERVER_START_S)}, starts
+    assert len(starts) == SERVER_STARTS, starts
+    restarted = stack.manager().process(Component.PREFECT).read_pid()
+    assert restarted is not None and str(restarted.started_at) in starts
+    # An `up` run again (after a failure, say) schedules the same sweeps, not more.
+    again = schedule_sweeps_after_server_start(stack.manager())
+    assert set(again) <= {sweep["id"] for sweep in sweeps} and len(again) == len(
+        SWEEP_DELAYS_AFTER_SERVER_START_S
+    )
+    triggered = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"name": {"like_": run_id}}},
+        timeout=30,
+    ).json()
+    print(f"runs of the Crashed event's trigger so far: {len(triggered)}")

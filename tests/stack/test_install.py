@@ -286,6 +286,7 @@ def test_up_from_an_install_in_an_empty_folder_then_in_a_lab_project(
     assert init.returncode == 0, init.stdout + init.stderr
     again = _msi(installed, folder / "lab", env, "--state-dir", str(folder / ".msi"), "up")
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "flows deployed" in again.stdout  # another project: deployed, not skipped
     second_up = time.monotonic()
     assert _pull_directory(_deployments(api)["analyze-file"]) == folder / "lab"
     (analyzed,) = _drop_and_wait(folder, api, "first.bin")

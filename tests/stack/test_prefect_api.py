@@ -1,4 +1,4 @@
-"""`up`'s Prefect API calls: retried until a deadline, then a clear error (real HTTP)."""
+"""`up`'s Prefect API calls (retried until a deadline, then a clear error) and its start order."""
 
 from __future__ import annotations
 
@@ -14,10 +14,17 @@ import httpx
 import pytest
 
 from msi_prefect.errors import MsiError
-from msi_prefect.stack.config import Component, StackConfig, StateDir, free_port_map
-from msi_prefect.stack.manager import StackManager
+from msi_prefect.stack.components import WEED_BIN_ENV
+from msi_prefect.stack.config import (
+    BrokerStorage,
+    Component,
+    StackConfig,
+    StateDir,
+    free_port_map,
+)
+from msi_prefect.stack.manager import StackManager, start_needs
 from msi_prefect.stack.prefect_api import PrefectApiError, RetryPolicy, request
-from msi_prefect.stack.processes import ProcessState
+from msi_prefect.stack.processes import ProcessState, port_is_free
 
 # Small figures, so that a test of "retried until the deadline" takes a second or two.
 QUICK = RetryPolicy(deadline_s=3.0, attempt_timeout_s=0.5, first_pause_s=0.05, max_pause_s=0.2)
@@ -131,5 +138,53 @@ def test_up_keeps_a_healthy_server_when_a_later_step_fails(tmp_path: Path) -> No
         assert server.read_pid() == pid
         pools = httpx.post(f"{refused.prefect_api_url}/work_pools/filter", json={}, timeout=30)
         assert "msi-process" in [pool["name"] for pool in pools.json()]
+    finally:
+        manager.down()
+
+
+def test_each_part_waits_only_for_the_parts_it_needs() -> None:
+    on_s3 = StackConfig()
+    in_memory = StackConfig(broker_storage=BrokerStorage.MEMORY)
+    assert start_needs(Component.PREFECT, on_s3) == {Component.POSTGRES, Component.REDIS}
+    assert start_needs(Component.S3, on_s3) == set()
+    assert start_needs(Component.BROKER, on_s3) == {Component.S3}
+    assert start_needs(Component.BROKER, in_memory) == set()
+    assert Component.PREFECT in start_needs(Component.WORKER, on_s3)
+    # What a part needs comes before it in the start order: `up` can always go on.
+    for config in (on_s3, in_memory):
+        for component in Component:
+            before = set(list(Component)[: list(Component).index(component)])
+            assert start_needs(component, config) <= before, component
+
+
+# The stand-in S3 store: it exits a moment after it starts, long before a Prefect server
+# (a Python process that imports Prefect) can answer.
+FAILING_S3 = "#!/bin/sh\necho 'no disk for the store' >&2\nsleep 1\nexit 3\n"
+
+
+@pytest.mark.stack
+def test_the_server_starts_beside_the_store_and_stops_when_the_store_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weed = tmp_path / "weed"
+    weed.write_text(FAILING_S3)
+    weed.chmod(0o755)
+    monkeypatch.setenv(WEED_BIN_ENV, str(weed))
+    state = StateDir(tmp_path / "state")
+    manager = StackManager(state, StackConfig(ports=free_port_map()))
+    try:
+        with pytest.raises(MsiError) as failed:
+            manager.up([Component.S3, Component.BROKER, Component.PREFECT])
+        message = str(failed.value)
+        assert message.startswith("starting s3 failed: s3 exited during start-up")
+        assert "no disk for the store" in message
+        assert "Nothing of the stack is running." in message
+        # The server was started without waiting for the store, and stopped with it; the
+        # broker, which keeps its topics in the store, was never started.
+        server = manager.process(Component.PREFECT)
+        assert "--- starting prefect" in server.log_file.read_text()
+        assert server.state() is not ProcessState.RUNNING
+        assert port_is_free(manager.config.ports["prefect"])
+        assert not manager.process(Component.BROKER).log_file.exists()
     finally:
         manager.down()

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from msi_prefect.cli.stack import DEPLOY_CURRENT
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import StateDir, free_port_map
 from msi_prefect.stack.manager import StackManager
@@ -277,6 +278,8 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         again = cli(state_dir, "up")
         assert again.returncode == 0, again.stderr
         assert "already running: s3, broker, prefect, worker" in again.stdout
+        # Nothing `prefect deploy` reads has changed: its deployments are kept as they are.
+        assert DEPLOY_CURRENT in again.stdout
         report_again = json.loads(cli(state_dir, "status", "--json").stdout)
         assert {c["name"]: c["pid"] for c in report_again["components"]} == pids
 
@@ -496,6 +499,7 @@ def _assert_restarted(state_dir: Path, tmp_path: Path, api: str, name: str) -> N
     assert "started: watch-directory/watch-directory, reconstruct-files/reconstruct-files" in (
         up.stdout
     )
+    assert DEPLOY_CURRENT in up.stdout  # the server kept the deployments of the first `up`
     (tmp_path / "inbox" / name).write_bytes(name.encode() * 100)
     for verb in ("backup", "metadata of", "analyze"):
         assert _wait_for_run(api, f"{verb} {name}") == "COMPLETED", verb
