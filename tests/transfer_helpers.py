@@ -20,6 +20,7 @@ from msi_prefect.transfer.producer import FileProducer, ProducerSettings
 from msi_prefect.transfer.reassembler import FileEvent, Reassembler, ReassemblerSettings
 from msi_prefect.transfer.registry import Registry
 from msi_prefect.transfer.stopping import StopConditions
+from msi_prefect.transfer.work_lock import LOCK_FILE_NAME
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 
 #: Chunk size of the test sends: small, so modest files span several chunks.
@@ -40,6 +41,12 @@ def make_tree(root: Path, sizes: dict[str, int]) -> dict[str, str]:
         path.write_bytes(data)
         digests[relpath] = hashlib.sha256(data).hexdigest()
     return digests
+
+
+def staging_leftovers(dest: Path) -> list[Path]:
+    """What is left in a local destination's staging folder besides the rebuilder's lock."""
+    staging = dest / ".msi-staging"
+    return [path for path in staging.iterdir() if path.name != LOCK_FILE_NAME]
 
 
 def tree_digests(root: Path) -> dict[str, str]:

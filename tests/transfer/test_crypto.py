@@ -36,6 +36,7 @@ from msi_prefect.transfer.stopping import StopConditions
 from msi_prefect.transfer.wire import RejectReason, WireFormatError, decode_message
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 from tests.flow_helpers import REPO
+from tests.transfer_helpers import staging_leftovers
 
 CHUNK = 64 * 1024
 MARKER = b"MSI-PLAINTEXT-MARKER-7f3a"
@@ -404,7 +405,7 @@ def test_consumers_without_the_keys_reject_and_write_nothing(
     assert {e.reason_code for e in events} == {RejectReason.KEY_MISSING.value}
     assert all(e.file_id for e in events)
     assert _tree(stranger_dest) == {}
-    assert not list((stranger_dest / ".msi-staging").glob("*"))
+    assert not staging_leftovers(stranger_dest)
 
 
 @pytest.mark.stack

@@ -11,7 +11,7 @@ from msi_prefect.transfer import reassembler as reassembler_module
 from msi_prefect.transfer.progress import ProgressStore
 from msi_prefect.transfer.sinks import LocalDirectorySink
 from tests.conftest import RunningStack
-from tests.transfer_helpers import make_tree, rebuild, send, tree_digests
+from tests.transfer_helpers import make_tree, rebuild, send, staging_leftovers, tree_digests
 
 
 @pytest.mark.stack
@@ -117,4 +117,4 @@ def test_one_chunk_files_delivered_by_a_batch_that_never_committed_come_again_on
     assert [(row.relpath, row.received_count, row.sha256 is not None) for row in rows] == [
         (name, 1, True) for name in sorted(sizes)
     ]
-    assert list((dest / ".msi-staging").iterdir()) == []
+    assert staging_leftovers(dest) == []

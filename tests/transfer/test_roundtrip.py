@@ -14,7 +14,7 @@ from msi_prefect.transfer.reassembler import (
 )
 from msi_prefect.transfer.registry import Registry
 from tests.conftest import RunningStack
-from tests.transfer_helpers import CHUNK, make_tree, rebuild, send, tree_digests
+from tests.transfer_helpers import CHUNK, make_tree, rebuild, send, staging_leftovers, tree_digests
 
 pytestmark = pytest.mark.stack
 
@@ -41,7 +41,7 @@ def test_files_of_mixed_sizes_round_trip(kafka_stack: RunningStack, topic: str, 
         sizes
     )
     assert reassembler.stats.files_rejected == 0
-    assert list((dest / ".msi-staging").iterdir()) == []
+    assert staging_leftovers(dest) == []
 
 
 def test_sending_again_is_a_no_op_and_a_change_is_a_new_generation(
@@ -103,4 +103,4 @@ def test_a_file_changed_while_read_is_aborted_and_sent_again_whole(
     assert [(e.kind, e.generation) for e in events] == [(FileEventKind.RECONSTRUCTED, 2)]
     assert reassembler.stats.files_rejected == 0
     assert (dest / "growing.log").read_bytes() == (src / "growing.log").read_bytes()
-    assert list((dest / ".msi-staging").iterdir()) == []  # the aborted generation is gone
+    assert staging_leftovers(dest) == []  # the aborted generation is gone
