@@ -12,7 +12,11 @@ from typing import Any
 
 import httpx
 
-__all__ = ["EVENTS_FILTER_PATH", "event_pages"]
+__all__ = ["EVENTS_FILTER_PATH", "RETRIED_STATUS_CODES", "event_pages"]
+
+#: Answers of the Prefect API that say "not now" rather than "no": every caller that
+#: retries its own API calls retries these.
+RETRIED_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 
 #: The filter endpoint, relative to the API URL.
 EVENTS_FILTER_PATH = "/events/filter"

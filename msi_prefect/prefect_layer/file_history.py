@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from msi_prefect.prefect_layer.event_queries import RETRIED_STATUS_CODES
 from msi_prefect.prefect_layer.events import RESOURCE_PREFIX, EventName, FileEventSpec
 
 __all__ = [
@@ -92,8 +93,6 @@ CALL_TIMEOUT_S = 10.0
 #: Prefect's client's minute of retries, so a step never waits long for the server.
 CALL_DEADLINE_S = 15.0
 FIRST_RETRY_PAUSE_S = 0.5
-#: Answers that say "not now" rather than "no".
-RETRIED_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 #: After a failed call, the history of this process is not written for this long.
 PAUSE_AFTER_FAILURE_S = 30.0
 

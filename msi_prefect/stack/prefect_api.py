@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.event_queries import RETRIED_STATUS_CODES
 
 if TYPE_CHECKING:
     import httpx
@@ -29,8 +30,6 @@ ATTEMPT_TIMEOUT_S = 30.0
 MIN_ATTEMPT_TIMEOUT_S = 1.0
 FIRST_PAUSE_S = 1.0
 MAX_PAUSE_S = 10.0
-#: Answers that say "not now" rather than "no": retried.
-RETRIED_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
