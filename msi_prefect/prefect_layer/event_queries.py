@@ -8,9 +8,10 @@ same way, here.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:  # only annotations: importing this module must stay cheap (upload CLI)
+    import httpx
 
 __all__ = ["EVENTS_FILTER_PATH", "RETRIED_STATUS_CODES", "event_pages"]
 
