@@ -71,6 +71,7 @@ STATE_TIMEOUT_S = 60.0
 DEPLOY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 API_TIMEOUT_S = 30.0
+API_ATTEMPTS = 3
 # Prefect's worker asks for runs every 10 s by default.
 WORKER_POLL = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
 # Large files, so that a rebuilder is caught with one half received.
@@ -129,10 +130,18 @@ def partly_received(rebuild_dir: Path) -> bool:
 
 
 def api_post(api: str, path: str, body: dict[str, Any]) -> Any:
-    with httpx.Client(timeout=API_TIMEOUT_S) as client:
-        response = client.post(f"{api}{path}", json=body)
-        response.raise_for_status()
-        return response.json()
+    # The session's server is shared with the other tests of its worker: a slow answer
+    # is asked again, not a failure.
+    for attempt in range(API_ATTEMPTS):
+        try:
+            with httpx.Client(timeout=API_TIMEOUT_S) as client:
+                response = client.post(f"{api}{path}", json=body)
+            break
+        except httpx.TimeoutException:
+            if attempt == API_ATTEMPTS - 1:
+                raise
+    response.raise_for_status()
+    return response.json()
 
 
 def host_runs(api: str, pool: str) -> dict[str, dict[str, Any]]:
