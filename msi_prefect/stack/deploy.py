@@ -86,6 +86,8 @@ SWEEP_DELAYS_AFTER_SERVER_START_S = (60.0, 180.0)
 #: `up` schedules them if the server started less than this long ago (this `up` started
 #: it, or an earlier one that failed later on): after that, the trigger acts on its own.
 SWEEP_WINDOW_AFTER_SERVER_START_S = 15 * 60.0
+#: The sweep's parameter that says when the server started (flows/rerun_crashed.py).
+SERVER_STARTED_AT_PARAMETER = "server_started_at"
 
 
 def project_dir(folder: Path | None = None) -> Path:
@@ -162,8 +164,9 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> DeployOutc
     if any(run.deployment_name not in TRANSFER_DEPLOYMENTS for run in orphans):
         # Downstream work cut off by a power cut: their Crashed events follow state events
         # the restarted server never saw, and Prefect holds such events back from the
-        # triggers for 15 minutes. The sweep re-runs them now.
-        start_deployment_run(manager, RERUN_SWEEP_DEPLOYMENT, {})
+        # triggers for 15 minutes. The sweep re-runs them now (and starts the runs the
+        # server stored the events of and never started).
+        start_deployment_run(manager, RERUN_SWEEP_DEPLOYMENT, sweep_parameters(manager))
     schedule_sweeps_after_server_start(manager)
     started = []
     for deployment in LONG_RUNNING_DEPLOYMENTS:
@@ -305,6 +308,21 @@ def _has_active_run(manager: StackManager, deployment: str) -> bool:
     return bool(checked(runs, what).json())
 
 
+def sweep_parameters(manager: StackManager) -> dict[str, str]:
+    """The parameters of a sweep after a start of the server: that start, if recorded.
+
+    With it the sweep also starts the downstream runs of the events the server's previous
+    life stored and never acted on (``msi_prefect.prefect_layer.lost_dispatches``).
+    """
+    from datetime import UTC, datetime
+
+    record = manager.process(Component.PREFECT).read_pid()
+    if record is None:
+        return {}
+    started = datetime.fromtimestamp(record.started_at, UTC)
+    return {SERVER_STARTED_AT_PARAMETER: started.isoformat()}
+
+
 def schedule_sweeps_after_server_start(manager: StackManager) -> list[str]:
     """Schedule the sweeps that follow a start of the stack's Prefect server.
 
@@ -332,6 +350,7 @@ def schedule_sweeps_after_server_start(manager: StackManager) -> list[str]:
     flow_name, deployment_name = RERUN_SWEEP_DEPLOYMENT.split("/")
     what = f"scheduling {RERUN_SWEEP_DEPLOYMENT}"
     scheduled = []
+    parameters = sweep_parameters(manager)
     with httpx.Client(base_url=manager.config.prefect_api_url) as client:
         found = request(client, "GET", f"/deployments/name/{flow_name}/{deployment_name}", what)
         deployment_id = checked(found, what).json()["id"]
@@ -347,6 +366,7 @@ def schedule_sweeps_after_server_start(manager: StackManager) -> list[str]:
                         "type": "SCHEDULED",
                         "state_details": {"scheduled_time": start.isoformat()},
                     },
+                    "parameters": parameters,
                     "tags": [SWEEP_AFTER_START_TAG],
                     "idempotency_key": f"{SWEEP_AFTER_START_TAG}:{record.started_at}:{delay_s}",
                 },
