@@ -6,12 +6,14 @@ stack is killed at once; ``up``; ``down`` and ``up`` again while the stack is ca
 more files are dropped after each restart. The verdict is read from the destination, the
 per-file events on the server and the backup store's object versions, never from flow-run
 names. Then, on the same stack, a run crashed by a kill -9 of the server alone is run again
-by the sweep `up` schedules. The long runs (100 files, 5 cycles, a dead worker or server
-mid-burst) are in tests/chaos/test_stack_faults.py.
+by the sweep `up` schedules, and a run the server was to start and never did is started by
+it. The long runs (100 files, 5 cycles, a dead worker or server mid-burst) are in
+tests/chaos/test_stack_faults.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,6 +27,8 @@ import httpx
 import pytest
 
 from msi_prefect.prefect_layer.crashed_runs import RERUN_OF_TAG
+from msi_prefect.prefect_layer.events import EventName
+from msi_prefect.prefect_layer.lost_dispatches import LOST_DISPATCH_TAG
 from msi_prefect.stack.config import Component
 from msi_prefect.stack.deploy import (
     SWEEP_AFTER_START_TAG,
@@ -33,7 +37,14 @@ from msi_prefect.stack.deploy import (
 )
 from msi_prefect.stack.processes import live_flow_runs
 from tests.chaos.stack_scenarios import StackRun
-from tests.stack_helpers import StackVerdict, kill_server, user_stack, workload
+from tests.stack_helpers import (
+    EVENT_POLL_S,
+    StackVerdict,
+    file_events,
+    kill_server,
+    user_stack,
+    workload,
+)
 
 # The stack's start, the cut, two restarts and the catch-up: minutes on a busy machine
 # (over 8 at a load average of 15-20, `down` included).
@@ -114,6 +125,63 @@ def test_every_file_in_flight_at_the_cut_is_announced_and_processed(
 RERUN_AFTER_RESTART_S = SWEEP_DELAYS_AFTER_SERVER_START_S[0] + 90.0
 #: The server starts of this module's stack, all within the sweeps' window of 15 minutes.
 SERVER_STARTS = 4
+#: The metadata triggers, off while a file goes through (the server stores its event and
+#: starts only its backup and analysis runs, as one that dies between the actions does).
+METADATA_AUTOMATIONS = ("extract-metadata__automation_1", "extract-metadata-batch__automation_1")
+LOST_ACTION_FILE = "lost-action.bin"
+LOST_ACTION_BYTES = 20_000
+# For that file's backup and analysis, on the stack that has caught up.
+STEPS_TIMEOUT_S = 120.0
+
+
+def _steps_of(api: str, name: str, since: float) -> set[str]:
+    """The events of one file (by path) since ``since``; none while the server is busy."""
+    try:
+        events = file_events(api, since)
+    except httpx.HTTPError:  # a restarted server that does not answer yet: asked again
+        return set()
+    return {event["event"] for event in events if (event.get("payload") or {}).get("path") == name}
+
+
+@contextlib.contextmanager
+def _automations_off(api: str, names: tuple[str, ...]) -> Iterator[None]:
+    """Switch the named automations off, and on again after."""
+    found = httpx.post(f"{api}/automations/filter", json={}, timeout=30)
+    assert found.is_success, found.text
+    ids = [automation["id"] for automation in found.json() if automation["name"] in names]
+    assert len(ids) == len(names), found.json()
+
+    def switch(enabled: bool) -> None:
+        for automation_id in ids:
+            patched = httpx.patch(
+                f"{api}/automations/{automation_id}", json={"enabled": enabled}, timeout=30
+            )
+            assert patched.is_success, patched.text
+
+    switch(False)
+    try:
+        yield
+    finally:
+        switch(True)
+
+
+def _file_with_a_lost_action(run: StackRun) -> float:
+    """Drop a file whose metadata run the server never starts; return since when to look.
+
+    Its event is stored and its backup and analysis are done, its metadata automation is
+    on again: only the sweep after the next server start can start its metadata run.
+    """
+    api = run.stack.api
+    since = time.time() - 60
+    with _automations_off(api, METADATA_AUTOMATIONS):
+        run.dropper.drop(LOST_ACTION_FILE, LOST_ACTION_BYTES)
+        wanted = {EventName.BACKED_UP.value, EventName.ANALYZED.value}
+        deadline = time.monotonic() + STEPS_TIMEOUT_S
+        while not wanted <= (steps := _steps_of(api, LOST_ACTION_FILE, since)):
+            assert time.monotonic() < deadline, f"{LOST_ACTION_FILE}: only {steps}"
+            time.sleep(EVENT_POLL_S)
+    assert EventName.METADATA_EXTRACTED.value not in steps
+    return since
 
 
 def test_a_run_crashed_by_a_server_restart_is_run_again_within_minutes(
@@ -125,8 +193,12 @@ def test_a_run_crashed_by_a_server_restart_is_run_again_within_minutes(
     # minutes. The sweep `up` schedules after starting the server runs it again sooner.
     # On the power cut's stack, once its verdict is in: a stack of its own would cost an
     # `up` and a `down` more (the module's tests only read the verdict).
+    # And a file whose event the server stored and acted on only in part (as one that dies
+    # between the actions of a trigger leaves it): the same sweep starts the run it never
+    # started.
     stack = power_cut_run.run.stack
     api = stack.api
+    lost_since = _file_with_a_lost_action(power_cut_run.run)
     audit = httpx.get(f"{api}/deployments/name/audit-backups/audit-backups", timeout=30)
     created = httpx.post(
         f"{api}/deployments/{audit.json()['id']}/create_flow_run",
@@ -193,3 +265,18 @@ def test_a_run_crashed_by_a_server_restart_is_run_again_within_minutes(
         timeout=30,
     ).json()
     print(f"runs of the Crashed event's trigger so far: {len(triggered)}")
+    while EventName.METADATA_EXTRACTED.value not in _steps_of(api, LOST_ACTION_FILE, lost_since):
+        assert time.monotonic() - marked < RERUN_AFTER_RESTART_S, "the lost run never came"
+        time.sleep(EVENT_POLL_S)
+    print(f"lost run done {time.monotonic() - marked:.1f} s after the crash was recorded")
+    started = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flow_runs": {"tags": {"all_": [LOST_DISPATCH_TAG]}}},
+        timeout=30,
+    ).json()
+    paths = {
+        entry.get("path")
+        for run in started
+        for entry in run["parameters"].get("files") or [run["parameters"]]
+    }
+    assert LOST_ACTION_FILE in paths, started
