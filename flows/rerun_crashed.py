@@ -2,8 +2,8 @@
 
 Triggered by ``prefect.flow-run.Crashed`` of the downstream deployments (see prefect.yaml),
 typically after a Prefect server outage caught runs that were starting or finishing, and
-run without a run id to sweep up crashes whose event was lost or held back: hourly, and a
-minute and three minutes after `msi-prefect up` started the server. The sweeps after a
+run without a run id to sweep up crashes whose event was lost or held back: hourly, and at
+once, a minute and three minutes after `msi-prefect up` started the server. The sweeps after a
 start also start the downstream runs the server's previous life was told to start and
 never did (``msi_prefect.prefect_layer.lost_dispatches``).
 """

@@ -18,9 +18,9 @@ A crash recorded just after a server restart follows a state event the restarted
 has not seen (Prefect keeps that bookkeeping in memory), and Prefect holds such an event
 back from triggers for 15 minutes before evaluating it anyway; a second restart in that
 time loses it. So the same deployment also sweeps every crashed run of the downstream
-deployments (:func:`rerun_all_crashed`): hourly, and a minute and three minutes after
-`msi-prefect up` started the server (``msi_prefect.stack.deploy``), when such crashes are
-recorded.
+deployments (:func:`rerun_all_crashed`): hourly, and at once, a minute and three minutes
+after `msi-prefect up` started the server (``msi_prefect.stack.deploy``), when such crashes
+are recorded.
 """
 
 from __future__ import annotations

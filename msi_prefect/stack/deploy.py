@@ -80,9 +80,11 @@ DEPLOY_TIMEOUT_S = 300
 #: run that the restart cut off (its process lost the server) is marked ``CRASHED`` by the
 #: worker once the server answers again, and Prefect holds that ``Crashed`` event back from
 #: the `rerun-crashed` trigger for 15 minutes (the event follows a state event that only
-#: the old server saw). Two sweeps: most such runs are marked within seconds of the
-#: restart, the rest when their client's retries run out (about a minute).
-SWEEP_DELAYS_AFTER_SERVER_START_S = (60.0, 180.0)
+#: the old server saw). Three sweeps: one at once, for the runs the server's previous
+#: life was told to start and never did (``msi_prefect.prefect_layer.lost_dispatches``) and
+#: the runs this `up` found without a process; most runs the restart cut off are marked
+#: within seconds of it, the rest when their client's retries run out (about a minute).
+SWEEP_DELAYS_AFTER_SERVER_START_S = (0.0, 60.0, 180.0)
 #: `up` schedules them if the server started less than this long ago (this `up` started
 #: it, or an earlier one that failed later on): after that, the trigger acts on its own.
 SWEEP_WINDOW_AFTER_SERVER_START_S = 15 * 60.0
@@ -124,8 +126,8 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> DeployOutc
     whose heartbeats stopped is marked crashed, with no `up` needed). Runs left active by a
     stack that died (their processes are gone) are marked crashed before the transfers are
     started, so they start again (see `msi_prefect.stack.runs`). After a start of
-    the server, sweeps of crashed downstream runs are scheduled a minute and three minutes
-    after it (:func:`schedule_sweeps_after_server_start`).
+    the server, sweeps of crashed downstream runs are scheduled at once, a minute and three
+    minutes after it (:func:`schedule_sweeps_after_server_start`).
 
     Args:
         manager: The stack, every part healthy.
@@ -164,8 +166,8 @@ def deploy_flows(manager: StackManager, worker_just_started: bool) -> DeployOutc
     if any(run.deployment_name not in TRANSFER_DEPLOYMENTS for run in orphans):
         # Downstream work cut off by a power cut: their Crashed events follow state events
         # the restarted server never saw, and Prefect holds such events back from the
-        # triggers for 15 minutes. The sweep re-runs them now (and starts the runs the
-        # server stored the events of and never started).
+        # triggers for 15 minutes. The sweep re-runs them now, also on a server that has
+        # run longer than the sweeps' window (a dead worker); sweeps at once meet safely.
         start_deployment_run(manager, RERUN_SWEEP_DEPLOYMENT, sweep_parameters(manager))
     schedule_sweeps_after_server_start(manager)
     started = []
