@@ -90,6 +90,7 @@ from bench.trigger_latency import (
     stack_ready,
 )
 from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
+from msi_prefect.prefect_layer.file_history import HISTORY_KEY_PREFIX
 from msi_prefect.stack.log_relay import log_files_oldest_first
 
 REPORT_PATH = BENCH_DIR / "FILE_RATE.md"
@@ -166,6 +167,8 @@ class ModeResult:
     rss_timeline: list[tuple[int, float, float]] = field(default_factory=list)
     # The flow runs' API requests, by method and path (ids as {id}), from the worker's log.
     api_requests: dict[str, int] = field(default_factory=dict)
+    # Versions of the files' history artifacts the server holds at the end.
+    history_versions: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -244,6 +247,15 @@ def _count_runs(client: httpx.Client) -> dict[str, int]:
         if response.json():
             counts[name] = int(response.json())
     return counts
+
+
+def _count_history_versions(client: httpx.Client) -> int:
+    """Versions of the per-file history artifacts on the server (keys ``file-...``)."""
+    response = client.post(
+        "/artifacts/count", json={"artifacts": {"key": {"like_": f"{HISTORY_KEY_PREFIX}-"}}}
+    )
+    response.raise_for_status()
+    return int(response.json())
 
 
 def _run_starts(client: httpx.Client) -> list[float]:
@@ -398,6 +410,7 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
             result.notes["dropped_in_s"] = round(result.last_drop - result.first_drop, 1)
             try:
                 result.flow_runs = _count_runs(client)
+                result.history_versions = _count_history_versions(client)
                 result.run_starts = _run_starts(client)
             except httpx.HTTPError as exc:
                 result.notes["run_count_error"] = repr(exc)
@@ -480,7 +493,7 @@ def _requests_row(result: ModeResult) -> str:
     return (
         f"| {result.scenario} | {result.mode} | {files} | {total} | {per_file(total)} "
         f"| {artifacts} ({100 * artifacts / total if total else 0:.0f} %) | {per_file(artifacts)} "
-        f"| {per_file(history)} | {per_file(queries)} |"
+        f"| {per_file(history)} | {per_file(queries)} | {per_file(result.history_versions)} |"
     )
 
 
@@ -540,8 +553,9 @@ def report(
         "",
         "| scenario | dispatch | files done | requests | per file | artifacts (share) "
         "| artifacts per file | artifact reads per file (`/artifacts/filter`, "
-        "`/artifacts/latest/filter`) | `/events/filter` per file |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "`/artifacts/latest/filter`) | `/events/filter` per file "
+        "| history versions per file |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(_requests_row(r) for r in results),
         "",
         "Requests by path, the most frequent first:",
