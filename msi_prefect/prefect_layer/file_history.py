@@ -18,9 +18,10 @@ Who writes it, and why so:
 * A batch run writes its files' histories together (:func:`file_history_batch`, used by
   ``dispatch/batches.py``): one new version per file, and the reads shared by up to
   :data:`HISTORIES_PER_CALL` files: one call for their latest versions, one for their
-  transfer events (only the files whose history lacks them; 16 files a call), one look
-  after the writes. A per-file run is a batch of one: a read, the write, a look (and the
-  events for the generation's first step).
+  transfer events (only the files whose history lacks them; 16 files a call), and after
+  the writes one for the latest versions again and one for the newest versions. A
+  per-file run is a batch of one: a read, the write, two reads (and the events for the
+  generation's first step).
 * The transfers do not write it per file: they handle thousands of files a second, and an
   artifact costs the server a write and events of its own; the downstream runs that each
   rebuilt file starts write the transfer's rows for it. A file still in flight has no
@@ -42,18 +43,19 @@ another step had written meanwhile. Options weighed:
   (the three run at once, in separate runs), and the server stores an event up to seconds
   after it was posted, so a history built from the events misses the steps that finished
   just before: the newest version would lack rows;
-* kept: the read-write-look of before, but with the read of the latest version only, one
-  look instead of two, and the calls shared by a batch's files. Per file and step that is
-  one write (a repair write only when two steps of a file wrote at the same moment) and,
-  in a batch run, about 3/25 of a read.
+* kept: the read-write-look of before, but with the read of the latest version only, a
+  repair write only by the writer committed last, and the calls shared by a batch's
+  files. Per file and step that is
+  one write (a repair write only when two steps of a file wrote at the same moment: by
+  the one committed last) and, in a batch run, about 3/25 of a read.
 
 Backup, metadata and analysis of one file run at the same time, and a version is a whole
 table. Each writer reads the newest version, adds its row, writes a new version, then
-looks at the file's newest versions: its write is settled when its version holds every row
-of the versions it sees, or when a version written after its first one already carries
-its row; else it writes their union once more (at most :data:`MAX_WRITE_ROUNDS` writes).
-The writer of the version committed last looks after every write, so that version, the
-one the UI shows, holds every row (see :func:`_write_files`). The calls
+looks: if another version was committed after its own, that one's writer looks in turn;
+if its own is the last, it reads the file's newest versions and, while its version lacks
+a row one of them holds, writes their union once more (at most :data:`MAX_WRITE_ROUNDS`
+writes). So the version committed last, the one the UI shows, holds every row (see
+:func:`_write_files`). The calls
 are retried while the server is busy (503, timeouts) for at most :data:`CALL_DEADLINE_S`,
 not for the minute Prefect's client would: a step never waits long for an absent server.
 A failure is logged, pauses the history of the process for
@@ -106,7 +108,8 @@ KEY_HASH_DIGITS = 10
 #: concurrent writers).
 MAX_WRITE_ROUNDS = 3
 #: Files whose histories one round of calls writes: one read of their latest versions,
-#: one look at their newest versions after the writes (a batch run's files share them).
+#: and after the writes one of them again and one of their newest versions (a batch
+#: run's files share them).
 HISTORIES_PER_CALL = 25
 #: Versions per file read in the look after a write (all written since the read before
 #: it: other steps of the file, a few rounds each). Times :data:`HISTORIES_PER_CALL`, it
@@ -363,7 +366,8 @@ class _HistoryApi:
             pause *= 2
 
     def latest_of(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The version of each key the UI shows (its collection's latest), by key.
+        """The version of each key the UI shows, by key: its artifact collection (the
+        version's ``data``, and its id as ``latest_id``; ``id`` is the collection's).
 
         One call for at most :data:`HISTORIES_PER_CALL` keys; a key never written is absent.
         """
@@ -611,14 +615,14 @@ def _write_files(api: _HistoryApi, files: list[list[PendingStep]]) -> None:
     The steps of one file (backup, metadata, analysis) write at the same moment, and a
     version is a whole table: a writer that read before another's write would drop that
     row from the newest version. So each writer reads the latest version first (one call
-    for all its files), writes its version with its rows added, then looks at the file's
-    newest versions (one call). Its write is settled when its version holds every row of
-    the versions it sees, or (after its first write) when another version already holds
-    its own rows: that one was written after it, by a writer that looks in turn. Else it
-    writes the union once more (at most :data:`MAX_WRITE_ROUNDS` writes). The writer of
-    the version committed last looks after every write, and settles only on a version
-    holding every row, so the version the UI shows ends complete. (Commit order, not the
-    creation stamps: on PostgreSQL an older-stamped version can be committed last.)
+    for all its files), writes its version with its rows added, then looks (one or two
+    calls): if the version the UI shows (the last committed) is not its own, a writer
+    committed after it and looks in turn, so it stops; if it is its own, it reads the
+    file's newest versions and, while its version lacks a row one of them holds, writes
+    the union once more (at most :data:`MAX_WRITE_ROUNDS` writes). So the writer of the
+    version committed last stops only on a complete one. Of two writers that both read
+    before both wrote, only the one committed last writes again. (Commit order, not the
+    versions' creation stamps: on PostgreSQL an older-stamped version can commit last.)
     """
     keys = [steps[0].key for steps in files]
     latest = api.latest_of(keys)
@@ -637,27 +641,27 @@ def _write_files(api: _HistoryApi, files: list[list[PendingStep]]) -> None:
             rows = rows_from_events(by_resource.get(step.resource_id, []))
             tables[step.key] = merge_rows(rows, tables[step.key])
     unsettled = files
-    for write_round in range(MAX_WRITE_ROUNDS):
+    for _ in range(MAX_WRITE_ROUNDS):
         written = {}
         for steps in unsettled:
             last = steps[-1]
             written[last.key] = api.create_table(
                 last.key, tables[last.key], last.description, last.task_run_id, last.flow_run_id
             )
-        versions = api.versions_of([steps[0].key for steps in unsettled])
+        # A file whose shown version is not ours had a version committed after ours: its
+        # writer looks after its own write and sees ours, so this writer may stop.
+        shown = api.latest_of([steps[0].key for steps in unsettled])
+        ours_shown = [
+            steps for steps in unsettled
+            if str(shown.get(steps[0].key, {}).get("latest_id")) == written[steps[0].key]
+        ]  # fmt: skip
+        versions = api.versions_of([steps[0].key for steps in ours_shown]) if ours_shown else {}
         still = []
-        for steps in unsettled:
+        for steps in ours_shown:
             key = steps[0].key
             found = versions.get(key, [])
             known = merge_rows(*(_table_rows(version) for version in found), tables[key])
-            # A version holding this writer's first write's own rows was written after it:
-            # that version's writer looks after its own write, so this one may stop.
-            own = {step.row for step in steps}
-            carried = write_round == 0 and any(
-                str(version.get("id")) != written[key] and own <= set(_table_rows(version))
-                for version in found
-            )
-            if not (carried or set(known) <= set(tables[key])):
+            if not set(known) <= set(tables[key]):
                 tables[key] = known
                 still.append(steps)
         unsettled = still

@@ -174,7 +174,8 @@ def test_a_batch_run_writes_each_files_history_once_with_shared_reads(
     prefect_api: str, topic: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch backup of 3 files: each file's history gets its rows in one version,
-    attached to the file's own task run, for 3 writes and one call of each read."""
+    attached to the file's own task run: 3 writes, the reads shared (latest versions
+    before and after, newest versions, transfer events)."""
     from prefect import flow
 
     from msi_prefect.prefect_layer import file_history
@@ -202,7 +203,7 @@ def test_a_batch_run_writes_each_files_history_once_with_shared_reads(
 
     back_up_batch()
     assert calls == Counter(
-        {"/artifacts/latest/filter": 1, "/events/filter": 1, "/artifacts/": 3,
+        {"/artifacts/latest/filter": 2, "/events/filter": 1, "/artifacts/": 3,
          "/artifacts/filter": 1}
     )  # fmt: skip
     task_runs = set()
@@ -266,8 +267,14 @@ class _InMemoryHistories:
         self._stamp = 0
 
     def latest_of(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """Artifact collections, as the API returns them: the latest version's id is
+        ``latest_id``, ``id`` is the collection's."""
         self.calls["latest"] += 1
-        return {v["key"]: v for v in self.committed if v["key"] in keys}  # last one wins
+        latest = {v["key"]: v for v in self.committed if v["key"] in keys}  # last one wins
+        return {
+            key: {"key": key, "id": f"collection-{key}", "latest_id": v["id"], "data": v["data"]}
+            for key, v in latest.items()
+        }
 
     def versions_of(self, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
         self.calls["versions"] += 1
@@ -359,27 +366,85 @@ def test_the_version_committed_last_is_complete_though_stamped_older() -> None:
     assert server.shown(_step("rebuilt", 1).key) == ["analysis", "metadata", "rebuilt"]
 
 
-def test_a_step_whose_row_a_later_version_carries_writes_once() -> None:
-    """Backup writes, metadata reads that version and writes before backup looks: backup's
-    row is in a version written after its own, so backup does not write again."""
+def test_a_step_with_a_version_committed_after_its_own_writes_once() -> None:
+    """Backup writes, metadata reads that version, writes and looks before backup looks:
+    the UI shows metadata's version, whose writer looked after backup's write, so backup
+    does not write again (nor read the versions)."""
     server = _InMemoryHistories()
     api = cast(Any, server)
     write_histories(api, [_step("rebuilt", 1)])
-    backup = _step("backup", 2)
-    metadata = _step("metadata", 3)
+    server.calls.clear()
+    real = {name: getattr(server, name) for name in ("latest_of", "versions_of")}
 
-    real_versions = server.versions_of
+    def metadata_before(name: str) -> Callable[[list[str]], Any]:
+        def call(keys: list[str]) -> Any:
+            if server.calls["writes"] == 1:  # backup wrote: this is its look
+                for method_name, method in real.items():
+                    setattr(server, method_name, method)
+                write_histories(api, [_step("metadata", 3)])
+            return real[name](keys)
 
-    def metadata_before_backup_looks(keys: list[str]) -> dict[str, list[dict[str, Any]]]:
-        server.versions_of = real_versions  # type: ignore[method-assign]
-        write_histories(api, [metadata])
-        return real_versions(keys)
+        return call
 
-    server.versions_of = metadata_before_backup_looks  # type: ignore[method-assign]
-    write_histories(api, [backup])
+    for name in real:
+        setattr(server, name, metadata_before(name))
+    write_histories(api, [_step("backup", 2)])
 
-    assert server.calls["writes"] == 3  # rebuilt, backup, metadata: no repair
-    assert server.shown(backup.key) == ["backup", "metadata", "rebuilt"]
+    assert server.calls["writes"] == 2  # backup, metadata: no repair
+    assert server.shown(_step("rebuilt", 1).key) == ["backup", "metadata", "rebuilt"]
+
+
+def test_of_two_steps_that_read_and_wrote_at_once_only_the_last_writes_again() -> None:
+    """Metadata and analysis batch runs flush the same files at once: both read, both
+    write, then both look. Only the writer whose version the UI shows repairs a file."""
+    paths = [f"run1/f{index}.tif" for index in range(3)]
+    server = _InMemoryHistories()
+    api = cast(Any, server)
+    write_histories(api, [_step("rebuilt", 1, path) for path in paths])
+    server.calls.clear()
+    together = threading.Barrier(2, timeout=10)
+    phase = threading.local()  # per writer: "read" until its first write, then "wrote"
+    real = {name: getattr(server, name) for name in ("latest_of", "versions_of", "create_table")}
+
+    def read(name: str) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            now = getattr(phase, "now", "read")
+            if now == "wrote":  # its look: after both wrote, before either writes again
+                phase.now = "looked"
+                together.wait()
+            found = real[name](*args)
+            if now in ("read", "wrote"):  # its read: before either writes
+                phase.now = "reading" if now == "read" else "looked"
+                together.wait()
+            return found
+
+        return call
+
+    def write(*args: Any) -> str:
+        if getattr(phase, "now", "read") in ("read", "reading"):
+            phase.now = "wrote"
+        return str(real["create_table"](*args))
+
+    server.latest_of = read("latest_of")  # type: ignore[method-assign]
+    server.versions_of = read("versions_of")  # type: ignore[method-assign]
+    server.create_table = write  # type: ignore[method-assign]
+    writers = [
+        threading.Thread(
+            target=write_histories, args=(api, [_step(step, second, p) for p in paths])
+        )
+        for step, second in (("metadata", 2), ("analysis", 3))
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(10)
+    for name, method in real.items():
+        setattr(server, name, method)
+
+    assert server.calls["writes"] == 2 * len(paths) + len(paths)  # one repair per file
+    for path in paths:
+        shown = server.shown(file_history_key(FILE[0], path))
+        assert shown == ["analysis", "metadata", "rebuilt"]
 
 
 def test_a_batch_writes_each_file_once_and_shares_its_reads() -> None:
@@ -390,7 +455,7 @@ def test_a_batch_writes_each_file_once_and_shares_its_reads() -> None:
 
     write_histories(cast(Any, server), [_step("backup", 1, path) for path in paths])
 
-    assert server.calls == Counter(writes=30, latest=2, versions=2, events=3)
+    assert server.calls == Counter(writes=30, latest=4, versions=2, events=3)
     for path in paths:
         assert server.shown(file_history_key(FILE[0], path)) == ["backup", "rebuilt", "sent"]
 
