@@ -41,6 +41,10 @@ Method, per scenario and mode, in one run:
    queue is full"), and the deepest queue of each subscriber of each topic (the server
    logs them every few seconds: ``msi_prefect.stack.queue_probe``), so a subscriber that
    falls behind is named.
+6. From the worker's log, where httpx logs each request of the flow-run processes: the
+   flow runs' API requests by method and path, per file and per step done (the
+   artifacts' share, the history's reads, the event queries); and from the server, how
+   many versions of the files' history artifacts it holds (the history's writes).
 
 Usage::
 
@@ -487,13 +491,21 @@ def _requests_row(result: ModeResult) -> str:
     queries = requests.get("POST /events/filter", 0)
     files = result.done or 0
 
+    # Steps done: the backups, metadata and analyses on the server (of files not all done too).
+    steps = sum(result.per_event.values())
+
     def per_file(count: int) -> str:
         return f"{count / files:.1f}" if files else "-"
+
+    def per_step(count: int) -> str:
+        return f"{count / steps:.2f}" if steps else "-"
 
     return (
         f"| {result.scenario} | {result.mode} | {files} | {total} | {per_file(total)} "
         f"| {artifacts} ({100 * artifacts / total if total else 0:.0f} %) | {per_file(artifacts)} "
-        f"| {per_file(history)} | {per_file(queries)} | {per_file(result.history_versions)} |"
+        f"| {per_file(history)} | {per_file(queries)} | {per_file(result.history_versions)} "
+        f"| {result.history_versions} ({per_step(result.history_versions)}) "
+        f"| {per_step(total)} |"
     )
 
 
@@ -554,8 +566,9 @@ def report(
         "| scenario | dispatch | files done | requests | per file | artifacts (share) "
         "| artifacts per file | artifact reads per file (`/artifacts/filter`, "
         "`/artifacts/latest/filter`) | `/events/filter` per file "
-        "| history versions per file |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| history versions per file | history versions (per step done) "
+        "| requests per step done |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_requests_row(r) for r in results),
         "",
         "Requests by path, the most frequent first:",
