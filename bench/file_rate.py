@@ -41,6 +41,10 @@ Method, per scenario and mode, in one run:
    queue is full"), and the deepest queue of each subscriber of each topic (the server
    logs them every few seconds: ``msi_prefect.stack.queue_probe``), so a subscriber that
    falls behind is named.
+6. From the worker's log, where httpx logs each request of the flow-run processes: the
+   flow runs' API requests by method and path, per file and per step done (the
+   artifacts' share, the history's reads, the event queries); and from the server, how
+   many versions of the files' history artifacts it holds (the history's writes).
 
 Usage::
 
@@ -61,6 +65,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -89,6 +94,7 @@ from bench.trigger_latency import (
     stack_ready,
 )
 from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
+from msi_prefect.prefect_layer.file_history import HISTORY_KEY_PREFIX
 from msi_prefect.stack.log_relay import log_files_oldest_first
 
 REPORT_PATH = BENCH_DIR / "FILE_RATE.md"
@@ -135,6 +141,10 @@ QUEUE_REPORT_S = "2"
 QUEUE_REPORT_ENV = "MSI_SERVER_QUEUE_REPORT_S"
 QUEUE_REPORT_PREFIX = "msi-queue-depths"
 DROPPED_MESSAGE = "Subscription queue is full, dropping message"
+HTTP_REQUEST = re.compile(r"HTTP Request: (?P<method>[A-Z]+) https?://[^/\s]+/api(?P<path>[^?\s]*)")
+UUID_IN_PATH = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# The per-file history's calls besides its writes (msi_prefect.prefect_layer.file_history).
+HISTORY_REQUESTS = ("POST /artifacts/filter", "POST /artifacts/latest/filter")
 
 
 @dataclass
@@ -159,6 +169,10 @@ class ModeResult:
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     # (files done, server MB, worker MB) over the run: is memory flat in the file count?
     rss_timeline: list[tuple[int, float, float]] = field(default_factory=list)
+    # The flow runs' API requests, by method and path (ids as {id}), from the worker's log.
+    api_requests: dict[str, int] = field(default_factory=dict)
+    # Versions of the files' history artifacts the server holds at the end.
+    history_versions: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -237,6 +251,15 @@ def _count_runs(client: httpx.Client) -> dict[str, int]:
         if response.json():
             counts[name] = int(response.json())
     return counts
+
+
+def _count_history_versions(client: httpx.Client) -> int:
+    """Versions of the per-file history artifacts on the server (keys ``file-...``)."""
+    response = client.post(
+        "/artifacts/count", json={"artifacts": {"key": {"like_": f"{HISTORY_KEY_PREFIX}-"}}}
+    )
+    response.raise_for_status()
+    return int(response.json())
 
 
 def _run_starts(client: httpx.Client) -> list[float]:
@@ -391,11 +414,13 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
             result.notes["dropped_in_s"] = round(result.last_drop - result.first_drop, 1)
             try:
                 result.flow_runs = _count_runs(client)
+                result.history_versions = _count_history_versions(client)
                 result.run_starts = _run_starts(client)
             except httpx.HTTPError as exc:
                 result.notes["run_count_error"] = repr(exc)
     finally:
         result.notes.update(server_queue_notes(state / "logs" / "prefect.log"))
+        result.api_requests = flow_run_requests(state / "logs" / "worker.log")
         print(f"[{scenario.name}/{result.mode}] msi-prefect down ...", flush=True)
         try:
             down = cli(state, ["down"], log, DOWN_TIMEOUT_S, extra_env, checkout)
@@ -431,6 +456,57 @@ def server_queue_notes(server_log: Path) -> dict[str, Any]:
         "server_dropped_messages": sum(DROPPED_MESSAGE in line for line in lines),
         "deepest_server_queues": {k: v for k, v in sorted(deepest.items()) if v},
     }
+
+
+def flow_run_requests(worker_log: Path) -> dict[str, int]:
+    """The flow runs' API requests, counted by method and path (``POST /artifacts/filter``).
+
+    The flow-run processes' output goes to the worker's log, where httpx logs each request
+    (``HTTP Request: POST http://.../api/artifacts/filter "HTTP/1.1 200 OK"``); ids in a
+    path are written ``{id}`` and the query string is left out.
+
+    Args:
+        worker_log: The worker's log of the run's stack.
+    """
+    counts: dict[str, int] = {}
+    try:
+        paths = log_files_oldest_first(worker_log)
+        for path in paths:
+            with path.open(errors="replace") as lines:
+                for line in lines:
+                    match = HTTP_REQUEST.search(line)
+                    if match:
+                        name = f"{match['method']} {UUID_IN_PATH.sub('{id}', match['path'])}"
+                        counts[name] = counts.get(name, 0) + 1
+    except OSError:
+        return {}
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def _requests_row(result: ModeResult) -> str:
+    requests = result.api_requests
+    total = sum(requests.values())
+    artifacts = sum(n for name, n in requests.items() if name.split()[1].startswith("/artifacts"))
+    history = sum(requests.get(name, 0) for name in HISTORY_REQUESTS)
+    queries = requests.get("POST /events/filter", 0)
+    files = result.done or 0
+
+    # Steps done: the backups, metadata and analyses on the server (of files not all done too).
+    steps = sum(result.per_event.values())
+
+    def per_file(count: int) -> str:
+        return f"{count / files:.1f}" if files else "-"
+
+    def per_step(count: int) -> str:
+        return f"{count / steps:.2f}" if steps else "-"
+
+    return (
+        f"| {result.scenario} | {result.mode} | {files} | {total} | {per_file(total)} "
+        f"| {artifacts} ({100 * artifacts / total if total else 0:.0f} %) | {per_file(artifacts)} "
+        f"| {per_file(history)} | {per_file(queries)} | {per_file(result.history_versions)} "
+        f"| {result.history_versions} ({per_step(result.history_versions)}) "
+        f"| {per_step(total)} |"
+    )
 
 
 def _row(result: ModeResult) -> str:
@@ -482,6 +558,27 @@ def report(
         "",
     ]
     lines += [f"- {r.scenario}/{r.mode}: {r.per_event}; {r.notes}" for r in results]
+    lines += [
+        "",
+        "The flow runs' API requests (counted from the worker's log, where httpx logs each "
+        "request of a flow-run process; all flows, the long-running ones too), per file done:",
+        "",
+        "| scenario | dispatch | files done | requests | per file | artifacts (share) "
+        "| artifacts per file | artifact reads per file (`/artifacts/filter`, "
+        "`/artifacts/latest/filter`) | `/events/filter` per file "
+        "| history versions per file | history versions (per step done) "
+        "| requests per step done |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_requests_row(r) for r in results),
+        "",
+        "Requests by path, the most frequent first:",
+        "",
+    ]
+    lines += [
+        f"- {r.scenario}/{r.mode}: "
+        + ", ".join(f"{name} {count}" for name, count in list(r.api_requests.items())[:15])
+        for r in results
+    ]
     lines += ["", "Memory in the number of files (server / worker RSS, MB):", ""]
     lines += [f"- {r.scenario}/{r.mode}: {_memory_trend(r)}" for r in results]
     return "\n".join(lines) + "\n"

@@ -14,7 +14,14 @@ Who writes it, and why so:
 * The downstream steps (``backup-file``, ``extract-metadata``'s publish, ``analyze-file``,
   also each file of a batch run) call :func:`record_file_step` with the event they just
   emitted. The first of them for a generation also reads that file's ``sent`` and
-  ``rebuilt`` events from the server (one query) and writes their rows.
+  ``rebuilt`` events from the server and writes their rows.
+* A batch run writes its files' histories together (:func:`file_history_batch`, used by
+  ``dispatch/batches.py``): one new version per file, and the reads shared by up to
+  :data:`HISTORIES_PER_CALL` files: one call for their latest versions, one for their
+  transfer events (only the files whose history lacks them; 16 files a call), and after
+  the writes one for the latest versions again and one for the newest versions. A
+  per-file run is a batch of one: a read, the write, two reads (and the events for the
+  generation's first step).
 * The transfers do not write it per file: they handle thousands of files a second, and an
   artifact costs the server a write and events of its own; the downstream runs that each
   rebuilt file starts write the transfer's rows for it. A file still in flight has no
@@ -23,21 +30,43 @@ Who writes it, and why so:
   :class:`RejectionHistoryWriter`, a thread of its own with a bounded queue (a flood of bad
   messages drops rows, counted in the log; the events keep every rejection).
 
-Backup, metadata and analysis of one file run at the same time. Each writer reads the
-newest version, adds its row, writes a new version, then reads the newest again: if a
-version written meanwhile lacks one of its rows, it writes the union once more (at most
-:data:`MAX_WRITE_ROUNDS` writes). The writer whose version is last read every version
-before it, so the last version holds every row. The calls are retried while the server is
-busy (503, timeouts) for at most :data:`CALL_DEADLINE_S`, not for the minute Prefect's
-client would: a step never waits long for an absent server. A failure is logged, pauses
-the history of the process for :data:`PAUSE_AFTER_FAILURE_S`, and never fails the step:
-the events remain the record.
+Why this cost, and not less. At 10 files/s the history was 60 % of the API's requests
+(about 27 artifact calls and 2.5 event queries per file): every step of every file read
+the file's recent versions, wrote, read them again and the newest, and wrote again when
+another step had written meanwhile. Options weighed:
+
+* per-step keys (``file-...-backup``): one write and no read, but three artifacts per
+  file and none with the file's whole way: not what the user looks for;
+* each step writing its version without reading: the newest version would hold only the
+  last writer's row, or need a repair write nearly every time (two writes per step);
+* a single writer per file, from the events at write time: no step knows it is the last
+  (the three run at once, in separate runs), and the server stores an event up to seconds
+  after it was posted, so a history built from the events misses the steps that finished
+  just before: the newest version would lack rows;
+* kept: the read-write-look of before, but with the read of the latest version only, a
+  repair write only by the writer committed last, and the calls shared by a batch's
+  files. Per file and step that is
+  one write (a repair write only when two steps of a file wrote at the same moment: by
+  the one committed last) and, in a batch run, about 3/25 of a read.
+
+Backup, metadata and analysis of one file run at the same time, and a version is a whole
+table. Each writer reads the newest version, adds its row, writes a new version, then
+looks: if another version was committed after its own, that one's writer looks in turn;
+if its own is the last, it reads the file's newest versions and, while its version lacks
+a row one of them holds, writes their union once more (at most :data:`MAX_WRITE_ROUNDS`
+writes). So the version committed last, the one the UI shows, holds every row (see
+:func:`_write_files`). The calls
+are retried while the server is busy (503, timeouts) for at most :data:`CALL_DEADLINE_S`,
+not for the minute Prefect's client would: a step never waits long for an absent server.
+A failure is logged, pauses the history of the process for
+:data:`PAUSE_AFTER_FAILURE_S`, and never fails the step: the events remain the record.
 
 Nothing here imports Prefect at module level: :func:`file_history_key` is used by the CLI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -46,7 +75,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -56,12 +85,16 @@ from msi_prefect.prefect_layer.events import RESOURCE_PREFIX, EventName, FileEve
 
 __all__ = [
     "HISTORY_KEY_PREFIX",
+    "HistoryBatch",
     "HistoryRow",
+    "PendingStep",
     "RejectionHistoryWriter",
+    "file_history_batch",
     "file_history_key",
     "merge_rows",
     "record_file_step",
     "rows_from_events",
+    "write_steps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,13 +104,21 @@ HISTORY_KEY_PREFIX = "file"
 MAX_SLUG_CHARS = 60
 #: Hex digits of the SHA-256 of topic and path: two files never share a key.
 KEY_HASH_DIGITS = 10
-#: Writes of one step at most (its own, then repairs after concurrent writers).
+#: Writes of one file's history by one writer at most (its own, then repairs after
+#: concurrent writers).
 MAX_WRITE_ROUNDS = 3
-#: Versions of a file's history read to gather its rows (each carries all rows known when
-#: it was written, so the newest few suffice).
-MAX_VERSIONS_READ = 20
-#: Events of one file read at most for its sent and rebuilt rows.
-MAX_FILE_EVENTS = 50
+#: Files whose histories one round of calls writes: one read of their latest versions,
+#: and after the writes one of them again and one of their newest versions (a batch
+#: run's files share them).
+HISTORIES_PER_CALL = 25
+#: Versions per file read in the look after a write (all written since the read before
+#: it: other steps of the file, a few rounds each). Times :data:`HISTORIES_PER_CALL`, it
+#: stays within the API's largest page (200).
+VERSIONS_PER_FILE = 8
+#: The API's largest page of events; files whose transfer events one query reads (a sent
+#: and a rebuilt event per generation, with room for a file sent again).
+MAX_EVENTS_PER_QUERY = 50
+FILES_PER_EVENTS_QUERY = 16
 #: How far back the file's events are looked for.
 EVENTS_LOOKBACK = timedelta(days=30)
 #: A longer detail (an analysis result) is cut in the row.
@@ -241,6 +282,50 @@ def _table_rows(artifact: Mapping[str, Any] | None) -> list[HistoryRow]:
     return [row for row in rows if row is not None]
 
 
+@dataclass(frozen=True)
+class PendingStep:
+    """A step's row waiting to be written to its file's history.
+
+    Attributes:
+        key: The file's history key (:func:`file_history_key`).
+        topic: The file's topic.
+        path: Its relative path.
+        file_id: Its file id (empty if unknown: then its transfer rows are not looked up).
+        row: The step's row.
+        task_run_id: The task run the new version is attached to (None outside one).
+        flow_run_id: The flow run it is attached to (None outside one).
+    """
+
+    key: str
+    topic: str
+    path: str
+    file_id: str
+    row: HistoryRow
+    task_run_id: str | None = None
+    flow_run_id: str | None = None
+
+    @property
+    def resource_id(self) -> str:
+        """The id of the file's events' resource (``msi.file.<topic>.<file id>``)."""
+        return f"{RESOURCE_PREFIX}.{self.topic}.{self.file_id}"
+
+    @property
+    def description(self) -> str:
+        """The artifact's description."""
+        return (
+            f"History of `{self.path}` (topic `{self.topic}`): each generation's steps. "
+            f"`msi-prefect files '{self.path}'` shows the same from the events."
+        )
+
+    def lacks_transfer_rows(self, rows: Iterable[HistoryRow]) -> bool:
+        """Whether ``rows`` lack this step's generation's sent or rebuilt row, and the
+        file's events can give them."""
+        if not self.file_id or self.row.step == "sent":
+            return False
+        seen = {row.step for row in rows if row.generation == self.row.generation}
+        return not seen >= _TRANSFER_STEPS
+
+
 class _HistoryApi:
     """The calls the history makes: one kept client per process, short retries of its own.
 
@@ -280,47 +365,62 @@ class _HistoryApi:
             time.sleep(pause)
             pause *= 2
 
-    def latest(self, key: str) -> dict[str, Any] | None:
-        """The version of ``key`` the UI shows (its collection's latest)."""
-        found = self.post(
-            "/artifacts/latest/filter", {"artifacts": {"key": {"any_": [key]}}, "limit": 1}
-        )
-        return found[0] if found else None
+    def latest_of(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The version of each key the UI shows, by key: its artifact collection (the
+        version's ``data``, and its id as ``latest_id``; ``id`` is the collection's).
 
-    def versions(self, key: str) -> list[dict[str, Any]]:
-        """The newest versions of ``key``, newest first (at most :data:`MAX_VERSIONS_READ`)."""
+        One call for at most :data:`HISTORIES_PER_CALL` keys; a key never written is absent.
+        """
+        found: list[dict[str, Any]] = self.post(
+            "/artifacts/latest/filter",
+            {"artifacts": {"key": {"any_": list(keys)}}, "limit": len(keys)},
+        )
+        return {str(artifact.get("key")): artifact for artifact in found}
+
+    def versions_of(self, keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """The newest versions of the keys, newest first, by key (one call: the newest
+        :data:`VERSIONS_PER_FILE` per key of the keys together)."""
         found: list[dict[str, Any]] = self.post(
             "/artifacts/filter",
             {
-                "artifacts": {"key": {"any_": [key]}},
+                "artifacts": {"key": {"any_": list(keys)}},
                 "sort": "CREATED_DESC",
-                "limit": MAX_VERSIONS_READ,
+                "limit": VERSIONS_PER_FILE * len(keys),
             },
         )
-        return found
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for artifact in found:
+            by_key.setdefault(str(artifact.get("key")), []).append(artifact)
+        return by_key
 
-    def file_events(self, topic: str, file_id: str) -> list[dict[str, Any]]:
+    def transfer_events(self, resource_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The ``sent`` and ``rebuilt`` events of files (one call, newest first, at most
+        one page: :data:`MAX_EVENTS_PER_QUERY`)."""
         now = datetime.now(UTC)
         body = {
             "filter": {
                 "event": {"name": [EventName.UPLOADED.value, EventName.RECONSTRUCTED.value]},
-                "resource": {"id": [f"{RESOURCE_PREFIX}.{topic}.{file_id}"]},
+                "resource": {"id": list(resource_ids)},
                 "occurred": {
                     "since": (now - EVENTS_LOOKBACK).isoformat(),
                     "until": (now + timedelta(hours=1)).isoformat(),
                 },
                 "order": "DESC",
             },
-            "limit": MAX_FILE_EVENTS,
+            "limit": MAX_EVENTS_PER_QUERY,
         }
         events: list[dict[str, Any]] = self.post("/events/filter", body).get("events", [])
         return events
 
-    def create_table(self, key: str, rows: list[HistoryRow], description: str) -> str:
-        """A new version of ``key``, attached to the current task and flow run."""
-        from prefect.utilities.context import get_task_and_flow_run_ids
-
-        task_run_id, flow_run_id = get_task_and_flow_run_ids()
+    def create_table(
+        self,
+        key: str,
+        rows: list[HistoryRow],
+        description: str,
+        task_run_id: str | None,
+        flow_run_id: str | None,
+    ) -> str:
+        """A new version of ``key``, attached to the given task and flow run; its id."""
         created = self.post(
             "/artifacts/",
             {
@@ -328,8 +428,8 @@ class _HistoryApi:
                 "type": "table",
                 "description": description,
                 "data": json.dumps([asdict(row) for row in rows]),
-                "task_run_id": str(task_run_id) if task_run_id else None,
-                "flow_run_id": str(flow_run_id) if flow_run_id else None,
+                "task_run_id": task_run_id,
+                "flow_run_id": flow_run_id,
             },
         )
         return str(created["id"])
@@ -347,27 +447,97 @@ def _api() -> _HistoryApi:
         return _API
 
 
-def _this_run_name() -> str:
+def _this_run() -> tuple[str, str | None, str | None]:
+    """The current run's name, and the ids of the task and flow run (empty outside a run)."""
     from prefect.runtime import flow_run, task_run
+    from prefect.utilities.context import get_task_and_flow_run_ids
 
     try:
-        return str(task_run.name or flow_run.name or "")
+        name = str(task_run.name or flow_run.name or "")
     except Exception:  # outside a run: the row simply names no run
-        return ""
+        name = ""
+    task_run_id, flow_run_id = get_task_and_flow_run_ids()
+    return (
+        name,
+        str(task_run_id) if task_run_id else None,
+        str(flow_run_id) if flow_run_id else None,
+    )
+
+
+class HistoryBatch:
+    """The history rows of a batch run's files, written together.
+
+    A batch run's task records its file's step here (:func:`record_file_step` inside
+    :func:`file_history_batch`) instead of writing it; :meth:`flush` writes every file's
+    new version with one read of the latest versions, one of the files' transfer events
+    (if needed) and one look after the writes, per :data:`HISTORIES_PER_CALL` files.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[PendingStep] = []
+        self.written = 0
+
+    def add(self, step: PendingStep) -> None:
+        """Hold a step's row until the next flush."""
+        self._steps.append(step)
+
+    def flush_if_full(self) -> None:
+        """Write the held rows once there are enough for a full call (bounds memory, and
+        a long batch's files get their history while it runs)."""
+        if len(self._steps) >= HISTORIES_PER_CALL:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write the held rows; never raises (see :func:`write_steps`).
+
+        Returns:
+            Whether they were written.
+        """
+        steps, self._steps = self._steps, []
+        if not steps:
+            return True
+        done = write_steps(steps)
+        if done:
+            self.written += len(steps)
+        return done
+
+
+_BATCH: contextvars.ContextVar[HistoryBatch | None] = contextvars.ContextVar(
+    "msi_file_history_batch", default=None
+)
+
+
+@contextlib.contextmanager
+def file_history_batch() -> Iterator[HistoryBatch]:
+    """Hold the history rows recorded inside, and write them together at the end.
+
+    For a batch run (``msi_prefect.prefect_layer.dispatch.batches``): one version per file
+    of the batch, and the reads shared by the batch's files. The rows are written also
+    when the block ends with an exception.
+    """
+    batch = HistoryBatch()
+    token = _BATCH.set(batch)
+    try:
+        yield batch
+    finally:
+        _BATCH.reset(token)
+        batch.flush()
 
 
 def record_file_step(spec: FileEventSpec, run_name: str | None = None) -> bool:
     """Add the step an event records to its file's history artifact (a new version).
 
     Call it in the run that emitted the event, after emitting it: the artifact belongs to
-    that run. Never raises: a failure is logged, the step goes on.
+    that run. Inside :func:`file_history_batch` the row is held and written with the
+    batch's others; else it is written now. Never raises: a failure is logged, the step
+    goes on.
 
     Args:
         spec: The file event just emitted.
         run_name: The run to name in the row; default: the current task or flow run.
 
     Returns:
-        Whether the artifact was written.
+        Whether the artifact was written (or, in a batch, its row held for the batch's write).
     """
     step = STEP_OF_EVENT.get(spec.name.value)
     payload = spec.payload
@@ -375,52 +545,130 @@ def record_file_step(spec: FileEventSpec, run_name: str | None = None) -> bool:
     if step is None or not path or not topic:
         return False
     generation = payload.get("generation")
-    own = HistoryRow(
-        generation=generation if isinstance(generation, int) else None,
-        step=step,
-        at=datetime.now(UTC).isoformat(),
-        run=_this_run_name() if run_name is None else run_name,
-        details=details_of(step, payload),
+    this_run, task_run_id, flow_run_id = _this_run()
+    pending = PendingStep(
+        key=file_history_key(str(topic), str(path)),
+        topic=str(topic),
+        path=str(path),
+        file_id=str(payload.get("file_id") or ""),
+        row=HistoryRow(
+            generation=generation if isinstance(generation, int) else None,
+            step=step,
+            at=datetime.now(UTC).isoformat(),
+            run=this_run if run_name is None else run_name,
+            details=details_of(step, payload),
+        ),
+        task_run_id=task_run_id,
+        flow_run_id=flow_run_id,
     )
+    batch = _BATCH.get()
+    if batch is not None:
+        batch.add(pending)
+        return True
+    return write_steps([pending])
+
+
+def write_steps(steps: Sequence[PendingStep]) -> bool:
+    """Write the steps' rows to their files' histories; never raises.
+
+    A failure is logged and pauses the history of this process for
+    :data:`PAUSE_AFTER_FAILURE_S` (the rows are dropped; the events remain the record).
+
+    Returns:
+        Whether they were written.
+    """
     api = _api()
     with api.lock:
         if time.monotonic() < api.paused_until:
-            logger.debug("history of %s not written: the server failed a moment ago", path)
+            logger.debug("history of %d files not written: the server failed a moment ago",
+                         len(steps))  # fmt: skip
             return False
         try:
-            _write(api, str(topic), str(path), str(payload.get("file_id") or ""), own)
-        except Exception as exc:  # the history is a view; the step's work is done
+            write_histories(api, steps)
+        except Exception as exc:  # the history is a view; the steps' work is done
             api.paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
-            logger.warning("could not update the history artifact of %s: %r", path, exc)
+            logger.warning("could not update the history artifact of %s%s: %r",
+                           steps[0].path, f" and {len(steps) - 1} more files" if len(steps) > 1
+                           else "", exc)  # fmt: skip
             return False
     return True
 
 
-def _write(api: _HistoryApi, topic: str, path: str, file_id: str, own: HistoryRow) -> None:
-    """Add ``own`` to the file's history: a new version holding every row known so far.
+def write_histories(api: _HistoryApi, steps: Sequence[PendingStep]) -> None:
+    """Write one new version of each file's history holding its steps' rows and every row
+    known so far, :data:`HISTORIES_PER_CALL` files per round of calls.
+
+    Raises:
+        Exception: A call failed (the server is away or refused it).
+    """
+    by_key: dict[str, list[PendingStep]] = {}
+    for step in steps:
+        by_key.setdefault(step.key, []).append(step)
+    files = list(by_key.values())
+    for start in range(0, len(files), HISTORIES_PER_CALL):
+        _write_files(api, files[start : start + HISTORIES_PER_CALL])
+
+
+def _write_files(api: _HistoryApi, files: list[list[PendingStep]]) -> None:
+    """Write the histories of at most :data:`HISTORIES_PER_CALL` files (the steps of each).
 
     The steps of one file (backup, metadata, analysis) write at the same moment, and a
     version is a whole table: a writer that read before another's write would drop that
-    row from the newest version. So every version carries the rows of all recent versions,
-    and each writer looks again after its write: while the newest version lacks a row some
-    version has, it writes the union once more. The last writer's look comes after every
-    write, so the newest version ends complete.
+    row from the newest version. So each writer reads the latest version first (one call
+    for all its files), writes its version with its rows added, then looks (one or two
+    calls): if the version the UI shows (the last committed) is not its own, a writer
+    committed after it and looks in turn, so it stops; if it is its own, it reads the
+    file's newest versions and, while its version lacks a row one of them holds, writes
+    the union once more (at most :data:`MAX_WRITE_ROUNDS` writes). So the writer of the
+    version committed last stops only on a complete one. Of two writers that both read
+    before both wrote, only the one committed last writes again. (Commit order, not the
+    versions' creation stamps: on PostgreSQL an older-stamped version can commit last.)
     """
-    key = file_history_key(topic, path)
-    description = (
-        f"History of `{path}` (topic `{topic}`): each generation's steps. "
-        f"`msi-prefect files '{path}'` shows the same from the events."
-    )
-    rows = merge_rows(*(_table_rows(version) for version in api.versions(key)), [own])
-    seen = {row.step for row in rows if row.generation == own.generation}
-    if file_id and not seen >= _TRANSFER_STEPS and own.step != "sent":
-        rows = merge_rows(rows_from_events(api.file_events(topic, file_id)), rows)
+    keys = [steps[0].key for steps in files]
+    latest = api.latest_of(keys)
+    tables = {
+        steps[0].key: merge_rows(_table_rows(latest.get(steps[0].key)), [s.row for s in steps])
+        for steps in files
+    }
+    lacking = [steps[-1] for steps in files if steps[-1].lacks_transfer_rows(tables[steps[0].key])]
+    for start in range(0, len(lacking), FILES_PER_EVENTS_QUERY):
+        part = lacking[start : start + FILES_PER_EVENTS_QUERY]
+        by_resource: dict[str, list[dict[str, Any]]] = {}
+        for event in api.transfer_events([step.resource_id for step in part]):
+            resource = (event.get("resource") or {}).get("prefect.resource.id")
+            by_resource.setdefault(str(resource), []).append(event)
+        for step in part:
+            rows = rows_from_events(by_resource.get(step.resource_id, []))
+            tables[step.key] = merge_rows(rows, tables[step.key])
+    unsettled = files
     for _ in range(MAX_WRITE_ROUNDS):
-        api.create_table(key, rows, description)
-        known = merge_rows(*(_table_rows(version) for version in api.versions(key)), rows)
-        if set(known) <= set(_table_rows(api.latest(key))):
+        written = {}
+        for steps in unsettled:
+            last = steps[-1]
+            written[last.key] = api.create_table(
+                last.key, tables[last.key], last.description, last.task_run_id, last.flow_run_id
+            )
+        # A file whose shown version is not ours had a version committed after ours: its
+        # writer looks after its own write and sees ours, so this writer may stop.
+        shown = api.latest_of([steps[0].key for steps in unsettled])
+        ours_shown = [
+            steps for steps in unsettled
+            if str(shown.get(steps[0].key, {}).get("latest_id")) == written[steps[0].key]
+        ]  # fmt: skip
+        versions = api.versions_of([steps[0].key for steps in ours_shown]) if ours_shown else {}
+        still = []
+        for steps in ours_shown:
+            key = steps[0].key
+            found = versions.get(key, [])
+            known = merge_rows(*(_table_rows(version) for version in found), tables[key])
+            if not set(known) <= set(tables[key]):
+                tables[key] = known
+                still.append(steps)
+        unsettled = still
+        if not unsettled:
             return
-        rows = known
+    logger.debug("history of %d files still written concurrently after %d rounds",
+                 len(unsettled), MAX_WRITE_ROUNDS)  # fmt: skip
 
 
 class RejectionHistoryWriter:

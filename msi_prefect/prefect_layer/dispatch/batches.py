@@ -4,6 +4,8 @@ The batch deployments of ``prefect.yaml`` get the event's ``files`` list (each e
 parameters a per-file flow would get). Every entry is validated on its own: a bad entry
 fails only its own file. Each valid file gets its own task run, named after the file, so
 the UI keeps a record per file; the per-file tasks emit their per-file events as usual.
+The files' history artifacts are written together (one version per file, the reads
+shared: ``file_history.file_history_batch``).
 The run ends Failed, naming the files, if any file failed, after all the others are done.
 """
 
@@ -20,6 +22,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.file_history import file_history_batch
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, RebuiltFile
 from msi_prefect.prefect_layer.transfers.settings import MAX_BATCH_FILES
 
@@ -107,19 +110,22 @@ def run_per_file(
     logger = get_run_logger()
     entries = check_batch_size(files)
     final: list[BatchEntryResult] = []
-    for index, entry in enumerate(entries):
-        path = str(entry.get("path", "?")) if isinstance(entry, Mapping) else "?"
-        try:
-            rebuilt = rebuilt_file_of(entry)
-        except FileInputError as exc:
-            logger.error("Skipping batch entry %d (%s): %s", index, path, exc)
-            final.append(BatchEntryResult(path, FileOutcome.INVALID, str(exc)))
-            continue
-        state = work(rebuilt)
-        if state.is_completed():
-            final.append(BatchEntryResult(path, FileOutcome.DONE))
-        else:
-            final.append(BatchEntryResult(path, FileOutcome.FAILED, state.message or ""))
+    # The files' history rows are written together, not one file at a time.
+    with file_history_batch() as history:
+        for index, entry in enumerate(entries):
+            path = str(entry.get("path", "?")) if isinstance(entry, Mapping) else "?"
+            try:
+                rebuilt = rebuilt_file_of(entry)
+            except FileInputError as exc:
+                logger.error("Skipping batch entry %d (%s): %s", index, path, exc)
+                final.append(BatchEntryResult(path, FileOutcome.INVALID, str(exc)))
+                continue
+            state = work(rebuilt)
+            if state.is_completed():
+                final.append(BatchEntryResult(path, FileOutcome.DONE))
+            else:
+                final.append(BatchEntryResult(path, FileOutcome.FAILED, state.message or ""))
+            history.flush_if_full()
     failed = [result for result in final if result.outcome is not FileOutcome.DONE]
     create_table_artifact(
         table=[
