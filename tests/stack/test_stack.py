@@ -52,8 +52,8 @@ CLI_TIMEOUT_S = 120
 # Between two looks at a run's state, a count or the destination: each look is one small
 # request, and the whole journey waits on some thirty of them.
 POLL_S = 0.5
-# The store stays down at least this long, and until the backup's first attempt failed;
-# its first retry comes 10 s after that failure, when the store is back.
+# The store stays down at least this long, and until the second backup's first attempt
+# failed; its first retry comes 10 s after that failure, when the store is back.
 OUTAGE_S = 12
 # The browser check: the Prefect UI is a single-page app; give it time to render.
 BROWSER_WINDOW = "1400,1000"
@@ -361,13 +361,18 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         # the next file arrives, and back before the backup task's retries run out.
         manager = StackManager.open(StateDir(state_dir))
         manager.process(Component.S3).stop()
-        # First, a flow-run process killed (SIGKILL) while its backup waits for the store:
-        # the worker marks the run Crashed, and rerun-crashed starts it again, which
-        # completes once the store is back.
+        outage_started = time.monotonic()
+        # Two files arrive during the outage, their backup runs waiting for the store side
+        # by side (one outage, not two in a row). First, a flow-run process killed
+        # (SIGKILL) while its backup waits for the store: the worker marks the run
+        # Crashed, and rerun-crashed starts it again, which completes once the store is
+        # back.
         (tmp_path / "inbox" / "killed.dat").write_bytes(b"k" * 1000)
         killed_run = lambda: _backup_run_of(api, "killed.dat")  # noqa: E731
         assert _wait_for_state(killed_run, ("RUNNING", *FINAL_STATES)) == "RUNNING"
         killed_id = killed_run()["id"]  # type: ignore[index]
+        # The second file once the first one's run is running: a run of its own.
+        (tmp_path / "inbox" / "during-outage.dat").write_bytes(b"x" * 1000)
         assert _wait_for_retry(api, killed_id)
         victims = [p.pid for p in live_flow_runs(api) if p.flow_run_id == killed_id]
         assert victims, "the backup run has a process of its own"
@@ -377,12 +382,11 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         killed_state = lambda: httpx.get(killed_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
         assert _wait_for_state(killed_state) == "CRASHED"
 
-        (tmp_path / "inbox" / "during-outage.dat").write_bytes(b"x" * 1000)
         outage_run = lambda: _backup_run_of(api, "during-outage.dat")  # noqa: E731
         assert _wait_for_state(outage_run, ("RUNNING", *FINAL_STATES)) == "RUNNING"
+        assert outage_run()["id"] != killed_id  # type: ignore[index]
         # The store comes back only once the first attempt has failed: on a busy machine
         # the run's process may take longer than the outage to reach its task.
-        outage_started = time.monotonic()
         assert _wait_for_retry(api, outage_run()["id"])  # type: ignore[index]
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - outage_started)))
         manager.up([Component.S3])
