@@ -186,8 +186,9 @@ def _look_at_prefect_ui(url: str, screenshot: Path, expected: tuple[str, ...]) -
     """Open `url` in headless Chromium; return its rendered DOM and save a screenshot.
 
     The UI renders the runs after its API calls return, which takes longer on a busy
-    machine: the DOM is read again (up to BROWSER_ATTEMPTS times) until it shows every
-    `expected` text, then the screenshot is taken.
+    machine: the page is loaded again (up to BROWSER_ATTEMPTS times) until its DOM shows
+    every `expected` text. Each load dumps the DOM and takes the screenshot (one browser
+    start, not two): the one kept is of the DOM returned.
     """
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed: ./scripts/test installs it"
@@ -199,18 +200,16 @@ def _look_at_prefect_ui(url: str, screenshot: Path, expected: tuple[str, ...]) -
     ]  # fmt: skip
     dom = ""
     for _ in range(BROWSER_ATTEMPTS):
+        screenshot.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory() as profile:
             dom = subprocess.run(
-                [*common, f"--user-data-dir={profile}", "--dump-dom", url],
+                [*common, f"--user-data-dir={profile}", "--dump-dom",
+                 f"--screenshot={screenshot}", url],
                 capture_output=True, text=True, timeout=120, check=True,
             ).stdout  # fmt: skip
         if all(text in dom for text in expected):
             break
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [*common, f"--user-data-dir={profile}", f"--screenshot={screenshot}", url],
-            capture_output=True, timeout=120, check=True,
-        )  # fmt: skip
+    assert screenshot.is_file(), f"no screenshot of {url}"
     return dom
 
 
