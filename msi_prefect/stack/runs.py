@@ -152,8 +152,11 @@ def cancel_transfers(config: StackConfig, deployments: tuple[str, ...]) -> list[
     """Cancel the active runs of the long-running `deployments`; wait until they end.
 
     The worker passes the cancellation to each run's process, which stops at the end of its
-    batch and commits. Runs still active after :data:`CANCEL_WAIT_S` are left to
-    :func:`settle_after_stop`.
+    batch and commits. The wait ends for a run once it is no longer active or its process
+    has exited: the worker marks it ``CANCELLED`` only after loading its flow to look for
+    cancellation hooks (seconds per run, none of which the transfers have), and a run it
+    has not marked when it is stopped is marked by :func:`settle_after_stop`. Runs still
+    running after :data:`CANCEL_WAIT_S` are left to :func:`settle_after_stop` too.
 
     Returns:
         The names of the runs cancelled.
@@ -166,7 +169,8 @@ def cancel_transfers(config: StackConfig, deployments: tuple[str, ...]) -> list[
     pending = {run.id for run in transfers}
     while pending and time.monotonic() < deadline:
         time.sleep(POLL_S)
-        pending &= {run.id for run in active_runs(config)}
+        with_process = {process.flow_run_id for process in live_flow_runs(config.prefect_api_url)}
+        pending &= {run.id for run in active_runs(config)} & with_process
     return [run.name for run in transfers]
 
 

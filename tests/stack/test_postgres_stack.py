@@ -3,7 +3,8 @@
 A file dropped into the watched folder is rebuilt and backed up, described and analysed,
 each announced by its event, with every run, event and deployment in the stack's own
 PostgreSQL; `status` shows the database server; a power cut and `up` (which keeps the
-choice) recover it; `down` stops it by PID. About 2-4 minutes.
+choice) recover it: the transfers the cut left "Running" are marked crashed and started
+again; `down` stops it by PID. About 2-4 minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from msi_prefect.cli.stack import DEPLOY_CURRENT
 from msi_prefect.stack import postgres
 from msi_prefect.stack.components import Component
 from msi_prefect.stack.config import CREDENTIALS_FILE, DATABASE_PASSWORD_KEY
@@ -26,6 +28,7 @@ from tests.stack_helpers import (
     cli,
     pid_alive,
     power_cut,
+    transfer_run_ids,
     user_stack,
     wait_until_done,
 )
@@ -101,12 +104,22 @@ def test_the_stack_on_postgresql_carries_a_file_through_and_recovers(tmp_path: P
         assert _prefect_rows(stack, "events") > 0
         assert not (stack.state_dir / "prefect" / "prefect.db").exists()
 
-        # A power cut; `up` without options keeps the database it was given.
+        # A power cut; `up` without options keeps the database it was given. It finds the
+        # transfers still "Running" with no process, marks them crashed and starts them
+        # again, and keeps the deployments of the first `up`.
+        old_transfers = transfer_run_ids(stack.api)
+        assert len(old_transfers) == 2, old_transfers
         power_cut(stack)
         assert not pid_alive(server_pid)
-        stack.up()
+        up = cli(stack.state_dir, "up")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "started: watch-directory/watch-directory, reconstruct-files/reconstruct-files" in (
+            up.stdout
+        )
+        assert DEPLOY_CURRENT in up.stdout
         assert stack.manager().config.database.value == "postgresql"
         _drop_and_wait(stack, "after-power-cut.dat")
+        assert old_transfers <= transfer_run_ids(stack.api, ("CRASHED",))
         pids = {c: stack.pid(c) for c in stack.manager().config.components}
         assert all(pids.values()), pids
     # `down` (by user_stack) stopped every part by PID, the database server too.
