@@ -44,7 +44,7 @@ OWN_STACK_GROUP_PREFIX = "own-stack:"
 CHAOS_GROUP = "chaos"
 PREFECT_SERVER_GROUP = "prefect-server"
 #: Seconds each whole-stack group takes on a quiet 2-core machine (from ``--durations``,
-#: both workers busy). Only the order matters: the longest go out first, so the two
+#: both workers busy). Only the order matters: the longest go out first, so the
 #: workers each start a long one and the short ones fill in after.
 OWN_STACK_SECONDS = {
     # 185 s at 86c3796; three of its four `up`s now skip the deploy (about 12 s each).
@@ -122,8 +122,8 @@ def _worker_group(item: pytest.Item) -> str | None:
 
     * A test that starts a whole stack of its own (marked ``own_stack``) is a group of its
       own, and so are the tests of one module that share a module-scoped stack. They go
-      out longest first (:func:`_start_order`), so each of the two workers runs one such
-      stack at a time: at most two at once, each on its own free ports and folders.
+      out longest first (:func:`_start_order`), so each of the three workers runs one such
+      stack at a time: at most three at once, each on its own free ports and folders.
     * The opt-in chaos runs form one group: one at a time, as they measure recovery.
     * Tests that share a module-scoped fixture run on one worker, so it is built once.
     * Tests that need the session's Prefect server (``prefect_stack``) run on one worker:
