@@ -74,6 +74,32 @@ def _client(config: StackConfig) -> Any:
     return httpx.Client(base_url=config.prefect_api_url, timeout=API_TIMEOUT_S)
 
 
+def runs_in_states(
+    client: Any,
+    scope: dict[str, Any],
+    states: tuple[RunState, ...],
+    policy: RetryPolicy | None,
+    what: str,
+    limit: int = MAX_RUNS_PER_QUERY,
+) -> list[dict[str, Any]]:
+    """The flow runs in ``scope`` (a `/flow_runs/filter` clause) whose state is one of ``states``.
+
+    Raises:
+        PrefectApiError: The API did not answer (within the policy's deadline), or refused.
+    """
+    state_clause = {"state": {"type": {"any_": [state.value for state in states]}}}
+    response = request(
+        client,
+        "POST",
+        "/flow_runs/filter",
+        what,
+        policy,
+        json={**scope, "flow_runs": state_clause, "limit": limit},
+    )
+    runs: list[dict[str, Any]] = checked(response, what).json()
+    return runs
+
+
 def active_runs(config: StackConfig, policy: RetryPolicy | None = None) -> list[ActiveRun]:
     """The stack pool's runs that are Pending, Running or Cancelling.
 
@@ -88,23 +114,11 @@ def active_runs(config: StackConfig, policy: RetryPolicy | None = None) -> list[
 
     what = "listing the active flow runs"
     with _client(config) as client:
-        response = request(
-            client,
-            "POST",
-            "/flow_runs/filter",
-            what,
-            policy,
-            json={
-                "flow_runs": {"state": {"type": {"any_": [s.value for s in ACTIVE_STATES]}}},
-                "work_pools": {"name": {"any_": [config.work_pool]}},
-                "limit": MAX_RUNS_PER_QUERY,
-            },
-        )
-        checked(response, what)
+        scope = {"work_pools": {"name": {"any_": [config.work_pool]}}}
         deployments = {}
         runs = []
         now = datetime.now(UTC)
-        for run in response.json():
+        for run in runs_in_states(client, scope, ACTIVE_STATES, policy, what):
             deployment_id = run.get("deployment_id")
             if deployment_id and deployment_id not in deployments:
                 found = request(client, "GET", f"/deployments/{deployment_id}", what, policy)

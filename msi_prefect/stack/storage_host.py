@@ -41,7 +41,7 @@ from typing import Any, Final
 from msi_prefect.errors import MsiError
 from msi_prefect.stack.prefect_api import RetryPolicy, checked, request
 from msi_prefect.stack.processes import live_flow_runs
-from msi_prefect.stack.runs import ACTIVE_STATES, RunState
+from msi_prefect.stack.runs import ACTIVE_STATES, RunState, runs_in_states
 
 __all__ = [
     "AUDIT_TEMPLATE",
@@ -336,20 +336,8 @@ def register_host_audit(
 def _host_runs(
     client: Any, deployment_id: str, states: tuple[RunState, ...], policy: RetryPolicy, what: str
 ) -> list[dict[str, Any]]:
-    response = request(
-        client,
-        "POST",
-        "/flow_runs/filter",
-        what,
-        policy,
-        json={
-            "deployments": {"id": {"any_": [deployment_id]}},
-            "flow_runs": {"state": {"type": {"any_": [state.value for state in states]}}},
-            "limit": MAX_RUNS_PER_QUERY,
-        },
-    )
-    runs: list[dict[str, Any]] = checked(response, what).json()
-    return runs
+    scope = {"deployments": {"id": {"any_": [deployment_id]}}}
+    return runs_in_states(client, scope, states, policy, what, MAX_RUNS_PER_QUERY)
 
 
 def crash_orphaned_host_runs(
