@@ -36,7 +36,10 @@ Method, per scenario and mode, in one run:
 4. Figures: files done; median, p90 and max latency; the sustained rate (files done /
    (last done - first drop)); created -> running of every downstream flow run; peak RSS of
    the Prefect server, the worker (with its warm server) and all flow-run processes
-   together; and how many downstream runs the server created.
+   together; and how many downstream runs the server created; the CPU seconds per file
+   of each part of the stack (``bench.cpu_ledger``: the server's processes, PostgreSQL,
+   the broker, the S3 store, the worker, its warm server, the transfer runs and the
+   downstream runs), beside the whole machine's.
 5. From the server's log: how many events its in-memory queues dropped ("Subscription
    queue is full"), and the deepest queue of each subscriber of each topic (the server
    logs them every few seconds: ``msi_prefect.stack.queue_probe``), so a subscriber that
@@ -79,6 +82,7 @@ from typing import Any
 import httpx
 
 from bench.common import BENCH_DIR, write_replace
+from bench.cpu_ledger import CpuLedger
 from bench.report import fmt_seconds, format_load, p90
 from bench.trigger_latency import (
     DEFAULT_GROUP,
@@ -173,6 +177,10 @@ class ModeResult:
     api_requests: dict[str, int] = field(default_factory=dict)
     # Versions of the files' history artifacts the server holds at the end.
     history_versions: int = 0
+    # CPU seconds by part of the stack from the first drop to the end (bench.cpu_ledger),
+    # and the whole machine's busy CPU seconds over the same span.
+    cpu_by_part: dict[str, float] = field(default_factory=dict)
+    machine_busy_s: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -377,10 +385,12 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
             stack_ready(client, status["bootstrap_servers"], DEFAULT_GROUP, result.notes, deadline)
             stamp = time.strftime("%H%M%S")
             names = [f"rate-{mode}-{stamp}-{i:04d}.bin" for i in range(scenario.files)]
-            # The files are dropped by a thread while this one watches memory and events.
+            # The files are dropped by a thread while this one watches memory, CPU and events.
             dropper = threading.Thread(
                 target=_drop, args=(scenario, names, watch, staging, result), daemon=True
             )
+            ledger = CpuLedger({pid: name for name, pid in pids.items() if pid}, pids["worker"])
+            ledger.sample()
             dropper.start()
             tally = EventTally(set(names))
             limit = float("inf")
@@ -388,6 +398,7 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
                 sample_until = time.monotonic() + EVENT_POLL_S
                 while time.monotonic() < sample_until:
                     _sample_rss(api_url, server_pids, pids["worker"], result)
+                    ledger.sample()
                     time.sleep(RSS_SAMPLE_S)
                 if not dropper.is_alive() and limit == float("inf"):
                     result.notes["load_after_drops"] = format_load(os.getloadavg())
@@ -408,6 +419,9 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
                     break
             dropper.join()
             _sample_rss(api_url, server_pids, pids["worker"], result)  # with the final count
+            ledger.sample()
+            result.cpu_by_part = ledger.by_part()
+            result.machine_busy_s = ledger.machine_busy_s
             result.first_drop = min(result.dropped_at.values())
             result.last_drop = max(result.dropped_at.values())
             # A starved harness drops more slowly than asked: the rate really offered.
@@ -579,9 +593,31 @@ def report(
         + ", ".join(f"{name} {count}" for name, count in list(r.api_requests.items())[:15])
         for r in results
     ]
+    lines += [
+        "",
+        "CPU seconds per file done, by part of the stack, from the first drop to the end "
+        "(bench/cpu_ledger.py; 'machine' is the whole machine's busy time, others' work "
+        "too; a run's last half second is not seen):",
+        "",
+        *(_cpu_line(r) for r in results),
+    ]
     lines += ["", "Memory in the number of files (server / worker RSS, MB):", ""]
     lines += [f"- {r.scenario}/{r.mode}: {_memory_trend(r)}" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_line(result: ModeResult) -> str:
+    if not result.done or not result.cpu_by_part:
+        return f"- {result.scenario}/{result.mode}: n/a"
+    parts = ", ".join(
+        f"{part} {seconds / result.done:.3f}" for part, seconds in result.cpu_by_part.items()
+    )
+    total = sum(result.cpu_by_part.values())
+    return (
+        f"- {result.scenario}/{result.mode}: {parts}; stack {total / result.done:.3f}, "
+        f"machine {result.machine_busy_s / result.done:.3f} "
+        f"({total:.0f} and {result.machine_busy_s:.0f} CPU s in all)"
+    )
 
 
 def _memory_trend(result: ModeResult) -> str:

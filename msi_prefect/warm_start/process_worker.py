@@ -9,7 +9,12 @@ to what happens before a run's process starts:
 - **shared reads** (:mod:`msi_prefect.warm_start.short_lived_reads`): the run's deployment
   is read once, not twice, and its flow at the same time, not after it;
 - **labels in the background**: the worker's labels on the run (its name and pool, for the
-  UI) are written while the run starts, not before.
+  UI) are written while the run starts, not before;
+- **the entrypoint in place** (:class:`InPlaceJobConfiguration`): a deployment whose only
+  pull step is ``set_working_directory`` (as ``prefect.yaml``'s) runs in that folder with
+  its entrypoint given to the engine (``PREFECT__FLOW_ENTRYPOINT``), so the run's process
+  does not read the deployment again nor run the step (a request, an event and about
+  0.1 s before the run is RUNNING). Any other deployment starts as Prefect starts it.
 
 It presents itself to the server as a ``process`` worker (the pool's type and job template
 stay Prefect's), but is registered under its own key, :data:`WORKER_TYPE`, so that
@@ -20,13 +25,15 @@ in a process that imported this module.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import anyio
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
-from prefect.workers.process import ProcessWorker
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
 
 from msi_prefect.warm_start import WORKER_TYPE
 from msi_prefect.warm_start.short_lived_reads import share_deployment_and_flow_reads
@@ -38,18 +45,89 @@ from msi_prefect.warm_start.wake_ups import (
 )
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.objects import Flow, FlowRun, WorkPool
+    from prefect.client.schemas.responses import DeploymentResponse
 
 logger = logging.getLogger("msi_prefect.warm_start")
 
 #: Seconds before the events websocket is tried again after it failed for good.
 RESUBSCRIBE_S = 5.0
+#: The engine loads the flow from this entrypoint instead of from the run's deployment.
+ENTRYPOINT_ENV = "PREFECT__FLOW_ENTRYPOINT"
+#: The names ``prefect deploy`` stores a ``set_working_directory`` pull step under.
+SET_WORKING_DIRECTORY_STEPS = frozenset(
+    {
+        "prefect.deployments.steps.set_working_directory",
+        "prefect.deployments.steps.pull.set_working_directory",
+    }
+)
+
+
+@dataclass(frozen=True)
+class EntrypointInPlace:
+    """A deployment's flow found without its pull steps: ``entrypoint`` inside ``directory``."""
+
+    directory: Path
+    entrypoint: str
+
+
+def entrypoint_in_place(deployment: DeploymentResponse | None) -> EntrypointInPlace | None:
+    """The folder and entrypoint of a deployment whose only pull step sets the working folder.
+
+    ``None`` for anything else (no deployment, other or more pull steps, a storage block, a
+    module-path entrypoint, which relies on the pull steps to be importable, or a folder
+    that is not there now): such a run starts as Prefect starts it, and reports its own
+    errors.
+    """
+    if deployment is None or deployment.storage_document_id is not None:
+        return None
+    entrypoint = deployment.entrypoint
+    if not entrypoint or ":" not in entrypoint:
+        return None
+    steps = deployment.pull_steps or []
+    if len(steps) != 1 or len(steps[0]) != 1:
+        return None
+    ((name, arguments),) = steps[0].items()
+    if name not in SET_WORKING_DIRECTORY_STEPS or not isinstance(arguments, dict):
+        return None
+    if set(arguments) != {"directory"} or not isinstance(arguments["directory"], str):
+        return None
+    directory = Path(arguments["directory"])
+    if not directory.is_absolute() or not directory.is_dir():
+        return None
+    return EntrypointInPlace(directory, entrypoint)
+
+
+class InPlaceJobConfiguration(ProcessJobConfiguration):
+    """Prefect's process job configuration that starts a run in its deployment's folder.
+
+    See :func:`entrypoint_in_place`; a working directory set in the pool or the deployment
+    (``job_variables.working_dir``) is kept, and the run then starts as Prefect starts it.
+    """
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: DeploymentResponse | None = None,
+        flow: Flow | None = None,
+        work_pool: WorkPool | None = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        super().prepare_for_flow_run(
+            flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
+        )
+        in_place = entrypoint_in_place(deployment) if self.working_dir is None else None
+        if in_place is not None and ENTRYPOINT_ENV not in self.env:
+            self.working_dir = in_place.directory
+            self.env[ENTRYPOINT_ENV] = in_place.entrypoint
 
 
 class WarmProcessWorker(ProcessWorker):
     """Prefect's process worker that starts a new run sooner (see the module docstring)."""
 
     type = "process"
+    job_configuration = InPlaceJobConfiguration
 
     @classmethod
     def __dispatch_key__(cls) -> str:

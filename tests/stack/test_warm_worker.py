@@ -5,17 +5,26 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import anyio
 import pytest
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
 from prefect.utilities.dispatch import lookup_type
 from prefect.workers.base import BaseWorker
 from prefect.workers.process import ProcessWorker
 
 from msi_prefect.warm_start import WORKER_TYPE
-from msi_prefect.warm_start.process_worker import WarmProcessWorker
+from msi_prefect.warm_start.process_worker import (
+    ENTRYPOINT_ENV,
+    EntrypointInPlace,
+    InPlaceJobConfiguration,
+    WarmProcessWorker,
+    entrypoint_in_place,
+)
 from msi_prefect.warm_start.short_lived_reads import (
     ShortLivedReads,
     share_deployment_and_flow_reads,
@@ -340,3 +349,87 @@ def test_the_warm_worker_is_its_own_type_and_leaves_prefects_process_worker_alon
         WarmProcessWorker.get_default_base_job_template()
         == ProcessWorker.get_default_base_job_template()
     )
+
+
+# --------------------------------------------------------------------------- entrypoint in place
+
+SET_WORKING_DIRECTORY = "prefect.deployments.steps.set_working_directory"
+ENTRYPOINT = "flows/backup_file.py:backup_file_flow"
+
+
+def deployment(
+    pull_steps: list[dict[str, Any]] | None, entrypoint: str = ENTRYPOINT, **more: Any
+) -> DeploymentResponse:
+    return DeploymentResponse(
+        id=uuid.uuid4(),
+        name="backup-file",
+        flow_id=uuid.uuid4(),
+        entrypoint=entrypoint,
+        pull_steps=pull_steps,
+        **more,
+    )
+
+
+def flow_run_of(deployed: DeploymentResponse) -> FlowRun:
+    return FlowRun(id=uuid.uuid4(), flow_id=deployed.flow_id, deployment_id=deployed.id)
+
+
+def test_a_project_deployment_runs_its_entrypoint_in_its_folder(tmp_path: Path) -> None:
+    deployed = deployment([{SET_WORKING_DIRECTORY: {"directory": str(tmp_path)}}])
+    assert entrypoint_in_place(deployed) == EntrypointInPlace(tmp_path, ENTRYPOINT)
+
+    configuration = InPlaceJobConfiguration(command="python -m launcher", env={})
+    configuration.prepare_for_flow_run(flow_run_of(deployed), deployed)
+    assert configuration.working_dir == tmp_path
+    assert configuration.env[ENTRYPOINT_ENV] == ENTRYPOINT
+    assert configuration.command == "python -m launcher"
+
+
+@pytest.mark.parametrize(
+    ("steps", "entrypoint", "more"),
+    [
+        (None, ENTRYPOINT, {}),
+        ([], ENTRYPOINT, {}),
+        # A clone, or a second step: the code comes from the steps.
+        ([{"prefect.deployments.steps.git_clone": {"repository": "https://x/y"}}], ENTRYPOINT, {}),
+        ([{SET_WORKING_DIRECTORY: {"directory": "{dir}"}}, {"x.y": {}}], ENTRYPOINT, {}),
+        ([{SET_WORKING_DIRECTORY: {"directory": "relative/dir"}}], ENTRYPOINT, {}),
+        ([{SET_WORKING_DIRECTORY: {"directory": "{dir}/missing"}}], ENTRYPOINT, {}),
+        ([{SET_WORKING_DIRECTORY: {"directory": "{dir}", "extra": 1}}], ENTRYPOINT, {}),
+        # A module path is importable only after the steps.
+        ([{SET_WORKING_DIRECTORY: {"directory": "{dir}"}}], "flows.backup_file.flow", {}),
+        ([{SET_WORKING_DIRECTORY: {"directory": "{dir}"}}], ENTRYPOINT,
+         {"storage_document_id": uuid.uuid4()}),
+    ],
+)  # fmt: skip
+def test_any_other_deployment_starts_as_prefect_starts_it(
+    tmp_path: Path, steps: list[dict[str, Any]] | None, entrypoint: str, more: dict[str, Any]
+) -> None:
+    rendered = [
+        {name: {key: str(value).replace("{dir}", str(tmp_path)) for key, value in args.items()}}
+        for step in steps or []
+        for name, args in step.items()
+    ]
+    deployed = deployment(rendered if steps is not None else None, entrypoint, **more)
+    assert entrypoint_in_place(deployed) is None
+
+    configuration = InPlaceJobConfiguration(command="python -m launcher", env={})
+    configuration.prepare_for_flow_run(flow_run_of(deployed), deployed)
+    assert configuration.working_dir is None
+    assert ENTRYPOINT_ENV not in configuration.env
+
+
+def test_a_working_directory_set_in_the_pool_is_kept(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    deployed = deployment([{SET_WORKING_DIRECTORY: {"directory": str(tmp_path)}}])
+    configuration = InPlaceJobConfiguration(
+        command="python -m launcher", env={}, working_dir=elsewhere
+    )
+    configuration.prepare_for_flow_run(flow_run_of(deployed), deployed)
+    assert configuration.working_dir == elsewhere
+    assert ENTRYPOINT_ENV not in configuration.env
+
+
+def test_the_warm_worker_builds_in_place_job_configurations() -> None:
+    assert WarmProcessWorker.job_configuration is InPlaceJobConfiguration
