@@ -10,7 +10,6 @@ import pytest
 
 from msi_prefect.prefect_layer.dispatch.batcher import (
     BACKLOG_STALE_S,
-    BUSY_MAX_WAIT_S,
     TRIGGER_LAG_S,
     AdaptiveGate,
     DownstreamRunCounts,
@@ -210,28 +209,11 @@ def test_adaptive_holds_while_too_many_runs_run_and_honours_the_longest_wait(
     rig.backlog.set(waiting=0, running=6)
     assert not rig.batcher.dispatch_alone()
     rig.batcher.add(facts("a"))
-    rig.clock.now += 5.1  # max_wait_s: the runs are busy, so the batch keeps growing
+    rig.clock.now += 4.9
     rig.backlog.set(waiting=0, running=6)
     assert rig.batcher.send_due() == 0
-    rig.batcher.add(facts("b"))
-    rig.clock.now += BUSY_MAX_WAIT_S - 5.1 - 0.1
+    rig.clock.now += 0.2  # the oldest file has waited max_wait_s: it goes anyway
     rig.backlog.set(waiting=0, running=6)
-    assert rig.batcher.send_due() == 0
-    rig.clock.now += 0.2  # the oldest file has waited BUSY_MAX_WAIT_S: it goes anyway
-    rig.backlog.set(waiting=0, running=6)
-    assert rig.batcher.send_due() == 1
-    assert rig.sent.batches == [["a", "b"]]
-
-
-def test_adaptive_honours_a_longer_max_wait_than_the_busy_one(outbox: DurableQueue) -> None:
-    rig = adaptive(outbox, max_wait_s=BUSY_MAX_WAIT_S + 10)
-    rig.backlog.set(waiting=4)
-    rig.clock.now += 2
-    rig.batcher.add(facts("a"))
-    rig.clock.now += BUSY_MAX_WAIT_S + 5
-    rig.backlog.set(waiting=4)
-    assert rig.batcher.send_due() == 0
-    rig.clock.now += 5
     assert rig.batcher.send_due() == 1
 
 
@@ -253,9 +235,8 @@ def test_adaptive_without_a_fresh_reading_batches(outbox: DurableQueue) -> None:
     for name in "ab":  # no file goes alone into a server that cannot answer in time
         assert not rig.batcher.dispatch_alone()
         rig.batcher.add(facts(name))
-    rig.clock.now += 5.0  # max_wait_s: a slow server is a busy one, the batch keeps growing
     assert rig.batcher.send_due() == 0
-    rig.clock.now += BUSY_MAX_WAIT_S - 5.0  # the oldest has waited BUSY_MAX_WAIT_S: it goes
+    rig.clock.now += 5.0  # the oldest has waited max_wait_s: the batch goes
     assert rig.batcher.send_due() == 1
     assert rig.sent.batches == [["a", "b"]]
 

@@ -12,8 +12,7 @@ gather while they do not (:class:`AdaptiveGate`): a file rebuilt when the last d
 at least ``min_gap_s`` old and the Prefect server holds no downstream run that has not
 started yet goes alone (lowest latency); otherwise it waits, and everything waiting goes as
 one batch as soon as the runs have started (or when the batch is full, or its oldest file
-has waited :data:`BUSY_MAX_WAIT_S`, or ``max_wait_s`` if longer). The batch size follows
-the backlog with no setting to tune.
+has waited ``max_wait_s``). The batch size follows the backlog with no setting to tune.
 
 Files waiting for their batch are kept in a small SQLite outbox next to the reassembler's
 progress store, written before the file's offsets are committed. After a crash the
@@ -57,12 +56,6 @@ BACKLOG_ACTIVE_S = 30.0
 #: then gather into batches. (Per-file dispatch there, spaced by time, sent 3 runs per file
 #: into an overloaded server: 400 runs waited in a soak at 1.2 files/s, bench/RESULTS.md.)
 BACKLOG_STALE_S = 5.0
-#: Adaptive dispatch: while the downstream runs are busy (or the server too slow to say), a
-#: batch that is not full waits for them this long at most (``max_wait_s`` if longer). With
-#: ``max_wait_s`` (5 s) alone, an overloaded server got a small batch every 5 s whatever its
-#: backlog: at 3 files/s, 8 files per batch and 84 batch runs running at once after 9
-#: minutes, each slower for the others, the backlog growing (bench/RESULTS.md, issue 13).
-BUSY_MAX_WAIT_S = 30.0
 
 
 def batch_outbox(path: str | Path) -> DurableQueue:
@@ -239,7 +232,6 @@ class AdaptiveGate:
         min_gap_s: Shortest time between two dispatches.
         max_running: Running downstream runs at which files wait.
         clock: Monotonic time source (the backlog's).
-        busy_max_wait_s: The longest a batch that is not full waits for quiet.
     """
 
     def __init__(
@@ -248,12 +240,10 @@ class AdaptiveGate:
         min_gap_s: float = DEFAULT_MIN_GAP_S,
         max_running: int = DEFAULT_MAX_RUNNING,
         clock: Callable[[], float] = time.monotonic,
-        busy_max_wait_s: float = BUSY_MAX_WAIT_S,
     ) -> None:
         self._backlog = backlog
         self._min_gap_s = min_gap_s
         self._max_running = max_running
-        self._busy_max_wait_s = busy_max_wait_s
         self._clock = clock
         self._last_dispatch = float("-inf")
 
@@ -283,19 +273,13 @@ class AdaptiveGate:
         """Files are waiting for the gate: keep the readings coming."""
         self._backlog.wake()
 
-    @property
-    def busy_max_wait_s(self) -> float:
-        """How long a batch that is not full waits for the gate at most."""
-        return self._busy_max_wait_s
-
 
 class FileBatcher:
     """Groups rebuilt files into batches of at most ``max_files``.
 
     A batch goes out when it is full, or ``max_wait_s`` after its first file arrived (for
     the files left over after a full batch: after the batch before them was sent), or,
-    with a ``gate``, as soon as the gate is quiet, and at the latest after the gate's
-    ``busy_max_wait_s`` (or ``max_wait_s`` if longer).
+    with a ``gate``, as soon as the gate is quiet.
 
     Args:
         outbox: Where waiting files are kept.
@@ -359,13 +343,13 @@ class FileBatcher:
     def _due(self) -> bool:
         if self._waiting >= self._max_files:
             return True
-        longest_wait_s = self._max_wait_s
+        if self._oldest_at is not None and self._clock() - self._oldest_at >= self._max_wait_s:
+            return True
         if self._gate is not None:
             if self._gate.is_quiet():
                 return True
             self._gate.holding()
-            longest_wait_s = max(longest_wait_s, self._gate.busy_max_wait_s)
-        return self._oldest_at is not None and self._clock() - self._oldest_at >= longest_wait_s
+        return False
 
     def send_due(self, force: bool = False) -> int:
         """Send the batches that are due (every waiting file if ``force``).

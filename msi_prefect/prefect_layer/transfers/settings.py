@@ -152,10 +152,8 @@ class TransferSettings(Block):
         le=MAX_BATCH_WAIT_S,
         title="Batch Wait (seconds)",
         description="batch and adaptive dispatch: a batch that is not full is sent at the "
-        "latest this long after its first file was rebuilt. Adaptive dispatch sends it "
-        "as soon as the downstream runs before it have started, and while they are busy "
-        "lets it grow for up to 30 s (or this, if longer), so that a loaded server gets "
-        "fewer, larger batches.",
+        "latest this long after its first file was rebuilt (adaptive dispatch sends it "
+        "sooner, as soon as the downstream runs before it have started).",
     )
     wire_format: WireFormat = Field(
         default=WireFormat.NATIVE,
