@@ -87,7 +87,7 @@ _COPIED_FIELDS: Final = (
 )
 _SCHEDULED_OR_ACTIVE: Final = (RunState.SCHEDULED, *ACTIVE_STATES)
 #: A host has one rebuilder; more than this many active runs of it is not looked at.
-MAX_RUNS_PER_QUERY: Final = 50
+MAX_HOST_RUNS_PER_QUERY: Final = 50
 # The fields of a template's schedule its copy is created with.
 _SCHEDULE_FIELDS: Final = ("schedule", "active", "max_scheduled_runs", "parameters", "slug")
 
@@ -337,7 +337,7 @@ def _host_runs(
     client: Any, deployment_id: str, states: tuple[RunState, ...], policy: RetryPolicy, what: str
 ) -> list[dict[str, Any]]:
     scope = {"deployments": {"id": {"any_": [deployment_id]}}}
-    return runs_in_states(client, scope, states, policy, what, MAX_RUNS_PER_QUERY)
+    return runs_in_states(client, scope, states, policy, what, MAX_HOST_RUNS_PER_QUERY)
 
 
 def crash_orphaned_host_runs(

@@ -353,10 +353,10 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         again = cli(state_dir, "rerun", "backup", burst[-1])
         assert again.returncode == 0, again.stderr
         assert f"started the backup of {burst[-1]} (generation 1): flow run " in again.stdout
-        manual_url = f"{api}/flow_runs/{again.stdout.split('flow run ')[1].split()[0]}"
-        manual_run = lambda: httpx.get(manual_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
+        manual_id = again.stdout.split("flow run ")[1].split()[0]
+        manual_run = functools.partial(_run_by_id, api, manual_id)
         assert _wait_for_state(manual_run) == "COMPLETED"
-        assert manual_run()["name"] == f"backup {burst[-1]}"
+        assert manual_run()["name"] == f"backup {burst[-1]}"  # type: ignore[index]
         # Its own backed-up event beside the first backup's (events arrive a moment after
         # the run's final state).
         assert _wait_for_count(lambda: len(_events_of(api, "msi.file.backed-up", burst[-1])), 2)
@@ -390,8 +390,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         assert victims, "the backup run has a process of its own"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        killed_url = f"{api}/flow_runs/{killed_id}"
-        killed_state = lambda: httpx.get(killed_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
+        killed_state = functools.partial(_run_by_id, api, killed_id)
         assert _wait_for_state(killed_state) == "CRASHED"
 
         outage_run = lambda: _backup_run_of(api, "during-outage.dat")  # noqa: E731
@@ -427,8 +426,7 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
             timeout=API_TIMEOUT_S,
         )
         assert rerun.status_code == 201, rerun.text
-        rerun_url = f"{api}/flow_runs/{rerun.json()['id']}"
-        rerun_run = lambda: httpx.get(rerun_url, timeout=API_TIMEOUT_S).json()  # noqa: E731
+        rerun_run = functools.partial(_run_by_id, api, rerun.json()["id"])
         assert _wait_for_state(rerun_run) == "COMPLETED"
 
         # The transfers send heartbeats every FLOW_RUN_HEARTBEAT_S (the worker's setting;
