@@ -14,7 +14,16 @@ to what happens before a run's process starts:
   pull step is ``set_working_directory`` (as ``prefect.yaml``'s) runs in that folder with
   its entrypoint given to the engine (``PREFECT__FLOW_ENTRYPOINT``), so the run's process
   does not read the deployment again nor run the step (a request, an event and about
-  0.1 s before the run is RUNNING). Any other deployment starts as Prefect starts it.
+  0.1 s before the run is RUNNING). Any other deployment starts as Prefect starts it;
+- **one run context for all runs**: Prefect's process worker builds, for every run, the
+  machinery that watches it (two API clients, a control channel, an events websocket
+  listening for its cancellation) and tears it down when the run ends: about 0.25 s
+  between the run's Submitting state and its process starting, with three runs per file
+  starting at once. This worker enters that machinery (Prefect's
+  ``FlowRunExecutorContext``, which watches any number of runs, as Prefect's own runner
+  does) once, when it starts, and gives each run an executor of it. A run started with
+  no command of its own in the pool (Prefect resolves its workspace per run) starts as
+  Prefect starts it.
 
 It presents itself to the server as a ``process`` worker (the pool's type and job template
 stay Prefect's), but is registered under its own key, :data:`WORKER_TYPE`, so that
@@ -24,16 +33,23 @@ in a process that imported this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import anyio
+import anyio.abc
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
-from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
+from prefect.flows import load_flow_from_flow_run
+from prefect.runner._flow_run_executor import FlowRunExecutionResult, FlowRunExecutorContext
+from prefect.runner._process_manager import ProcessHandle
+from prefect.runner._starter_engine import EngineCommandStarter
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from msi_prefect.warm_start import WORKER_TYPE
 from msi_prefect.warm_start.short_lived_reads import share_deployment_and_flow_reads
@@ -137,10 +153,59 @@ class WarmProcessWorker(ProcessWorker):
         super().__init__(*args, **kwargs)
         self._taken = RecentRuns()
         self._wake_ups: RunWakeUps | None = None
+        self._run_context: FlowRunExecutorContext | None = None
 
     async def setup(self) -> None:
+        # Entered before Prefect's setup enters the runs' task group, so that on the way
+        # out it is left after that group has waited for the runs (its process manager
+        # stops whatever run is still there, as each run's own context would).
+        self._run_context = await self._exit_stack.enter_async_context(FlowRunExecutorContext())
         await super().setup()
         share_deployment_and_flow_reads(self.client)
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: ProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        """Start the run's command with the worker's run context; wait for its process to end."""
+        shared = self._run_context
+        if shared is None or not configuration._command_configured:
+            return await super().run(flow_run, configuration, task_status)
+        started = task_status if task_status is not None else anyio.TASK_STATUS_IGNORED
+        folder = (
+            contextlib.nullcontext(configuration.working_dir)
+            if configuration.working_dir
+            else tempfile.TemporaryDirectory(suffix="prefect")
+        )
+        with folder as working_dir:
+            starter = EngineCommandStarter(
+                command=configuration.command,
+                cwd=Path(working_dir).resolve(),
+                env=configuration.env,
+                stream_output=configuration.stream_output,
+                control_channel=shared.control_channel,
+            )
+            executor = shared.create_executor(
+                flow_run, starter, resolve_flow=load_flow_from_flow_run, propose_submitting=False
+            )
+            execution: FlowRunExecutionResult | None = None
+
+            async def submit(*, task_status: anyio.abc.TaskStatus[ProcessHandle]) -> None:
+                nonlocal execution
+                execution = await executor.submit(task_status=task_status)
+
+            async with anyio.create_task_group() as group:
+                handle = await group.start(submit)  # returns once the process has started
+                if handle.pid is None:
+                    raise RuntimeError("Flow run process has no PID")
+                started.started(handle.pid)
+        if execution is None or execution.status_code is None:
+            raise RuntimeError("Failed to start flow run process.")
+        return ProcessWorkerResult(
+            status_code=execution.status_code, identifier=str(execution.handle.pid)
+        )
 
     async def _initialize_after_sync(self) -> None:
         await super()._initialize_after_sync()

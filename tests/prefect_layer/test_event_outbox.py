@@ -26,6 +26,7 @@ from msi_prefect.prefect_layer.event_outbox import (
     downstream_outbox_path,
     event_body,
     event_outbox,
+    settings_without_client_retries,
     unconfirmed_outbox,
 )
 from msi_prefect.prefect_layer.events import EventName, FileFacts, file_event
@@ -132,6 +133,28 @@ def test_the_sender_thread_sees_the_callers_prefect_settings(tmp_path: Path) -> 
         channel.emit(spec("a.bin"))
         wait_until(lambda: bool(seen))
     assert seen == ["http://127.0.0.1:9/api"]
+
+
+def test_settings_without_client_retries_change_that_one_setting() -> None:
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_CLIENT_MAX_RETRIES,
+        PREFECT_CLIENT_RETRY_JITTER_FACTOR,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    with temporary_settings(
+        updates={PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 4}
+    ):
+        settings = get_current_settings()
+        quiet = settings_without_client_retries(settings)
+    assert PREFECT_CLIENT_MAX_RETRIES.value_from(quiet) == 0
+    assert PREFECT_CLIENT_MAX_RETRIES.value_from(settings) == 4  # the original is untouched
+    assert PREFECT_API_URL.value_from(quiet) == "http://127.0.0.1:9/api"
+    assert PREFECT_CLIENT_RETRY_JITTER_FACTOR.value_from(quiet) == (
+        PREFECT_CLIENT_RETRY_JITTER_FACTOR.value_from(settings)
+    )
 
 
 class ForgetfulServer(FlakyServer):
