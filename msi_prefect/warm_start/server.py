@@ -6,7 +6,9 @@ named in ``MSI_WARM_START_PRELOAD``, comma-separated, for a lab's own analysis p
 then does once what every run would otherwise repeat (:mod:`msi_prefect.warm_start.prewarm`:
 one TLS context for Prefect's API clients, the server's default result storage asked
 once a minute, the flow scripts of ``MSI_WARM_START_FLOWS``
-executed; ``MSI_WARM_START_PREWARM=0`` turns that off), then listens on a Unix socket that
+executed, and, as runs come, their Prefect settings built once per distinct inputs
+(:mod:`msi_prefect.warm_start.run_settings`); ``MSI_WARM_START_PREWARM=0`` turns that
+off), then listens on a Unix socket that
 only its own user may use. For each launcher that connects it forks; the child takes the
 launcher's streams, environment and working directory, starts a session of its own (as the
 process worker does for its runs), and runs ``prefect.engine`` as ``python -m prefect.engine``
@@ -53,6 +55,7 @@ from msi_prefect.warm_start.protocol import (
     Verb,
     send_message,
 )
+from msi_prefect.warm_start.run_settings import RunSettings
 
 logger = logging.getLogger("msi_prefect.warm_start")
 
@@ -104,9 +107,14 @@ def preload(modules: Sequence[str]) -> list[str]:
     return failed
 
 
+def prewarm_enabled() -> bool:
+    """Whether the server does once what runs would repeat (``MSI_WARM_START_PREWARM``)."""
+    return os.environ.get(PREWARM_ENV, "1") != "0"
+
+
 def prewarm() -> None:
     """Do once what every run would repeat (see :mod:`msi_prefect.warm_start.prewarm`)."""
-    if os.environ.get(PREWARM_ENV, "1") == "0":
+    if not prewarm_enabled():
         return
     try:
         share_api_tls_contexts()
@@ -143,7 +151,11 @@ def _watch_launcher(conn: socket.socket) -> None:
 
 
 def _become_flow_run(
-    conn: socket.socket, listener: socket.socket, request: LaunchRequest, fds: list[int]
+    conn: socket.socket,
+    listener: socket.socket,
+    request: LaunchRequest,
+    fds: list[int],
+    run_settings: RunSettings,
 ) -> NoReturn:
     """In the forked child: turn into the launcher's flow-run process and run the engine."""
     code = 1
@@ -160,9 +172,7 @@ def _become_flow_run(
         os.environ.update(request.env)
         os.chdir(request.cwd)
         sys.argv = ["prefect.engine", *request.argv]
-        from prefect.context import refresh_global_settings_context
-
-        refresh_global_settings_context()  # settings read from the run's environment
+        run_settings.apply()  # settings read from the run's environment, or known already
         _watch_launcher(conn)
         # runpy warns that prefect.engine is imported already: that is the point here.
         warnings.filterwarnings("ignore", "'prefect.engine' found in sys.modules", RuntimeWarning)
@@ -186,8 +196,8 @@ def _become_flow_run(
         os._exit(code)
 
 
-def _serve_one(conn: socket.socket, listener: socket.socket) -> None:
-    """Read one launch request and fork its child (the server keeps nothing of it)."""
+def _serve_one(conn: socket.socket, listener: socket.socket, run_settings: RunSettings) -> None:
+    """Read one launch request, fork its child, then learn the settings of its inputs."""
     fds: list[int] = []
     try:
         if _peer_uid(conn) != os.getuid():
@@ -208,10 +218,11 @@ def _serve_one(conn: socket.socket, listener: socket.socket) -> None:
         sys.stderr.flush()
         child = os.fork()
         if child == 0:
-            _become_flow_run(conn, listener, request, fds)
+            _become_flow_run(conn, listener, request, fds, run_settings)
         # From here on the launcher stands in for the child: a launcher that hears nothing
         # was refused before any fork, and may run the flow itself.
         send_message(conn, Verb.PID, child)
+        run_settings.learn(request.env, request.cwd)  # after the fork: off this run's path
     finally:
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -231,6 +242,7 @@ def serve(socket_path: Path, modules: Sequence[str]) -> None:
     listener.listen(LISTEN_BACKLOG)
     listener.settimeout(ACCEPT_POLL_S)
     stopping = False
+    run_settings = RunSettings(enabled=prewarm_enabled())
 
     def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -248,7 +260,7 @@ def serve(socket_path: Path, modules: Sequence[str]) -> None:
             except InterruptedError:
                 continue
             conn.settimeout(None)
-            _serve_one(conn, listener)
+            _serve_one(conn, listener, run_settings)
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
