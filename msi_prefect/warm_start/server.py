@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from msi_prefect.warm_start.launch import FORWARDED_SIGNALS
 from msi_prefect.warm_start.prewarm import (
     PREWARM_ENV,
     flow_script_folders,
@@ -150,6 +151,33 @@ def _watch_launcher(conn: socket.socket) -> None:
     threading.Thread(target=watch, name="warm-start-launcher-watch", daemon=True).start()
 
 
+def _fork_holding_signals() -> int:
+    """``os.fork()`` with the signals a launcher passes on blocked until the child owns them.
+
+    The launcher passes its signals on as soon as it has the child's pid; until the child
+    has set its own handlers (:func:`_own_signals`) they would run a copy of the server's
+    (a stop request the child would never act on: a cancellation lost until the worker
+    kills the launcher). Blocked, they wait for the child's handlers instead.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        child = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    if child:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return child
+
+
+def _own_signals() -> None:
+    """In the child: a flow-run process's handlers, then the signals held since the fork."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+
+
 def _become_flow_run(
     conn: socket.socket,
     listener: socket.socket,
@@ -162,9 +190,7 @@ def _become_flow_run(
     try:
         listener.close()
         os.setsid()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _own_signals()
         for target, fd in zip(STANDARD_FDS, fds, strict=True):
             os.dup2(fd, target)
             os.close(fd)
@@ -216,7 +242,7 @@ def _serve_one(conn: socket.socket, listener: socket.socket, run_settings: RunSe
             logger.warning("warm start: the server runs threads; a fork copies only one")
         sys.stdout.flush()
         sys.stderr.flush()
-        child = os.fork()
+        child = _fork_holding_signals()
         if child == 0:
             _become_flow_run(conn, listener, request, fds, run_settings)
         # From here on the launcher stands in for the child: a launcher that hears nothing

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -190,6 +191,40 @@ def test_a_signal_to_the_launcher_reaches_the_child(
     while not _gone(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(child)
+
+
+# A signal that reaches the child between the fork and its own handlers, in a process of
+# its own (the script replaces SIGTERM's handler, as the warm server does).
+SIGNAL_IN_THE_FORK_WINDOW = textwrap.dedent(
+    """
+    import os, signal
+    from msi_prefect.warm_start.server import _fork_holding_signals, _own_signals
+
+    servers_handler_ran = []
+    signal.signal(signal.SIGTERM, lambda *_: servers_handler_ran.append(True))
+    child = _fork_holding_signals()
+    if child == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # before the child has its handlers
+        if servers_handler_ran:
+            os._exit(3)  # the server's handler took it: the child would run on
+        _own_signals()
+        os._exit(0)  # not reached: the held SIGTERM ends the child here
+    _, status = os.waitpid(child, 0)
+    print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM,
+          os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+    """
+)
+
+
+def test_a_signal_before_the_child_has_its_handlers_reaches_them() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_THE_FORK_WINDOW],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=True,
+    )
+    assert completed.stdout.split() == ["True", "None"]
 
 
 def test_a_child_whose_launcher_was_killed_stops(
