@@ -156,7 +156,9 @@ class _Preloaded:
     module: types.ModuleType
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """A file's modification time, size and inode (what changes when it is rewritten or
+    replaced), or None when it is not there."""
     try:
         status = path.stat()
     except OSError:
@@ -187,7 +189,7 @@ def preload_flow_scripts(folders: Iterable[Path]) -> dict[Path, types.ModuleType
         for folder in folders:
             for script in sorted(Path(folder).glob("*.py")):
                 resolved = script.resolve()
-                signature = _signature(resolved)
+                signature = file_signature(resolved)
                 if signature is None or script.name.startswith("_"):
                     continue
                 try:
@@ -202,7 +204,7 @@ def preload_flow_scripts(folders: Iterable[Path]) -> dict[Path, types.ModuleType
     def load_script_as_module(path: str) -> types.ModuleType:
         resolved = Path(path).resolve()
         hit = cache.get(resolved)
-        if hit is None or _signature(resolved) != hit.signature:
+        if hit is None or file_signature(resolved) != hit.signature:
             return original(path)
         # As the original leaves it: the script's folder and the working directory first.
         for entry in (os.getcwd(), str(resolved.parent)):

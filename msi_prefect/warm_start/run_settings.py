@@ -13,8 +13,8 @@ itself (:meth:`RunSettings.learn`), and a later child whose inputs are the same 
 (:meth:`RunSettings.apply`) instead of building its own. Inputs are everything Prefect's
 settings are read from: the ``PREFECT_*`` environment (and ``HOME``, which places the
 profiles), the working folder and the files Prefect reads there (``.env``,
-``prefect.toml``, ``pyproject.toml``) and the profiles files, the files by size and
-modification time. Any difference, and the child builds its own as before.
+``prefect.toml``, ``pyproject.toml``) and the profiles files, the files by modification
+time, size and inode. Any difference, and the child builds its own as before.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from msi_prefect.warm_start.prewarm import file_signature
 
 if TYPE_CHECKING:
     from prefect.context import SettingsContext
@@ -41,16 +43,6 @@ PER_RUN_ENV_PREFIX = "PREFECT__"
 OTHER_SETTINGS_ENV = ("HOME",)
 #: Files in the working folder that Prefect's settings are read from.
 FOLDER_SETTINGS_FILES = (".env", "prefect.toml", "pyproject.toml")
-#: What stands for a file that is not there (or cannot be read).
-NO_FILE = (-1, -1)
-
-
-def _file_mark(path: Path) -> tuple[int, int]:
-    try:
-        stat = path.stat()
-    except OSError:
-        return NO_FILE
-    return (stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -59,7 +51,7 @@ class SettingsInputs:
 
     environment: tuple[tuple[str, str], ...]
     directory: str
-    files: tuple[tuple[str, tuple[int, int]], ...]
+    files: tuple[tuple[str, tuple[int, int, int] | None], ...]
 
     @classmethod
     def of(cls, env: Mapping[str, str], directory: str) -> SettingsInputs:
@@ -78,7 +70,7 @@ class SettingsInputs:
         folder = Path(directory)
         paths = [folder / name for name in FOLDER_SETTINGS_FILES]
         paths.extend(_profiles_files(env))
-        files = tuple((str(path), _file_mark(path)) for path in paths)
+        files = tuple((str(path), file_signature(path)) for path in paths)
         return cls(environment, directory, files)
 
 
