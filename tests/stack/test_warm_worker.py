@@ -36,7 +36,7 @@ from msi_prefect.warm_start.wake_ups import (
     flow_run_id_of,
 )
 
-QUICK = WakeUpPolicy(min_gap_s=0.0, retry_delays_s=(0.01, 0.01, 0.01))
+QUICK = WakeUpPolicy(min_gap_s=0.0, max_gap_s=0.0, retry_delays_s=(0.01, 0.01, 0.01))
 
 
 class FakeClock:
@@ -291,6 +291,45 @@ def test_polls_are_spaced_by_the_minimum_gap() -> None:
     assert poll.taken == {first, second}
     assert len(poll.started) == 2
     assert poll.started[1] - poll.started[0] >= gap
+
+
+def test_the_gap_between_polls_follows_the_last_poll_within_its_bounds() -> None:
+    policy = WakeUpPolicy(gap_in_poll_times=4.0, min_gap_s=0.05, max_gap_s=0.5)
+    assert policy.gap_after(0.001) == 0.05  # an idle server: the floor
+    assert policy.gap_after(0.05) == pytest.approx(0.2)
+    assert policy.gap_after(2.0) == 0.5  # a slow server: never wider than the ceiling
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"min_gap_s": 0.6, "max_gap_s": 0.5}, {"min_gap_s": -0.1}, {"gap_in_poll_times": -1.0}],
+)
+def test_a_policy_with_impossible_gaps_is_refused(fields: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="wake-up gaps"):
+        WakeUpPolicy(**fields)
+
+
+def test_a_slow_poll_spaces_the_next_one_by_its_duration() -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    slow_s = 0.06
+    inner = FakePoll({first: 1, second: 2})
+
+    async def slow_poll() -> Iterable[UUID]:
+        found = await inner()
+        await anyio.sleep(slow_s)
+        return found
+
+    policy = WakeUpPolicy(gap_in_poll_times=4.0, min_gap_s=0.0, max_gap_s=1.0, retry_delays_s=())
+    wake_ups = RunWakeUps(slow_poll, inner.is_taken, policy)
+
+    async def announce() -> None:
+        wake_ups.announce(first)
+        await anyio.sleep(slow_s + 0.02)  # the first poll is done
+        wake_ups.announce(second)
+
+    _serve(wake_ups, announce, seconds=0.6)
+    assert inner.taken == {first, second}
+    assert inner.started[1] - inner.started[0] >= 4.0 * slow_s
 
 
 def test_a_failed_poll_leaves_the_wake_ups_serving() -> None:
