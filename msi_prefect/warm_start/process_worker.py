@@ -1,7 +1,7 @@
 """The stack's worker: Prefect's process worker, quicker from a run's creation to its start.
 
 :class:`WarmProcessWorker` is Prefect's ``ProcessWorker`` (its runs, logs, cancellation,
-Crashed states, concurrency limits and retries are Prefect's own code) with three changes
+Crashed states, concurrency limits and retries are Prefect's own code) with these changes
 to what happens before a run's process starts:
 
 - **wake-ups** (:mod:`msi_prefect.warm_start.wake_ups`): a new run announced on the events
@@ -11,6 +11,9 @@ to what happens before a run's process starts:
 - **labels and Submitting in the background**: the worker's labels on the run (its name
   and pool, for the UI) and the run's ``Submitting`` state are written while the run's
   process starts, not before it;
+- **the settings' environment once** (:mod:`msi_prefect.warm_start.settings_environment`):
+  Prefect turned the worker's settings into environment variables twice per run, about
+  35 ms of CPU; the worker now does it once per settings object;
 - **the entrypoint in place** (:class:`InPlaceJobConfiguration`): a deployment whose only
   pull step is ``set_working_directory`` (as ``prefect.yaml``'s) runs in that folder with
   its entrypoint given to the engine (``PREFECT__FLOW_ENTRYPOINT``), so the run's process
@@ -53,6 +56,7 @@ from prefect.runner._starter_engine import EngineCommandStarter
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from msi_prefect.warm_start import WORKER_TYPE
+from msi_prefect.warm_start.settings_environment import remember_settings_environment
 from msi_prefect.warm_start.short_lived_reads import share_deployment_and_flow_reads
 from msi_prefect.warm_start.wake_ups import (
     SCHEDULED_EVENT,
@@ -161,6 +165,7 @@ class WarmProcessWorker(ProcessWorker):
         # out it is left after that group has waited for the runs (its process manager
         # stops whatever run is still there, as each run's own context would).
         self._run_context = await self._exit_stack.enter_async_context(FlowRunExecutorContext())
+        remember_settings_environment()
         await super().setup()
         share_deployment_and_flow_reads(self.client)
 

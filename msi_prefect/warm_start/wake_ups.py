@@ -39,7 +39,7 @@ class WakeUpPolicy:
 
     Attributes:
         gap_in_poll_times: Seconds between the starts of two polls this starts, in
-            durations of the last poll (4: polls in flight at most a quarter of the time).
+            durations of the last poll (2: polls in flight at most half the time).
         min_gap_s: The shortest gap between the starts of two polls.
         max_gap_s: The longest gap: a slow server's polls are never spaced more widely.
         retry_delays_s: Waits before polling again while an announced run was not found
@@ -47,7 +47,7 @@ class WakeUpPolicy:
             takes over.
     """
 
-    gap_in_poll_times: float = 4.0
+    gap_in_poll_times: float = 2.0
     min_gap_s: float = 0.05
     max_gap_s: float = 0.5
     retry_delays_s: tuple[float, ...] = (0.05, 0.2, 0.5)
