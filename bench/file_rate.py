@@ -133,6 +133,9 @@ EVENT_POLL_S = 3.0
 # Each read of the events starts this long before the newest one seen (late arrivals).
 EVENT_OVERLAP_S = 30.0
 RUNS_PAGE = 200
+#: Downstream runs whose state history is read for the phases of their start (a request
+#: each, after the run).
+PHASED_RUNS = 300
 RSS_SAMPLE_S = 0.5
 RSS_KEYS = ("server", "worker", "flow runs")
 # `MODE+NAME=VALUE` with one of these names is an option of `up`, not an environment variable.
@@ -168,6 +171,8 @@ class ModeResult:
     flow_runs: dict[str, int] = field(default_factory=dict)
     # created -> running of every downstream flow run, seconds.
     run_starts: list[float] = field(default_factory=list)
+    # Where the start went, for the first PHASED_RUNS of them.
+    start_phases: list[StartPhases] = field(default_factory=list)
     # Peak resident memory in MB: the Prefect server, the worker (with its warm server),
     # and all flow-run processes together.
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
@@ -270,9 +275,37 @@ def _count_history_versions(client: httpx.Client) -> int:
     return int(response.json())
 
 
-def _run_starts(client: httpx.Client) -> list[float]:
-    """created -> running (s) of every downstream flow run that started."""
+@dataclass(frozen=True)
+class StartPhases:
+    """Where a downstream run's start went, from its state history (seconds)."""
+
+    #: created -> Pending: the worker heard of the run, polled and took it.
+    to_pending: float
+    #: Pending -> RUNNING: the worker's job configuration, the run's process (launcher,
+    #: fork) and Prefect's engine up to its request for RUNNING.
+    to_running: float
+
+
+def _start_phases(client: httpx.Client, runs: list[dict[str, Any]]) -> list[StartPhases]:
+    """The start phases of up to :data:`PHASED_RUNS` of ``runs`` (one request each)."""
+    phases = []
+    for run in runs[:PHASED_RUNS]:
+        response = client.get("/flow_run_states/", params={"flow_run_id": run["id"]})
+        response.raise_for_status()
+        first: dict[str, float] = {}
+        for state in sorted(response.json(), key=lambda state: state["timestamp"]):
+            first.setdefault(state["type"], _epoch(state["timestamp"]))
+        if "PENDING" in first and "RUNNING" in first:
+            pending = first["PENDING"]
+            phases.append(StartPhases(pending - _epoch(run["created"]), first["RUNNING"] - pending))
+    return phases
+
+
+def _run_starts(client: httpx.Client) -> tuple[list[float], list[StartPhases]]:
+    """created -> running (s) of every downstream flow run that started, and the phases of
+    the first :data:`PHASED_RUNS` of them."""
     starts = []
+    started_runs: list[dict[str, Any]] = []
     for offset in range(0, 10_000, RUNS_PAGE):
         response = client.post(
             "/flow_runs/filter",
@@ -284,14 +317,12 @@ def _run_starts(client: httpx.Client) -> list[float]:
         )
         response.raise_for_status()
         page = response.json()
-        starts += [
-            _epoch(run["start_time"]) - _epoch(run["created"])
-            for run in page
-            if run.get("start_time")
-        ]
+        started = [run for run in page if run.get("start_time")]
+        starts += [_epoch(run["start_time"]) - _epoch(run["created"]) for run in started]
+        started_runs += started[: max(0, PHASED_RUNS - len(started_runs))]
         if len(page) < RUNS_PAGE:
             break
-    return starts
+    return starts, _start_phases(client, started_runs)
 
 
 def _rss_mb(pid: int) -> float:
@@ -429,7 +460,7 @@ def run_mode(scenario: Scenario, mode: str, opts: argparse.Namespace) -> ModeRes
             try:
                 result.flow_runs = _count_runs(client)
                 result.history_versions = _count_history_versions(client)
-                result.run_starts = _run_starts(client)
+                result.run_starts, result.start_phases = _run_starts(client)
             except httpx.HTTPError as exc:
                 result.notes["run_count_error"] = repr(exc)
     finally:
@@ -540,6 +571,20 @@ def _row(result: ModeResult) -> str:
     )
 
 
+def _phases_line(result: ModeResult) -> str:
+    phases = result.start_phases
+    if not phases:
+        return f"- {result.scenario}/{result.mode}: no run started"
+    pending = [phase.to_pending for phase in phases]
+    running = [phase.to_running for phase in phases]
+    return (
+        f"- {result.scenario}/{result.mode}: {len(phases)} runs; created -> Pending "
+        f"{fmt_seconds(statistics.median(pending))} (p90 {fmt_seconds(p90(pending))}), "
+        f"Pending -> RUNNING {fmt_seconds(statistics.median(running))} "
+        f"(p90 {fmt_seconds(p90(running))})"
+    )
+
+
 def report(
     results: list[ModeResult], opts: argparse.Namespace, load: tuple[float, float, float]
 ) -> str:
@@ -567,6 +612,13 @@ def report(
         "| peak RSS MB (server / worker / flow runs) | downstream flow runs created |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(result) for result in results),
+        "",
+        "Where a downstream run's start went (medians over the first "
+        f"{PHASED_RUNS} runs, from their state history): created -> Pending (the worker "
+        "heard of the run and took it), Pending -> RUNNING (its job configuration, its "
+        "process, Prefect's engine until it asked for RUNNING):",
+        "",
+        *(_phases_line(result) for result in results),
         "",
         "Events counted (distinct files) and notes:",
         "",

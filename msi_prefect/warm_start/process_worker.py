@@ -8,9 +8,10 @@ to what happens before a run's process starts:
   websocket is polled for at once, instead of at the next interval poll;
 - **shared reads** (:mod:`msi_prefect.warm_start.short_lived_reads`): the run's deployment
   is read once, not twice, and its flow at the same time, not after it;
-- **labels and Submitting in the background**: the worker's labels on the run (its name
-  and pool, for the UI) and the run's ``Submitting`` state are written while the run's
-  process starts, not before it;
+- **labels in the background**: the worker's labels on the run (its name and pool, for the
+  UI) are written while the run starts, not before (the run's ``Submitting`` state is
+  not: proposed in the background, it can reach a busy server after the run's
+  ``Completed``, which the server accepts, and the finished run is Pending again);
 - **the settings' environment once** (:mod:`msi_prefect.warm_start.settings_environment`):
   Prefect turned the worker's settings into environment variables twice per run, about
   35 ms of CPU; the worker now does it once per settings object;
@@ -281,13 +282,6 @@ class WarmProcessWorker(ProcessWorker):
             await read(object_id)
         except Exception:
             logger.debug("warm start: an early read failed; Prefect reads again", exc_info=True)
-
-    async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
-        # A record for the UI (the worker has the run); the run's process starts meanwhile.
-        # Should it land after the run's RUNNING, the server refuses it (a PENDING-type
-        # state after RUNNING), which Prefect's proposal takes as it is.
-        assert self._runs_task_group is not None
-        self._runs_task_group.start_soon(super()._propose_submitting_state, flow_run)
 
     async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
         # For the UI only; the run needs not wait for them.

@@ -10,8 +10,8 @@ burst of announcements, and a few short retries when the announced run is not th
 get there first). Polls are spaced by a few times the last poll's duration: on an idle
 server (a poll answered in about 20 ms) the runs that one file's automations create
 0.1-0.2 s apart are each taken within tens of milliseconds, while a busy server, whose
-polls take longer, gets fewer of them (one per burst of announcements, and at least
-:attr:`WakeUpPolicy.max_gap_s` apart at worst). Polling on the interval goes on as before:
+polls take longer, gets fewer of them (one per burst of announcements; a gap never
+exceeds :attr:`WakeUpPolicy.max_gap_s`). Polling on the interval goes on as before:
 a missed event costs at most that interval, as without wake-ups.
 """
 
