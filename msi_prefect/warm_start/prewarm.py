@@ -22,29 +22,18 @@ work in every run:
   the run is RUNNING. :func:`remember_default_result_storage` makes a run ask once a
   minute (:data:`DEFAULT_STORAGE_TTL_S`); a failed request is not remembered.
 
-- **The suspension observer's start**: Prefect 3.9 starts, in each deployment run, a
-  thread with an event loop and an events websocket that watches for the run being
-  suspended from the UI, and waits until it watches before it asks for RUNNING (about
-  50 ms of a run's start, traced). :func:`observe_suspensions_in_background` lets the run
-  go on while the observer starts. Nothing is missed: the observer reads the run's state
-  once it watches, and a suspension it finds stops the run at its next check, as one
-  that comes later does.
-
-None of them starts a thread in the server, so it stays safe to fork.
+None of them starts a thread, so the server stays safe to fork.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
 import ssl
 import sys
-import threading
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,57 +147,6 @@ def remember_default_result_storage(
 
     PrefectClient.read_server_default_result_storage = read_async  # type: ignore[method-assign]
     SyncPrefectClient.read_server_default_result_storage = read_sync  # type: ignore[method-assign]
-    return True
-
-
-#: Seconds a run's end waits for its suspension observer to have started, before it stops
-#: it (Prefect's own start waited without a limit; its stop waits 2 s more for the thread).
-OBSERVER_START_WAIT_S = 10.0
-
-
-def observe_suspensions_in_background(start_wait_s: float = OBSERVER_START_WAIT_S) -> bool:
-    """Start Prefect's suspension observer of a run beside the run instead of before it.
-
-    Patches ``prefect.flow_engine.observe_flow_run_suspension``: Prefect's observer is
-    entered in a thread of its own (with the run's context variables) while the run goes
-    on, and left as Prefect leaves it when the run ends. Returns False (and changes
-    nothing) when Prefect's engine is not as expected.
-    """
-    try:
-        from prefect import flow_engine
-    except ImportError:
-        return False
-    observe = getattr(flow_engine, "observe_flow_run_suspension", None)
-    if observe is None:
-        logger.warning("warm start: Prefect's engine has no suspension observer to start early")
-        return False
-    observe = getattr(observe, "__wrapped_observer__", observe)
-
-    @contextlib.contextmanager
-    def observe_in_background(*args: Any, **kwargs: Any) -> Iterator[None]:
-        observer = observe(*args, **kwargs)
-        context = contextvars.copy_context()
-        entered = threading.Event()
-        failed: list[BaseException] = []
-
-        def enter() -> None:
-            try:
-                context.run(observer.__enter__)
-            except BaseException as error:  # Prefect's own start logs and swallows these
-                failed.append(error)
-            finally:
-                entered.set()
-
-        threading.Thread(target=enter, name="suspension-observer-start", daemon=True).start()
-        try:
-            yield
-        finally:
-            # Left only once entered: a generator cannot be resumed while it runs.
-            if entered.wait(start_wait_s) and not failed:
-                observer.__exit__(None, None, None)
-
-    observe_in_background.__wrapped_observer__ = observe  # type: ignore[attr-defined]
-    flow_engine.observe_flow_run_suspension = observe_in_background
     return True
 
 

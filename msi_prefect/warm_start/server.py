@@ -45,7 +45,6 @@ from msi_prefect.warm_start.launch import FORWARDED_SIGNALS
 from msi_prefect.warm_start.prewarm import (
     PREWARM_ENV,
     flow_script_folders,
-    observe_suspensions_in_background,
     preload_flow_scripts,
     remember_default_result_storage,
     share_api_tls_contexts,
@@ -121,7 +120,6 @@ def prewarm() -> None:
     try:
         share_api_tls_contexts()
         remember_default_result_storage()
-        observe_suspensions_in_background()
         preload_flow_scripts(flow_script_folders())
     except Exception:
         logger.exception("warm start: prewarming failed; runs do that work themselves")

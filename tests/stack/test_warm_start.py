@@ -332,35 +332,3 @@ def test_a_run_asks_for_the_servers_default_result_storage_once_per_ttl(
     now[0] = 61.0
     SyncPrefectClient.read_server_default_result_storage(client)
     assert asked == ["sync", "sync", "sync"]
-
-
-def test_the_suspension_observer_starts_beside_the_run_and_stops_after_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import contextlib
-    import contextvars
-    import threading
-
-    from prefect import flow_engine
-
-    from msi_prefect.warm_start.prewarm import observe_suspensions_in_background
-
-    run_name: contextvars.ContextVar[str] = contextvars.ContextVar("run_name", default="none")
-    may_start = threading.Event()
-    steps: list[str] = []
-
-    @contextlib.contextmanager
-    def slow_observer(flow_run_id: uuid.UUID, request: object) -> Iterator[None]:
-        may_start.wait(5)  # Prefect's own waits for its websocket here
-        steps.append(f"watching {flow_run_id} for {run_name.get()}")
-        yield
-        steps.append("stopped")
-
-    monkeypatch.setattr(flow_engine, "observe_flow_run_suspension", slow_observer)
-    assert observe_suspensions_in_background(start_wait_s=5.0)
-    run_id = uuid.uuid4()
-    run_name.set("backup")
-    with flow_engine.observe_flow_run_suspension(run_id, object()):
-        steps.append("running")  # before the observer watches: the run did not wait
-        may_start.set()
-    assert steps == ["running", f"watching {run_id} for backup", "stopped"]
