@@ -22,6 +22,13 @@ work in every run:
   the run is RUNNING. :func:`remember_default_result_storage` makes a run ask once a
   minute (:data:`DEFAULT_STORAGE_TTL_S`); a failed request is not remembered.
 
+- **Prefect's deferred models**: Prefect's pydantic models (its client schemas, events,
+  artifacts) are built on their first use (``defer_build``), so every run built the ones
+  it used (``FlowRun`` when the engine reads its run, ``FlowRunUpdate`` when it names it,
+  ``DeploymentResponse`` for its events...): about 36 ms of CPU per run, part of it before
+  RUNNING (py-spy of forked runs, 2026-12-06). :func:`build_deferred_models` builds them
+  here once (about 0.16 s and 4 MB for Prefect's 259 models).
+
 None of them starts a thread, so the server stays safe to fork.
 """
 
@@ -148,6 +155,34 @@ def remember_default_result_storage(
     PrefectClient.read_server_default_result_storage = read_async  # type: ignore[method-assign]
     SyncPrefectClient.read_server_default_result_storage = read_sync  # type: ignore[method-assign]
     return True
+
+
+#: Packages whose deferred pydantic models are built before the first fork.
+DEFERRED_MODEL_PACKAGES = ("prefect",)
+
+
+def build_deferred_models(packages: Iterable[str] = DEFERRED_MODEL_PACKAGES) -> int:
+    """Build every pydantic model of ``packages`` that is still deferred; return how many.
+
+    A model that cannot be built yet (a name it refers to is not defined) stays deferred,
+    and a run builds it on first use, as before.
+    """
+    from pydantic import BaseModel
+
+    prefixes = tuple(packages)
+    built = 0
+    pending: list[type[BaseModel]] = [BaseModel]
+    seen: set[type[BaseModel]] = set()
+    while pending:
+        for model in pending.pop().__subclasses__():
+            if model in seen:
+                continue
+            seen.add(model)
+            pending.append(model)
+            in_packages = model.__module__.split(".")[0] in prefixes
+            if in_packages and not model.__pydantic_complete__:
+                built += bool(model.model_rebuild(raise_errors=False))
+    return built
 
 
 @dataclass(frozen=True)

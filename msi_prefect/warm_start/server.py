@@ -44,6 +44,7 @@ from typing import NoReturn
 from msi_prefect.warm_start.launch import FORWARDED_SIGNALS
 from msi_prefect.warm_start.prewarm import (
     PREWARM_ENV,
+    build_deferred_models,
     flow_script_folders,
     preload_flow_scripts,
     remember_default_result_storage,
@@ -121,6 +122,7 @@ def prewarm() -> None:
         share_api_tls_contexts()
         remember_default_result_storage()
         preload_flow_scripts(flow_script_folders())
+        build_deferred_models()
     except Exception:
         logger.exception("warm start: prewarming failed; runs do that work themselves")
 

@@ -59,7 +59,7 @@ class WakeUpPolicy:
             or any(delay <= 0 for delay in self.retry_delays_s)
         ):
             raise ValueError(
-                "wake-up gaps must be positive with min_gap_s <= max_gap_s, and retry "
+                "wake-up gaps must be non-negative with min_gap_s <= max_gap_s, and retry "
                 "delays positive"
             )
 

@@ -332,3 +332,23 @@ def test_a_run_asks_for_the_servers_default_result_storage_once_per_ttl(
     now[0] = 61.0
     SyncPrefectClient.read_server_default_result_storage(client)
     assert asked == ["sync", "sync", "sync"]
+
+
+def test_deferred_models_are_built_before_the_first_fork() -> None:
+    from pydantic import BaseModel, ConfigDict
+
+    from msi_prefect.warm_start.prewarm import build_deferred_models
+
+    class Deferred(BaseModel):  # as Prefect's models: built on first use
+        model_config = ConfigDict(defer_build=True)
+        size: int
+
+    class Unresolvable(BaseModel):
+        model_config = ConfigDict(defer_build=True)
+        later: NotDefinedYet  # type: ignore[name-defined]  # noqa: F821
+
+    assert not Deferred.__pydantic_complete__
+    assert build_deferred_models(packages=("tests",)) >= 1
+    assert Deferred.__pydantic_complete__
+    assert not Unresolvable.__pydantic_complete__  # left for its first use, no error
+    assert Deferred(size=3).size == 3
