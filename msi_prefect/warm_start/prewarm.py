@@ -164,8 +164,8 @@ DEFERRED_MODEL_PACKAGES = ("prefect",)
 def build_deferred_models(packages: Iterable[str] = DEFERRED_MODEL_PACKAGES) -> int:
     """Build every pydantic model of ``packages`` that is still deferred; return how many.
 
-    A model that cannot be built yet (a name it refers to is not defined) stays deferred,
-    and a run builds it on first use, as before.
+    A model that cannot be built here (a name it refers to is not defined yet, or its
+    schema fails) stays deferred, and a run builds it on first use, as before.
     """
     from pydantic import BaseModel
 
@@ -181,7 +181,10 @@ def build_deferred_models(packages: Iterable[str] = DEFERRED_MODEL_PACKAGES) -> 
             pending.append(model)
             in_packages = model.__module__.split(".")[0] in prefixes
             if in_packages and not model.__pydantic_complete__:
-                built += bool(model.model_rebuild(raise_errors=False))
+                try:
+                    built += bool(model.model_rebuild(raise_errors=False))
+                except Exception:
+                    logger.debug("warm start: %s left to its first use", model, exc_info=True)
     return built
 
 

@@ -347,8 +347,17 @@ def test_deferred_models_are_built_before_the_first_fork() -> None:
         model_config = ConfigDict(defer_build=True)
         later: NotDefinedYet  # type: ignore[name-defined]  # noqa: F821
 
+    class NoSchema:
+        pass
+
+    class Unbuildable(BaseModel):  # pydantic has no schema for a plain class
+        model_config = ConfigDict(defer_build=True)
+        thing: NoSchema
+
     assert not Deferred.__pydantic_complete__
     assert build_deferred_models(packages=("tests",)) >= 1
     assert Deferred.__pydantic_complete__
-    assert not Unresolvable.__pydantic_complete__  # left for its first use, no error
+    # Left for their first use, and no error here.
+    assert not Unresolvable.__pydantic_complete__
+    assert not Unbuildable.__pydantic_complete__
     assert Deferred(size=3).size == 3
