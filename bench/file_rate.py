@@ -287,9 +287,9 @@ class StartPhases:
 
 
 def _start_phases(client: httpx.Client, runs: list[dict[str, Any]]) -> list[StartPhases]:
-    """The start phases of up to :data:`PHASED_RUNS` of ``runs`` (one request each)."""
+    """The start phases of ``runs`` (one request each)."""
     phases = []
-    for run in runs[:PHASED_RUNS]:
+    for run in runs:
         response = client.get("/flow_run_states/", params={"flow_run_id": run["id"]})
         response.raise_for_status()
         first: dict[str, float] = {}

@@ -45,7 +45,7 @@ def remember_settings_environment() -> bool:
         logger.warning("warm start: Prefect's settings have no to_environment_variables")
         return False
     compute = getattr(compute, "__wrapped_compute__", compute)
-    last: list[_Answer] = []
+    last: _Answer | None = None
 
     def to_environment_variables(
         self: Any,
@@ -53,11 +53,12 @@ def remember_settings_environment() -> bool:
         include_secrets: bool = True,
         include_aliases: bool = False,
     ) -> dict[str, str]:
+        nonlocal last
         arguments = (exclude_unset, include_secrets, include_aliases)
-        if last and last[0].settings is self and last[0].arguments == arguments:
-            return dict(last[0].environment)
+        if last is not None and last.settings is self and last.arguments == arguments:
+            return dict(last.environment)
         environment = compute(self, *arguments)
-        last[:] = [_Answer(self, arguments, dict(environment))]
+        last = _Answer(self, arguments, dict(environment))
         return environment
 
     to_environment_variables.__wrapped_compute__ = compute  # type: ignore[attr-defined]
