@@ -31,8 +31,15 @@ from msi_prefect.warm_start.protocol import (
 #: Exit code when the child ended without saying how (it was killed): 128 + SIGKILL, as a
 #: shell reports a killed process.
 LOST_CHILD_EXIT = 128 + signal.SIGKILL
-#: The signals passed on to the child (what a worker or a user sends to stop a run).
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: What a worker or a user sends to stop a run.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: What the stack's worker sends when a user suspended the run
+#: (:mod:`msi_prefect.warm_start.suspensions`). Ignored until the run's process handles it,
+#: so a stray one never ends a run (its default action would), nor an engine this launcher
+#: becomes (an ignored signal stays ignored across ``exec``).
+SUSPENSION_SIGNAL = signal.SIGUSR1
+#: The signals passed on to the child.
+FORWARDED_SIGNALS = (*STOP_SIGNALS, SUSPENSION_SIGNAL)
 CONNECT_TIMEOUT_S = 2.0
 PACKET_BYTES = 64
 
@@ -56,6 +63,7 @@ def _connect(path: str) -> socket.socket | None:
 
 def main() -> NoReturn:
     """Start the flow run in a forked warm child and wait for it (see the module docstring)."""
+    signal.signal(SUSPENSION_SIGNAL, signal.SIG_IGN)
     path = os.environ.get(SOCKET_ENV)
     conn = _connect(path) if path else None
     if conn is None:

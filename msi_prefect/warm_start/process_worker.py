@@ -28,7 +28,12 @@ to what happens before a run's process starts:
   ``FlowRunExecutorContext``, which watches any number of runs, as Prefect's own runner
   does) once, when it starts, and gives each run an executor of it. A run started with
   no command of its own in the pool (Prefect resolves its workspace per run) starts as
-  Prefect starts it.
+  Prefect starts it;
+- **suspensions relayed** (:mod:`msi_prefect.warm_start.suspensions`): Prefect's engine
+  starts, in each deployment run, an observer of the run being suspended from the UI (a
+  thread, an event loop, a read and an events websocket). This worker observes all its
+  runs at once and signals the run that was suspended, whose process then checks and
+  stops as Prefect's observer would have made it.
 
 It presents itself to the server as a ``process`` worker (the pool's type and job template
 stay Prefect's), but is registered under its own key, :data:`WORKER_TYPE`, so that
@@ -59,6 +64,7 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 from msi_prefect.warm_start import WORKER_TYPE
 from msi_prefect.warm_start.settings_environment import remember_settings_environment
 from msi_prefect.warm_start.short_lived_reads import share_deployment_and_flow_reads
+from msi_prefect.warm_start.suspensions import RELAY_ENV, RELAYED, SuspensionRelay
 from msi_prefect.warm_start.wake_ups import (
     SCHEDULED_EVENT,
     RecentRuns,
@@ -160,12 +166,14 @@ class WarmProcessWorker(ProcessWorker):
         self._taken = RecentRuns()
         self._wake_ups: RunWakeUps | None = None
         self._run_context: FlowRunExecutorContext | None = None
+        self._suspensions = SuspensionRelay()
 
     async def setup(self) -> None:
         # Entered before Prefect's setup enters the runs' task group, so that on the way
         # out it is left after that group has waited for the runs (its process manager
         # stops whatever run is still there, as each run's own context would).
         self._run_context = await self._exit_stack.enter_async_context(FlowRunExecutorContext())
+        await self._exit_stack.enter_async_context(self._suspensions)
         remember_settings_environment()
         await super().setup()
         share_deployment_and_flow_reads(self.client)
@@ -186,11 +194,14 @@ class WarmProcessWorker(ProcessWorker):
             if configuration.working_dir
             else tempfile.TemporaryDirectory(suffix="prefect")
         )
-        with folder as working_dir:
+        env = configuration.env
+        if self._suspensions.active:
+            env = {**env, RELAY_ENV: RELAYED}
+        with folder as working_dir, contextlib.ExitStack() as watches:
             starter = EngineCommandStarter(
                 command=configuration.command,
                 cwd=Path(working_dir).resolve(),
-                env=configuration.env,
+                env=env,
                 stream_output=configuration.stream_output,
                 control_channel=shared.control_channel,
             )
@@ -207,6 +218,7 @@ class WarmProcessWorker(ProcessWorker):
                 handle = await group.start(submit)  # returns once the process has started
                 if handle.pid is None:
                     raise RuntimeError("Flow run process has no PID")
+                watches.enter_context(self._suspensions.watching(flow_run.id, handle.pid))
                 started.started(handle.pid)
         if execution is None or execution.status_code is None:
             raise RuntimeError("Failed to start flow run process.")

@@ -6,9 +6,10 @@ named in ``MSI_WARM_START_PRELOAD``, comma-separated, for a lab's own analysis p
 then does once what every run would otherwise repeat (:mod:`msi_prefect.warm_start.prewarm`:
 one TLS context for Prefect's API clients, the server's default result storage asked
 once a minute, the flow scripts of ``MSI_WARM_START_FLOWS``
-executed, and, as runs come, their Prefect settings built once per distinct inputs
-(:mod:`msi_prefect.warm_start.run_settings`); ``MSI_WARM_START_PREWARM=0`` turns that
-off), then listens on a Unix socket that
+executed, Prefect's deferred models built, suspensions taken from the worker
+(:mod:`msi_prefect.warm_start.suspensions`), and, as runs come, their Prefect settings built
+once per distinct inputs (:mod:`msi_prefect.warm_start.run_settings`);
+``MSI_WARM_START_PREWARM=0`` turns that off), then listens on a Unix socket that
 only its own user may use. For each launcher that connects it forks; the child takes the
 launcher's streams, environment and working directory, starts a session of its own (as the
 process worker does for its runs), and runs ``prefect.engine`` as ``python -m prefect.engine``
@@ -41,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from msi_prefect.warm_start.launch import FORWARDED_SIGNALS
+from msi_prefect.warm_start.launch import FORWARDED_SIGNALS, SUSPENSION_SIGNAL
 from msi_prefect.warm_start.prewarm import (
     PREWARM_ENV,
     build_deferred_models,
@@ -58,6 +59,7 @@ from msi_prefect.warm_start.protocol import (
     send_message,
 )
 from msi_prefect.warm_start.run_settings import RunSettings
+from msi_prefect.warm_start.suspensions import relay_suspensions
 
 logger = logging.getLogger("msi_prefect.warm_start")
 
@@ -123,6 +125,7 @@ def prewarm() -> None:
         remember_default_result_storage()
         preload_flow_scripts(flow_script_folders())
         build_deferred_models()
+        relay_suspensions()
     except Exception:
         logger.exception("warm start: prewarming failed; runs do that work themselves")
 
@@ -177,6 +180,8 @@ def _own_signals() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Until the engine's suspension observer handles it (a suspension needs a RUNNING run).
+    signal.signal(SUSPENSION_SIGNAL, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from msi_prefect.warm_start import LAUNCH_MODULE, SOCKET_ENV
-from msi_prefect.warm_start.launch import LOST_CHILD_EXIT
+from msi_prefect.warm_start.launch import LOST_CHILD_EXIT, SUSPENSION_SIGNAL
 from msi_prefect.warm_start.protocol import LaunchRequest, Message, Verb, parse_message
 from msi_prefect.warm_start.worker import SOCKET_NAME, start_server
 
@@ -117,12 +117,28 @@ def _wait_for_child(server_pid: int, before: set[int]) -> int:
     raise AssertionError("the warm server forked no child")
 
 
-def _catches(pid: int, signum: int) -> bool:
-    """Whether process `pid` has a handler for `signum` (its SigCgt mask)."""
+def _signal_mask(pid: int, mask: str, signum: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
+        if line.startswith(f"{mask}:"):
             return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
     return False
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (its SigCgt mask)."""
+    return _signal_mask(pid, "SigCgt", signum)
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether process `pid` ignores `signum` (its SigIgn mask)."""
+    return _signal_mask(pid, "SigIgn", signum)
+
+
+def _wait_for(check: Any, what: str) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def _gone(pid: int) -> bool:
@@ -181,9 +197,8 @@ def test_a_signal_to_the_launcher_reaches_the_child(
     before = _children(server_pid)
     launcher = _launch(socket_path, str(uuid.uuid4()), api_port=api_port)
     child = _wait_for_child(server_pid, before)
-    deadline = time.monotonic() + RUN_TIMEOUT_S  # it forwards once it knows the child
-    while not _catches(launcher.pid, signal.SIGTERM) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # It forwards once it knows the child.
+    _wait_for(lambda: _catches(launcher.pid, signal.SIGTERM), "the launcher forwards it")
     launcher.send_signal(signal.SIGTERM)
     launcher.communicate(timeout=RUN_TIMEOUT_S)
     assert launcher.returncode != 0
@@ -191,6 +206,43 @@ def test_a_signal_to_the_launcher_reaches_the_child(
     while not _gone(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(child)
+
+
+def test_the_suspension_signal_ends_neither_the_launcher_nor_its_child(
+    warm_server: tuple[Path, int], api_port: int
+) -> None:
+    socket_path, server_pid = warm_server
+    before = _children(server_pid)
+    launcher = _launch(socket_path, str(uuid.uuid4()), api_port=api_port)
+    try:
+        child = _wait_for_child(server_pid, before)
+        _wait_for(lambda: _catches(launcher.pid, SUSPENSION_SIGNAL), "the launcher forwards it")
+        # Until the engine's observer handles it, the child ignores it (the engine here
+        # waits for a server that never answers, before it observes anything).
+        assert _ignores(child, SUSPENSION_SIGNAL)
+        launcher.send_signal(SUSPENSION_SIGNAL)
+        time.sleep(0.5)
+        assert launcher.poll() is None
+        assert not _gone(child)
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.communicate(timeout=RUN_TIMEOUT_S)
+
+
+def test_an_engine_the_launcher_becomes_ignores_the_suspension_signal(
+    tmp_path: Path, api_port: int
+) -> None:
+    launcher = _launch(tmp_path / "nothing-here.sock", str(uuid.uuid4()), api_port=api_port)
+    try:
+        cmdline = Path(f"/proc/{launcher.pid}/cmdline")
+        _wait_for(lambda: b"prefect.engine" in cmdline.read_bytes(), "the launcher became it")
+        assert _ignores(launcher.pid, SUSPENSION_SIGNAL)
+        launcher.send_signal(SUSPENSION_SIGNAL)
+        time.sleep(0.5)
+        assert launcher.poll() is None
+    finally:
+        launcher.kill()
+        launcher.communicate(timeout=RUN_TIMEOUT_S)
 
 
 # A signal that reaches the child between the fork and its own handlers, in a process of
