@@ -6,7 +6,8 @@ named in ``MSI_WARM_START_PRELOAD``, comma-separated, for a lab's own analysis p
 then does once what every run would otherwise repeat (:mod:`msi_prefect.warm_start.prewarm`:
 one TLS context for Prefect's API clients, the server's default result storage asked
 once a minute, the flow scripts of ``MSI_WARM_START_FLOWS``
-executed, Prefect's deferred models built, suspensions taken from the worker
+executed with their parameters' validators, Prefect's deferred models built, suspensions
+taken from the worker
 (:mod:`msi_prefect.warm_start.suspensions`), and, as runs come, their Prefect settings built
 once per distinct inputs (:mod:`msi_prefect.warm_start.run_settings`);
 ``MSI_WARM_START_PREWARM=0`` turns that off), then listens on a Unix socket that
@@ -50,6 +51,7 @@ from msi_prefect.warm_start.prewarm import (
     preload_flow_scripts,
     remember_default_result_storage,
     share_api_tls_contexts,
+    share_parameter_validators,
 )
 from msi_prefect.warm_start.protocol import (
     MAX_REQUEST_BYTES,
@@ -123,6 +125,7 @@ def prewarm() -> None:
     try:
         share_api_tls_contexts()
         remember_default_result_storage()
+        share_parameter_validators()  # before the flow scripts, which declare flows
         preload_flow_scripts(flow_script_folders())
         build_deferred_models()
         relay_suspensions()

@@ -413,3 +413,37 @@ def test_deferred_models_are_built_before_the_first_fork() -> None:
     assert not Unresolvable.__pydantic_complete__
     assert not Unbuildable.__pydantic_complete__
     assert Deferred(size=3).size == 3
+
+
+def test_a_flows_parameter_validator_is_built_once_per_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect import flow, flows
+    from prefect.exceptions import ParameterTypeError
+
+    from msi_prefect.warm_start.prewarm import share_parameter_validators
+
+    built: list[object] = []
+    prefects = flows.ValidatedFunction
+
+    def counting(function: Any, config: Any = None) -> Any:
+        built.append(function)
+        return prefects(function, config=config)
+
+    monkeypatch.setattr(flows, "ValidatedFunction", counting)
+    assert share_parameter_validators()
+
+    @flow
+    def sized(size: int, label: str = "x") -> None:
+        pass
+
+    assert len(built) == 1  # the declaration's own check
+    assert sized.validate_parameters({"size": "3"}) == {"size": 3, "label": "x"}
+    assert sized.validate_parameters({"size": 4, "label": "y"}) == {"size": 4, "label": "y"}
+    with pytest.raises(ParameterTypeError):
+        sized.validate_parameters({"size": "three"})
+    assert len(built) == 1  # ...and every run's validation after it
+    # Any other configuration is Prefect's to build, each time.
+    flows.ValidatedFunction(sized.fn, config={"strict": True})
+    flows.ValidatedFunction(sized.fn, config={"strict": True})
+    assert len(built) == 3
