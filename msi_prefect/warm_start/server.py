@@ -6,8 +6,8 @@ named in ``MSI_WARM_START_PRELOAD``, comma-separated, for a lab's own analysis p
 then does once what every run would otherwise repeat (:mod:`msi_prefect.warm_start.prewarm`:
 one TLS context for Prefect's API clients, the server's default result storage asked
 once a minute, the flow scripts of ``MSI_WARM_START_FLOWS``
-executed with their parameters' validators, Prefect's deferred models built, suspensions
-taken from the worker
+executed with their parameters' validators, Prefect's deferred models built, botocore's
+S3 data loaded, suspensions taken from the worker
 (:mod:`msi_prefect.warm_start.suspensions`), and, as runs come, their Prefect settings built
 once per distinct inputs (:mod:`msi_prefect.warm_start.run_settings`);
 ``MSI_WARM_START_PREWARM=0`` turns that off), then listens on a Unix socket that
@@ -51,6 +51,7 @@ from msi_prefect.warm_start.prewarm import (
     preload_flow_scripts,
     remember_default_result_storage,
     share_api_tls_contexts,
+    share_botocore_data,
     share_parameter_validators,
 )
 from msi_prefect.warm_start.protocol import (
@@ -128,6 +129,7 @@ def prewarm() -> None:
         share_parameter_validators()  # before the flow scripts, which declare flows
         preload_flow_scripts(flow_script_folders())
         build_deferred_models()
+        share_botocore_data()
         relay_suspensions()
     except Exception:
         logger.exception("warm start: prewarming failed; runs do that work themselves")

@@ -447,3 +447,40 @@ def test_a_flows_parameter_validator_is_built_once_per_function(
     flows.ValidatedFunction(sized.fn, config={"strict": True})
     flows.ValidatedFunction(sized.fn, config={"strict": True})
     assert len(built) == 3
+
+
+def test_botocores_data_is_read_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import botocore.loaders
+    import botocore.session
+    from aiobotocore.session import AioSession  # what s3fs starts for each file system
+
+    from msi_prefect.warm_start.prewarm import share_botocore_data
+
+    monkeypatch.setattr(botocore.session, "create_loader", botocore.session.create_loader)
+    reads: list[str] = []
+    load_file = botocore.loaders.JSONFileLoader.load_file
+
+    def counting(self: Any, file_path: str) -> Any:
+        reads.append(file_path)
+        return load_file(self, file_path)
+
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", counting)
+    assert share_botocore_data()
+    loaded = len(reads)
+    assert loaded >= 2  # the S3 model and endpoints, at least
+
+    async def service_of_a_new_session() -> str:
+        async with AioSession().create_client(
+            "s3",
+            region_name="us-east-1",
+            endpoint_url="http://127.0.0.1:9",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        ) as client:
+            return str(client.meta.service_model.service_name)
+
+    assert asyncio.run(service_of_a_new_session()) == "s3"
+    assert asyncio.run(service_of_a_new_session()) == "s3"
+    assert len(reads) == loaded  # neither session read a file again
