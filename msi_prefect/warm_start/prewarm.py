@@ -39,7 +39,9 @@ work in every run:
   and each session's loader parsed the S3 service model, its endpoint rule set and the
   endpoints file again (about 40 ms of CPU per backup or metadata run, py-spy of forked
   runs, 2026-12-06). :func:`share_botocore_data` gives the sessions of a process one
-  loader per search path, loaded here with S3's data.
+  loader per search path, loaded here with S3's data, and
+  :func:`share_s3_tls_contexts` builds aiobotocore's verified TLS context (about 15 ms,
+  for every S3 client, even of a plain-HTTP endpoint) once per setting.
 
 None of them starts a thread, so the server stays safe to fork.
 """
@@ -257,6 +259,54 @@ def share_botocore_data(services: Iterable[str] = BOTOCORE_SERVICES) -> bool:
             )
         except Exception:
             logger.warning("warm start: %s's botocore data is left to runs", service, exc_info=True)
+    return True
+
+
+#: Where botocore finds a CA bundle named, in its order.
+CA_BUNDLE_VARIABLES = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
+
+
+def share_s3_tls_contexts() -> bool:
+    """Build aiobotocore's verified TLS context once per process and setting, not per client.
+
+    Every S3 client of s3fs opens an aiohttp session, which builds a verified TLS context
+    (the CA bundle parsed, about 15 ms of CPU, in a thread) even for a plain-HTTP endpoint.
+    Patches ``AIOHTTPSession._build_ssl_contexts``: a session with no client certificate
+    and no proxy gets the context built for its ``verify`` setting (here, before the first
+    fork, for the settings a run's client comes with); any other session builds its own,
+    as before. Returns False
+    (and changes nothing) when aiobotocore is not there or not as expected.
+    """
+    try:
+        from aiobotocore.httpsession import AIOHTTPSession
+    except ImportError:
+        return False
+    build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
+    if build is None:
+        logger.warning("warm start: aiobotocore builds its TLS contexts otherwise")
+        return False
+    build = getattr(build, "aiobotocores_build", build)
+    contexts: dict[Any, tuple[Any, Any]] = {}
+
+    def shared_contexts(self: Any, proxy_url: str | None) -> tuple[Any, Any]:
+        if proxy_url is not None or getattr(self, "_cert_file", None) is not None:
+            return build(self, proxy_url)
+        verify = getattr(self, "_verify", None)
+        found = contexts.get(verify)
+        if found is None:
+            found = contexts[verify] = build(self, proxy_url)
+        return found
+
+    shared_contexts.aiobotocores_build = build  # type: ignore[attr-defined]
+    AIOHTTPSession._build_ssl_contexts = shared_contexts
+    # The settings a run's S3 client comes with: botocore takes a CA bundle named in the
+    # environment (AWS_CA_BUNDLE, then REQUESTS_CA_BUNDLE), else verifies with its own.
+    named = [path for name in CA_BUNDLE_VARIABLES if (path := os.environ.get(name))]
+    for verify in dict.fromkeys((*named, True)):
+        try:
+            AIOHTTPSession(verify=verify)._build_ssl_contexts(None)
+        except Exception:
+            logger.warning("warm start: no TLS context for verify=%r", verify, exc_info=True)
     return True
 
 

@@ -7,7 +7,7 @@ then does once what every run would otherwise repeat (:mod:`msi_prefect.warm_sta
 one TLS context for Prefect's API clients, the server's default result storage asked
 once a minute, the flow scripts of ``MSI_WARM_START_FLOWS``
 executed with their parameters' validators, Prefect's deferred models built, botocore's
-S3 data loaded, suspensions taken from the worker
+S3 data and TLS context made, suspensions taken from the worker
 (:mod:`msi_prefect.warm_start.suspensions`), and, as runs come, their Prefect settings built
 once per distinct inputs (:mod:`msi_prefect.warm_start.run_settings`);
 ``MSI_WARM_START_PREWARM=0`` turns that off), then listens on a Unix socket that
@@ -53,6 +53,7 @@ from msi_prefect.warm_start.prewarm import (
     share_api_tls_contexts,
     share_botocore_data,
     share_parameter_validators,
+    share_s3_tls_contexts,
 )
 from msi_prefect.warm_start.protocol import (
     MAX_REQUEST_BYTES,
@@ -130,6 +131,7 @@ def prewarm() -> None:
         preload_flow_scripts(flow_script_folders())
         build_deferred_models()
         share_botocore_data()
+        share_s3_tls_contexts()
         relay_suspensions()
     except Exception:
         logger.exception("warm start: prewarming failed; runs do that work themselves")

@@ -484,3 +484,40 @@ def test_botocores_data_is_read_once_per_process(monkeypatch: pytest.MonkeyPatch
     assert asyncio.run(service_of_a_new_session()) == "s3"
     assert asyncio.run(service_of_a_new_session()) == "s3"
     assert len(reads) == loaded  # neither session read a file again
+
+
+def test_s3_clients_share_one_tls_context_per_verify_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ssl
+
+    import certifi
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    from msi_prefect.warm_start.prewarm import share_s3_tls_contexts
+
+    built: list[object] = []
+    build = AIOHTTPSession._build_ssl_contexts
+
+    def counting(self: Any, proxy_url: str | None) -> Any:
+        built.append(self._verify)
+        return build(self, proxy_url)
+
+    monkeypatch.setattr(AIOHTTPSession, "_build_ssl_contexts", counting)
+    bundle = str(tmp_path / "bundle.pem")
+    Path(bundle).write_bytes(Path(certifi.where()).read_bytes())
+    monkeypatch.setenv("AWS_CA_BUNDLE", bundle)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    assert share_s3_tls_contexts()
+    assert built == [bundle, True]  # what a run's client comes with, built before the fork
+
+    first = AIOHTTPSession(verify=bundle)._build_ssl_contexts(None)
+    assert AIOHTTPSession(verify=bundle)._build_ssl_contexts(None)[0] is first[0]
+    assert AIOHTTPSession(verify=True)._build_ssl_contexts(None)[0] is not first[0]
+    assert built == [bundle, True]
+    insecure = AIOHTTPSession(verify=False)._build_ssl_contexts(None)[0]
+    assert insecure.verify_mode == ssl.CERT_NONE
+    # Behind a proxy a session builds its own, as before.
+    proxied = AIOHTTPSession(verify=bundle)._build_ssl_contexts("http://127.0.0.1:9")
+    assert proxied[0] is not first[0]
+    assert built == [bundle, True, False, bundle]
