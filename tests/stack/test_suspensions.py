@@ -189,14 +189,15 @@ def slow_deployment(
         },
     )
     deployment.raise_for_status()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "msi_prefect.warm_start.worker", "--pool", pool,
-         "--type", WORKER_TYPE, "--name", pool],
-        env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1"},
-        cwd=tmp_path,
-        stdout=(tmp_path / "worker.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "msi_prefect.warm_start.worker", "--pool", pool,
+             "--type", WORKER_TYPE, "--name", pool],
+            env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         yield prefect_api, deployment.json()["id"]
     finally:
