@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from msi_prefect.warm_start import FLOWS_ENV
+from msi_prefect.warm_start.patching import library_original, put_in_place
 
 logger = logging.getLogger("msi_prefect.warm_start")
 
@@ -191,11 +192,9 @@ def share_parameter_validators() -> bool:
         from prefect import flows
     except ImportError:
         return False
-    build = getattr(flows, "ValidatedFunction", None)
+    build = library_original(flows, "ValidatedFunction")
     if build is None:
-        logger.warning("warm start: Prefect's flows validate their parameters otherwise")
         return False
-    build = getattr(build, "prefects_validator", build)
     validators: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
 
     def validator(function: Callable[..., Any], config: Any = None) -> Any:
@@ -206,8 +205,7 @@ def share_parameter_validators() -> bool:
             found = validators[function] = build(function, config=config)
         return found
 
-    validator.prefects_validator = build  # type: ignore[attr-defined]
-    flows.ValidatedFunction = validator  # type: ignore[assignment,misc]
+    put_in_place(flows, "ValidatedFunction", validator, build)
     return True
 
 
@@ -232,11 +230,9 @@ def share_botocore_data(services: Iterable[str] = BOTOCORE_SERVICES) -> bool:
         import botocore.session
     except ImportError:
         return False
-    create = getattr(botocore.session, "create_loader", None)
+    create = library_original(botocore.session, "create_loader")
     if create is None:
-        logger.warning("warm start: botocore makes its loaders otherwise")
         return False
-    create = getattr(create, "botocores_factory", create)
     loaders: dict[str | None, Any] = {}
 
     def shared_loader(search_path_string: str | None = None) -> Any:
@@ -245,8 +241,7 @@ def share_botocore_data(services: Iterable[str] = BOTOCORE_SERVICES) -> bool:
             loader = loaders[search_path_string] = create(search_path_string)
         return loader
 
-    shared_loader.botocores_factory = create  # type: ignore[attr-defined]
-    botocore.session.create_loader = shared_loader
+    put_in_place(botocore.session, "create_loader", shared_loader, create)
     session = botocore.session.get_session()
     for service in services:
         try:
@@ -274,18 +269,16 @@ def share_s3_tls_contexts() -> bool:
     Patches ``AIOHTTPSession._build_ssl_contexts``: a session with no client certificate
     and no proxy gets the context built for its ``verify`` setting (here, before the first
     fork, for the settings a run's client comes with); any other session builds its own,
-    as before. Returns False
-    (and changes nothing) when aiobotocore is not there or not as expected.
+    as before. Returns False (and changes nothing) when aiobotocore is not there or not
+    as expected.
     """
     try:
         from aiobotocore.httpsession import AIOHTTPSession
     except ImportError:
         return False
-    build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
+    build = library_original(AIOHTTPSession, "_build_ssl_contexts")
     if build is None:
-        logger.warning("warm start: aiobotocore builds its TLS contexts otherwise")
         return False
-    build = getattr(build, "aiobotocores_build", build)
     contexts: dict[Any, tuple[Any, Any]] = {}
 
     def shared_contexts(self: Any, proxy_url: str | None) -> tuple[Any, Any]:
@@ -297,8 +290,7 @@ def share_s3_tls_contexts() -> bool:
             found = contexts[verify] = build(self, proxy_url)
         return found
 
-    shared_contexts.aiobotocores_build = build  # type: ignore[attr-defined]
-    AIOHTTPSession._build_ssl_contexts = shared_contexts
+    put_in_place(AIOHTTPSession, "_build_ssl_contexts", shared_contexts, build)
     # The settings a run's S3 client comes with: botocore takes a CA bundle named in the
     # environment (AWS_CA_BUNDLE, then REQUESTS_CA_BUNDLE), else verifies with its own.
     named = [path for name in CA_BUNDLE_VARIABLES if (path := os.environ.get(name))]

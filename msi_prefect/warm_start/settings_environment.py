@@ -20,6 +20,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from msi_prefect.warm_start.patching import library_original, put_in_place
+
 logger = logging.getLogger("msi_prefect.warm_start")
 
 
@@ -40,11 +42,9 @@ def remember_settings_environment() -> bool:
         from prefect.settings import Settings
     except ImportError:
         return False
-    compute = getattr(Settings, "to_environment_variables", None)
+    compute = library_original(Settings, "to_environment_variables")
     if compute is None:
-        logger.warning("warm start: Prefect's settings have no to_environment_variables")
         return False
-    compute = getattr(compute, "__wrapped_compute__", compute)
     last: _Answer | None = None
 
     def to_environment_variables(
@@ -61,7 +61,5 @@ def remember_settings_environment() -> bool:
         last = _Answer(self, arguments, dict(environment))
         return environment
 
-    to_environment_variables.__wrapped_compute__ = compute  # type: ignore[attr-defined]
-    to_environment_variables.__doc__ = compute.__doc__
-    Settings.to_environment_variables = to_environment_variables  # type: ignore[method-assign]
+    put_in_place(Settings, "to_environment_variables", to_environment_variables, compute)
     return True

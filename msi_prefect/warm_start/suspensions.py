@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from msi_prefect.warm_start.launch import SUSPENSION_SIGNAL
+from msi_prefect.warm_start.patching import library_original, put_in_place
 
 if TYPE_CHECKING:
     from prefect._flow_run_suspension import FlowRunSuspensionRequest
@@ -113,11 +114,9 @@ def relay_suspensions() -> bool:
     """
     from prefect import flow_engine
 
-    prefects = getattr(flow_engine, "observe_flow_run_suspension", None)
+    prefects = library_original(flow_engine, "observe_flow_run_suspension")
     if prefects is None:
-        logger.warning("warm start: Prefect's engine has no suspension observer to relay")
         return False
-    prefects = getattr(prefects, "prefects_observer", prefects)
 
     @contextlib.contextmanager
     def observe(
@@ -134,8 +133,7 @@ def relay_suspensions() -> bool:
         with observer:
             yield
 
-    observe.prefects_observer = prefects  # type: ignore[attr-defined]
-    flow_engine.observe_flow_run_suspension = observe
+    put_in_place(flow_engine, "observe_flow_run_suspension", observe, prefects)
     return True
 
 

@@ -28,7 +28,7 @@ from prefect._flow_run_suspension import FlowRunSuspensionRequest
 from prefect.states import Running, Suspended
 
 from msi_prefect.stack.components import work_pool_job_template
-from msi_prefect.stack.processes import live_flow_runs
+from msi_prefect.stack.processes import live_flow_runs, terminate
 from msi_prefect.warm_start import WORKER_TYPE
 from msi_prefect.warm_start.launch import SUSPENSION_SIGNAL
 from msi_prefect.warm_start.suspensions import (
@@ -197,16 +197,13 @@ def slow_deployment(
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its warm server too is stopped with its group
         )  # fmt: skip
     try:
         yield prefect_api, deployment.json()["id"]
     finally:
-        worker.terminate()
-        try:
-            worker.wait(RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        terminate([worker.pid], timeout_s=RUN_TIMEOUT_S)
+        worker.wait()
         client.delete(f"/deployments/{deployment.json()['id']}")
         client.delete(f"/work_pools/{pool}")
         client.close()

@@ -202,10 +202,7 @@ def test_a_signal_to_the_launcher_reaches_the_child(
     launcher.send_signal(signal.SIGTERM)
     launcher.communicate(timeout=RUN_TIMEOUT_S)
     assert launcher.returncode != 0
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not _gone(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _gone(child)
+    _wait_for(lambda: _gone(child), "the child stopped")
 
 
 def test_the_suspension_signal_ends_neither_the_launcher_nor_its_child(
@@ -288,10 +285,7 @@ def test_a_child_whose_launcher_was_killed_stops(
     child = _wait_for_child(server_pid, before)
     launcher.kill()
     launcher.communicate(timeout=RUN_TIMEOUT_S)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not _gone(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _gone(child)
+    _wait_for(lambda: _gone(child), "the child stopped")
 
 
 def test_prefects_api_clients_share_one_verified_tls_context(
