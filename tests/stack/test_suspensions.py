@@ -2,7 +2,7 @@
 
 Unit tests of the run's side (no server), then a warm worker on the session's Prefect
 server: a deployment run suspended from outside stops at its next task and its process
-ends, as with Prefect's own observer in every run.
+ends, as with Prefect's own observer in every run, and once resumed it runs to its end.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ CHECK_TIMEOUT_S = 5.0
 RUN_TIMEOUT_S = 90.0
 POLL_S = 0.2
 #: The test flow's length: far longer than a relayed suspension takes to stop it.
-TICKS = 240
-TICK_S = 0.25
+TICKS = 120
+TICK_S = 0.5
 
 
 class StateAnswers:
@@ -141,14 +141,19 @@ def test_relaying_twice_wraps_prefects_observer_once(prefects_observer: list[UUI
 
 # --------------------------------------------------------------------- on a real server
 
+#: While this file is in the deployment's folder (the run's working directory), ticks take
+#: TICK_S each; without it they are quick.
+SLOW_MARKER = "slow"
 SLOW_FLOW = textwrap.dedent(
     f"""
     import time
+    from pathlib import Path
     from prefect import flow, task
 
     @task
     def tick(i: int) -> int:
-        time.sleep({TICK_S})
+        if Path("{SLOW_MARKER}").exists():
+            time.sleep({TICK_S})
         return i
 
     @flow
@@ -168,6 +173,7 @@ def slow_deployment(
     Yields the API URL and the deployment's id; stops the worker by its PID.
     """
     (tmp_path / "slow.py").write_text(SLOW_FLOW)
+    (tmp_path / SLOW_MARKER).touch()
     pool = f"suspend-{uuid.uuid4().hex[:8]}"
     client = httpx.Client(base_url=prefect_api, timeout=API_TIMEOUT_S)
     client.post(
@@ -233,10 +239,10 @@ def _wait(check: Any, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_run_suspended_from_outside_stops_at_its_next_task(
-    slow_deployment: tuple[str, str],
+def test_a_run_suspended_from_outside_stops_at_its_next_task_and_resumes(
+    slow_deployment: tuple[str, str], tmp_path: Path
 ) -> None:
-    from prefect.flow_runs import suspend_flow_run
+    from prefect.flow_runs import resume_flow_run, suspend_flow_run
 
     api, deployment_id = slow_deployment
     created = httpx.post(
@@ -260,3 +266,9 @@ def test_a_run_suspended_from_outside_stops_at_its_next_task(
     state = _run(api, run_id)["state"]
     assert (state["type"], state["name"]) == ("PAUSED", "Suspended")
     assert _task_runs(api, run_id) < TICKS, "the run went on to its end"
+
+    # Resumed, the worker starts it again (a new process, from the flow's start), and the
+    # run goes to its end.
+    (tmp_path / SLOW_MARKER).unlink()
+    resume_flow_run(UUID(run_id))
+    _wait(lambda: _run(api, run_id)["state"]["type"] == "COMPLETED", "the resumed run ended")
