@@ -44,8 +44,8 @@ CHECK_TIMEOUT_S = 5.0
 RUN_TIMEOUT_S = 90.0
 POLL_S = 0.2
 #: The test flow's length: far longer than a relayed suspension takes to stop it.
-TICKS = 120
-TICK_S = 0.5
+TICKS = 60
+TICK_S = 1.0
 
 
 class StateAnswers:
