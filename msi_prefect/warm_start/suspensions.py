@@ -80,7 +80,8 @@ def observe_relayed_suspension(
 
     def confirm() -> None:
         try:
-            state = context.run(read_state, flow_run_id)
+            # A copy per check: two signals in a row start two checks at once.
+            state = context.copy().run(read_state, flow_run_id)
         except Exception:
             logger.warning(
                 "warm start: flow run %s was reported suspended, but its state could not be "

@@ -86,6 +86,25 @@ def test_a_signal_for_a_run_the_server_shows_running_marks_nothing() -> None:
         assert not request.is_requested()
 
 
+def test_two_signals_in_a_row_make_two_checks(caplog: pytest.LogCaptureFixture) -> None:
+    request = FlowRunSuspensionRequest()
+    suspended = Suspended(timeout_seconds=60)
+    reads: list[UUID] = []
+    both_asked = threading.Barrier(2, timeout=CHECK_TIMEOUT_S)
+
+    def slow_read(flow_run_id: UUID) -> Any:
+        reads.append(flow_run_id)
+        both_asked.wait()  # the two checks read at the same time
+        return suspended
+
+    with observe_relayed_suspension(uuid.uuid4(), request, read_state=slow_read):
+        os.kill(os.getpid(), SUSPENSION_SIGNAL)
+        os.kill(os.getpid(), SUSPENSION_SIGNAL)
+        _wait(request.is_requested, "the run was marked suspended", CHECK_TIMEOUT_S)
+    assert len(reads) == 2
+    assert "could not be read" not in caplog.text
+
+
 @pytest.fixture
 def prefects_observer(monkeypatch: pytest.MonkeyPatch) -> list[UUID]:
     """Prefect's observer replaced by one that records the runs it observes."""
