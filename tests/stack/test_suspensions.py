@@ -42,6 +42,8 @@ from tests.conftest import RunningStack
 API_TIMEOUT_S = 30.0
 CHECK_TIMEOUT_S = 5.0
 RUN_TIMEOUT_S = 90.0
+#: A worker that has not stopped on SIGTERM by then is killed.
+WORKER_STOP_TIMEOUT_S = 20.0
 POLL_S = 0.2
 #: The test flow's length: far longer than a relayed suspension takes to stop it.
 TICKS = 60
@@ -227,7 +229,7 @@ def slow_deployment(
     try:
         yield prefect_api, deployment.json()["id"]
     finally:
-        terminate([worker.pid], timeout_s=RUN_TIMEOUT_S)
+        terminate([worker.pid], timeout_s=WORKER_STOP_TIMEOUT_S)
         worker.wait()
         client.delete(f"/deployments/{deployment.json()['id']}")
         client.delete(f"/work_pools/{pool}")
@@ -291,3 +293,8 @@ def test_a_run_suspended_from_outside_stops_at_its_next_task_and_resumes(
     (tmp_path / SLOW_MARKER).unlink()
     resume_flow_run(UUID(run_id))
     _wait(lambda: _run(api, run_id)["state"]["type"] == "COMPLETED", "the resumed run ended")
+    # ...and its process exits (the worker is stopped next: not while a run is exiting).
+    _wait(
+        lambda: not [p for p in live_flow_runs(api) if p.flow_run_id == run_id],
+        "the resumed run's process ended",
+    )
