@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import anyio
+
 from msi_prefect.warm_start.launch import SUSPENSION_SIGNAL
 from msi_prefect.warm_start.patching import library_original, put_in_place
 
@@ -47,6 +49,9 @@ logger = logging.getLogger("msi_prefect.warm_start")
 #: Set in a run's environment by a worker whose relay is up.
 RELAY_ENV = "MSI_WARM_START_SUSPENSIONS"
 RELAYED = "relayed"
+
+#: Seconds the worker's shutdown waits for the relay's observer to stop.
+RELAY_STOP_TIMEOUT_S = 2.0
 
 #: Reads a flow run's current state (the server's answer is what a suspension is checked by).
 StateReader = Callable[[UUID], "State | None"]
@@ -171,8 +176,18 @@ class SuspensionRelay:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         observer, self._observer = self._observer, None
-        if observer is not None:
+        if observer is None:
+            return
+        # Bounded, as Prefect bounds its observer's stop in a run (its thread is joined for
+        # 2 s): a busy server must not hold up the worker's shutdown.
+        with anyio.move_on_after(RELAY_STOP_TIMEOUT_S) as stopping:
             await observer.__aexit__(*exc_info)
+        if stopping.cancelled_caught:
+            logger.warning(
+                "warm start: the suspension relay did not stop within %.0f s; left to the "
+                "process's exit",
+                RELAY_STOP_TIMEOUT_S,
+            )
 
     @contextlib.contextmanager
     def watching(self, flow_run_id: UUID, pid: int) -> Iterator[None]:

@@ -42,8 +42,6 @@ from tests.conftest import RunningStack
 API_TIMEOUT_S = 30.0
 CHECK_TIMEOUT_S = 5.0
 RUN_TIMEOUT_S = 90.0
-#: A worker that has not stopped on SIGTERM by then is killed.
-WORKER_STOP_TIMEOUT_S = 20.0
 POLL_S = 0.2
 #: The test flow's length: far longer than a relayed suspension takes to stop it.
 TICKS = 60
@@ -229,7 +227,7 @@ def slow_deployment(
     try:
         yield prefect_api, deployment.json()["id"]
     finally:
-        terminate([worker.pid], timeout_s=WORKER_STOP_TIMEOUT_S)
+        terminate([worker.pid])  # SIGKILL after the stack's stop timeout
         worker.wait()
         client.delete(f"/deployments/{deployment.json()['id']}")
         client.delete(f"/work_pools/{pool}")
