@@ -94,8 +94,13 @@ WAIT_TIMEOUT_S = 60
 WAIT_POLL_S = 0.005
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
-    """Poll ``predicate`` until it is true.
+def wait_until(
+    predicate: Callable[[], bool],
+    what: str,
+    timeout_s: float = WAIT_TIMEOUT_S,
+    poll_s: float = WAIT_POLL_S,
+) -> None:
+    """Poll ``predicate`` every ``poll_s`` until it is true.
 
     Raises:
         AssertionError: It was still false after ``timeout_s`` (naming ``what``).
@@ -104,7 +109,7 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(WAIT_POLL_S)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
 
 

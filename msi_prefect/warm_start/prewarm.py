@@ -48,6 +48,7 @@ None of them starts a thread, so the server stays safe to fork.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import ssl
@@ -233,15 +234,8 @@ def share_botocore_data(services: Iterable[str] = BOTOCORE_SERVICES) -> bool:
     create = library_original(botocore.session, "create_loader")
     if create is None:
         return False
-    loaders: dict[str | None, Any] = {}
-
-    def shared_loader(search_path_string: str | None = None) -> Any:
-        loader = loaders.get(search_path_string)
-        if loader is None:
-            loader = loaders[search_path_string] = create(search_path_string)
-        return loader
-
-    put_in_place(botocore.session, "create_loader", shared_loader, create)
+    # One loader per search path (botocore passes it positionally).
+    put_in_place(botocore.session, "create_loader", functools.cache(create), create)
     session = botocore.session.get_session()
     for service in services:
         try:

@@ -38,6 +38,7 @@ from msi_prefect.warm_start.suspensions import (
     relay_suspensions,
 )
 from tests.conftest import RunningStack
+from tests.transfer_helpers import wait_until
 
 API_TIMEOUT_S = 30.0
 CHECK_TIMEOUT_S = 5.0
@@ -72,7 +73,7 @@ def test_a_relayed_suspension_marks_the_run_when_the_server_shows_it_suspended()
     before = signal.getsignal(SUSPENSION_SIGNAL)
     with observe_relayed_suspension(uuid.uuid4(), request, read_state=answers):
         _signal(answers)
-        _wait(request.is_requested, "the run was marked suspended", CHECK_TIMEOUT_S)
+        wait_until(request.is_requested, "the run was marked suspended", CHECK_TIMEOUT_S)
         assert request.get_state() is suspended
     assert signal.getsignal(SUSPENSION_SIGNAL) == before
 
@@ -100,7 +101,7 @@ def test_two_signals_in_a_row_make_two_checks(caplog: pytest.LogCaptureFixture) 
     with observe_relayed_suspension(uuid.uuid4(), request, read_state=slow_read):
         os.kill(os.getpid(), SUSPENSION_SIGNAL)
         os.kill(os.getpid(), SUSPENSION_SIGNAL)
-        _wait(request.is_requested, "the run was marked suspended", CHECK_TIMEOUT_S)
+        wait_until(request.is_requested, "the run was marked suspended", CHECK_TIMEOUT_S)
     assert len(reads) == 2
     assert "could not be read" not in caplog.text
 
@@ -250,11 +251,8 @@ def _task_runs(api: str, run_id: str) -> int:
     return int(response.json())
 
 
-def _wait(check: Any, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(POLL_S)
+def _process_gone(api: str, run_id: str) -> bool:
+    return not [p for p in live_flow_runs(api) if p.flow_run_id == run_id]
 
 
 @pytest.mark.timeout(300)
@@ -269,7 +267,9 @@ def test_a_run_suspended_from_outside_stops_at_its_next_task_and_resumes(
     )
     created.raise_for_status()
     run_id = created.json()["id"]
-    _wait(lambda: _task_runs(api, run_id) >= 2, "the run started its tasks")
+    wait_until(
+        lambda: _task_runs(api, run_id) >= 2, "the run started its tasks", RUN_TIMEOUT_S, POLL_S
+    )
     processes = [p.pid for p in live_flow_runs(api) if p.flow_run_id == run_id]
     assert processes, "the run has a process of its own"
     # The worker relays: the run started no observer of its own.
@@ -277,10 +277,11 @@ def test_a_run_suspended_from_outside_stops_at_its_next_task_and_resumes(
     assert f"{RELAY_ENV}={RELAYED}".encode() in environ
 
     suspend_flow_run(flow_run_id=UUID(run_id), timeout=600)
-    _wait(
-        lambda: not [p for p in live_flow_runs(api) if p.flow_run_id == run_id],
+    wait_until(
+        lambda: _process_gone(api, run_id),
         "the suspended run's process ended",
-        timeout_s=TICKS * TICK_S / 2,
+        TICKS * TICK_S / 2,
+        POLL_S,
     )
     state = _run(api, run_id)["state"]
     assert (state["type"], state["name"]) == ("PAUSED", "Suspended")
@@ -290,9 +291,13 @@ def test_a_run_suspended_from_outside_stops_at_its_next_task_and_resumes(
     # run goes to its end.
     (tmp_path / SLOW_MARKER).unlink()
     resume_flow_run(UUID(run_id))
-    _wait(lambda: _run(api, run_id)["state"]["type"] == "COMPLETED", "the resumed run ended")
+    wait_until(
+        lambda: _run(api, run_id)["state"]["type"] == "COMPLETED",
+        "the resumed run ended",
+        RUN_TIMEOUT_S,
+        POLL_S,
+    )
     # ...and its process exits (the worker is stopped next: not while a run is exiting).
-    _wait(
-        lambda: not [p for p in live_flow_runs(api) if p.flow_run_id == run_id],
-        "the resumed run's process ended",
+    wait_until(
+        lambda: _process_gone(api, run_id), "the resumed run's process ended", RUN_TIMEOUT_S, POLL_S
     )

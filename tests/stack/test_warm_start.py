@@ -25,6 +25,7 @@ from msi_prefect.warm_start import LAUNCH_MODULE, SOCKET_ENV
 from msi_prefect.warm_start.launch import LOST_CHILD_EXIT, SUSPENSION_SIGNAL
 from msi_prefect.warm_start.protocol import LaunchRequest, Message, Verb, parse_message
 from msi_prefect.warm_start.worker import SOCKET_NAME, start_server
+from tests.transfer_helpers import wait_until
 
 RUN_TIMEOUT_S = 60
 READY_TIMEOUT_S = 60
@@ -134,13 +135,6 @@ def _ignores(pid: int, signum: int) -> bool:
     return _signal_mask(pid, "SigIgn", signum)
 
 
-def _wait_for(check: Any, what: str) -> None:
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
@@ -198,11 +192,13 @@ def test_a_signal_to_the_launcher_reaches_the_child(
     launcher = _launch(socket_path, str(uuid.uuid4()), api_port=api_port)
     child = _wait_for_child(server_pid, before)
     # It forwards once it knows the child.
-    _wait_for(lambda: _catches(launcher.pid, signal.SIGTERM), "the launcher forwards it")
+    wait_until(
+        lambda: _catches(launcher.pid, signal.SIGTERM), "the launcher forwards it", RUN_TIMEOUT_S
+    )
     launcher.send_signal(signal.SIGTERM)
     launcher.communicate(timeout=RUN_TIMEOUT_S)
     assert launcher.returncode != 0
-    _wait_for(lambda: _gone(child), "the child stopped")
+    wait_until(lambda: _gone(child), "the child stopped", RUN_TIMEOUT_S)
 
 
 def test_the_suspension_signal_ends_neither_the_launcher_nor_its_child(
@@ -213,7 +209,11 @@ def test_the_suspension_signal_ends_neither_the_launcher_nor_its_child(
     launcher = _launch(socket_path, str(uuid.uuid4()), api_port=api_port)
     try:
         child = _wait_for_child(server_pid, before)
-        _wait_for(lambda: _catches(launcher.pid, SUSPENSION_SIGNAL), "the launcher forwards it")
+        wait_until(
+            lambda: _catches(launcher.pid, SUSPENSION_SIGNAL),
+            "the launcher forwards it",
+            RUN_TIMEOUT_S,
+        )
         # Until the engine's observer handles it, the child ignores it (the engine here
         # waits for a server that never answers, before it observes anything).
         assert _ignores(child, SUSPENSION_SIGNAL)
@@ -232,7 +232,11 @@ def test_an_engine_the_launcher_becomes_ignores_the_suspension_signal(
     launcher = _launch(tmp_path / "nothing-here.sock", str(uuid.uuid4()), api_port=api_port)
     try:
         cmdline = Path(f"/proc/{launcher.pid}/cmdline")
-        _wait_for(lambda: b"prefect.engine" in cmdline.read_bytes(), "the launcher became it")
+        wait_until(
+            lambda: b"prefect.engine" in cmdline.read_bytes(),
+            "the launcher became it",
+            RUN_TIMEOUT_S,
+        )
         assert _ignores(launcher.pid, SUSPENSION_SIGNAL)
         launcher.send_signal(SUSPENSION_SIGNAL)
         time.sleep(0.5)
@@ -285,7 +289,7 @@ def test_a_child_whose_launcher_was_killed_stops(
     child = _wait_for_child(server_pid, before)
     launcher.kill()
     launcher.communicate(timeout=RUN_TIMEOUT_S)
-    _wait_for(lambda: _gone(child), "the child stopped")
+    wait_until(lambda: _gone(child), "the child stopped", RUN_TIMEOUT_S)
 
 
 def test_prefects_api_clients_share_one_verified_tls_context(
