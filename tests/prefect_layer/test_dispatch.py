@@ -157,11 +157,21 @@ class AdaptiveRig:
     sent: Recorder
 
 
+MAX_HOLD_S = 30.0
+
+
 def adaptive(outbox: DurableQueue, max_files: int = 50, max_wait_s: float = 5.0) -> AdaptiveRig:
     clock = FakeClock()
     backlog = FakeBacklog(clock)
     sent = Recorder()
-    gate = AdaptiveGate(backlog, min_gap_s=1.0, max_running=6, clock=clock)
+    gate = AdaptiveGate(
+        backlog,
+        min_gap_s=1.0,
+        max_running=6,
+        overload_running=12,
+        max_hold_s=MAX_HOLD_S,
+        clock=clock,
+    )
     batcher = FileBatcher(outbox, max_files, max_wait_s, sent, clock=clock, gate=gate)
     return AdaptiveRig(batcher, backlog, clock, sent)
 
@@ -228,7 +238,7 @@ def test_adaptive_full_batches_go_at_once_whatever_the_backlog(outbox: DurableQu
     assert rig.batcher.waiting == 1
 
 
-def test_adaptive_without_a_fresh_reading_batches(outbox: DurableQueue) -> None:
+def test_adaptive_without_a_fresh_reading_batches_and_holds(outbox: DurableQueue) -> None:
     rig = adaptive(outbox, max_wait_s=5.0)
     rig.backlog.set(waiting=0)  # quiet, then the server stops answering (or is too slow)
     rig.clock.now += BACKLOG_STALE_S + 0.1
@@ -236,9 +246,44 @@ def test_adaptive_without_a_fresh_reading_batches(outbox: DurableQueue) -> None:
         assert not rig.batcher.dispatch_alone()
         rig.batcher.add(facts(name))
     assert rig.batcher.send_due() == 0
-    rig.clock.now += 5.0  # the oldest has waited max_wait_s: the batch goes
+    rig.clock.now += 5.0  # max_wait_s, but a server this slow could not start its runs
+    assert rig.batcher.send_due() == 0
+    rig.clock.now += MAX_HOLD_S - 5.0  # the longest hold: the batch goes all the same
     assert rig.batcher.send_due() == 1
     assert rig.sent.batches == [["a", "b"]]
+
+
+def test_adaptive_holds_a_due_batch_while_runs_wait_to_start(outbox: DurableQueue) -> None:
+    rig = adaptive(outbox, max_wait_s=5.0)
+    rig.backlog.set(waiting=0)
+    assert rig.batcher.dispatch_alone()
+    rig.batcher.add(facts("a"))
+    rig.clock.now += 5.0
+    assert rig.batcher.send_due() == 0  # no reading since the dispatch: its runs wait
+    rig.backlog.set(waiting=3, running=5)
+    rig.clock.now += 10.0
+    rig.backlog.set(waiting=3, running=5)
+    assert rig.batcher.send_due() == 0  # held past max_wait_s: the runs before it wait
+    assert rig.backlog.wakes >= 2  # ...and the readings keep coming
+    rig.clock.now += 1.0
+    rig.backlog.set(waiting=0, running=8)  # started: busy (not quiet) but not overloaded
+    assert rig.batcher.send_due() == 1
+
+
+def test_adaptive_holds_a_due_batch_while_too_many_run_for_the_longest_hold(
+    outbox: DurableQueue,
+) -> None:
+    rig = adaptive(outbox, max_wait_s=5.0)
+    rig.backlog.set(waiting=0, running=12)
+    rig.clock.now += 2
+    assert not rig.batcher.dispatch_alone()
+    rig.batcher.add(facts("a"))
+    rig.clock.now += MAX_HOLD_S - 0.1
+    rig.backlog.set(waiting=0, running=12)
+    assert rig.batcher.send_due() == 0
+    rig.clock.now += 0.1  # a run left Running for good holds a batch no longer than this
+    rig.backlog.set(waiting=0, running=12)
+    assert rig.batcher.send_due() == 1
 
 
 def test_adaptive_before_any_reading_spaces_dispatches_by_time(outbox: DurableQueue) -> None:

@@ -13,6 +13,10 @@ at least ``min_gap_s`` old and the Prefect server holds no downstream run that h
 started yet goes alone (lowest latency); otherwise it waits, and everything waiting goes as
 one batch as soon as the runs have started (or when the batch is full, or its oldest file
 has waited ``max_wait_s``). The batch size follows the backlog with no setting to tune.
+When the stack is overloaded (runs wait to start, many run, or the server answers too slowly
+to tell), a batch past ``max_wait_s`` is held until it is not, for at most
+:data:`DEFAULT_MAX_HOLD_S`: sending small batches on time into an overloaded server adds a
+batch's fixed cost each time and overloads it more.
 
 Files waiting for their batch are kept in a small SQLite outbox next to the reassembler's
 progress store, written before the file's offsets are committed. After a crash the
@@ -48,6 +52,13 @@ TRIGGER_LAG_S = 0.5
 #: Files wait while this many downstream runs run (a dispatch makes 3): on 2 cores, fewer
 #: and larger batches do more per second than many small ones.
 DEFAULT_MAX_RUNNING = 3
+#: Running downstream runs at which the stack counts as overloaded (two dispatches' worth):
+#: a batch due by its age is then held (see :meth:`AdaptiveGate.holds`).
+DEFAULT_OVERLOAD_RUNNING = 2 * DEFAULT_MAX_RUNNING
+#: The longest an adaptive batch is held past ``max_wait_s`` for an overloaded stack: a run
+#: left Running or Scheduled for good (its worker died, a concurrency limit) delays each
+#: batch by at most this.
+DEFAULT_MAX_HOLD_S = 30.0
 #: How often the run counts are read while files are moving.
 BACKLOG_POLL_S = 0.5
 #: The poller rests after this long without a dispatch or a waiting file.
@@ -227,10 +238,17 @@ class AdaptiveGate:
     reading gone stale (the server is unreachable or slow) is never quiet, so files gather
     into batches (sent when full or when the oldest has waited ``max_wait_s``).
 
+    Overloaded means more than not quiet: the newest reading shows runs waiting to start
+    or at least ``overload_running`` running, or it predates the last dispatch's runs, or
+    it is stale. A batch due by its age is then held, for at most ``max_hold_s`` in all.
+
     Args:
         backlog: Where the run counts come from.
         min_gap_s: Shortest time between two dispatches.
         max_running: Running downstream runs at which files wait.
+        overload_running: Running downstream runs at which a batch due by its age waits.
+        max_hold_s: The longest wait of a batch's oldest file while the stack is
+            overloaded.
         clock: Monotonic time source (the backlog's).
     """
 
@@ -239,11 +257,15 @@ class AdaptiveGate:
         backlog: RunBacklog,
         min_gap_s: float = DEFAULT_MIN_GAP_S,
         max_running: int = DEFAULT_MAX_RUNNING,
+        overload_running: int = DEFAULT_OVERLOAD_RUNNING,
+        max_hold_s: float = DEFAULT_MAX_HOLD_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._backlog = backlog
         self._min_gap_s = min_gap_s
         self._max_running = max_running
+        self._overload_running = overload_running
+        self._max_hold_s = max_hold_s
         self._clock = clock
         self._last_dispatch = float("-inf")
 
@@ -264,6 +286,26 @@ class AdaptiveGate:
             return False  # taken before the last dispatch's runs existed
         return reading.counts.waiting == 0 and reading.counts.running < self._max_running
 
+    def holds(self, waited_s: float) -> bool:
+        """Whether a batch due by its age (its oldest file waited ``waited_s``) waits on.
+
+        It does while the stack is overloaded and the oldest file has waited less than
+        ``max_hold_s``: its runs would only queue behind the runs not started yet, and a
+        later, larger batch costs the server less per file. An idle or merely busy stack
+        (runs running, none waiting) takes it at once.
+        """
+        if waited_s >= self._max_hold_s:
+            return False
+        reading = self._backlog.latest()
+        if reading is None:
+            return False  # the stack is starting: nothing is known to be waiting
+        if self._clock() - reading.taken_at > BACKLOG_STALE_S:
+            return True  # too slow to answer (or away): its runs could not start sooner
+        if reading.taken_at < self._last_dispatch + TRIGGER_LAG_S:
+            return True  # the last dispatch's runs are not in it yet: they are waiting
+        counts = reading.counts
+        return counts.waiting > 0 or counts.running >= self._overload_running
+
     def dispatched(self) -> None:
         """A file or a batch was just dispatched."""
         self._last_dispatch = self._clock()
@@ -278,8 +320,9 @@ class FileBatcher:
     """Groups rebuilt files into batches of at most ``max_files``.
 
     A batch goes out when it is full, or ``max_wait_s`` after its first file arrived (for
-    the files left over after a full batch: after the batch before them was sent), or,
-    with a ``gate``, as soon as the gate is quiet.
+    the files left over after a full batch: after the batch before them was sent) unless
+    the ``gate`` holds it for an overloaded stack, or, with a ``gate``, as soon as the gate
+    is quiet.
 
     Args:
         outbox: Where waiting files are kept.
@@ -343,8 +386,12 @@ class FileBatcher:
     def _due(self) -> bool:
         if self._waiting >= self._max_files:
             return True
-        if self._oldest_at is not None and self._clock() - self._oldest_at >= self._max_wait_s:
-            return True
+        if self._oldest_at is not None:
+            waited_s = self._clock() - self._oldest_at
+            if waited_s >= self._max_wait_s and (
+                self._gate is None or not self._gate.holds(waited_s)
+            ):
+                return True
         if self._gate is not None:
             if self._gate.is_quiet():
                 return True

@@ -151,9 +151,10 @@ class TransferSettings(Block):
         gt=0,
         le=MAX_BATCH_WAIT_S,
         title="Batch Wait (seconds)",
-        description="batch and adaptive dispatch: a batch that is not full is sent at the "
-        "latest this long after its first file was rebuilt (adaptive dispatch sends it "
-        "sooner, as soon as the downstream runs before it have started).",
+        description="batch and adaptive dispatch: a batch that is not full is sent this "
+        "long after its first file was rebuilt. Adaptive dispatch sends it sooner, as soon "
+        "as the downstream runs before it have started, or later, while the stack is "
+        "overloaded (runs wait to start), for at most 30 s after its first file.",
     )
     wire_format: WireFormat = Field(
         default=WireFormat.NATIVE,
