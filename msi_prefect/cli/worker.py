@@ -114,6 +114,9 @@ def _run(args: argparse.Namespace) -> int:
 
             outbox = downstream_outbox_path(env[API_URL_ENV], env)
             running.enter_context(DownstreamEventRelay(outbox))
+        from msi_prefect.warm_start.worker import restore_sigint_handler
+
+        restore_sigint_handler()  # before the child starts: it inherits an ignored SIGINT
         child = subprocess.Popen(worker_argv(pool, name, queues), env=env, cwd=work_dir)
 
         def forward(signum: int, _frame: FrameType | None) -> None:

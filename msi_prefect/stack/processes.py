@@ -394,9 +394,13 @@ class ManagedProcess:
 
     @staticmethod
     def signal_group(pid: int, sig: signal.Signals) -> None:
-        """Send `sig` to the process group led by `pid`, and to `pid` itself."""
+        """Send `sig` to the process group led by `pid`, or to `pid` alone if it leads none.
+
+        Once only: a second SIGTERM makes Prefect's worker kill itself mid-shutdown.
+        """
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
+            return  # `pid` leads the group, so it had it too
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
 

@@ -50,9 +50,22 @@ def start_server(path: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def restore_sigint_handler() -> None:
+    """Let SIGTERM stop Prefect's worker, which stops by sending itself SIGINT.
+
+    A process started with SIGINT ignored (a shell's background job, ``nohup``, some CI
+    runners) hands that on to its children, and Python then leaves SIGINT ignored: Prefect's
+    worker would turn SIGTERM into a SIGINT that nothing hears and run on until killed.
+    Call in the main thread, before Prefect's command starts its event loop.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``prefect worker start`` with ``argv`` beside a warm server."""
     args = list(sys.argv[1:] if argv is None else argv)
+    restore_sigint_handler()
     # A short private folder: a Unix socket path has room for about 100 bytes.
     with tempfile.TemporaryDirectory(prefix="msi-warm-") as folder:
         path = Path(folder) / SOCKET_NAME

@@ -519,3 +519,40 @@ def test_s3_clients_share_one_tls_context_per_verify_setting(
     proxied = AIOHTTPSession(verify=bundle)._build_ssl_contexts("http://127.0.0.1:9")
     assert proxied[0] is not first[0]
     assert built == [bundle, True, False, bundle]
+
+
+#: Prefect's worker command as far as its stop goes: its SIGTERM handler, in its event loop.
+WORKER_STOP = textwrap.dedent(
+    """
+    import asyncio, os
+    from prefect.utilities.processutils import setup_signal_handlers_worker
+    from msi_prefect.warm_start.worker import restore_sigint_handler
+
+    restore_sigint_handler()
+
+    async def main() -> None:
+        setup_signal_handlers_worker(os.getpid(), "worker", print)
+        print("ready", flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_sigterm_stops_a_worker_started_with_sigint_ignored() -> None:
+    # A shell's background job starts with SIGINT ignored; Prefect's worker stops on SIGTERM
+    # by sending itself SIGINT, which it would then never hear.
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER_STOP],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == b"ready\n"
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(10)  # without restore_sigint_handler(): TimeoutExpired
+    finally:
+        worker.kill()
+        worker.wait()
