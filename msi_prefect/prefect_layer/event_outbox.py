@@ -47,7 +47,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -109,6 +109,9 @@ LEFT_BEHIND_AFTER_S = 5.0
 DIRECT_POST_TIMEOUT_S = 5.0
 #: ...and after a failed one the run only writes its events to disk for this long.
 DIRECT_POST_PAUSE_S = 30.0
+#: A batch run posts its files' events together, at most this often (see
+#: :class:`GatheredEventPoster`): a file's event reaches the server at most this much later.
+GATHER_INTERVAL_S = 0.1
 
 #: Posts a batch of events (JSON objects); raises if the server did not accept them.
 PostEvents = Callable[[list[dict[str, Any]]], None]
@@ -666,6 +669,21 @@ def _related(kind: str, object_id: object, name: str | None = None) -> dict[str,
     return resource
 
 
+@dataclass(frozen=True)
+class WrittenEvent:
+    """A downstream event written to the outbox, as it will be posted.
+
+    Attributes:
+        name: The event's name (for messages).
+        key: Its id, the outbox's key.
+        body: The event as ``POST /api/events`` takes it.
+    """
+
+    name: str
+    key: str
+    body: dict[str, Any]
+
+
 class DownstreamEventOutbox:
     """Durable file events of the short downstream runs on one host (see above).
 
@@ -705,27 +723,50 @@ class DownstreamEventOutbox:
             sqlite3.OperationalError: The outbox could not be written (e.g. a full disk):
                 the step is not announced, and the task fails (and is retried).
         """
-        key = str(spec.event_id)
-        body = event_body(spec, run_related)
+        return self.post_written([self.write(spec, run_related)])
+
+    def write(self, spec: FileEventSpec, run_related: list[dict[str, str]]) -> WrittenEvent:
+        """Write the event to the outbox (durably), not posting it yet.
+
+        Raises:
+            sqlite3.OperationalError: The outbox could not be written (e.g. a full disk).
+        """
+        written = WrittenEvent(spec.name.value, str(spec.event_id), event_body(spec, run_related))
+        self._outbox.add(written.key, written.body)  # a re-run's event: kept once
+        return written
+
+    def post_written(self, events: list[WrittenEvent]) -> bool:
+        """Post events already written, in one request, unless posting is paused.
+
+        Returns:
+            Whether they were posted (otherwise they wait on disk for the relay).
+        """
+        if not events:
+            return True
         with self._lock:
-            self._outbox.add(key, body)  # a re-run's event has the same id: kept once
             if self._clock() < self._paused_until:
                 return False
-            try:
-                self._post([body])
-            except Exception as exc:  # the server is away: the event waits on disk
+        try:  # not under the lock: the next file's event is written meanwhile
+            self._post([event.body for event in events])
+        except Exception as exc:  # the server is away: the events wait on disk
+            with self._lock:
                 self._paused_until = self._clock() + DIRECT_POST_PAUSE_S
-                logger.warning(
-                    "Cannot post %s to the Prefect server (%s); it waits in %s and is "
-                    "delivered by the reconstruct-files run of this host",
-                    spec.name.value,
-                    exc,
-                    self.path,
-                )
-                return False
-            self._unconfirmed.add(key, {"posted_at": self._clock(), "event": body})
-            self._outbox.remove_keys([key])
-            return True
+            names = ", ".join(sorted({event.name for event in events}))
+            logger.warning(
+                "Cannot post %d event(s) (%s) to the Prefect server (%s); they wait in %s "
+                "and are delivered by the reconstruct-files run of this host",
+                len(events),
+                names,
+                exc,
+                self.path,
+            )
+            return False
+        posted_at = self._clock()
+        self._unconfirmed.add_many(
+            [(event.key, {"posted_at": posted_at, "event": event.body}) for event in events]
+        )
+        self._outbox.remove_keys([event.key for event in events])
+        return True
 
     def close(self) -> None:
         """Close the queues and the HTTP client."""
@@ -748,12 +789,118 @@ def emit_downstream_event(spec: FileEventSpec) -> bool:
         Whether it was posted now; if not, it waits in the host's outbox and the
         ``reconstruct-files`` run's relay delivers it.
     """
+    gathered = _GATHERED.get()
+    if gathered is not None:
+        gathered.add(spec, run_context_related())
+        return False
+    return _downstream_outbox().emit(spec, run_context_related())
+
+
+def _downstream_outbox() -> DownstreamEventOutbox:
+    """This process's outbox of downstream events for the current Prefect server."""
     path = downstream_outbox_path()
     with _DOWNSTREAM_LOCK:
         outbox = _DOWNSTREAM_OUTBOXES.get(path)
         if outbox is None:
             outbox = _DOWNSTREAM_OUTBOXES[path] = DownstreamEventOutbox(path)
-    return outbox.emit(spec, run_context_related())
+    return outbox
+
+
+class GatheredEventPoster:
+    """Posts the downstream events of a batch run together, from a thread of its own.
+
+    A batch run emits a file event per file and step, one file after the other; posted one
+    by one they were 4 of the 13 requests a file cost the server at 10 files/s
+    (bench/RESULTS.md). Here each event is written to the outbox at once (durably, as
+    before) and queued; the thread posts everything queued in one request, at most every
+    :data:`GATHER_INTERVAL_S`, and while a post is in flight the next events gather. So an
+    idle server gets each event about as soon as before, and a busy one (slow answers)
+    fewer, larger posts. What is queued when the batch ends is posted before it ends; what
+    cannot be posted waits on disk for the relay, as before.
+
+    Args:
+        outbox: Where the events are written and posted from.
+        interval_s: Shortest time between two posts.
+        clock: Monotonic time source.
+    """
+
+    def __init__(
+        self,
+        outbox: DownstreamEventOutbox,
+        interval_s: float = GATHER_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._outbox = outbox
+        self._interval_s = interval_s
+        self._clock = clock
+        self._queued: list[WrittenEvent] = []
+        self._closing = False
+        self._changed = threading.Condition()
+        self.posts = 0
+        # In the caller's context: the poster uses the run's Prefect settings.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="msi-gathered-events", daemon=True
+        )
+        self._thread.start()
+
+    def add(self, spec: FileEventSpec, run_related: list[dict[str, str]]) -> None:
+        """Write the event to the outbox now and queue it for the next post.
+
+        Raises:
+            sqlite3.OperationalError: The outbox could not be written (e.g. a full disk).
+        """
+        written = self._outbox.write(spec, run_related)
+        with self._changed:
+            self._queued.append(written)
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Post what is queued, then stop the thread."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        # A post is bounded by DIRECT_POST_TIMEOUT_S; two of them at most are left.
+        self._thread.join(2 * DIRECT_POST_TIMEOUT_S + self._interval_s)
+
+    def _run(self) -> None:
+        last_post = float("-inf")
+        while True:
+            with self._changed:
+                while not self._queued and not self._closing:
+                    self._changed.wait()
+                if not self._queued:
+                    return
+                # Spaced posts: the events of the next files gather meanwhile.
+                while (
+                    not self._closing
+                    and (wait_s := last_post + self._interval_s - self._clock()) > 0
+                ):
+                    self._changed.wait(wait_s)
+                batch, self._queued = self._queued, []
+            last_post = self._clock()
+            self._outbox.post_written(batch)
+            self.posts += 1
+
+
+_GATHERED: contextvars.ContextVar[GatheredEventPoster | None] = contextvars.ContextVar(
+    "msi_gathered_events", default=None
+)
+
+
+@contextlib.contextmanager
+def gathered_downstream_events() -> Iterator[GatheredEventPoster]:
+    """Within it, :func:`emit_downstream_event` posts through one :class:`GatheredEventPoster`.
+
+    Used by batch runs around their files (``dispatch/batches.py``).
+    """
+    poster = GatheredEventPoster(_downstream_outbox())
+    token = _GATHERED.set(poster)
+    try:
+        yield poster
+    finally:
+        _GATHERED.reset(token)
+        poster.close()
 
 
 class DownstreamEventRelay:

@@ -15,6 +15,7 @@ from msi_prefect.prefect_layer.dispatch.batches import (
     check_batch_size,
     rebuilt_file_of,
 )
+from msi_prefect.prefect_layer.event_outbox import GatheredEventPoster
 from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.prefect_layer.flow_inputs import FileInputError
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
@@ -88,8 +89,22 @@ def backup_storage(prefect_api: str, prefect_stack: RunningStack) -> Iterator[Sa
 
 @pytest.mark.stack
 def test_backup_batch_backs_up_every_good_file_and_names_the_bad_one(
-    backup_storage: SavedBackupStorage, topic: str, tmp_path: Path
+    backup_storage: SavedBackupStorage,
+    topic: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The files' events go through the batch's gathered poster, not a post each.
+    gathered: list[str] = []
+    gather = GatheredEventPoster.add
+    monkeypatch.setattr(
+        GatheredEventPoster,
+        "add",
+        lambda poster, spec, related: (
+            gathered.append(spec.name.value),
+            gather(poster, spec, related),
+        ),
+    )
     dest = tmp_path / "dest"
     good = [
         file_params(dest, "run/a.tif", b"frame a" * 100, topic),
@@ -115,6 +130,7 @@ def test_backup_batch_backs_up_every_good_file_and_names_the_bad_one(
     for params in good:
         events = read_events(EventName.BACKED_UP, f"msi.file.{topic}.{params['file_id']}")
         assert [event.payload["path"] for event in events] == [params["path"]]
+    assert gathered == [EventName.BACKED_UP.value] * len(good)
 
 
 @pytest.mark.stack

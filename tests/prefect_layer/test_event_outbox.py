@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from msi_prefect.prefect_layer.event_outbox import (
     DownstreamEventRelay,
     EventChannel,
     EventSender,
+    GatheredEventPoster,
     downstream_outbox_path,
     event_body,
     event_outbox,
@@ -306,6 +308,74 @@ def test_a_downstream_event_is_written_then_posted_at_once(tmp_path: Path) -> No
     # Posted: out of the outbox, into the unconfirmed one, where the relay confirms it.
     with event_outbox(path) as queued, unconfirmed_outbox(path) as unconfirmed:
         assert queued.count() == 0 and unconfirmed.count() == 1
+
+
+class HeldServer(FlakyServer):
+    """Keeps each post waiting until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+        self.batches: list[list[str]] = []
+
+    def __call__(self, events: list[dict[str, Any]]) -> None:
+        self.arrived.release()
+        assert self.go.acquire(timeout=WAIT_S), "the test never let the post go"
+        super().__call__(events)
+        self.batches.append([event["payload"]["path"] for event in events])
+
+
+def test_a_batch_runs_events_gather_while_a_post_is_in_flight(tmp_path: Path) -> None:
+    path = tmp_path / "downstream.sqlite"
+    server = HeldServer()
+    outbox = DownstreamEventOutbox(path, post=server)
+    poster = GatheredEventPoster(outbox, interval_s=0.0)
+    try:
+        poster.add(downstream_spec("a.bin"), [])
+        assert server.arrived.acquire(timeout=WAIT_S)  # a.bin's post is in flight...
+        for name in ("b.bin", "c.bin", "d.bin"):  # ...and the next files' events are on disk
+            poster.add(downstream_spec(name), [])
+        with event_outbox(path) as queued:
+            assert queued.count() == 4
+        server.go.release()
+        assert server.arrived.acquire(timeout=WAIT_S)  # the next post: the three together
+        server.go.release()
+    finally:
+        poster.close()
+        outbox.close()
+    assert server.batches == [["a.bin"], ["b.bin", "c.bin", "d.bin"]]
+    with event_outbox(path) as queued, unconfirmed_outbox(path) as unconfirmed:
+        assert queued.count() == 0 and unconfirmed.count() == 4
+
+
+def test_a_batch_runs_events_are_posted_when_it_ends_or_left_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "downstream.sqlite"
+    server = FlakyServer()
+    outbox = DownstreamEventOutbox(path, post=server)
+    poster = GatheredEventPoster(outbox, interval_s=60.0)
+    try:
+        poster.add(downstream_spec("a.bin"), [])  # the first goes at once...
+        wait_until(lambda: server.posts == 1)
+        poster.add(downstream_spec("b.bin"), [])  # ...the next wait for the interval or the end
+        poster.add(downstream_spec("c.bin"), [])
+        time.sleep(0.2)
+        assert server.posts == 1
+        poster.close()
+        assert server.posts == 2
+        assert [event["payload"]["path"] for event in server.received] == [
+            "a.bin",
+            "b.bin",
+            "c.bin",
+        ]
+        server.down_for = server.posts + 1  # the server goes away: the events stay on disk
+        unlucky = GatheredEventPoster(outbox, interval_s=0.0)
+        unlucky.add(downstream_spec("d.bin"), [])
+        unlucky.close()
+    finally:
+        outbox.close()
+    with event_outbox(path) as queued:
+        assert [body["payload"]["path"] for _, body in queued.oldest(10)] == ["d.bin"]
 
 
 def test_a_downstream_run_does_not_wait_for_a_server_that_is_away(tmp_path: Path) -> None:

@@ -3,9 +3,10 @@
 The batch deployments of ``prefect.yaml`` get the event's ``files`` list (each entry the
 parameters a per-file flow would get). Every entry is validated on its own: a bad entry
 fails only its own file. Each valid file gets its own task run, named after the file, so
-the UI keeps a record per file; the per-file tasks emit their per-file events as usual.
-The files' history artifacts are written together (one version per file, the reads
-shared: ``file_history.file_history_batch``).
+the UI keeps a record per file; the per-file tasks emit their per-file events as usual,
+posted together (``event_outbox.GatheredEventPoster``). The files' history artifacts are
+written together (one version per file, the reads shared:
+``file_history.file_history_batch``).
 The run ends Failed, naming the files, if any file failed, after all the others are done.
 """
 
@@ -22,6 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.event_outbox import gathered_downstream_events
 from msi_prefect.prefect_layer.file_history import file_history_batch
 from msi_prefect.prefect_layer.flow_inputs import FileInputError, RebuiltFile
 from msi_prefect.prefect_layer.transfers.settings import MAX_BATCH_FILES
@@ -110,8 +112,9 @@ def run_per_file(
     logger = get_run_logger()
     entries = check_batch_size(files)
     final: list[BatchEntryResult] = []
-    # The files' history rows are written together, not one file at a time.
-    with file_history_batch() as history:
+    # The files' history rows are written together, not one file at a time, and so are
+    # their events posted (the events first when the batch ends: they say a file is done).
+    with file_history_batch() as history, gathered_downstream_events():
         for index, entry in enumerate(entries):
             path = str(entry.get("path", "?")) if isinstance(entry, Mapping) else "?"
             try:
