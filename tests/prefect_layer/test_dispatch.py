@@ -210,23 +210,6 @@ def test_adaptive_waits_for_a_reading_taken_after_the_dispatch(outbox: DurableQu
     assert rig.batcher.send_due() == 1
 
 
-def test_adaptive_holds_while_too_many_runs_run_and_honours_the_longest_wait(
-    outbox: DurableQueue,
-) -> None:
-    rig = adaptive(outbox, max_wait_s=5.0)
-    rig.backlog.set(waiting=0, running=6)
-    rig.clock.now += 2
-    rig.backlog.set(waiting=0, running=6)
-    assert not rig.batcher.dispatch_alone()
-    rig.batcher.add(facts("a"))
-    rig.clock.now += 4.9
-    rig.backlog.set(waiting=0, running=6)
-    assert rig.batcher.send_due() == 0
-    rig.clock.now += 0.2  # the oldest file has waited max_wait_s: it goes anyway
-    rig.backlog.set(waiting=0, running=6)
-    assert rig.batcher.send_due() == 1
-
-
 def test_adaptive_full_batches_go_at_once_whatever_the_backlog(outbox: DurableQueue) -> None:
     rig = adaptive(outbox, max_files=2)
     rig.backlog.set(waiting=10)
@@ -270,19 +253,27 @@ def test_adaptive_holds_a_due_batch_while_runs_wait_to_start(outbox: DurableQueu
     assert rig.batcher.send_due() == 1
 
 
-def test_adaptive_holds_a_due_batch_while_too_many_run_for_the_longest_hold(
-    outbox: DurableQueue,
+@pytest.mark.parametrize(
+    ("running", "longest_wait_s"),
+    [
+        (6, 5.0),  # busy (not quiet), not overloaded: the batch goes after max_wait_s
+        (12, MAX_HOLD_S),  # overloaded (a run left Running for good): held, not for longer
+    ],
+)
+def test_adaptive_holds_while_runs_run_and_honours_the_longest_wait(
+    outbox: DurableQueue, running: int, longest_wait_s: float
 ) -> None:
     rig = adaptive(outbox, max_wait_s=5.0)
-    rig.backlog.set(waiting=0, running=12)
+    rig.backlog.set(waiting=0, running=running)
     rig.clock.now += 2
+    rig.backlog.set(waiting=0, running=running)
     assert not rig.batcher.dispatch_alone()
     rig.batcher.add(facts("a"))
-    rig.clock.now += MAX_HOLD_S - 0.1
-    rig.backlog.set(waiting=0, running=12)
+    rig.clock.now += longest_wait_s - 0.1
+    rig.backlog.set(waiting=0, running=running)
     assert rig.batcher.send_due() == 0
-    rig.clock.now += 0.1  # a run left Running for good holds a batch no longer than this
-    rig.backlog.set(waiting=0, running=12)
+    rig.clock.now += 0.1
+    rig.backlog.set(waiting=0, running=running)
     assert rig.batcher.send_due() == 1
 
 
