@@ -111,7 +111,9 @@ DIRECT_POST_TIMEOUT_S = 5.0
 DIRECT_POST_PAUSE_S = 30.0
 #: A batch run posts its files' events together, at most this often (see
 #: :class:`GatheredEventPoster`): a file's event reaches the server at most this much later.
-GATHER_INTERVAL_S = 0.1
+#: Measured at 10 files/s: every 0.1 s took out only a fifth of the posts (a loaded run
+#: does about a file per 0.1 s).
+GATHER_INTERVAL_S = 0.5
 
 #: Posts a batch of events (JSON objects); raises if the server did not accept them.
 PostEvents = Callable[[list[dict[str, Any]]], None]
