@@ -111,7 +111,8 @@ def measure(opts: argparse.Namespace) -> dict[str, object]:
     up_args = ["up", "--storage", "memory", "--watch-dir", str(work / "inbox")]
     up_args += ["--destination-dir", str(work / "received"), *port_args()]
     up_args += ["--server-layout", opts.server_layout, "--database", opts.database]
-    result: dict[str, object] = {"work_dir": str(work), **vars(opts)}
+    settings = {name: value for name, value in vars(opts).items() if name != "make"}
+    result: dict[str, object] = {"work_dir": str(work), **settings}
     try:
         if cli(state, up_args, log, UP_TIMEOUT_S).returncode != 0:
             raise RuntimeError(f"up failed, see {log}")

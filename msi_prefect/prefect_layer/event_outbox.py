@@ -814,11 +814,12 @@ class GatheredEventPoster:
     A batch run emits a file event per file and step, one file after the other; posted one
     by one they were 4 of the 13 requests a file cost the server at 10 files/s
     (bench/RESULTS.md). Here each event is written to the outbox at once (durably, as
-    before) and queued; the thread posts everything queued in one request, at most every
-    :data:`GATHER_INTERVAL_S`, and while a post is in flight the next events gather. So an
-    idle server gets each event about as soon as before, and a busy one (slow answers)
-    fewer, larger posts. What is queued when the batch ends is posted before it ends; what
-    cannot be posted waits on disk for the relay, as before.
+    before) and queued; the thread posts everything queued in one request: the first at
+    once, the next at most every :data:`GATHER_INTERVAL_S` (and not before the post in
+    flight has returned). So a file's event reaches the server at most that much later,
+    and a batch makes one post per interval instead of one per file. What is queued when
+    the batch ends is posted before it ends; what cannot be posted waits on disk for the
+    relay, as before.
 
     Args:
         outbox: Where the events are written and posted from.
@@ -838,7 +839,6 @@ class GatheredEventPoster:
         self._queued: list[WrittenEvent] = []
         self._closing = False
         self._changed = threading.Condition()
-        self.posts = 0
         # In the caller's context: the poster uses the run's Prefect settings.
         context = contextvars.copy_context()
         self._thread = threading.Thread(
@@ -881,8 +881,10 @@ class GatheredEventPoster:
                     self._changed.wait(wait_s)
                 batch, self._queued = self._queued, []
             last_post = self._clock()
-            self._outbox.post_written(batch)
-            self.posts += 1
+            try:
+                self._outbox.post_written(batch)
+            except Exception:  # e.g. the unconfirmed outbox: the events stay on disk
+                logger.exception("could not record %d posted event(s)", len(batch))
 
 
 _GATHERED: contextvars.ContextVar[GatheredEventPoster | None] = contextvars.ContextVar(
