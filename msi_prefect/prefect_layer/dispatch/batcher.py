@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -108,6 +109,14 @@ class DownstreamRunCounts:
 
     waiting: int
     running: int
+
+
+class ReadingGap(Enum):
+    """Why the gate has no run counts to go by."""
+
+    NONE_YET = "no reading yet"
+    STALE = "the newest reading is stale"
+    BEFORE_LAST_DISPATCH = "the newest reading predates the last dispatch's runs"
 
 
 class PrefectRunCounter:
@@ -269,22 +278,31 @@ class AdaptiveGate:
         self._clock = clock
         self._last_dispatch = float("-inf")
 
-    def is_quiet(self) -> bool:
-        """Whether a dispatch now would find the downstream runs keeping up."""
-        now = self._clock()
-        if now - self._last_dispatch < self._min_gap_s:
-            return False
+    def _counts_now(self) -> DownstreamRunCounts | ReadingGap:
+        """The newest reading's counts, or why there is none to go by."""
         reading = self._backlog.latest()
         if reading is None:
-            return True  # no reading yet (the stack is starting): time alone decides
-        if now - reading.taken_at > BACKLOG_STALE_S:
-            # The server answers slowly or not at all: files gather into batches (one run
-            # per deployment for many files), never three runs per file into an
-            # overloaded server, where a slow answer would make every file look quiet.
-            return False
+            return ReadingGap.NONE_YET
+        if self._clock() - reading.taken_at > BACKLOG_STALE_S:
+            return ReadingGap.STALE
         if reading.taken_at < self._last_dispatch + TRIGGER_LAG_S:
-            return False  # taken before the last dispatch's runs existed
-        return reading.counts.waiting == 0 and reading.counts.running < self._max_running
+            return ReadingGap.BEFORE_LAST_DISPATCH
+        return reading.counts
+
+    def is_quiet(self) -> bool:
+        """Whether a dispatch now would find the downstream runs keeping up."""
+        if self._clock() - self._last_dispatch < self._min_gap_s:
+            return False
+        counts = self._counts_now()
+        if counts is ReadingGap.NONE_YET:
+            return True  # the stack is starting: time alone decides
+        if isinstance(counts, ReadingGap):
+            # Stale: the server answers slowly or not at all; files gather into batches
+            # (one run per deployment for many files), never three runs per file into an
+            # overloaded server, where a slow answer would make every file look quiet.
+            # Before the last dispatch: its runs are not in the reading yet.
+            return False
+        return counts.waiting == 0 and counts.running < self._max_running
 
     def holds(self, waited_s: float) -> bool:
         """Whether a batch due by its age (its oldest file waited ``waited_s``) waits on.
@@ -296,14 +314,13 @@ class AdaptiveGate:
         """
         if waited_s >= self._max_hold_s:
             return False
-        reading = self._backlog.latest()
-        if reading is None:
+        counts = self._counts_now()
+        if counts is ReadingGap.NONE_YET:
             return False  # the stack is starting: nothing is known to be waiting
-        if self._clock() - reading.taken_at > BACKLOG_STALE_S:
-            return True  # too slow to answer (or away): its runs could not start sooner
-        if reading.taken_at < self._last_dispatch + TRIGGER_LAG_S:
-            return True  # the last dispatch's runs are not in it yet: they are waiting
-        counts = reading.counts
+        if isinstance(counts, ReadingGap):
+            # Stale: too slow to answer (or away), its runs could not start sooner. Before
+            # the last dispatch: that dispatch's runs are waiting.
+            return True
         return counts.waiting > 0 or counts.running >= self._overload_running
 
     def dispatched(self) -> None:
