@@ -106,7 +106,8 @@ COMMAND = "cd /work/main && .venv/bin/python -m bench.file_rate"
 KIB = 1024
 SENT_EVENT = "msi.file.uploaded"
 DONE_EVENTS = ("msi.file.backed-up", "msi.file.metadata-extracted", "msi.file.analyzed")
-# The per-file and batch actions (the audit is scheduled, not triggered by files).
+# The per-file and batch actions (the audit is scheduled, not triggered by files), also the
+# batch flows before process-batch (a checkout before it is measured beside the new).
 DOWNSTREAM_FLOWS = FILE_FLOWS
 FILE_KIB = 16
 

@@ -22,7 +22,7 @@ ANALYSIS_SPEC = f"{ANALYSIS_MODULE}:{ANALYSIS_FUNCTION}"
 #: The deployments that run the analysis, by their entrypoint line in prefect.yaml.
 ANALYSIS_ENTRYPOINTS = (
     "flows/analyze_file.py:analyze_file_flow",
-    "flows/analyze_batch.py:analyze_batch_flow",
+    "flows/process_batch.py:process_batch_flow",
 )
 #: What the bundled prefect.yaml's pull section is, and what a lab project's becomes.
 BUNDLED_PULL = """pull:
@@ -40,7 +40,7 @@ PROJECT_HEADER = f"""\
 # (instead of the ones the msi-prefect package carries), as `prefect deploy --all` would.
 # Written by `msi-prefect init` from the package's prefect.yaml; edit freely.
 #
-# Differences from the package's: analyze-file and analyze-batch run this folder's
+# Differences from the package's: analyze-file and process-batch run this folder's
 # analysis ({ANALYSIS_SPEC}, in {ANALYSIS_MODULE}.py), and the pull steps make this
 # folder's modules importable in the flow runs. MSI_PROJECT_DIR, MSI_WATCH_DIR and
 # MSI_DESTINATION_DIR are set by `msi-prefect up` (export them for a `prefect deploy` of
@@ -51,7 +51,7 @@ PROJECT_HEADER = f"""\
 ANALYSIS_STUB = f'''\
 """This lab's analysis: msi-prefect runs `{ANALYSIS_FUNCTION}` on every rebuilt file.
 
-The deployments analyze-file (a run per file) and analyze-batch (a run per batch of
+The deployments analyze-file (a run per file) and process-batch (a run per batch of
 files) of prefect.yaml name it as "{ANALYSIS_SPEC}". What it returns is shown in the
 Prefect UI (an artifact of the run) and carried by the file's `msi.file.analyzed` event.
 """
@@ -108,7 +108,7 @@ files go to `received/` (`msi-prefect up --help` for other folders).
 
 - **The analysis**: edit `{ANALYSIS_FUNCTION}` in `{ANALYSIS_MODULE}.py`. The flow runs
   import it from this folder. To use a function of an installed package instead, set
-  `analysis: package.module:function` in the analyze-file and analyze-batch deployments.
+  `analysis: package.module:function` in the analyze-file and process-batch deployments.
 - **Schedules, triggers, parameters**: edit `prefect.yaml`, then run `msi-prefect up` again
   (on a running stack it deploys again and starts nothing twice).
 - **A real Prefect server**: `prefect deploy --all` here, with `PREFECT_API_URL` and the

@@ -30,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from msi_prefect.errors import MsiError
-from msi_prefect.metadata import extract_metadata
+from msi_prefect.metadata import FileMetadata, extract_metadata
 from msi_prefect.prefect_layer.event_outbox import emit_downstream_event
 from msi_prefect.prefect_layer.events import EventName, file_event
 from msi_prefect.prefect_layer.file_history import record_file_step
@@ -195,7 +195,10 @@ def _checked_json(spec: str, result: Any) -> str:
     cache_policy=NO_CACHE,
 )
 def analyze_file(
-    file: RebuiltFile, analysis: str = DEFAULT_ANALYSIS, dedup_key: str | None = None
+    file: RebuiltFile,
+    analysis: str = DEFAULT_ANALYSIS,
+    dedup_key: str | None = None,
+    metadata: FileMetadata | None = None,
 ) -> AnalysisResult:
     """Run an analysis on a rebuilt file, record its result, emit ``msi.file.analyzed``.
 
@@ -203,6 +206,8 @@ def analyze_file(
         file: The rebuilt file, validated from the event parameters.
         analysis: The callable, as ``package.module:function``.
         dedup_key: What makes the event unique besides file, generation and analysis.
+        metadata: The file's metadata, extracted by the same run just before (a batch
+            run); None: extracted here.
 
     Returns:
         The analysis result.
@@ -215,12 +220,15 @@ def analyze_file(
     logger = get_run_logger()
     function = load_callable(analysis)
     file.check_unchanged(hash_content=False)
-    try:
-        # The reassembler verified the content's SHA-256 when it rebuilt the file, and the
-        # size still matches: the analysis does not read the whole file again to hash it.
-        metadata = extract_metadata(file.local_path, file.path.as_posix(), known_sha256=file.sha256)
-    except (OSError, ValueError) as exc:
-        raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
+    if metadata is None:
+        try:
+            # The reassembler verified the content's SHA-256 when it rebuilt the file, and
+            # the size still matches: the analysis does not read the whole file to hash it.
+            metadata = extract_metadata(
+                file.local_path, file.path.as_posix(), known_sha256=file.sha256
+            )
+        except (OSError, ValueError) as exc:
+            raise FileInputError(f"cannot read {file.local_path}: {exc}") from exc
     facts_for_analysis: dict[str, Any] = {
         **metadata.to_json_dict(),
         "topic": file.topic,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
+from msi_prefect.prefect_layer.dispatch.mode import BATCH_FLOW, PER_FILE_FLOWS, DownstreamDispatch
 from msi_prefect.prefect_layer.events import DISPATCH_LABEL, REBUILT_FILE_FIELDS, EventName
 
 __all__ = [
@@ -64,13 +64,11 @@ EVENTS_PAGE = 50
 #: The newest dispatching event before the start is looked for this far back.
 EVENT_LOOKBACK_HOURS = 24.0
 RUNS_PAGE = 200
-# The flows a per-file event and a batch event start (prefect.yaml), one deployment each,
-# named after its flow.
-PER_FILE_FLOWS = ("backup-file", "extract-metadata", "analyze-file")
-BATCH_FLOWS = ("backup-batch", "extract-metadata-batch", "analyze-batch")
-# The metadata flows take the event's time (a file unchanged since is not hashed again),
-# the per-file backup the event's id (its dedup key).
-ANNOUNCED_AT_FLOWS = ("extract-metadata", "extract-metadata-batch")
+# The flows a per-file event and a batch event start (prefect.yaml, PER_FILE_FLOWS and
+# BATCH_FLOW), one deployment each, named after its flow. The metadata flows take the
+# event's time (a file unchanged since is not hashed again), the per-file backup the
+# event's id (its dedup key).
+ANNOUNCED_AT_FLOWS = ("extract-metadata", BATCH_FLOW)
 TRIGGER_EVENT_ID_FLOW = "backup-file"
 # A file of a run: its id and generation.
 FileKey = tuple[str, int]
@@ -118,7 +116,7 @@ class DispatchingEvent:
         if self.name == EventName.RECONSTRUCTED and self.dispatch == DownstreamDispatch.PER_FILE:
             return PER_FILE_FLOWS
         if self.name == EventName.BATCH_READY and self.dispatch == DownstreamDispatch.BATCH:
-            return BATCH_FLOWS
+            return (BATCH_FLOW,)
         return ()
 
 
@@ -176,7 +174,7 @@ def expected_dispatches(event: DispatchingEvent) -> list[Dispatch]:
     """The runs ``event``'s triggers start, with the parameters they render (prefect.yaml)."""
     dispatches = []
     for flow in event.flows():
-        if flow in BATCH_FLOWS:
+        if flow == BATCH_FLOW:
             parameters: dict[str, Any] = {"files": list(event.payload.get("files") or [])}
         else:
             parameters = {field: event.payload.get(field) for field in REBUILT_FILE_FIELDS}

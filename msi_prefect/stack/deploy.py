@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from msi_prefect.errors import MsiError
+from msi_prefect.prefect_layer.dispatch.mode import EARLIER_BATCH_FLOWS
 from msi_prefect.stack.config import Component
 from msi_prefect.stack.crypto import (
     CRYPTO_DIR_ENV,
@@ -240,7 +241,37 @@ def deploy_project(manager: StackManager, project: Path, env: dict[str, str]) ->
         "deploying the flows",
     )
     save_record(state_root, DeployRecord(fingerprint, server_deployments(api_url, names)))
+    retire_earlier_deployments(api_url, names)
     return True
+
+
+def retire_earlier_deployments(api_url: str, declared: set[str]) -> list[str]:
+    """Delete the deployments an earlier msi-prefect made and the project no longer has.
+
+    The three batch deployments (a run per step) that ``process-batch`` replaced would
+    otherwise stay on an upgraded stack, their triggers still acting on each batch event:
+    every batch would be done twice, and their flow files are gone. Their triggers (the
+    automations the deployment owns) go with them. A project that still declares them (a
+    lab project written by an older ``msi-prefect init``) keeps them.
+
+    Returns:
+        The names of the deployments deleted.
+
+    Raises:
+        PrefectApiError: The API did not answer within `up`'s deadline, or refused.
+    """
+    import httpx
+
+    retired = [name for name in EARLIER_BATCH_FLOWS if name not in declared]
+    found = server_deployments(api_url, retired) if retired else {}
+    with httpx.Client(base_url=api_url) as client:
+        for key, deployment_id in sorted(found.items()):
+            what = f"retiring the deployment {key.split('/')[1]}"
+            owned = f"/automations/owned-by/prefect.deployment.{deployment_id}"
+            checked(request(client, "DELETE", owned, what), what)
+            checked(request(client, "DELETE", f"/deployments/{deployment_id}", what), what)
+            logger.info("deleted the deployment %s: process-batch does its work now", key)
+    return sorted(key.split("/")[1] for key in found)
 
 
 def start_deployment_run(manager: StackManager, deployment: str, parameters: dict[str, str]) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 
 from msi_prefect.errors import MsiError
-from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
+from msi_prefect.prefect_layer.dispatch.mode import BATCH_FLOW, PER_FILE_FLOWS
 
 __all__ = [
     "ROLE_DEPLOYMENTS",
@@ -48,7 +48,7 @@ class HostRole(StrEnum):
 ROLE_DEPLOYMENTS: dict[HostRole, tuple[str, ...]] = {
     HostRole.INSTRUMENT: ("watch-directory", "upload-file", "prune-source"),
     HostRole.STORAGE: ("reconstruct-files", "audit-backups"),
-    HostRole.COMPUTE: (*FILE_FLOWS, "rerun-crashed"),
+    HostRole.COMPUTE: (*PER_FILE_FLOWS, BATCH_FLOW, "rerun-crashed"),
 }
 
 

@@ -24,7 +24,7 @@ from msi_prefect.stack.deploy import UP_DEPLOYMENTS
 from msi_prefect.stack.project import bundled_project_dir, deployment_names, project_for_up
 from msi_prefect.stack.roles import ROLE_DEPLOYMENTS, pool_env
 
-ANALYSIS_DEPLOYMENTS = ("analyze-file", "analyze-batch")
+ANALYSIS_DEPLOYMENTS = ("analyze-file", "process-batch")
 
 
 @pytest.fixture

@@ -183,7 +183,7 @@ def test_three_hosts_rebuild_on_storage_and_process_on_a_compute_host_that_sees_
             assert read_deployment(api, "audit-backups/audit-backups")["paused"]
             ran = pools_of_runs(api)
             assert {"watch-directory", STORAGE_HOST} <= set(ran)
-            assert {"backup-file", "backup-batch"} & set(ran), ran
+            assert {"backup-file", "process-batch"} & set(ran), ran
             assert ran == {name: {default_pool(ROLE_OF[name])} for name in ran}
         finally:
             stop_everything(api, workers)

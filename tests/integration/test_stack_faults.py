@@ -27,7 +27,8 @@ import httpx
 import pytest
 
 from msi_prefect.prefect_layer.crashed_runs import RERUN_OF_TAG
-from msi_prefect.prefect_layer.events import EventName
+from msi_prefect.prefect_layer.dispatch.mode import DownstreamDispatch
+from msi_prefect.prefect_layer.events import DISPATCH_LABEL, EventName
 from msi_prefect.prefect_layer.lost_dispatches import LOST_DISPATCH_TAG
 from msi_prefect.stack.config import Component
 from msi_prefect.stack.deploy import (
@@ -39,6 +40,7 @@ from msi_prefect.stack.processes import live_flow_runs
 from tests.chaos.stack_scenarios import StackRun
 from tests.stack_helpers import (
     EVENT_POLL_S,
+    FILE_EVENTS,
     StackVerdict,
     file_events,
     kill_server,
@@ -126,22 +128,42 @@ def test_every_file_in_flight_at_the_cut_is_announced_and_processed(
 RERUN_AFTER_RESTART_S = SWEEP_DELAYS_AFTER_SERVER_START_S[1] + 90.0
 #: The server starts of this module's stack, all within the sweeps' window of 15 minutes.
 SERVER_STARTS = 4
-#: The metadata triggers, off while a file goes through (the server stores its event and
-#: starts only its backup and analysis runs, as one that dies between the actions does).
-METADATA_AUTOMATIONS = ("extract-metadata__automation_1", "extract-metadata-batch__automation_1")
+#: The triggers off while a file goes through: alone, the server stores its event and
+#: starts only its backup and analysis runs, as one that dies between the actions does; in
+#: a batch, it stores the batch's event and starts nothing.
+LOST_AUTOMATIONS = ("extract-metadata__automation_1", "process-batch__automation_1")
 LOST_ACTION_FILE = "lost-action.bin"
 LOST_ACTION_BYTES = 20_000
 # For that file's backup and analysis, on the stack that has caught up.
 STEPS_TIMEOUT_S = 120.0
 
 
-def _steps_of(api: str, name: str, since: float) -> set[str]:
-    """The events of one file (by path) since ``since``; none while the server is busy."""
+def _events_of(api: str, name: str, since: float) -> list[dict[str, Any]]:
+    """The events of one file (by path, or in a batch's files) since ``since``; none while
+    the server is busy."""
     try:
-        events = file_events(api, since)
+        events = file_events(api, since, (*FILE_EVENTS, EventName.BATCH_READY))
     except httpx.HTTPError:  # a restarted server that does not answer yet: asked again
-        return set()
-    return {event["event"] for event in events if (event.get("payload") or {}).get("path") == name}
+        return []
+    return [
+        event
+        for event in events
+        if name == (payload := event.get("payload") or {}).get("path")
+        or name in {entry.get("path") for entry in payload.get("files") or []}
+    ]
+
+
+def _steps_of(api: str, name: str, since: float) -> set[str]:
+    """The names of the events of one file since ``since``."""
+    return {event["event"] for event in _events_of(api, name, since)}
+
+
+def _dispatch_of(api: str, name: str, since: float) -> str | None:
+    """How the file's rebuilt event says it was dispatched (None before it is stored)."""
+    for event in _events_of(api, name, since):
+        if event["event"] == EventName.RECONSTRUCTED.value:
+            return str(event["resource"].get(DISPATCH_LABEL))
+    return None
 
 
 @contextlib.contextmanager
@@ -169,15 +191,22 @@ def _automations_off(api: str, names: tuple[str, ...]) -> Iterator[None]:
 def _file_with_a_lost_action(run: StackRun) -> float:
     """Drop a file whose metadata run the server never starts; return since when to look.
 
-    Its event is stored and its backup and analysis are done, its metadata automation is
-    on again: only the sweep after the next server start can start its metadata run.
+    Its event is stored, its automation on again, and only the sweep after the next server
+    start can start the run: its metadata run if it went alone (its backup and analysis
+    are done), its batch run if it went in a batch.
     """
     api = run.stack.api
     since = time.time() - 60
-    with _automations_off(api, METADATA_AUTOMATIONS):
+    with _automations_off(api, LOST_AUTOMATIONS):
         run.dropper.drop(LOST_ACTION_FILE, LOST_ACTION_BYTES)
-        wanted = {EventName.BACKED_UP.value, EventName.ANALYZED.value}
         deadline = time.monotonic() + STEPS_TIMEOUT_S
+        while (dispatch := _dispatch_of(api, LOST_ACTION_FILE, since)) is None:
+            assert time.monotonic() < deadline, f"{LOST_ACTION_FILE} was not rebuilt"
+            time.sleep(EVENT_POLL_S)
+        if dispatch == DownstreamDispatch.PER_FILE:
+            wanted = {EventName.BACKED_UP.value, EventName.ANALYZED.value}
+        else:
+            wanted = {EventName.BATCH_READY.value}
         while not wanted <= (steps := _steps_of(api, LOST_ACTION_FILE, since)):
             assert time.monotonic() < deadline, f"{LOST_ACTION_FILE}: only {steps}"
             time.sleep(EVENT_POLL_S)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,13 +18,11 @@ from msi_prefect.prefect_layer.flow_inputs import FileInputError, load_block
 from msi_prefect.transfer.progress import ChunkReceipt, ProgressStore
 from msi_prefect.transfer.sinks import CopyStatus, LocalDirectorySink, SinkError
 from msi_prefect.transfer.wire import ChunkHeader, file_id_for
-from tests.conftest import RunningStack
 from tests.flow_helpers import (
     SavedBackupStorage,
     load_flow,
     read_artifacts,
     read_events,
-    saved_backup_storage,
 )
 
 CHUNK_SIZE = 64
@@ -168,11 +165,6 @@ def test_audit_destination_marks_unreadable_backups(destination: Path) -> None:
 
 
 # --------------------------------------------------------------------------- flow (stack)
-
-
-@pytest.fixture
-def backup_storage(prefect_api: str, prefect_stack: RunningStack) -> Iterator[SavedBackupStorage]:
-    yield from saved_backup_storage(prefect_stack.s3_env())
 
 
 def payload_params(event: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,12 @@ from msi_prefect.prefect_layer.event_outbox import (
 from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.prefect_layer.flow_inputs import FileChangedError, FileInputError, RebuiltFile
 from msi_prefect.transfer.wire import file_id_for
-from tests.conftest import RunningStack
 from tests.flow_helpers import (
     SavedBackupStorage,
     file_params,
     flow_run_name,
     load_flow,
     read_events,
-    saved_backup_storage,
 )
 
 RELPATH = "run1/frame 0001.tif"
@@ -109,11 +106,6 @@ def test_changed_file_is_reported(params: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- flow (stack)
-
-
-@pytest.fixture
-def backup_storage(prefect_api: str, prefect_stack: RunningStack) -> Iterator[SavedBackupStorage]:
-    yield from saved_backup_storage(prefect_stack.s3_env())
 
 
 @pytest.mark.stack

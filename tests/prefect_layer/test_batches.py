@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,13 @@ from msi_prefect.prefect_layer.dispatch.batches import (
 from msi_prefect.prefect_layer.event_outbox import GatheredEventPoster
 from msi_prefect.prefect_layer.events import EventName
 from msi_prefect.prefect_layer.flow_inputs import FileInputError
-from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 from msi_prefect.prefect_layer.transfers.settings import MAX_BATCH_FILES
-from tests.conftest import RunningStack
 from tests.flow_helpers import (
     SavedBackupStorage,
-    delete_block,
     file_params,
     flow_run_name,
     load_flow,
     read_events,
-    saved_backup_storage,
-    unique_name,
 )
 
 # --------------------------------------------------------------------------- entries (unit)
@@ -82,18 +77,32 @@ def _task_run_names(flow_run_id: Any, expected: int) -> list[str]:
         time.sleep(0.5)
 
 
-@pytest.fixture
-def backup_storage(prefect_api: str, prefect_stack: RunningStack) -> Iterator[SavedBackupStorage]:
-    yield from saved_backup_storage(prefect_stack.s3_env())
+def mime_and_hash(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """An analysis that shows what metadata it was given."""
+    return {"mime_type": metadata["mime_type"], "sha256": metadata["sha256"]}
+
+
+def _history_versions(key: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return list(
+            client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        )
 
 
 @pytest.mark.stack
-def test_backup_batch_backs_up_every_good_file_and_names_the_bad_one(
+def test_process_batch_does_every_step_of_every_good_file_and_names_the_failures(
     backup_storage: SavedBackupStorage,
+    kafka_block: str,
+    metadata_topic_cleanup: str,
     topic: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from msi_prefect.prefect_layer.file_history import file_history_key
+
     # The files' events go through the batch's gathered poster, not a post each.
     gathered: list[str] = []
     gather = GatheredEventPoster.add
@@ -107,73 +116,58 @@ def test_backup_batch_backs_up_every_good_file_and_names_the_bad_one(
     )
     dest = tmp_path / "dest"
     good = [
-        file_params(dest, "run/a.tif", b"frame a" * 100, topic),
-        file_params(dest, "run/b.tif", b"frame b" * 100, topic),
+        file_params(dest, "run/a.csv", b"a,b\n1,2\n", topic),
+        file_params(dest, "run/b.json", b'{"k": 1}', topic),
     ]
-    bad = {**file_params(dest, "run/c.tif", b"frame c", topic), "url": "s3://elsewhere/c.tif"}
-    backup_batch_flow = load_flow("flows/backup_batch.py:backup_batch_flow")
+    invalid = {**file_params(dest, "run/c.tif", b"frame c", topic), "url": "s3://elsewhere/c.tif"}
+    # Its metadata cannot be published (the topic is too long for the suffix); its backup
+    # and analysis are still done.
+    long_topic = "t" * 245
+    unpublishable = file_params(dest, "run/d.txt", b"notes", long_topic)
+    process_batch = load_flow("flows/process_batch.py:process_batch_flow")
 
-    state = backup_batch_flow(
-        files=[good[0], bad, good[1]], backup_block=backup_storage.name, return_state=True
+    state = process_batch(
+        files=[good[0], invalid, unpublishable, good[1]],
+        backup_block=backup_storage.name,
+        kafka_block=kafka_block,
+        analysis="tests.prefect_layer.test_batches:mime_and_hash",
+        return_state=True,
     )
 
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, BatchFailedError)
-    assert str(error).startswith("Backups: 1 of 3 files failed: run/c.tif: invalid entry")
-    assert backup_storage.object("run/a.tif") == b"frame a" * 100
-    assert backup_storage.object("run/b.tif") == b"frame b" * 100
+    assert str(error).startswith(
+        "Processing: 2 of 4 files failed: run/c.tif: invalid entry; run/d.txt: failed"
+    )
+    for params in [*good, unpublishable]:
+        assert backup_storage.object(params["path"]) == (dest / params["path"]).read_bytes()
     assert backup_storage.object("run/c.tif") is None
     flow_run_id = state.state_details.flow_run_id
-    assert flow_run_name(flow_run_id) == "backup 3 files: run/a.tif, ..."
-    assert _task_run_names(flow_run_id, 2) == ["backup run/a.tif", "backup run/b.tif"]
-    for params in good:
-        events = read_events(EventName.BACKED_UP, f"msi.file.{topic}.{params['file_id']}")
-        assert [event.payload["path"] for event in events] == [params["path"]]
-    assert gathered == [EventName.BACKED_UP.value] * len(good)
-
-
-@pytest.mark.stack
-def test_metadata_and_analysis_batches_record_every_file(
-    prefect_api: str, prefect_stack: RunningStack, topic: str, tmp_path: Path
-) -> None:
-    from confluent_kafka.admin import AdminClient
-
-    from msi_prefect.prefect_layer.metadata_tasks import metadata_topic
-
-    dest = tmp_path / "dest"
-    files = [
-        file_params(dest, "x.csv", b"a,b\n1,2\n", topic),
-        file_params(dest, "y.json", b'{"k": 1}', topic),
-    ]
-    kafka_name = unique_name("kafka")
-    KafkaCluster(bootstrap_servers=prefect_stack.bootstrap_servers).save(kafka_name)
-    try:
-        metadata_batch = load_flow("flows/extract_metadata_batch.py:extract_metadata_batch_flow")
-        state = metadata_batch(files=files, kafka_block=kafka_name, return_state=True)
-        assert state.is_completed(), state.message
-        assert [r.outcome.value for r in state.result()] == ["done", "done"]
-        assert _task_run_names(state.state_details.flow_run_id, 4) == [
-            "extract metadata of x.csv",
-            "extract metadata of y.json",
-            "publish metadata of x.csv",
-            "publish metadata of y.json",
+    assert flow_run_name(flow_run_id) == "process 4 files: run/a.csv, ..."
+    assert _task_run_names(flow_run_id, 12) == sorted(
+        [
+            *(f"{step} {path}" for step in ("backup", "analyze") for path in
+              ("run/a.csv", "run/b.json", "run/d.txt")),
+            *(f"extract metadata of {path}" for path in ("run/a.csv", "run/b.json", "run/d.txt")),
+            *(f"publish metadata of {path}" for path in ("run/a.csv", "run/b.json", "run/d.txt")),
         ]
-    finally:
-        delete_block(KafkaCluster, kafka_name)
-        admin = AdminClient({"bootstrap.servers": prefect_stack.bootstrap_servers})
-        if metadata_topic(topic) in admin.list_topics(timeout=10).topics:
-            for future in admin.delete_topics([metadata_topic(topic)]).values():
-                future.result(timeout=30)
-
-    analyze_batch = load_flow("flows/analyze_batch.py:analyze_batch_flow")
-    state = analyze_batch(files=files, return_state=True)
-    assert state.is_completed(), state.message
-    assert _task_run_names(state.state_details.flow_run_id, 2) == [
-        "analyze x.csv",
-        "analyze y.json",
-    ]
-    for params in files:
-        for name in (EventName.METADATA_EXTRACTED, EventName.ANALYZED):
-            events = read_events(name, f"msi.file.{topic}.{params['file_id']}")
-            assert len(events) == 1, name
+    )  # fmt: skip
+    steps = [EventName.BACKED_UP, EventName.METADATA_EXTRACTED, EventName.ANALYZED]
+    for params in good:
+        resource = f"msi.file.{topic}.{params['file_id']}"
+        for name in steps:
+            events = read_events(name, resource)
+            assert [event.payload["path"] for event in events] == [params["path"]], name
+        # The analysis got the metadata the run extracted.
+        (analyzed,) = read_events(EventName.ANALYZED, resource)
+        assert analyzed.payload["result"]["sha256"] == params["sha256"]
+        # One version of the file's history holds its three steps.
+        versions = _history_versions(file_history_key(topic, params["path"]))
+        assert len(versions) == 1
+        rows = json.loads(versions[0].data)
+        assert {row["step"] for row in rows} == {"backup", "metadata", "analysis"}
+    assert sorted(gathered) == sorted(
+        [EventName.BACKED_UP.value, EventName.ANALYZED.value] * 3
+        + [EventName.METADATA_EXTRACTED.value] * 2
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from msi_prefect.prefect_layer.dispatch.mode import BATCH_FLOW, PER_FILE_FLOWS
 from msi_prefect.prefect_layer.events import (
     REBUILT_FILE_FIELDS,
     batch_event,
@@ -12,9 +13,7 @@ from msi_prefect.prefect_layer.events import (
     from_reassembler,
 )
 from msi_prefect.prefect_layer.lost_dispatches import (
-    BATCH_FLOWS,
     LOST_DISPATCH_WINDOW_S,
-    PER_FILE_FLOWS,
     DispatchingEvent,
     expected_dispatches,
     missing_dispatches,
@@ -72,7 +71,7 @@ def test_the_run_a_power_cut_kept_from_starting_is_started_and_only_that_one() -
         ("analyze-file", file_parameters),
         ("backup-file", {**file_parameters, "trigger_event_id": cut.id}),
         ("analyze-file", file_parameters),  # the re-run of the crashed one
-        *((flow, {"files": others}) for flow in BATCH_FLOWS),
+        (BATCH_FLOW, {"files": others}),
     ]
 
     (missing,) = missing_dispatches([cut, batch], runs)
@@ -88,15 +87,15 @@ def test_a_batch_is_covered_only_by_runs_that_hold_every_file_of_it() -> None:
     files = [_file("a.bin"), _file("b.bin"), _file("c.bin", generation=2)]
     batch = _batch(files)
     older_generation = {"files": [files[0], files[1], {**files[2], "generation": 1}]}
-    runs = [
-        ("backup-batch", {"files": files}),
-        ("analyze-batch", {"files": files[:2]}),  # c.bin is in no analysis run
-        ("extract-metadata-batch", older_generation),
+    partial_runs = [
+        (BATCH_FLOW, {"files": files[:2]}),  # c.bin is in no run
+        (BATCH_FLOW, older_generation),
     ]
 
-    missing = {dispatch.flow for dispatch in missing_dispatches([batch], runs)}
+    (missing,) = missing_dispatches([batch], partial_runs)
 
-    assert missing == {"analyze-batch", "extract-metadata-batch"}
+    assert missing.flow == BATCH_FLOW and missing.parameters["files"] == files
+    assert missing_dispatches([batch], [*partial_runs, (BATCH_FLOW, {"files": files})]) == []
 
 
 def test_only_the_dispatching_events_of_the_previous_server_are_checked() -> None:
@@ -148,7 +147,7 @@ def test_the_parameters_are_the_ones_the_triggers_of_prefect_yaml_render() -> No
                 for name, template in trigger["parameters"].items()
             }
 
-    assert set(rendered) == {*PER_FILE_FLOWS, *BATCH_FLOWS}
+    assert set(rendered) == {*PER_FILE_FLOWS, BATCH_FLOW}
     ours = {
         dispatch.flow: {name: str(value) for name, value in dispatch.parameters.items()}
         for event in (per_file, batch)

@@ -7,7 +7,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from msi_prefect.prefect_layer.metadata_tasks import (
 )
 from tests.conftest import TEST_SESSION_TIMEOUT_MS, RunningStack
 from tests.flow_helpers import (
-    delete_block,
+    SavedBackupStorage,
     file_params,
     flow_run_name,
     load_flow,
@@ -131,7 +130,7 @@ def test_an_event_time_without_a_time_zone_is_refused(tmp_path: Path) -> None:
         describe_rebuilt_file(rebuilt(tmp_path), datetime.now(UTC).replace(tzinfo=None))
 
 
-@pytest.mark.parametrize("deployment", ["extract-metadata", "extract-metadata-batch"])
+@pytest.mark.parametrize("deployment", ["extract-metadata", "process-batch"])
 def test_the_triggers_render_the_event_time_as_the_flow_takes_it(deployment: str) -> None:
     from prefect.server.events.schemas.events import ReceivedEvent
     from prefect.server.utilities.user_templates import render_user_template_sync
@@ -157,29 +156,6 @@ def test_the_triggers_render_the_event_time_as_the_flow_takes_it(deployment: str
 
 
 # --------------------------------------------------------------------------- flow (stack)
-
-
-@pytest.fixture
-def kafka_block(prefect_api: str, prefect_stack: RunningStack) -> Iterator[str]:
-    from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
-
-    name = unique_name("kafka")
-    KafkaCluster(bootstrap_servers=prefect_stack.bootstrap_servers).save(name)
-    yield name
-    delete_block(KafkaCluster, name)
-
-
-@pytest.fixture
-def metadata_topic_cleanup(topic: str, prefect_stack: RunningStack) -> Iterator[str]:
-    """The metadata topic of ``topic``; deleted after the test if the flow created it."""
-    from confluent_kafka.admin import AdminClient
-
-    name = metadata_topic(topic)
-    yield name
-    admin = AdminClient({"bootstrap.servers": prefect_stack.bootstrap_servers})
-    if name in admin.list_topics(timeout=10).topics:
-        for future in admin.delete_topics([name]).values():
-            future.result(timeout=30)
 
 
 def consume_one(bootstrap: str, topic: str, partition: int, offset: int) -> Any:
@@ -274,8 +250,12 @@ def test_extract_metadata_flow_refuses_a_url_that_is_not_a_local_file(
 
 
 @pytest.mark.stack
-def test_metadata_batch_hashes_only_the_files_touched_since_its_event(
-    kafka_block: str, topic: str, metadata_topic_cleanup: str, tmp_path: Path
+def test_a_batch_run_hashes_for_its_metadata_only_the_files_touched_since_its_event(
+    kafka_block: str,
+    backup_storage: SavedBackupStorage,
+    topic: str,
+    metadata_topic_cleanup: str,
+    tmp_path: Path,
 ) -> None:
     dest = tmp_path / "dest"
     # Unchanged since the event, and announced with a SHA-256 its bytes do not have: it
@@ -285,19 +265,23 @@ def test_metadata_batch_hashes_only_the_files_touched_since_its_event(
     announced_at = datetime.now(UTC)
     time.sleep(CLOCK_TICK_MARGIN_S)
     (dest / "runs" / "touched.csv").write_bytes(CSV.replace(b"4.2", b"9.9"))  # same size
-    batch_flow = load_flow("flows/extract_metadata_batch.py:extract_metadata_batch_flow")
+    batch_flow = load_flow("flows/process_batch.py:process_batch_flow")
 
     state = batch_flow(
         files=[kept, touched],
         kafka_block=kafka_block,
-        backup_block="",
+        backup_block=backup_storage.name,
         announced_at=announced_at,
         return_state=True,
     )
 
+    # Both fail their backup, which hashes the copy it writes: the kept file's against the
+    # SHA-256 it was announced with.
     assert state.is_failed()
     error = str(state.result(raise_on_failure=False))
-    assert error.startswith("Metadata: 1 of 2 files failed: runs/touched.csv: failed"), error
+    assert error.startswith(
+        "Processing: 2 of 2 files failed: runs/kept.csv: failed; runs/touched.csv: failed"
+    ), error
     resource = f"msi.file.{topic}.{kept['file_id']}"
     (event,) = read_events(EventName.METADATA_EXTRACTED, resource)
     assert event.payload["sha256"] == NOT_THE_FILES_SHA256

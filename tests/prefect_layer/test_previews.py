@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import httpx
@@ -19,7 +18,6 @@ from msi_prefect.prefect_layer.previews import (
     preview_markdown,
     preview_relpath,
 )
-from tests.conftest import RunningStack
 from tests.flow_helpers import (
     BUCKET,
     REPO,
@@ -28,7 +26,6 @@ from tests.flow_helpers import (
     file_params,
     load_flow,
     read_artifacts,
-    saved_backup_storage,
     unique_name,
 )
 
@@ -106,21 +103,6 @@ def test_an_s3_store_signs_a_url_for_the_browser_a_local_folder_has_none(
 
 
 # --------------------------------------------------------------------------- flow (stack)
-
-
-@pytest.fixture
-def backup_storage(prefect_api: str, prefect_stack: RunningStack) -> Iterator[SavedBackupStorage]:
-    yield from saved_backup_storage(prefect_stack.s3_env())
-
-
-@pytest.fixture
-def kafka_block(prefect_api: str, prefect_stack: RunningStack) -> Iterator[str]:
-    from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
-
-    name = unique_name("kafka")
-    KafkaCluster(bootstrap_servers=prefect_stack.bootstrap_servers).save(name)
-    yield name
-    delete_block(KafkaCluster, name)
 
 
 def _run_log_messages(flow_run_id: uuid.UUID, wanted: str) -> list[str]:
@@ -201,12 +183,12 @@ def test_a_preview_that_fails_leaves_the_metadata_published(
 
 @needs_sample
 @pytest.mark.stack
-def test_the_batch_flow_shows_a_preview_for_each_image_of_the_batch(
+def test_the_batch_run_shows_a_preview_for_each_image_of_the_batch(
     kafka_block: str, backup_storage: SavedBackupStorage, topic: str, tmp_path: Path
 ) -> None:
     image = file_params(tmp_path / "dest", "sem/b.tif", SEM_SAMPLE.read_bytes(), topic)
     table = file_params(tmp_path / "dest", "sem/b.csv", b"x,y\n1,2\n", topic)
-    batch_flow = load_flow("flows/extract_metadata_batch.py:extract_metadata_batch_flow")
+    batch_flow = load_flow("flows/process_batch.py:process_batch_flow")
 
     state = batch_flow(
         files=[image, table],

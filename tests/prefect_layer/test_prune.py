@@ -29,7 +29,6 @@ from msi_prefect.prefect_layer.transfers.settings import TransferSettings
 from msi_prefect.transfer import CopyStatus, FileRecord, FileState, Registry, registry_beside
 from msi_prefect.transfer.registry import FileIdentity
 from msi_prefect.transfer.wire import file_id_for
-from tests.conftest import RunningStack
 from tests.flow_helpers import (
     BUCKET,
     SavedBackupStorage,
@@ -38,7 +37,6 @@ from tests.flow_helpers import (
     load_flow,
     read_artifacts,
     read_events,
-    saved_backup_storage,
     unique_name,
 )
 
@@ -198,11 +196,6 @@ def test_the_default_registry_is_the_watch_flows(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- flow (stack)
-
-
-@pytest.fixture
-def backup_storage(prefect_api: str, prefect_stack: RunningStack) -> Iterator[SavedBackupStorage]:
-    yield from saved_backup_storage(prefect_stack.s3_env())
 
 
 def save_transfer_settings(retention_days: float | None) -> tuple[str, str]:

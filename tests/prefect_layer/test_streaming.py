@@ -19,7 +19,11 @@ import httpx
 import pytest
 from prefect.settings import get_current_settings
 
-from msi_prefect.prefect_layer.dispatch.batcher import DownstreamRunCounts, PrefectRunCounter
+from msi_prefect.prefect_layer.dispatch.batcher import (
+    RUNS_PER_BATCH_RUN,
+    DownstreamRunCounts,
+    PrefectRunCounter,
+)
 from msi_prefect.prefect_layer.event_outbox import PrefectEventPoster, event_body
 from msi_prefect.prefect_layer.events import DownstreamDispatch, EventName, FileFacts, file_event
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
@@ -246,28 +250,40 @@ def test_the_server_tells_which_posted_events_it_stored(prefect_api: str, topic:
 
 
 def test_the_adaptive_gate_counts_the_downstream_runs_waiting_to_start(prefect_api: str) -> None:
-    """What adaptive dispatch reads from the server: runs of the file flows, by state."""
+    """What adaptive dispatch reads from the server: runs of the file flows, by state, a
+    running batch run counted as the three per-file runs it does the work of."""
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.states import Scheduled
+    from prefect.states import Running, Scheduled
 
-    @flow(name="extract-metadata-batch")
-    def stand_in() -> None:
-        """Named like a downstream flow; never run."""
+    @flow(name="process-batch")
+    def batch_stand_in() -> None:
+        """Named like the batch flow; never run."""
+
+    @flow(name="backup-file")
+    def per_file_stand_in() -> None:
+        """Named like a per-file flow; never run."""
 
     counter = PrefectRunCounter()
+    created = []
     try:
         before = counter()
         with get_client(sync_client=True) as client:
-            run = client.create_flow_run(stand_in, state=Scheduled())
-        try:
-            after = counter()
-        finally:
-            with get_client(sync_client=True) as client:
-                client.delete_flow_run(run.id)
+            for stand_in, state in [
+                (batch_stand_in, Scheduled()),
+                (batch_stand_in, Running()),
+                (per_file_stand_in, Running()),
+            ]:
+                created.append(client.create_flow_run(stand_in, state=state).id)
+        after = counter()
     finally:
+        with get_client(sync_client=True) as client:
+            for run_id in created:
+                client.delete_flow_run(run_id)
         counter.close()
-    assert after == DownstreamRunCounts(waiting=before.waiting + 1, running=before.running)
+    assert after == DownstreamRunCounts(
+        waiting=before.waiting + 1, running=before.running + RUNS_PER_BATCH_RUN + 1
+    )
 
 
 def test_openmsistream_format_through_the_flows(

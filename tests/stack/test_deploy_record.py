@@ -7,11 +7,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from msi_prefect.errors import MsiError
-from msi_prefect.stack.deploy import create_blocks
+from msi_prefect.prefect_layer.dispatch.mode import EARLIER_BATCH_FLOWS
+from msi_prefect.stack.deploy import create_blocks, retire_earlier_deployments
 from msi_prefect.stack.deploy_record import (
     RECORD_FILE,
     DeployRecord,
@@ -119,6 +121,55 @@ def test_a_deployment_deleted_or_made_again_makes_the_record_stale(prefect_api: 
         assert not deploy_is_current(record, "abc", prefect_api, names)
         client.create_deployment(flow_id, names[0])  # the same name, a new deployment
         assert not deploy_is_current(record, "abc", prefect_api, names)
+
+
+@pytest.mark.stack
+def test_up_retires_the_batch_deployments_process_batch_replaced(prefect_api: str) -> None:
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    # As an earlier msi-prefect left them: a deployment per step, each owning its trigger.
+    with get_client(sync_client=True) as client:
+        ids = {
+            name: client.create_deployment(client.create_flow_from_name(name), name)
+            for name in EARLIER_BATCH_FLOWS
+        }
+    for name, deployment_id in ids.items():
+        created = httpx.post(
+            f"{prefect_api}/automations/",
+            json={
+                "name": f"{name}__automation_1",
+                "trigger": {
+                    "type": "event",
+                    "posture": "Reactive",
+                    "expect": ["msi.files.batch-ready"],
+                },
+                "actions": [{"type": "do-nothing"}],
+                "owner_resource": f"prefect.deployment.{deployment_id}",
+            },
+            timeout=30,
+        )
+        assert created.is_success, created.text
+
+    def automations_of(deployment_id: Any) -> list[Any]:
+        owned = httpx.get(
+            f"{prefect_api}/automations/related-to/prefect.deployment.{deployment_id}", timeout=30
+        )
+        assert owned.is_success, owned.text
+        return list(owned.json())
+
+    # A project that still declares one (a lab project of an older `init`) keeps it.
+    kept = EARLIER_BATCH_FLOWS[0]
+    retired = retire_earlier_deployments(prefect_api, {kept, "process-batch"})
+
+    assert retired == sorted(EARLIER_BATCH_FLOWS[1:])
+    left = server_deployments(prefect_api, EARLIER_BATCH_FLOWS)
+    assert [key.split("/")[1] for key in left] == [kept]
+    assert automations_of(ids[kept])
+    for name in retired:
+        assert automations_of(ids[name]) == [], name
+    assert retire_earlier_deployments(prefect_api, set()) == [kept]
+    assert server_deployments(prefect_api, EARLIER_BATCH_FLOWS) == {}
 
 
 def test_a_projects_own_blocks_script_runs_in_a_process_of_its_own(tmp_path: Path) -> None:

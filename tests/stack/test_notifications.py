@@ -126,7 +126,7 @@ def _render(spec_name: str, context: dict[str, Any]) -> tuple[str, str]:
 
 def test_a_failed_batch_run_names_each_of_its_files() -> None:
     run = SimpleNamespace(
-        name="backup 2 files: a.dat, ...",
+        name="process 2 files: a.dat, ...",
         parameters={
             "files": [
                 {"path": "a.dat", "topic": "lab", "generation": 1},
@@ -135,9 +135,9 @@ def test_a_failed_batch_run_names_each_of_its_files() -> None:
         },
         state=SimpleNamespace(name="Failed", message="the backup store refused"),
     )
-    context = {"flow_run": run, "flow": SimpleNamespace(name="backup-batch")}
+    context = {"flow_run": run, "flow": SimpleNamespace(name="process-batch")}
     subject, body = _render("msi: downstream run failed", context)
-    assert subject == "msi-prefect: backup-batch failed: backup 2 files: a.dat, ..."
+    assert subject == "msi-prefect: process-batch failed: process 2 files: a.dat, ..."
     assert "ended Failed: the backup store refused" in body
     assert "- path: a.dat (topic lab, generation 1)" in body
     assert "- path: run7/b.dat (topic lab, generation 2)" in body

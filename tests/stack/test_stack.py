@@ -62,9 +62,7 @@ BROWSER_ATTEMPTS = 3
 SCREENSHOT = REPO / "test-artifacts" / "prefect-ui-runs.png"
 # Files dropped at once: adaptive dispatch groups them into batch runs.
 BURST_FILES = 12
-BACKUP_FLOWS = ["backup-file", "backup-batch"]
-BATCH_FLOWS = {"backup-batch": "backup", "extract-metadata-batch": "metadata of",
-               "analyze-batch": "analyze"}  # fmt: skip
+BACKUP_FLOWS = ["backup-file", "process-batch"]
 
 
 def _wait_for_state(
@@ -331,22 +329,21 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
         for name in burst:
             (tmp_path / "inbox" / name).write_bytes(name.encode() * 50)
         assert wait_until_done(api, 0.0, lambda: set(burst), ARRIVAL_TIMEOUT_S)[0]
-        # ...through the batch deployments' triggers: one run of each per batch, named
-        # after its files, with a task run per file inside.
-        for flow, verb in BATCH_FLOWS.items():
-            batch_runs = httpx.post(
-                f"{api}/flow_runs/filter",
-                json={"flows": {"name": {"any_": [flow]}}, "limit": 50},
-                timeout=API_TIMEOUT_S,
-            ).json()
-            assert batch_runs, f"a burst is grouped into {flow} runs"
-            # A batch run emits its files' events before it writes their histories and
-            # ends: a file is done a moment before its batch run is Completed.
-            for run in batch_runs:
-                final = _wait_for_state(functools.partial(_run_by_id, api, run["id"]))
-                assert final == "COMPLETED", (flow, run["name"], final)
-            assert all(run["name"].startswith(f"{verb} ") for run in batch_runs), flow
-            assert any("burst-" in run["name"] for run in batch_runs), flow
+        # ...through the batch deployment's trigger: one run per batch, named after its
+        # files, with task runs per file inside.
+        batch_runs = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={"flows": {"name": {"any_": ["process-batch"]}}, "limit": 50},
+            timeout=API_TIMEOUT_S,
+        ).json()
+        assert batch_runs, "a burst is grouped into process-batch runs"
+        # A batch run emits its files' events before it writes their histories and ends:
+        # a file is done a moment before its batch run is Completed.
+        for run in batch_runs:
+            final = _wait_for_state(functools.partial(_run_by_id, api, run["id"]))
+            assert final == "COMPLETED", (run["name"], final)
+        assert all(run["name"].startswith("process ") for run in batch_runs)
+        assert any("burst-" in run["name"] for run in batch_runs)
 
         # One file's backup, run again by hand whatever the dispatch: a run of backup-file
         # with the parameters of its rebuilt event, announced by a new backed-up event.

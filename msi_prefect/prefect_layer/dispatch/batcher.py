@@ -2,9 +2,9 @@
 
 A process worker needs about a second to start each flow run, so one run per file and per
 downstream deployment cannot keep up with a fast instrument. The reconstruct flow therefore
-groups rebuilt files and emits one batch event per group; the batch deployments of
-``prefect.yaml`` then run once per batch, with a task run and the usual per-file event for
-each file.
+groups rebuilt files and emits one batch event per group; the batch deployment of
+``prefect.yaml`` (``process-batch``) then runs once per batch, with the task runs and the
+usual per-file events of each file's three steps.
 
 ``batch`` mode sends a batch per ``max_files`` files or ``max_wait_s`` seconds. ``adaptive``
 mode (the default) sends a file on its own while the downstream runs keep up, and lets files
@@ -39,7 +39,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from msi_prefect.prefect_layer.dispatch.mode import FILE_FLOWS
+from msi_prefect.prefect_layer.dispatch.mode import (
+    BATCH_FLOW,
+    EARLIER_BATCH_FLOWS,
+    FILE_FLOWS,
+    PER_FILE_FLOWS,
+)
 from msi_prefect.prefect_layer.events import FileFacts
 from msi_prefect.transfer import DurableQueue
 
@@ -50,9 +55,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MIN_GAP_S = 1.0
 #: A reading of the run counts taken sooner than this after a dispatch may predate its runs.
 TRIGGER_LAG_S = 0.5
-#: Files wait while this many downstream runs run (a dispatch makes 3): on 2 cores, fewer
-#: and larger batches do more per second than many small ones.
+#: Files wait while this many downstream runs run (a file dispatched on its own makes 3; a
+#: batch run counts as 3, the per-step runs it does the work of): on 2 cores, fewer and
+#: larger batches do more per second than many small ones.
 DEFAULT_MAX_RUNNING = 3
+RUNS_PER_BATCH_RUN = len(PER_FILE_FLOWS)
 #: Running downstream runs at which the stack counts as overloaded (two dispatches' worth):
 #: a batch due by its age is then held (see :meth:`AdaptiveGate.holds`).
 DEFAULT_OVERLOAD_RUNNING = 2 * DEFAULT_MAX_RUNNING
@@ -105,7 +112,13 @@ class RunBacklog(Protocol):
 
 @dataclass(frozen=True)
 class DownstreamRunCounts:
-    """How many downstream runs wait to start, and how many run."""
+    """How many downstream runs wait to start, and how many run.
+
+    Attributes:
+        waiting: Runs created but not started (Scheduled, Pending).
+        running: Runs running, a batch run counted as :data:`RUNS_PER_BATCH_RUN` (it does
+            a file's three steps, each of which a per-file dispatch gives a run).
+    """
 
     waiting: int
     running: int
@@ -130,7 +143,8 @@ class PrefectRunCounter:
         self._client: Any = None
 
     def __call__(self) -> DownstreamRunCounts:
-        """Two ``flow_runs/count`` queries: Scheduled or Pending, and Running.
+        """Three ``flow_runs/count`` queries: Scheduled or Pending, and Running per-file
+        and batch runs.
 
         Raises:
             Exception: The server did not answer (the client is then dropped).
@@ -148,17 +162,19 @@ class PrefectRunCounter:
         if self._client is None:
             self._client = get_client(sync_client=True)
             self._client.__enter__()
-        flows = FlowFilter(name=FlowFilterName(any_=list(FILE_FLOWS)))
 
-        def count(*types: StateType) -> int:
+        def count(names: tuple[str, ...], *types: StateType) -> int:
+            flows = FlowFilter(name=FlowFilterName(any_=list(names)))
             state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types)))
             runs = FlowRunFilter(state=state)
             return int(self._client.count_flow_runs(flow_filter=flows, flow_run_filter=runs))
 
         try:
+            running_batches = count((BATCH_FLOW,), StateType.RUNNING)
             return DownstreamRunCounts(
-                waiting=count(StateType.SCHEDULED, StateType.PENDING),
-                running=count(StateType.RUNNING),
+                waiting=count(FILE_FLOWS, StateType.SCHEDULED, StateType.PENDING),
+                running=count((*PER_FILE_FLOWS, *EARLIER_BATCH_FLOWS), StateType.RUNNING)
+                + RUNS_PER_BATCH_RUN * running_batches,
             )
         except Exception:
             self.close()

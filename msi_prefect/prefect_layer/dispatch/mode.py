@@ -27,13 +27,13 @@ class DownstreamDispatch(StrEnum):
     BATCH = "batch"
 
 
+#: The flows a file dispatched on its own starts (a run per step).
+PER_FILE_FLOWS = ("backup-file", "extract-metadata", "analyze-file")
+#: The flow a batch starts: one run does the three steps of every file of the batch.
+BATCH_FLOW = "process-batch"
+#: The flows a batch started, a run per step, before ``process-batch``: `up` retires their
+#: deployments; a lab project written earlier (``msi-prefect init``) may still deploy them.
+EARLIER_BATCH_FLOWS = ("backup-batch", "extract-metadata-batch", "analyze-batch")
 #: The flows a rebuilt file starts, on its own or in a batch (not the audit, which a
 #: schedule starts).
-FILE_FLOWS = (
-    "backup-file",
-    "extract-metadata",
-    "analyze-file",
-    "backup-batch",
-    "extract-metadata-batch",
-    "analyze-batch",
-)
+FILE_FLOWS = (*PER_FILE_FLOWS, BATCH_FLOW, *EARLIER_BATCH_FLOWS)
