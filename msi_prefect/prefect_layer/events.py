@@ -216,7 +216,7 @@ def batch_file_entry(facts: FileFacts) -> dict[str, Any]:
 
 
 def batch_event(topic: str, files: list[FileFacts]) -> FileEventSpec:
-    """`msi.files.batch-ready`: several rebuilt files for the batch deployments at once.
+    """`msi.files.batch-ready`: several rebuilt files for the batch deployment at once.
 
     The batch id, and so the event id, is a uuid5 of the members' ids and generations: the
     same batch emitted again after a crash is deduplicated by the server like a file event.

@@ -16,7 +16,8 @@ Who writes it, and why so:
   emitted. The first of them for a generation also reads that file's ``sent`` and
   ``rebuilt`` events from the server and writes their rows.
 * A batch run writes its files' histories together (:func:`file_history_batch`, used by
-  ``dispatch/batches.py``): one new version per file, and the reads shared by up to
+  ``dispatch/batches.py``): one new version per file holding the rows of its three steps
+  (``process-batch`` does them all), and the reads shared by up to
   :data:`HISTORIES_PER_CALL` files: one call for their latest versions, one for their
   transfer events (only the files whose history lacks them; 16 files a call), and after
   the writes one for the latest versions again and one for the newest versions. A

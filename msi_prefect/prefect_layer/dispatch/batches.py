@@ -1,9 +1,9 @@
-"""Running a per-file task over the files of one ``msi.files.batch-ready`` event.
+"""Running the per-file tasks over the files of one ``msi.files.batch-ready`` event.
 
-The batch deployments of ``prefect.yaml`` get the event's ``files`` list (each entry the
-parameters a per-file flow would get). Every entry is validated on its own: a bad entry
-fails only its own file. Each valid file gets its own task run, named after the file, so
-the UI keeps a record per file; the per-file tasks emit their per-file events as usual,
+The batch deployment of ``prefect.yaml`` (``process-batch``) gets the event's ``files``
+list (each entry the parameters a per-file flow would get). Every entry is validated on
+its own: a bad entry fails only its own file. Each valid file gets its own task runs,
+named after the file, so the UI keeps a record per file; the per-file tasks emit their per-file events as usual,
 posted together (``event_outbox.GatheredEventPoster``). The files' history artifacts are
 written together (one version per file, the reads shared:
 ``file_history.file_history_batch``).
