@@ -56,16 +56,12 @@ from msi_prefect.transfer import FORMAT_VERSION, MAX_TOPIC_CHARS, HeaderName, en
 __all__ = [
     "METADATA_KIND",
     "METADATA_TOPIC_SUFFIX",
-    "DescribedFile",
     "MetadataPublishError",
     "PublishedMetadata",
     "artifact_key",
-    "describe_file",
     "describe_rebuilt_file",
-    "extract_and_show",
     "extract_file_metadata",
     "metadata_topic",
-    "publish_and_announce",
     "publish_file_metadata",
     "unchanged_since_announced",
 ]
@@ -202,14 +198,20 @@ def describe_rebuilt_file(file: RebuiltFile, announced_at: datetime | None = Non
     return metadata
 
 
-def extract_and_show(
+@task(
+    name="extract-file-metadata",
+    task_run_name="extract metadata of {file.path}",
+    retries=EXTRACT_RETRIES,
+    retry_delay_seconds=EXTRACT_RETRY_DELAY_S,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+def extract_file_metadata(
     file: RebuiltFile,
     preview_storage: BackupStorage | None = None,
     announced_at: datetime | None = None,
 ) -> FileMetadata:
     """Extract the metadata of a rebuilt file and show it (and its preview) as artifacts.
-
-    The work of :func:`extract_file_metadata`, for a task or flow run to call.
 
     Args:
         file: The rebuilt file, validated from the event parameters.
@@ -241,26 +243,6 @@ def extract_and_show(
         len(metadata.warnings),
     )
     return metadata
-
-
-@task(
-    name="extract-file-metadata",
-    task_run_name="extract metadata of {file.path}",
-    retries=EXTRACT_RETRIES,
-    retry_delay_seconds=EXTRACT_RETRY_DELAY_S,
-    retry_condition_fn=retry_unless_input_error,
-    cache_policy=NO_CACHE,
-)
-def extract_file_metadata(
-    file: RebuiltFile,
-    preview_storage: BackupStorage | None = None,
-    announced_at: datetime | None = None,
-) -> FileMetadata:
-    """Extract the metadata of a rebuilt file and show it (and its preview) as artifacts.
-
-    A task run of :func:`extract_and_show`: its arguments, result and errors.
-    """
-    return extract_and_show(file, preview_storage, announced_at)
 
 
 class _MetadataProducers:
@@ -341,12 +323,18 @@ def _produce(kafka: KafkaCluster, topic: str, key: str, value: bytes, generation
     return message
 
 
-def publish_and_announce(
+@task(
+    name="publish-file-metadata",
+    task_run_name="publish metadata of {file.path}",
+    retries=PUBLISH_RETRIES,
+    retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+def publish_file_metadata(
     file: RebuiltFile, metadata: FileMetadata, kafka: KafkaCluster
 ) -> PublishedMetadata:
     """Produce the metadata JSON to ``<topic>.metadata``; emit ``msi.file.metadata-extracted``.
-
-    The work of :func:`publish_file_metadata`, for a task or flow run to call.
 
     Args:
         file: The rebuilt file the metadata describes.
@@ -388,67 +376,3 @@ def publish_and_announce(
     emit_downstream_event(event)
     record_file_step(event)
     return published
-
-
-@task(
-    name="publish-file-metadata",
-    task_run_name="publish metadata of {file.path}",
-    retries=PUBLISH_RETRIES,
-    retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
-    retry_condition_fn=retry_unless_input_error,
-    cache_policy=NO_CACHE,
-)
-def publish_file_metadata(
-    file: RebuiltFile, metadata: FileMetadata, kafka: KafkaCluster
-) -> PublishedMetadata:
-    """Produce the metadata JSON to ``<topic>.metadata``; emit ``msi.file.metadata-extracted``.
-
-    A task run of :func:`publish_and_announce`: its arguments, result and errors
-    (retried but for a bad input).
-    """
-    return publish_and_announce(file, metadata, kafka)
-
-
-@dataclass(frozen=True)
-class DescribedFile:
-    """What :func:`describe_file` made of a file: its metadata and where it went."""
-
-    metadata: FileMetadata
-    published: PublishedMetadata
-
-
-@task(
-    name="describe-file",
-    task_run_name="metadata of {file.path}",
-    retries=PUBLISH_RETRIES,
-    retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
-    retry_condition_fn=retry_unless_input_error,
-    cache_policy=NO_CACHE,
-)
-def describe_file(
-    file: RebuiltFile,
-    kafka: KafkaCluster,
-    preview_storage: BackupStorage | None = None,
-    announced_at: datetime | None = None,
-) -> DescribedFile:
-    """Extract, show and publish a file's metadata in one task run (a batch run's files).
-
-    One task run where a per-file run has two (:func:`extract_file_metadata`, then
-    :func:`publish_file_metadata`): each task run is three state events the server
-    records, and under load the server's CPU is what limits the files per second. A retry
-    (the broker did not confirm) extracts again, which costs a header's read.
-
-    Args:
-        file: The rebuilt file, validated from the event parameters.
-        kafka: The cluster of the topics.
-        preview_storage: The backup storage previews go to; None: no preview.
-        announced_at: When the event that announced the file occurred (see
-            :func:`describe_rebuilt_file`).
-
-    Raises:
-        FileChangedError: The file is gone or no longer the one the event announced.
-        FileInputError: The topic is too long for the metadata suffix.
-        MetadataPublishError: The broker did not confirm the message (retried).
-    """
-    metadata = extract_and_show(file, preview_storage, announced_at)
-    return DescribedFile(metadata, publish_and_announce(file, metadata, kafka))
