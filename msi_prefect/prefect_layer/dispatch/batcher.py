@@ -59,6 +59,7 @@ TRIGGER_LAG_S = 0.5
 #: batch run counts as 3, the per-step runs it does the work of): on 2 cores, fewer and
 #: larger batches do more per second than many small ones.
 DEFAULT_MAX_RUNNING = 3
+#: What a running batch run counts as: the per-file runs whose work it does.
 RUNS_PER_BATCH_RUN = len(PER_FILE_FLOWS)
 #: Running downstream runs at which the stack counts as overloaded (two dispatches' worth):
 #: a batch due by its age is then held (see :meth:`AdaptiveGate.holds`).
