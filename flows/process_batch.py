@@ -70,18 +70,21 @@ def process_batch_flow(
     kafka = load_block(KafkaCluster, kafka_block)
 
     def process(file: RebuiltFile) -> State[Any]:
-        backed_up = backup_file(file, storage, return_state=True)
+        # The copy goes in a thread of its own: its waits on the store overlap the
+        # metadata's and the analysis's work.
+        backup = backup_file.submit(file, storage)
         # Previews go beside the backups. A topic too long for the metadata suffix fails
         # the publish task of its files, not the batch.
         extracted = extract_file_metadata(file, storage, announced_at, return_state=True)
-        steps = [backed_up, extracted]
+        steps = [extracted]
         metadata = None
         if extracted.is_completed():
             metadata = extracted.result()
             steps.append(publish_file_metadata(file, metadata, kafka, return_state=True))
         # Without the extracted metadata (its task failed) the analysis extracts its own.
-        steps.append(analyze_file(file, analysis, metadata=metadata, return_state=True))
-        failed = [state for state in steps if not state.is_completed()]
-        return failed[0] if failed else steps[-1]
+        analysed = analyze_file(file, analysis, metadata=metadata, return_state=True)
+        backup.wait()
+        failed = [state for state in (backup.state, *steps, analysed) if not state.is_completed()]
+        return failed[0] if failed else analysed
 
     return run_per_file("Processing", files, process)
