@@ -3,9 +3,9 @@
 The batch deployment of ``prefect.yaml`` (``process-batch``) gets the event's ``files``
 list (each entry the parameters a per-file flow would get). Every entry is validated on
 its own: a bad entry fails only its own file. Each valid file gets its own task runs,
-named after the file, so the UI keeps a record per file; the per-file tasks emit their per-file events as usual,
-posted together (``event_outbox.GatheredEventPoster``). The files' history artifacts are
-written together (one version per file, the reads shared:
+named after the file, so the UI keeps a record per file; the per-file tasks emit their
+per-file events as usual, posted together (``event_outbox.GatheredEventPoster``). The
+files' history artifacts are written together (one version per file, the reads shared:
 ``file_history.file_history_batch``).
 The run ends Failed, naming the files, if any file failed, after all the others are done.
 """
