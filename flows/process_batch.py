@@ -7,7 +7,7 @@ and its own ``msi.file.*`` events. One run does the three steps, not a run per s
 flow run costs the server and the worker far more than a task run (its trigger, its
 states, its process), and a file's three history rows become one version of its history
 artifact. The analysis takes the metadata just extracted instead of reading the file
-again.
+again, and the backup runs in a thread of the run beside them.
 
 A step that fails for a file does not stop that file's other steps, nor the other files;
 the run ends Failed naming the files. A run whose process dies (an analysis that crashes
