@@ -471,7 +471,12 @@ def test_up_twice_status_and_down_leave_nothing_behind(tmp_path: Path) -> None:
     assert "stopped: worker, prefect, broker, s3" in down.stdout
     assert not [name for name, pid in pids.items() if pid_alive(pid)]
     assert flow_run_processes(f"http://127.0.0.1:{ports['prefect']}/api") == []
-    assert not [name for name, port in ports.items() if not port_is_free(port)]
+    # Not the ports of the parts this stack did not run (PostgreSQL's and Redis's on the
+    # default stack): another test's may hold them by now.
+    not_run = {component.value for component in Component} - set(pids)
+    assert not [
+        name for name, port in ports.items() if name not in not_run and not port_is_free(port)
+    ]
     assert list((state_dir / "run").glob("*.pid")) == []
     if preview_image is None:
         pytest.skip(
