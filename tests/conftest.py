@@ -27,6 +27,7 @@ os.environ["PREFECT_PROFILES_PATH"] = os.path.join(
     tempfile.mkdtemp(prefix="msi-test-prefect-profiles-"), "profiles.toml"
 )
 
+from msi_prefect.stack import processes
 from msi_prefect.stack.components import Component, s3_env
 from msi_prefect.stack.config import BrokerStorage, StackConfig, StateDir, free_port_map
 from msi_prefect.stack.manager import StackManager
@@ -34,6 +35,21 @@ from msi_prefect.stack.manager import StackManager
 atexit.register(shutil.rmtree, os.path.dirname(os.environ["PREFECT_PROFILES_PATH"]), True)
 
 CHAOS_ENV = "MSI_CHAOS"
+
+
+def _pick_ports_apart_from_the_other_workers() -> None:
+    """Give this xdist worker a share of the free ports of its own (``PORT_SHARE``).
+
+    The workers start stacks at the same moments; two that picked the same free port
+    before either bound it failed to start (a port collision between two test stacks).
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
+        processes.PORT_SHARE = (int(worker[2:]) % workers, workers)
+
+
+_pick_ports_apart_from_the_other_workers()
 # Tansu lets a consumer join a group in about half of session.timeout.ms; keep it short.
 TEST_SESSION_TIMEOUT_MS = 6000
 TEST_STORAGE_ENV = "MSI_TEST_BROKER_STORAGE"

@@ -29,6 +29,11 @@ LOOPBACK = "127.0.0.1"
 # ephemeral range (read from the kernel; this is Linux's default when it cannot be read).
 PRIVATE_PORTS_FROM = 20000
 EPHEMERAL_FALLBACK = (32768, 60999)
+#: Which share of those ports this process picks from: (index, count), every count-th
+#: port from the index-th. Processes that start stacks at the same moment on one machine
+#: (the test suite's workers) each take a share of their own, so that two of them never
+#: pick the same free port before either binds it.
+PORT_SHARE: tuple[int, int] = (0, 1)
 # How long a process gets to exit after SIGTERM before it is killed.
 DEFAULT_STOP_TIMEOUT_S = 10.0
 # How many log lines to quote when a process dies during start-up.
@@ -128,7 +133,8 @@ def find_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     low, high = EPHEMERAL_FALLBACK
     with contextlib.suppress(OSError, ValueError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = list(range(PRIVATE_PORTS_FROM, min(low, high)))
+    index, count_of_shares = PORT_SHARE
+    candidates = list(range(PRIVATE_PORTS_FROM + index, min(low, high), count_of_shares))
     random.shuffle(candidates)
     chosen = [port for port in candidates[: count * 20] if port_is_free(port, host)][:count]
     if len(chosen) < count:

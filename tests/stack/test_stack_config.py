@@ -231,3 +231,17 @@ def test_the_worker_is_woken_polls_every_second_and_skips_the_version_check_unle
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "5")
     env = build_spec(Component.WORKER, StackConfig(), StateDir(tmp_path)).env
     assert env["PREFECT_WORKER_QUERY_SECONDS"] == "5"
+
+
+def test_each_share_of_the_free_ports_is_apart_from_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from msi_prefect.stack import processes
+
+    picked = {}
+    for index in range(3):
+        monkeypatch.setattr(processes, "PORT_SHARE", (index, 3))
+        picked[index] = set(find_free_ports(20))
+        offset = (processes.PRIVATE_PORTS_FROM + index) % 3
+        assert all(port % 3 == offset for port in picked[index])
+    assert not (picked[0] & picked[1] or picked[1] & picked[2] or picked[0] & picked[2])
