@@ -264,14 +264,17 @@ def retire_earlier_deployments(api_url: str, declared: set[str]) -> list[str]:
 
     retired = [name for name in EARLIER_BATCH_FLOWS if name not in declared]
     found = server_deployments(api_url, retired) if retired else {}
+    deleted = []
     with httpx.Client(base_url=api_url) as client:
         for key, deployment_id in sorted(found.items()):
-            what = f"retiring the deployment {key.split('/')[1]}"
+            name = key.split("/")[1]
+            what = f"retiring the deployment {name}"
             owned = f"/automations/owned-by/prefect.deployment.{deployment_id}"
             checked(request(client, "DELETE", owned, what), what)
             checked(request(client, "DELETE", f"/deployments/{deployment_id}", what), what)
-            logger.info("deleted the deployment %s: process-batch does its work now", key)
-    return sorted(key.split("/")[1] for key in found)
+            logger.info("deleted the deployment %s: process-batch does its work now", name)
+            deleted.append(name)
+    return sorted(deleted)
 
 
 def start_deployment_run(manager: StackManager, deployment: str, parameters: dict[str, str]) -> str:

@@ -24,6 +24,7 @@ from tests.flow_helpers import (
     file_params,
     flow_run_name,
     load_flow,
+    read_artifacts,
     read_events,
 )
 
@@ -80,16 +81,6 @@ def _task_run_names(flow_run_id: Any, expected: int) -> list[str]:
 def mime_and_hash(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
     """An analysis that shows what metadata it was given."""
     return {"mime_type": metadata["mime_type"], "sha256": metadata["sha256"]}
-
-
-def _history_versions(key: str) -> list[Any]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        return list(
-            client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-        )
 
 
 @pytest.mark.stack
@@ -163,7 +154,7 @@ def test_process_batch_does_every_step_of_every_good_file_and_names_the_failures
         (analyzed,) = read_events(EventName.ANALYZED, resource)
         assert analyzed.payload["result"]["sha256"] == params["sha256"]
         # One version of the file's history holds its three steps.
-        versions = _history_versions(file_history_key(topic, params["path"]))
+        versions = read_artifacts(file_history_key(topic, params["path"]), flow_run_id)
         assert len(versions) == 1
         rows = json.loads(versions[0].data)
         assert {row["step"] for row in rows} == {"backup", "metadata", "analysis"}
