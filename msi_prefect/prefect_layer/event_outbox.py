@@ -14,18 +14,18 @@ posted twice (accepted, then the process died before deleting it) is kept once b
 A server that accepted an event can still lose it: Prefect's server keeps accepted
 events in memory queues until its services (the persister, the triggers) take them, so a
 server that dies (a power cut) loses what it had not processed, and an overloaded one
-drops events once a queue is full (10,000 messages, fixed in Prefect's code). So a posted
-event moves to a second outbox, the *unconfirmed* one, and the sender asks the server
-(``POST /api/events/filter`` by id) whether it stored it: a stored event is forgotten, one
-still missing :data:`RESEND_AFTER_S` (5 minutes) after it was posted is posted again, and
-one that an earlier run of the flow posted and the server still lacks
-:data:`EARLIER_RUN_GRACE_S` after this run started is posted again at once (a power cut
-takes the server's memory queues with it, and the flow restarts with the server). The server's
-triggers skip an id they have seen (for 15 minutes), so a re-sent event that did start
-its work is not acted on twice; only an event lost in the second between the triggers and
-the persister, on a server that then died, can start its work twice. The unconfirmed
-outbox lives on disk too, so the next run of the flow goes on confirming what this one
-posted.
+drops events once a queue is full (10,000 messages in Prefect's code, 30,000 on the
+embedded stack's server). So a posted event moves to a second outbox, the *unconfirmed*
+one, and the sender asks the server (``POST /api/events/filter`` by id) whether it stored
+it: a stored event is forgotten, one still missing :data:`RESEND_AFTER_S` (5 minutes)
+after it was posted is posted again, and one that an earlier run of the flow posted and
+the server still lacks :data:`EARLIER_RUN_GRACE_S` after this run started is posted again
+at once (a power cut takes the server's memory queues with it, and the flow restarts with
+the server). The server's triggers skip an id they have seen (for 15 minutes), so a
+re-sent event that did start its work is not acted on twice; only an event lost in the
+second between the triggers and the persister, on a server that then died, can start its
+work twice. The unconfirmed outbox lives on disk too, so the next run of the flow goes on
+confirming what this one posted.
 
 Memory stays flat: the sender reads at most ``batch_size`` rows at a time; the backlog
 lives on disk.

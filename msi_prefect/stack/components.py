@@ -71,6 +71,12 @@ SERVER_SERVICES = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
 }
+# What the Prefect server's SQLite page caches may hold, all its connections together
+# (`sqlite_page_cache_bounded`): Prefect's own setting lets each of them grow to 80 MB.
+SQLITE_SOFT_HEAP_LIMIT_BYTES = 128 * 1024 * 1024
+# Messages each subscriber of the one-process server's in-memory topics may have waiting
+# (`subscription_queues_deepened`); Prefect's code fixes 10,000.
+SUBSCRIPTION_QUEUE_MESSAGES = 30_000
 # The split server layout (`ServerLayout.SPLIT`): the API process and the services process
 # exchange their messages (events, task-run states, actions), share the message cache and
 # the causal ordering of events, and queue their background tasks (docket) in the stack's
@@ -431,11 +437,15 @@ def prefect_server_main() -> None:
     """`python -m prefect ARGS` for the stack's Prefect server, its SQLite writes made IMMEDIATE.
 
     A new SQLite database is copied from a migrated one (`msi_prefect.stack.sqlite_template`).
-    See `sqlite_writes_begin_immediate`, and `queue_probe` for an opt-in report of the
-    server's event queues. The arguments (`server start ...`) are Prefect's.
+    See `sqlite_writes_begin_immediate`, `sqlite_page_cache_bounded` (the memory of its
+    caches), `subscription_queues_deepened` (its event queues' room), and `queue_probe` for
+    an opt-in report of the server's event queues. The arguments (`server start ...`) are
+    Prefect's.
     """
     sqlite_template.seed_new_database()  # a new SQLite database: copied, not migrated
     sqlite_writes_begin_immediate()
+    sqlite_page_cache_bounded()
+    subscription_queues_deepened()
     queue_probe.install()  # only with $MSI_SERVER_QUEUE_REPORT_S (benchmarks)
     migrate_once_for_several_api_processes(sys.argv[1:])
     sys.argv = ["prefect", *sys.argv[1:]]
@@ -499,6 +509,60 @@ def sqlite_writes_begin_immediate() -> None:
             yield transaction
 
     AioSqliteConfiguration.begin_transaction = begin_transaction  # type: ignore[method-assign]
+
+
+def sqlite_page_cache_bounded(limit_bytes: int = SQLITE_SOFT_HEAP_LIMIT_BYTES) -> None:
+    """Bound the memory of the Prefect server's SQLite page caches, all connections together.
+
+    Prefect gives each SQLite connection a page cache of 20,000 pages
+    (`PRAGMA cache_size = 20000` in `AioSqliteConfiguration.setup_sqlite`): 80 MB each,
+    filled as the database grows, for each of the up to 15 pooled connections. With the
+    files' events the database grows by about 250 KB per file, so over 10,000 files the
+    server grew from 309 to 534 MB (bench/RESULTS.md, "memory over 10,000 files on the
+    default stack"), and connections opened at a peak and closed after made it swing by
+    100 MB. SQLite's soft heap limit (`PRAGMA soft_heap_limit`, one limit for the whole
+    process) makes the caches reuse their pages once SQLite holds ``limit_bytes``; the hot
+    pages (the tables' newest rows and their indexes) stay cached.
+    """
+    from prefect.server.database.configurations import AioSqliteConfiguration
+
+    prefects_setup = AioSqliteConfiguration.setup_sqlite
+
+    def setup_sqlite(self: AioSqliteConfiguration, conn: Any, record: Any) -> None:
+        prefects_setup(self, conn, record)
+        cursor = conn.cursor()
+        cursor.execute(f"PRAGMA soft_heap_limit = {int(limit_bytes)};")
+        cursor.close()
+
+    AioSqliteConfiguration.setup_sqlite = setup_sqlite  # type: ignore[method-assign]
+
+
+def subscription_queues_deepened(max_messages: int = SUBSCRIPTION_QUEUE_MESSAGES) -> None:
+    """Let each subscriber of the one-process server's in-memory topics fall further behind.
+
+    Prefect's in-memory messaging (`prefect.server.utilities.messaging.memory`, used by
+    the one-process server) gives each subscriber of a topic a queue of 10,000 messages
+    and drops what comes for a full one ("Subscription queue is full"). At 10 files/s the
+    event persister, which shares the server's one event loop with the API, falls behind
+    for the length of the burst: its queue reached 9,831 of the 10,000 after one minute,
+    and over two minutes the server dropped 6,935 events, so 349 of 1,200 files lacked
+    their step events when the run ended (they wait for the outboxes to post them again,
+    5 minutes later) and their task runs' and artifacts' events were lost to the event
+    feed. With 30,000 the queue reached 17,812, nothing was dropped and every file was
+    done, at no visible cost in the server's peak memory (bench/RESULTS.md, "the targets
+    again"). The split layout's messages go through Redis and are not affected.
+    """
+    import asyncio
+
+    from prefect.server.utilities.messaging import memory
+
+    prefects_init = memory.Subscription.__init__
+
+    def __init__(self: memory.Subscription, *args: Any, **kwargs: Any) -> None:
+        prefects_init(self, *args, **kwargs)
+        self._queue = asyncio.Queue(maxsize=max_messages)
+
+    memory.Subscription.__init__ = __init__  # type: ignore[method-assign]
 
 
 def s3_healthy(config: StackConfig) -> bool:

@@ -2,7 +2,8 @@
 
 Prefect's server hands every event to each subscriber of the ``events`` topic (the event
 persister, the reactive triggers, the task-run recorder, the event streams...) through a
-queue of its own of at most 10,000 messages; a message for a full queue is dropped with
+queue of its own of at most 10,000 messages (30,000 on the stack's server:
+``components.subscription_queues_deepened``); a message for a full queue is dropped with
 "Subscription queue is full, dropping message for topic='events'", which does not say
 whose queue it was. With ``MSI_SERVER_QUEUE_REPORT_S=N`` in the server's environment,
 `install` names each subscription after the server module that made it and a thread logs

@@ -285,6 +285,7 @@ def test_a_storage_hosts_run_killed_mid_file_hands_its_partitions_over_with_noth
         kill_second = datetime.fromtimestamp(int(killed_at) + 1, UTC)
         for relpath, times in twice.items():
             assert len(times) == 2 and times[0] <= kill_second, f"{relpath} stored at {times}"
+
         # Every file was announced to Prefect (once: the event ids are deterministic).
         def announced() -> set[str]:
             events = file_events(api, since - 60, (EventName.RECONSTRUCTED,))

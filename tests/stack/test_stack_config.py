@@ -245,3 +245,44 @@ def test_each_share_of_the_free_ports_is_apart_from_the_others(
         offset = (processes.PRIVATE_PORTS_FROM + index) % 3
         assert all(port % 3 == offset for port in picked[index])
     assert not (picked[0] & picked[1] or picked[1] & picked[2] or picked[0] & picked[2])
+
+
+def test_the_servers_sqlite_connections_share_one_bounded_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from prefect.server.database.configurations import AioSqliteConfiguration
+
+    from msi_prefect.stack.components import sqlite_page_cache_bounded
+
+    limit = 64 * 1024 * 1024
+    # Prefect's own setup comes back after the test (the patch replaces it).
+    monkeypatch.setattr(AioSqliteConfiguration, "setup_sqlite", AioSqliteConfiguration.setup_sqlite)
+    sqlite_page_cache_bounded(limit)
+    database = tmp_path / "prefect.db"
+    config = AioSqliteConfiguration(connection_url=f"sqlite+aiosqlite:///{database}")
+    conn = sqlite3.connect(database)
+    try:
+        config.setup_sqlite(conn, None)  # type: ignore[arg-type]
+        assert conn.execute("PRAGMA soft_heap_limit").fetchone()[0] == limit
+        assert conn.execute("PRAGMA cache_size").fetchone()[0] == 20000  # Prefect's, kept
+    finally:
+        conn.execute("PRAGMA soft_heap_limit = 0")  # the limit is the whole process's
+        conn.close()
+
+
+def test_the_one_process_servers_subscribers_get_deeper_queues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.server.utilities.messaging import memory
+
+    from msi_prefect.stack.components import subscription_queues_deepened
+
+    # Prefect's own constructor comes back after the test (the patch replaces it).
+    monkeypatch.setattr(memory.Subscription, "__init__", memory.Subscription.__init__)
+    assert memory.Subscription(memory.Topic("msi-test"))._queue.maxsize == 10_000  # Prefect's
+    subscription_queues_deepened(25_000)
+    subscription = memory.Subscription(memory.Topic("msi-test"), max_retries=5)
+    assert subscription._queue.maxsize == 25_000
+    assert subscription.max_retries == 5  # the rest is Prefect's as before

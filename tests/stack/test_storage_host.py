@@ -207,8 +207,9 @@ def test_a_storage_host_registers_once_clears_its_orphans_and_starts_one_run(
         assert client.get(f"/deployments/{audit_template['id']}").json()["paused"]
 
         # A power cut: the run is Running, with no process on this machine.
-        client.post(f"/flow_runs/{run['id']}/set_state",
-                    json={"state": {"type": "RUNNING"}, "force": True}).raise_for_status()
+        client.post(
+            f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True}
+        ).raise_for_status()
         again = ensure_host_rebuilder(host, ONCE)
         assert again.crashed_runs == [run["id"]]
         assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] == "CRASHED"
