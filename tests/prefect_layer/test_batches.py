@@ -136,14 +136,11 @@ def test_process_batch_does_every_step_of_every_good_file_and_names_the_failures
     assert backup_storage.object("run/c.tif") is None
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_name(flow_run_id) == "process 4 files: run/a.csv, ..."
+    processed = ("run/a.csv", "run/b.json", "run/d.txt")
+    task_runs = ("backup", "extract metadata of", "publish metadata of", "analyze")
     assert _task_run_names(flow_run_id, 12) == sorted(
-        [
-            *(f"{step} {path}" for step in ("backup", "analyze") for path in
-              ("run/a.csv", "run/b.json", "run/d.txt")),
-            *(f"extract metadata of {path}" for path in ("run/a.csv", "run/b.json", "run/d.txt")),
-            *(f"publish metadata of {path}" for path in ("run/a.csv", "run/b.json", "run/d.txt")),
-        ]
-    )  # fmt: skip
+        f"{task_run} {path}" for task_run in task_runs for path in processed
+    )
     steps = [EventName.BACKED_UP, EventName.METADATA_EXTRACTED, EventName.ANALYZED]
     for params in good:
         resource = f"msi.file.{topic}.{params['file_id']}"
