@@ -14,7 +14,6 @@ from msi_prefect.prefect_layer.metadata_tasks import (
     PublishedMetadata,
     extract_file_metadata,
     metadata_topic,
-    publish_file_metadata,
 )
 from msi_prefect.prefect_layer.previews import load_preview_storage
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
@@ -66,5 +65,4 @@ def extract_metadata_flow(
     metadata_topic(file.topic)  # refuse a topic too long for the suffix before any work
     kafka = load_block(KafkaCluster, kafka_block)
     preview_storage = load_preview_storage(backup_block)
-    metadata = extract_file_metadata(file, preview_storage, announced_at)
-    return publish_file_metadata(file, metadata, kafka)
+    return extract_file_metadata(file, kafka, preview_storage, announced_at).published

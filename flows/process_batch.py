@@ -2,12 +2,12 @@
 
 Its trigger renders ``files`` from a ``msi.files.batch-ready`` event payload (batch and
 adaptive dispatch). Each file gets the task runs a per-file dispatch would give it, named
-after it: ``backup``, ``extract metadata of``, ``publish metadata of`` and ``analyze``,
-and its own ``msi.file.*`` events. One run does the three steps, not a run per step: a
-flow run costs the server and the worker far more than a task run (its trigger, its
-states, its process), and a file's three history rows become one version of its history
-artifact. The analysis takes the metadata just extracted instead of reading the file
-again, and the backup runs in a thread of the run beside them.
+after it: ``backup``, ``extract and publish metadata of`` and ``analyze``, and its own
+``msi.file.*`` events. One run does the three steps, not a run per step: a flow run costs
+the server and the worker far more than a task run (its trigger, its states, its
+process), and a file's three history rows become one version of its history artifact.
+The analysis takes the metadata just extracted instead of reading the file again, and
+the backup runs in a thread of the run beside them.
 
 A step that fails for a file does not stop that file's other steps, nor the other files;
 the run ends Failed naming the files. A run whose process dies (an analysis that crashes
@@ -33,7 +33,7 @@ from msi_prefect.prefect_layer.dispatch.batches import (
     run_per_file,
 )
 from msi_prefect.prefect_layer.flow_inputs import RebuiltFile, load_block
-from msi_prefect.prefect_layer.metadata_tasks import extract_file_metadata, publish_file_metadata
+from msi_prefect.prefect_layer.metadata_tasks import extract_file_metadata
 from msi_prefect.prefect_layer.transfers.kafka_cluster import KafkaCluster
 
 
@@ -74,17 +74,14 @@ def process_batch_flow(
         # metadata's and the analysis's work.
         backup = backup_file.submit(file, storage)
         # Previews go beside the backups. A topic too long for the metadata suffix fails
-        # the publish task of its files, not the batch.
-        extracted = extract_file_metadata(file, storage, announced_at, return_state=True)
-        steps = [extracted]
-        metadata = None
-        if extracted.is_completed():
-            metadata = extracted.result()
-            steps.append(publish_file_metadata(file, metadata, kafka, return_state=True))
+        # the metadata task of its files, not the batch.
+        described = extract_file_metadata(file, kafka, storage, announced_at, return_state=True)
+        metadata = described.result().metadata if described.is_completed() else None
         # Without the extracted metadata (its task failed) the analysis extracts its own.
         analysed = analyze_file(file, analysis, metadata=metadata, return_state=True)
         backup.wait()
-        failed = [state for state in (backup.state, *steps, analysed) if not state.is_completed()]
+        steps = (backup.state, described, analysed)
+        failed = [state for state in steps if not state.is_completed()]
         return failed[0] if failed else analysed
 
     return run_per_file("Processing", files, process)

@@ -1,9 +1,10 @@
 """Extract the metadata of one rebuilt file, publish it to Kafka, show it in the Prefect UI.
 
-The ``extract-metadata`` deployment runs, for every ``msi.file.reconstructed`` event:
+The ``extract-metadata`` deployment (and ``process-batch``, for each file of a batch)
+runs one task run per file, :func:`extract_file_metadata`:
 
-1. :func:`extract_file_metadata`: :func:`describe_rebuilt_file`, i.e.
-   :func:`~msi_prefect.metadata.extract_metadata` on the rebuilt file. The reassembler
+1. :func:`describe_rebuilt_file`, i.e. :func:`~msi_prefect.metadata.extract_metadata` on
+   the rebuilt file. The reassembler
    verified the content's SHA-256 before it announced the file, so the file is not read
    again to hash it when it can be shown unchanged since: its size is the announced one and
    its change time (``ctime``, which every write, ``utime`` or rename moves to "now") is not
@@ -15,10 +16,17 @@ The ``extract-metadata`` deployment runs, for every ``msi.file.reconstructed`` e
    (:mod:`msi_prefect.prefect_layer.previews`; a preview that fails is only a warning);
    and a markdown artifact ``metadata-<first 12 digits of the file id>`` with the result
    and a link to the preview;
-2. :func:`publish_file_metadata`: the metadata as JSON to the topic ``<topic>.metadata``
+2. :func:`publish_metadata`: the metadata as JSON to the topic ``<topic>.metadata``
    (created if missing; key = file id; headers ``msi.v``, ``msi.kind=metadata``,
    ``msi.gen``), delivery confirmed by the broker, then the event
    ``msi.file.metadata-extracted``.
+
+One task run, not one per part: each task run costs the Prefect server its three state
+events and rows, and the run its engine's work. As two task runs they were 13 % of the
+server's CPU per file of a batch, and 11 % of the machine's (bench/RESULTS.md, "one task
+run for the metadata"). A retry (the broker was unreachable) extracts again: extraction is
+bounded in time and memory for any file, and the artifact's new version replaces the
+first.
 
 Downstream consumers read ``<topic>.metadata`` like any topic; the JSON object is
 :meth:`~msi_prefect.metadata.FileMetadata.to_json_dict`.
@@ -56,13 +64,14 @@ from msi_prefect.transfer import FORMAT_VERSION, MAX_TOPIC_CHARS, HeaderName, en
 __all__ = [
     "METADATA_KIND",
     "METADATA_TOPIC_SUFFIX",
+    "ExtractedMetadata",
     "MetadataPublishError",
     "PublishedMetadata",
     "artifact_key",
     "describe_rebuilt_file",
     "extract_file_metadata",
     "metadata_topic",
-    "publish_file_metadata",
+    "publish_metadata",
     "unchanged_since_announced",
 ]
 
@@ -74,10 +83,9 @@ METADATA_KIND = "metadata"
 DELIVERY_TIMEOUT_S = 30.0
 #: Digits of the file id in artifact keys (unique enough to tell files apart in the UI).
 ARTIFACT_KEY_ID_DIGITS = 12
-EXTRACT_RETRIES = 1
-EXTRACT_RETRY_DELAY_S = 5
-PUBLISH_RETRIES = 3
-PUBLISH_RETRY_DELAYS_S: list[float] = [10.0, 30.0, 60.0]
+# A broker that is away may take minutes to come back (a bad file is not retried).
+METADATA_RETRIES = 3
+METADATA_RETRY_DELAYS_S: list[float] = [10.0, 30.0, 60.0]
 
 _ARTIFACT_KEY_BAD_CHARS = re.compile(r"[^a-z0-9-]+")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -105,6 +113,19 @@ class PublishedMetadata:
     partition: int
     offset: int
     size: int
+
+
+@dataclass(frozen=True)
+class ExtractedMetadata:
+    """The metadata of one file, and where it was published.
+
+    Attributes:
+        metadata: What was extracted (the analysis of a batch run starts from it).
+        published: Where the message went.
+    """
+
+    metadata: FileMetadata
+    published: PublishedMetadata
 
 
 def metadata_topic(topic: str) -> str:
@@ -200,32 +221,40 @@ def describe_rebuilt_file(file: RebuiltFile, announced_at: datetime | None = Non
 
 @task(
     name="extract-file-metadata",
-    task_run_name="extract metadata of {file.path}",
-    retries=EXTRACT_RETRIES,
-    retry_delay_seconds=EXTRACT_RETRY_DELAY_S,
+    task_run_name="extract and publish metadata of {file.path}",
+    retries=METADATA_RETRIES,
+    retry_delay_seconds=METADATA_RETRY_DELAYS_S,
     retry_condition_fn=retry_unless_input_error,
     cache_policy=NO_CACHE,
 )
 def extract_file_metadata(
     file: RebuiltFile,
+    kafka: KafkaCluster,
     preview_storage: BackupStorage | None = None,
     announced_at: datetime | None = None,
-) -> FileMetadata:
-    """Extract the metadata of a rebuilt file and show it (and its preview) as artifacts.
+) -> ExtractedMetadata:
+    """Extract the metadata of a rebuilt file, show it (and its preview) as artifacts and
+    publish it to ``<topic>.metadata``; emit ``msi.file.metadata-extracted``.
 
     Args:
         file: The rebuilt file, validated from the event parameters.
+        kafka: The cluster of the topics.
         preview_storage: The backup storage the preview of an image-like file is stored
             in; None: no preview.
         announced_at: When the event that announced the file occurred; with it, a file
             unchanged since is not hashed again (:func:`describe_rebuilt_file`).
 
     Returns:
-        The metadata (its SHA-256 matches the event's).
+        The metadata (its SHA-256 matches the event's) and where it was published.
 
     Raises:
+        FileInputError: The topic is too long for the metadata suffix, or the file cannot
+            be read (not retried).
         FileChangedError: The file is gone or no longer the one the event announced.
+        MetadataPublishError: The broker did not confirm the message (retried).
+        MsiError: The broker is unreachable or refuses to create the topic (retried).
     """
+    metadata_topic(file.topic)  # a topic too long for the suffix fails before any work
     metadata = describe_rebuilt_file(file, announced_at)
     preview = store_file_preview(
         file, metadata, preview_storage, artifact_key("preview", file.file_id)
@@ -235,14 +264,7 @@ def extract_file_metadata(
         key=artifact_key("metadata", file.file_id),
         description=f"Metadata of {file.path} (generation {file.generation})",
     )
-    get_run_logger().info(
-        "Extracted metadata of %s: %s, extractor %s, %d warning(s)",
-        file.path,
-        metadata.mime_type,
-        metadata.extractor,
-        len(metadata.warnings),
-    )
-    return metadata
+    return ExtractedMetadata(metadata, publish_metadata(file, metadata, kafka))
 
 
 class _MetadataProducers:
@@ -323,30 +345,22 @@ def _produce(kafka: KafkaCluster, topic: str, key: str, value: bytes, generation
     return message
 
 
-@task(
-    name="publish-file-metadata",
-    task_run_name="publish metadata of {file.path}",
-    retries=PUBLISH_RETRIES,
-    retry_delay_seconds=PUBLISH_RETRY_DELAYS_S,
-    retry_condition_fn=retry_unless_input_error,
-    cache_policy=NO_CACHE,
-)
-def publish_file_metadata(
+def publish_metadata(
     file: RebuiltFile, metadata: FileMetadata, kafka: KafkaCluster
 ) -> PublishedMetadata:
     """Produce the metadata JSON to ``<topic>.metadata``; emit ``msi.file.metadata-extracted``.
 
     Args:
         file: The rebuilt file the metadata describes.
-        metadata: Its metadata, from :func:`extract_file_metadata`.
+        metadata: Its metadata, from :func:`describe_rebuilt_file`.
         kafka: The cluster of the topics.
 
     Returns:
         Where the message went.
 
     Raises:
-        MetadataPublishError: The broker did not confirm the message (retried).
-        MsiError: The broker is unreachable or refuses to create the topic (retried).
+        MetadataPublishError: The broker did not confirm the message.
+        MsiError: The broker is unreachable or refuses to create the topic.
     """
     topic = metadata_topic(file.topic)
     _PRODUCERS.ensure_topic(kafka, topic)
@@ -360,8 +374,11 @@ def publish_file_metadata(
         size=len(value),
     )
     get_run_logger().info(
-        "Published metadata of %s to %s [%d] at offset %d",
+        "Metadata of %s (%s, extractor %s, %d warning(s)) published to %s [%d] at offset %d",
         file.path,
+        metadata.mime_type,
+        metadata.extractor,
+        len(metadata.warnings),
         topic,
         published.partition,
         published.offset,

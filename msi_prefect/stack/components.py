@@ -62,7 +62,7 @@ WARM_WORKER_MODULE = "msi_prefect.warm_start.worker"
 WORKER_POLLING = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
 # The server's event consumers, for bursts of file events (bench/RESULTS.md, "Downstream
 # latency"). Prefect's task-run recorder writes every task-run state event in a transaction
-# of its own (3 per task run, 4 task runs per file): batches of up to 200, flushed every
+# of its own (3 per task run, 3 task runs per file): batches of up to 200, flushed every
 # second, instead. Events are persisted every second at the latest (default 5 s), so the
 # UI and the API show a quiet stack's events sooner; their batch size stays Prefect's 20
 # (200 made the persister, which shares the server's one event loop, fall behind).

@@ -137,8 +137,8 @@ def test_process_batch_does_every_step_of_every_good_file_and_names_the_failures
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_name(flow_run_id) == "process 4 files: run/a.csv, ..."
     processed = ("run/a.csv", "run/b.json", "run/d.txt")
-    task_runs = ("backup", "extract metadata of", "publish metadata of", "analyze")
-    assert _task_run_names(flow_run_id, 12) == sorted(
+    task_runs = ("backup", "extract and publish metadata of", "analyze")
+    assert _task_run_names(flow_run_id, 9) == sorted(
         f"{task_run} {path}" for task_run in task_runs for path in processed
     )
     steps = [EventName.BACKED_UP, EventName.METADATA_EXTRACTED, EventName.ANALYZED]

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 from msi_prefect.prefect_layer.dispatch.batcher import (
+    BACKLOG_ACTIVE_S,
+    BACKLOG_FAST_S,
+    BACKLOG_POLL_S,
+    BACKLOG_SLOW_POLL_S,
     BACKLOG_STALE_S,
     TRIGGER_LAG_S,
     AdaptiveGate,
@@ -305,6 +309,24 @@ def test_server_backlog_reads_in_its_thread_only_while_files_move() -> None:
             time.sleep(0.05)
         reading = backlog.latest()
         assert reading is not None and reading.counts.waiting in (1, 3)
+    finally:
+        backlog.close()
+
+
+def test_server_backlog_reads_fast_after_a_wake_then_slowly_then_rests() -> None:
+    clock = FakeClock()
+    backlog = ServerRunBacklog(lambda: DownstreamRunCounts(waiting=0, running=0), clock)
+    try:
+        assert backlog.read_pause_s() is None  # never woken: no reads at all
+        backlog.wake()
+        assert backlog.read_pause_s() == BACKLOG_POLL_S
+        clock.now += BACKLOG_FAST_S
+        # Slower, but a reading never gets stale while the transfer is active.
+        assert backlog.read_pause_s() == BACKLOG_SLOW_POLL_S < BACKLOG_STALE_S
+        backlog.wake()  # a file waits, or a dispatch: fast again
+        assert backlog.read_pause_s() == BACKLOG_POLL_S
+        clock.now += BACKLOG_ACTIVE_S
+        assert backlog.read_pause_s() is None
     finally:
         backlog.close()
 

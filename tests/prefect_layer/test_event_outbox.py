@@ -101,6 +101,27 @@ def test_close_delivers_what_is_left(tmp_path: Path) -> None:
     assert server.posts == 2
 
 
+def test_events_that_come_while_the_sender_rests_after_a_post_go_in_one_post(
+    tmp_path: Path,
+) -> None:
+    server = FlakyServer()
+    with event_outbox(tmp_path / "outbox.sqlite") as outbox:
+        sender = EventSender(outbox, server, post_spacing_s=2.0)
+        sender.start()
+        try:
+            outbox.add(str(uuid.uuid4()), {"payload": {"path": "first"}})
+            sender.wake()
+            wait_until(lambda: server.posts == 1)  # a quiet sender posts at once
+            for name in ("a", "b", "c"):
+                outbox.add(str(uuid.uuid4()), {"payload": {"path": name}})
+                sender.wake()
+            wait_until(lambda: len(server.received) == 4)
+        finally:
+            sender.close()
+    assert server.posts == 2
+    assert [event["payload"]["path"] for event in server.received] == ["first", "a", "b", "c"]
+
+
 def test_event_body_is_a_valid_prefect_event_with_the_run_resources() -> None:
     run = {"prefect.resource.id": "prefect.flow-run.123", "prefect.resource.role": "flow-run"}
     body = event_body(spec("run/a.tif"), [run])

@@ -68,8 +68,15 @@ DEFAULT_OVERLOAD_RUNNING = 2 * DEFAULT_MAX_RUNNING
 #: left Running or Scheduled for good (its worker died, a concurrency limit) delays each
 #: batch by at most this.
 DEFAULT_MAX_HOLD_S = 30.0
-#: How often the run counts are read while files are moving.
+#: How often the run counts are read while files wait for the gate, and just after a
+#: dispatch (whose runs the next decision must see).
 BACKLOG_POLL_S = 0.5
+#: After a dispatch or a file's wait, reads come every BACKLOG_POLL_S for this long...
+BACKLOG_FAST_S = 2.0
+#: ...then every BACKLOG_SLOW_POLL_S: the reading stays fresher than BACKLOG_STALE_S, so
+#: the next file can go on its own at once, at a quarter of the server's load (files one
+#: every 10 s made 3 count queries every 0.5 s: 18 % of the server's core).
+BACKLOG_SLOW_POLL_S = 2.0
 #: The poller rests after this long without a dispatch or a waiting file.
 BACKLOG_ACTIVE_S = 30.0
 #: A reading older than this is no view of the server (it is unreachable or slow): files
@@ -192,9 +199,10 @@ class PrefectRunCounter:
 class ServerRunBacklog:
     """Reads the downstream run counts from the Prefect server, in a thread of its own.
 
-    The thread runs in the caller's context (the flow run's Prefect settings), reads every
-    :data:`BACKLOG_POLL_S` while files move and rests otherwise, so an idle transfer puts
-    no load on the server. A failed read keeps the previous reading (which then grows
+    The thread runs in the caller's context (the flow run's Prefect settings). It reads
+    every :data:`BACKLOG_POLL_S` while files wait or a dispatch is recent, every
+    :data:`BACKLOG_SLOW_POLL_S` for a while after, and rests otherwise, so an idle transfer
+    puts no load on the server. A failed read keeps the previous reading (which then grows
     stale); the transfer never waits for the server.
 
     Args:
@@ -214,6 +222,7 @@ class ServerRunBacklog:
         self._clock = clock
         self._reading: RunBacklogReading | None = None
         self._active_until = 0.0
+        self._fast_until = 0.0
         self._wakeup = threading.Event()
         self._closing = False
         context = contextvars.copy_context()
@@ -227,11 +236,21 @@ class ServerRunBacklog:
         return self._reading
 
     def wake(self) -> None:
-        """Read often for the next :data:`BACKLOG_ACTIVE_S` seconds."""
-        resting = self._clock() >= self._active_until
-        self._active_until = self._clock() + BACKLOG_ACTIVE_S
-        if resting:  # a poller already at work keeps its pace
+        """Read often for the next :data:`BACKLOG_FAST_S` seconds, and keep reading for
+        :data:`BACKLOG_ACTIVE_S`."""
+        now = self._clock()
+        slow = now >= self._fast_until
+        self._fast_until = now + BACKLOG_FAST_S
+        self._active_until = now + BACKLOG_ACTIVE_S
+        if slow:  # a resting or slow poller reads now; a fast one keeps its pace
             self._wakeup.set()
+
+    def read_pause_s(self) -> float | None:
+        """How long the thread waits before its next read now; None: it rests until woken."""
+        now = self._clock()
+        if now >= self._active_until:
+            return None
+        return BACKLOG_POLL_S if now < self._fast_until else BACKLOG_SLOW_POLL_S
 
     def close(self) -> None:
         """Stop the thread (it ends within one read)."""
@@ -243,7 +262,7 @@ class ServerRunBacklog:
 
     def _loop(self) -> None:
         while not self._closing:
-            if self._clock() >= self._active_until:
+            if self.read_pause_s() is None:
                 self._wakeup.wait()
                 self._wakeup.clear()
                 continue
@@ -251,8 +270,10 @@ class ServerRunBacklog:
                 self._reading = RunBacklogReading(self._count(), self._clock())
             except Exception as exc:  # the server is away: the reading grows stale
                 logger.debug("could not read the downstream run counts: %r", exc)
-            self._wakeup.wait(BACKLOG_POLL_S)
-            self._wakeup.clear()
+            pause_s = self.read_pause_s()
+            if pause_s is not None:
+                self._wakeup.wait(pause_s)
+                self._wakeup.clear()
 
 
 class AdaptiveGate:
