@@ -183,7 +183,6 @@ class EventSender:
         self._thread: threading.Thread | None = None
         self._pause = FIRST_RETRY_PAUSE_S
         self.delivered = 0
-        self.posts = 0
         self._last_batch_full = False
         self.failed_posts = 0
 
@@ -222,7 +221,6 @@ class EventSender:
             )
         self._outbox.remove_through(batch[-1][0])
         self.delivered += len(batch)
-        self.posts += 1
         self._last_batch_full = len(batch) >= self._batch_size
         return True
 

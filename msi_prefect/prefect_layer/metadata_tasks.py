@@ -4,15 +4,15 @@ The ``extract-metadata`` deployment (and ``process-batch``, for each file of a b
 runs one task run per file, :func:`extract_file_metadata`:
 
 1. :func:`describe_rebuilt_file`, i.e. :func:`~msi_prefect.metadata.extract_metadata` on
-   the rebuilt file. The reassembler
-   verified the content's SHA-256 before it announced the file, so the file is not read
-   again to hash it when it can be shown unchanged since: its size is the announced one and
-   its change time (``ctime``, which every write, ``utime`` or rename moves to "now") is not
-   later than the announcing event (``announced_at``, rendered from the event's
-   ``occurred`` by the deployment trigger). Otherwise (no ``announced_at``, as in a manual
-   run, or a later change time) the file is hashed and a SHA-256 other than the announced
-   one fails the run. Then, for an image-like file, its preview picture, stored beside the
-   backup and shown as an image artifact ``preview-<first 12 digits of the file id>``
+   the rebuilt file. The reassembler verified the content's SHA-256 before it announced
+   the file, so the file is not read again to hash it when it can be shown unchanged
+   since: its size is the announced one and its change time (``ctime``, which every
+   write, ``utime`` or rename moves to "now") is not later than the announcing event
+   (``announced_at``, rendered from the event's ``occurred`` by the deployment trigger).
+   Otherwise (no ``announced_at``, as in a manual run, or a later change time) the file
+   is hashed and a SHA-256 other than the announced one fails the run. Then, for an
+   image-like file, its preview picture, stored beside the backup and shown as an image
+   artifact ``preview-<first 12 digits of the file id>``
    (:mod:`msi_prefect.prefect_layer.previews`; a preview that fails is only a warning);
    and a markdown artifact ``metadata-<first 12 digits of the file id>`` with the result
    and a link to the preview;
@@ -22,11 +22,10 @@ runs one task run per file, :func:`extract_file_metadata`:
    ``msi.file.metadata-extracted``.
 
 One task run, not one per part: each task run costs the Prefect server its three state
-events and rows, and the run its engine's work. As two task runs they were 13 % of the
-server's CPU per file of a batch, and 11 % of the machine's (bench/RESULTS.md, "one task
-run for the metadata"). A retry (the broker was unreachable) extracts again: extraction is
-bounded in time and memory for any file, and the artifact's new version replaces the
-first.
+events and rows, and the run its engine's work. As two task runs they cost 7 to 13 %
+more of the server's CPU per file of a batch (bench/RESULTS.md, "one task run for the
+metadata"). A retry (the broker was unreachable) extracts again: extraction is bounded
+in time and memory for any file, and the artifact's new version replaces the first.
 
 Downstream consumers read ``<topic>.metadata`` like any topic; the JSON object is
 :meth:`~msi_prefect.metadata.FileMetadata.to_json_dict`.
