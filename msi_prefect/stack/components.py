@@ -74,6 +74,12 @@ SERVER_SERVICES = {
 # What the Prefect server's SQLite page caches may hold, all its connections together
 # (`sqlite_page_cache_bounded`): Prefect's own setting lets each of them grow to 80 MB.
 SQLITE_SOFT_HEAP_LIMIT_BYTES = 128 * 1024 * 1024
+# The server's malloc arenas (glibc's MALLOC_ARENA_MAX; its default is 8 per core): each
+# SQLite connection runs in a thread of its own (aiosqlite), and memory freed in one of
+# many arenas stayed with the process. Over 10,000 files at 5 files/s the server grew
+# from 345 to 451 MB in the last 4,000 files with the default, and held about 280-300 MB
+# with 2 (bench/RESULTS.md, "the server's malloc arenas").
+SERVER_MALLOC_ARENAS = {"MALLOC_ARENA_MAX": "2"}
 # Messages each subscriber of the one-process server's in-memory topics may have waiting
 # (`subscription_queues_deepened`); Prefect's code fixes 10,000.
 SUBSCRIPTION_QUEUE_MESSAGES = 30_000
@@ -408,9 +414,11 @@ def api_workers(environ: Mapping[str, str] | None = None) -> int:
 
 
 def server_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The server's event services, sized for bursts; a value set in ``environ`` wins."""
+    """The server's event services, sized for bursts, and its malloc arenas; a value set
+    in ``environ`` wins."""
     environ = os.environ if environ is None else environ
-    return {name: environ.get(name, value) for name, value in SERVER_SERVICES.items()}
+    tuning = {**SERVER_SERVICES, **SERVER_MALLOC_ARENAS}
+    return {name: environ.get(name, value) for name, value in tuning.items()}
 
 
 def worker_tuning(environ: Mapping[str, str] | None = None) -> dict[str, str]:

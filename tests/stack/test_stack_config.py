@@ -215,6 +215,17 @@ def test_every_server_is_pinned_to_loopback_and_prefect_keeps_leases_on_disk(
     assert hasattr(importlib.import_module(LEASE_STORAGE), "ConcurrencyLeaseStorage")
 
 
+def test_the_server_alone_gets_few_malloc_arenas_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    config, state = StackConfig(), StateDir(tmp_path)
+    assert build_spec(Component.PREFECT, config, state).env["MALLOC_ARENA_MAX"] == "2"
+    assert "MALLOC_ARENA_MAX" not in build_spec(Component.WORKER, config, state).env
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert build_spec(Component.PREFECT, config, state).env["MALLOC_ARENA_MAX"] == "8"
+
+
 def test_the_worker_is_woken_polls_every_second_and_skips_the_version_check_unless_told_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
