@@ -215,8 +215,11 @@ def test_the_suspension_signal_ends_neither_the_launcher_nor_its_child(
             RUN_TIMEOUT_S,
         )
         # Until the engine's observer handles it, the child ignores it (the engine here
-        # waits for a server that never answers, before it observes anything).
-        assert _ignores(child, SUSPENSION_SIGNAL)
+        # waits for a server that never answers, before it observes anything). A child
+        # just forked holds the signal blocked until it has set that.
+        wait_until(
+            lambda: _ignores(child, SUSPENSION_SIGNAL), "the child ignores it", RUN_TIMEOUT_S
+        )
         launcher.send_signal(SUSPENSION_SIGNAL)
         time.sleep(0.5)
         assert launcher.poll() is None
