@@ -183,7 +183,6 @@ class EventSender:
         self._thread: threading.Thread | None = None
         self._pause = FIRST_RETRY_PAUSE_S
         self.delivered = 0
-        self._last_batch_full = False
         self.failed_posts = 0
 
     def start(self) -> None:
@@ -200,8 +199,8 @@ class EventSender:
         """Tell the sender that a new event waits (it also looks every second)."""
         self._wakeup.set()
 
-    def deliver_once(self) -> bool:
-        """Post one batch, if any; True if something was delivered.
+    def deliver_once(self) -> int:
+        """Post one batch, if any; how many events were delivered (0: none).
 
         Raises:
             Exception: Whatever ``post`` raised; the batch stays queued.
@@ -211,7 +210,7 @@ class EventSender:
             cutoff = self._clock() - self._post_after_s
             batch = list(itertools.takewhile(lambda row: occurred_at(row[1]) <= cutoff, batch))
         if not batch:
-            return False
+            return 0
         self._post([body for _, body in batch])
         if self._unconfirmed is not None:
             # Recorded before the outbox forgets them: a crash in between posts them again.
@@ -221,8 +220,7 @@ class EventSender:
             )
         self._outbox.remove_through(batch[-1][0])
         self.delivered += len(batch)
-        self._last_batch_full = len(batch) >= self._batch_size
-        return True
+        return len(batch)
 
     def confirm_once(self) -> int:
         """Ask the server about the posted events that are due; re-queue the lost ones.
@@ -277,11 +275,12 @@ class EventSender:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                if self.deliver_once():
+                delivered = self.deliver_once()
+                if delivered:
                     if self._pause > FIRST_RETRY_PAUSE_S:
                         logger.warning("Prefect server reachable again; delivering events")
                     self._pause = FIRST_RETRY_PAUSE_S
-                    if not self._last_batch_full:  # the next events gather meanwhile
+                    if delivered < self._batch_size:  # the next events gather meanwhile
                         self._stopping.wait(self._post_spacing_s)
                     continue
                 if self._confirm_due():
